@@ -1,0 +1,418 @@
+"""Distillation losses against cached sparse teacher targets.
+
+Every loss is a pure function of student tensors and cached teacher arrays that
+returns a float32 scalar: the mean over unmasked target positions, and 0 (still
+attached to the graph, so ``backward()`` works) when every position is masked.
+Inputs of any float dtype are upcast to float32 before any exp/log.
+
+Notation: P target positions, V vocab, k top-k, m sampled ids per position
+(padded), N sampled ids in total (ragged), T keys (tokens), D hidden size.
+``mask bool [P]`` is True where a position counts.
+
+Top-k and attention targets are compared as distributions over k+1 outcomes:
+the k cached ids and one "tail" bucket holding everything else. The student is
+coarsened exactly (its tail is the log-sum-exp over the complement, never
+``log(1 - sum)``), so each value is a true KL between two (k+1)-outcome
+distributions: exact at k = V, and a lower bound on the dense KL otherwise
+(data-processing inequality, at temperature 1).
+
+Cache ids may repeat only on padding entries whose teacher logprob is -inf;
+such entries carry no teacher mass and contribute nothing.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+RowsFn = Callable[..., Tensor]  # (logits [c, V], *per-row args) -> per-row loss float32 [c]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _masked_mean(per_pos: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``per_pos float32 [P]`` where ``mask bool [P]``; 0 with grad if none count."""
+    if mask is None:
+        mask = torch.ones_like(per_pos, dtype=torch.bool)
+    total = torch.where(mask, per_pos, 0.0).sum()  # where, not *, so masked inf/NaN rows drop out
+    return total / mask.sum().clamp_min(1)
+
+
+def _log_normalize(logits: Tensor) -> Tensor:
+    """log_softmax over the last dim that keeps an all -inf row at -inf (zero mass) instead of NaN."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [P, 1]
+    lse = torch.where(lse == -math.inf, 0.0, lse)
+    return logits - lse
+
+
+def _bucket_kl(t_logp: Tensor, s_logp: Tensor) -> Tensor:
+    """KL(t || s) per row for log-probs ``[P, O]`` over O outcomes -> float32 [P].
+
+    Outcomes with teacher log-prob -inf contribute exactly 0 (0 log 0 = 0) and pass
+    no gradient, even where the student log-prob is -inf too.
+    """
+    has_mass = t_logp > -math.inf  # [P, O]
+    t_safe = torch.where(has_mass, t_logp, 0.0)
+    s_safe = torch.where(has_mass, s_logp, 0.0)
+    return torch.where(has_mass, t_safe.exp() * (t_safe - s_safe), 0.0).sum(-1)
+
+
+def _log_mass_outside(z: Tensor, ids: Tensor) -> Tensor:
+    """log sum_{j not in ids} exp(z_j) for ``z float32 [P, V]``, ``ids int64 [P, k]`` -> [P].
+
+    Sums the complement directly, so it stays accurate when ids hold nearly all
+    the mass (where log(1 - sum p_ids) cancels catastrophically). An empty or
+    all -inf complement gives -inf with a finite (zero) gradient.
+    """
+    outside = z.scatter(-1, ids, -math.inf)  # [P, V]
+    empty = outside.amax(-1, keepdim=True) == -math.inf  # [P, 1]
+    lse = torch.logsumexp(torch.where(empty, 0.0, outside), dim=-1)  # [P]
+    return torch.where(empty.squeeze(-1), -math.inf, lse)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ------------------------------------------------------- per-row losses
+
+
+def _topk_kl_rows(
+    logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, temperature: float
+) -> Tensor:
+    """temperature^2 * KL over k+1 outcomes per row -> float32 [P]; see ``topk_kl``."""
+    z = logits.float() / temperature  # [P, V]
+    lse = torch.logsumexp(z, dim=-1)  # [P]
+    s_top = z.gather(-1, topk_ids) - lse[:, None]  # [P, k]
+    s_tail = _log_mass_outside(z, topk_ids) - lse  # [P]
+    s_logp = torch.cat([s_top, s_tail[:, None]], dim=-1)  # [P, k+1]
+    t_raw = torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1]
+    t_logp = _log_normalize(t_raw / temperature)  # [P, k+1]
+    return temperature**2 * _bucket_kl(t_logp, s_logp)
+
+
+def _sampled_rows(logits: Tensor, ids: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """temperature^2 * sum_i w_i * -log softmax(logits / temperature)[ids_i] per row -> float32 [P]."""
+    z = logits.float() / temperature  # [P, V]
+    s_logp = z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # [P, m]
+    w = weights.float()  # [P, m]
+    return temperature**2 * torch.where(w != 0, -w * s_logp, 0.0).sum(-1)
+
+
+def _ce_rows(logits: Tensor, labels: Tensor) -> Tensor:
+    """-log softmax(logits)[label] per row -> float32 [P]; ignored labels read id 0."""
+    z = logits.float()  # [P, V]
+    safe = labels.clamp_min(0)[:, None]  # [P, 1]
+    return torch.logsumexp(z, dim=-1) - z.gather(-1, safe).squeeze(-1)
+
+
+def _attention_kl_rows(student_rows: Tensor, key_ids: Tensor, key_logprobs: Tensor, tail_logprob: Tensor) -> Tensor:
+    """KL over k keys + rest per row -> float32 [P]; see ``attention_kl``."""
+    q = student_rows.float()  # [P, T]
+    total = q.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # [P, 1]
+    q_keys = q.gather(-1, key_ids)  # [P, k]
+    q_rest = q.scatter(-1, key_ids, 0.0).sum(-1, keepdim=True)  # [P, 1], summed directly: no 1 - sum
+    q_mass = torch.cat([q_keys, q_rest], dim=-1) / total  # [P, k+1]
+    t_raw = torch.cat([key_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1]
+    t_logp = _log_normalize(t_raw)  # [P, k+1]
+    # log only where the teacher has mass and the student is nonzero, so that no
+    # 0/0 reaches the gradient; teacher mass on a student zero is a true +inf
+    use = (t_logp > -math.inf) & (q_mass > 0)
+    s_logp = torch.where(use, torch.log(torch.where(use, q_mass, 1.0)), -math.inf)
+    return _bucket_kl(t_logp, s_logp)
+
+
+# ----------------------------------------------------------- public losses
+
+
+def topk_kl(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Forward KL(teacher || student) over the k cached ids plus one tail bucket.
+
+    Args:
+        student_logits: float [P, V], any float dtype (upcast to float32).
+        topk_ids: int64 [P, k] teacher top-k ids.
+        topk_logprobs: float32 [P, k] teacher log-probs at temperature 1; may hold -inf.
+        tail_logprob: float32 [P] log of teacher mass outside topk_ids; may be -inf.
+        temperature: student is ``log_softmax(logits / temperature)`` coarsened to
+            k+1 outcomes. The teacher is the (k+1)-outcome distribution tempered
+            as a categorical: logits ``[topk_logprobs, tail_logprob] / temperature``
+            renormalised, i.e. the tail is tempered as one bucket. The cache holds
+            one number for the tail, so this is the only tempering computable from
+            it; it is exact at temperature 1 or when the tail is -inf (k = V), and
+            otherwise under-weights the tail for temperature > 1 (sum p^(1/t) >=
+            (sum p)^(1/t)) and over-weights it for temperature < 1. The result is
+            multiplied by temperature^2 (Hinton) so gradients keep their scale.
+        mask: bool [P], True where a position counts.
+
+    Returns:
+        float32 scalar, mean over unmasked positions (0 with grad if none).
+    """
+    _check_temperature(temperature)
+    per_pos = _topk_kl_rows(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)  # [P]
+    return _masked_mean(per_pos, mask)
+
+
+def sampled_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Sparse Logit Sampling loss: ``sum_i w_i * -log_softmax(student / temperature)[ids_i]``.
+
+    If ``E[w]`` over the draws is the teacher distribution p (weights from
+    ``sampled_to_padded``: counts / num_draws for draws from p, times p/q for
+    draws from a proposal q), this is an unbiased estimate of the cross-entropy
+    H(p, q_student) = KL(p || q_student) + H(p). H(p) does not depend on the
+    student, so its gradient is an unbiased estimate of the KL gradient, but its
+    value is not a KL (not 0 at the optimum). With exact teacher probabilities
+    over all ids as weights it equals the cross-entropy exactly.
+
+    Args:
+        student_logits: float [P, V], any float dtype (upcast to float32).
+        ids: int64 [P, m] sampled ids, padding anywhere (any valid id).
+        weights: float32 [P, m], 0 on padding.
+        temperature: tempers the student only (``logits / temperature``), times
+            temperature^2; the target is whatever the weights estimate, so pass
+            weights for the tempered teacher when tempering (e.g.
+            ``sampled_to_padded(..., teacher_logprobs=lp / t, proposal_logprobs=lp,
+            self_normalize=True)`` re-tempers draws made from the teacher).
+        mask: bool [P], True where a position counts.
+
+    Returns:
+        float32 scalar, mean over unmasked positions (0 with grad if none).
+    """
+    _check_temperature(temperature)
+    per_pos = _sampled_rows(student_logits, ids, weights, temperature)  # [P]
+    return _masked_mean(per_pos, mask)
+
+
+def attention_kl(
+    student_rows: Tensor,
+    key_ids: Tensor,
+    key_logprobs: Tensor,
+    tail_logprob: Tensor,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """KL(teacher || student) between attention rows over k cached keys plus the rest.
+
+    For one layer: the teacher summary is the head-averaged attention row of
+    each target query, kept as its top-k keys and the log of the remaining mass.
+
+    Args:
+        student_rows: float [P, T] head-averaged student attention probabilities
+            (not logits), 0 on non-causal keys; each row is renormalised by its
+            sum. A key where the teacher has mass and the student has exactly 0
+            gives +inf, the true KL (compute student attention in float32 if
+            low-precision underflow is a concern).
+        key_ids: int64 [P, k] key positions (< T). Padding (fewer than k causal
+            keys) must carry logprob -inf and either repeat a key already in the
+            row or point at a key where the student row is 0.
+        key_logprobs: float32 [P, k] teacher log weights; may hold -inf.
+        tail_logprob: float32 [P] log of the teacher mass on all other keys; may be -inf.
+        mask: bool [P], True where a position counts.
+
+    Returns:
+        float32 scalar, mean over unmasked positions (0 with grad if none).
+    """
+    per_pos = _attention_kl_rows(student_rows, key_ids, key_logprobs, tail_logprob)  # [P]
+    return _masked_mean(per_pos, mask)
+
+
+def cross_entropy(
+    student_logits: Tensor, labels: Tensor, *, mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Next-token cross-entropy on ``labels int64 [P]`` for ``student_logits float [P, V]``.
+
+    Positions with ``labels == ignore_index`` or ``mask`` False are skipped; unlike
+    ``F.cross_entropy`` this returns 0 (not NaN) when every position is skipped.
+    """
+    keep = labels != ignore_index if mask is None else mask & (labels != ignore_index)  # [P]
+    return _masked_mean(_ce_rows(student_logits, labels), keep)
+
+
+def total_loss(ce: Tensor, kd: Tensor, attn: Tensor | None, *, lam: float, attn_weight: float) -> Tensor:
+    """``(1 - lam) * ce + lam * (kd + attn_weight * attn)``; ``attn=None`` counts as 0."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    distill = kd if attn is None else kd + attn_weight * attn
+    return (1.0 - lam) * ce + lam * distill
+
+
+# ------------------------------------------------------ sampled targets
+
+
+def sampled_to_padded(
+    offsets: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    num_draws: int,
+    *,
+    teacher_logprobs: Tensor | None = None,
+    proposal_logprobs: Tensor | None = None,
+    self_normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Ragged sampled targets -> padded ``(ids int64 [P, m], weights float32 [P, m])``.
+
+    Args:
+        offsets: int64 [P+1], row p owns entries ``offsets[p]:offsets[p+1]``;
+            ``offsets[0] == 0`` and ``offsets[-1] == N``.
+        ids: int64 [N] distinct sampled ids per row.
+        counts: int32 [N] times each id was drawn; each row's draws total num_draws.
+        num_draws: draws per position.
+        teacher_logprobs, proposal_logprobs: float32 [N] log p(id) and log q(id),
+            given together when the draws came from a proposal q other than the
+            teacher p; the weights are then importance weights
+            ``counts / num_draws * p / q``. Without them q = p and the weights
+            are ``counts / num_draws``. Either way ``E[weights] = p`` per id.
+        self_normalize: divide each row's weights by their sum (biased but lower
+            variance; rows then sum to 1).
+
+    Returns:
+        ids int64 [P, m] and weights float32 [P, m] with m the longest row;
+        padding is id 0 with weight 0.
+    """
+    if (teacher_logprobs is None) != (proposal_logprobs is None):
+        raise ValueError("pass teacher_logprobs and proposal_logprobs together")
+    offsets = offsets.long()
+    n, num_rows = ids.numel(), offsets.numel() - 1
+    if num_rows < 0 or int(offsets[0]) != 0 or int(offsets[-1]) != n:
+        raise ValueError(f"offsets must run from 0 to len(ids)={n}")
+    lengths = offsets[1:] - offsets[:-1]  # [P]
+    m = int(lengths.max()) if num_rows > 0 else 0
+    row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), lengths)  # [N]
+    col = torch.arange(n, device=ids.device) - offsets[row]  # [N]
+
+    flat_w = counts.float() / num_draws  # [N]
+    if teacher_logprobs is not None:
+        flat_w = flat_w * (teacher_logprobs.float() - proposal_logprobs.float()).exp()  # [N]
+
+    padded_ids = torch.zeros(num_rows, m, dtype=torch.int64, device=ids.device)  # [P, m]
+    weights = torch.zeros(num_rows, m, dtype=torch.float32, device=ids.device)  # [P, m]
+    padded_ids[row, col] = ids.long()
+    weights[row, col] = flat_w
+    if self_normalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return padded_ids, weights
+
+
+# ------------------------------------------------------------- chunked
+
+
+def _chunked_mean(
+    rows_fn: RowsFn,
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    row_args: tuple[Tensor, ...],
+    mask: Tensor,
+    chunk_size: int,
+) -> Tensor:
+    """Masked mean of ``rows_fn(hidden @ lm_head_weight.T, *row_args)`` one chunk of rows at a time.
+
+    Each chunk runs under non-reentrant activation checkpointing: the forward
+    keeps no [chunk, V] tensor, and backward recomputes one chunk's logits at a
+    time, so peak memory is a few chunk_size x V float32 buffers (not P x V).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def chunk_sum(h: Tensor, w: Tensor, keep: Tensor, *args: Tensor) -> Tensor:
+        logits = h @ w.T  # [c, V] in the model dtype; rows_fn upcasts
+        return torch.where(keep, rows_fn(logits, *args), 0.0).sum()
+
+    num_rows = hidden.shape[0]
+    sums = [
+        checkpoint(
+            chunk_sum,
+            hidden[s : s + chunk_size],  # [c, D]
+            lm_head_weight,  # [V, D]
+            mask[s : s + chunk_size],  # [c]
+            *(a[s : s + chunk_size] for a in row_args),
+            use_reentrant=False,
+            preserve_rng_state=False,  # nothing random inside
+        )
+        for s in range(0, num_rows, chunk_size)
+    ]
+    total = torch.stack(sums).sum() if sums else hidden.float().sum() * 0.0
+    return total / mask.sum().clamp_min(1)
+
+
+def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:
+    return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
+
+
+def chunked_topk_kl(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """``topk_kl(hidden @ lm_head_weight.T, ...)`` without materialising [P, V] logits.
+
+    ``hidden [P, D]`` are the final (normed) hidden states at the target
+    positions and ``lm_head_weight [V, D]`` the output projection; other
+    arguments as in ``topk_kl``. Same value and gradients, peak memory
+    O(chunk_size x V).
+    """
+    _check_temperature(temperature)
+
+    def rows_fn(logits: Tensor, ids: Tensor, logprobs: Tensor, tail: Tensor) -> Tensor:
+        return _topk_kl_rows(logits, ids, logprobs, tail, temperature)
+
+    args = (topk_ids, topk_logprobs, tail_logprob)
+    return _chunked_mean(rows_fn, hidden, lm_head_weight, args, _full_mask(mask, hidden), chunk_size)
+
+
+def chunked_sampled_kl(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """``sampled_kl(hidden @ lm_head_weight.T, ...)`` chunk by chunk; see ``chunked_topk_kl``."""
+    _check_temperature(temperature)
+
+    def rows_fn(logits: Tensor, ids_c: Tensor, weights_c: Tensor) -> Tensor:
+        return _sampled_rows(logits, ids_c, weights_c, temperature)
+
+    return _chunked_mean(rows_fn, hidden, lm_head_weight, (ids, weights), _full_mask(mask, hidden), chunk_size)
+
+
+def chunked_ce(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    chunk_size: int = 1024,
+    *,
+    mask: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """``cross_entropy(hidden @ lm_head_weight.T, labels)`` chunk by chunk; see ``chunked_topk_kl``."""
+    keep = _full_mask(mask, hidden) & (labels != ignore_index)  # [P]
+    return _chunked_mean(_ce_rows, hidden, lm_head_weight, (labels,), keep, chunk_size)

@@ -1,0 +1,46 @@
+"""Teacher backends: one interface, two engines (vLLM and transformers).
+
+A backend takes a batch of tokenised samples and yields, per sample and in order,
+the teacher's output at the sample's target positions: full logits (which the
+pipeline turns into top-k or sampled targets) or, for vLLM's stock prompt-logprobs
+path, the top-k directly; plus head-averaged attention rows when asked for. No
+engine object leaves its backend module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from teacher_cache.targets import TopKTargets
+from teacher_cache.tokenize import Tokenized
+
+
+@dataclass
+class TeacherOutput:
+    logits: torch.Tensor | None  # float32 [P, V] at the sample's target positions
+    topk: TopKTargets | None  # when the engine returns top-k itself
+    attention: dict[int, torch.Tensor] | None  # layer -> float32 [P, T] head-averaged rows
+
+
+class TeacherBackend(Protocol):
+    name: str
+
+    def describe(self) -> dict:
+        """What the manifest records about the engine (mode, dtype, versions)."""
+        ...
+
+    def forward(self, batch: list[Tokenized]) -> Iterator[TeacherOutput]:
+        """Teacher outputs for each sample of the batch, in order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None

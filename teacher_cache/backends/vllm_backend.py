@@ -1,0 +1,178 @@
+"""The vLLM backend, in two modes.
+
+- `hidden` (default, fast): vLLM's pooling runner returns the final hidden state of
+  every token ([T, D], final norm applied); we apply the output projection only at
+  the target positions, then log-softmax and top-k, vectorised. vLLM still runs
+  the transformer body with its own kernels and batching.
+- `prompt_logprobs` (stock, the reference): vLLM's own prompt log-probs with
+  `logprobs_mode="raw_logprobs"`, top-k only. Much slower: vLLM materialises
+  Python objects per position.
+
+Entry points that build an LLM must be guarded with `if __name__ == "__main__":`,
+since vLLM starts worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from teacher_cache.backends import TeacherOutput
+from teacher_cache.models import ModelRef
+from teacher_cache.targets import TopKTargets, tail_from_topk
+from teacher_cache.tokenize import Tokenized
+
+MODES = ("hidden", "prompt_logprobs")
+# config keys that mean logits != lm_head(h): the hidden mode would be wrong there
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class VllmBackendError(RuntimeError):
+    pass
+
+
+def _local_dir(model: ModelRef) -> Path:
+    if model.is_local:
+        return Path(model.path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model.path, revision=model.revision, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def load_output_projection(model_dir: Path) -> torch.Tensor:
+    """lm_head weight float32 [V, D] from the checkpoint's safetensors (tied -> embeddings)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise VllmBackendError(f"{model_dir}: no safetensors files (the hidden mode reads lm_head from them)")
+    wanted = ("lm_head.weight", "model.embed_tokens.weight")
+    for name in wanted:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                if name in st.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    return st.get_tensor(name).float()
+    raise VllmBackendError(f"{model_dir}: none of {wanted} found in the checkpoint")
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: ModelRef,
+        *,
+        mode: str = "hidden",
+        top_k: int = 32,
+        max_model_len: int = 4096,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.85,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
+        from vllm import LLM
+
+        self.ref, self.mode, self.top_k = model, mode, top_k
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local = _local_dir(model)
+        config = json.loads((local / "config.json").read_text())
+        common = dict(
+            model=str(local),
+            dtype=model.dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            enforce_eager=self.device.type == "cpu",
+            enable_prefix_caching=False,
+        )
+        if torch.cuda.is_available():
+            common["gpu_memory_utilization"] = gpu_memory_utilization
+        if mode == "hidden":
+            bad = [k for k in _LOGIT_TRANSFORMS if config.get(k) not in (None, 1, 1.0)]
+            if bad:
+                raise VllmBackendError(
+                    f"{model.name}: logits are transformed ({', '.join(bad)}); use --vllm-mode prompt_logprobs"
+                )
+            from vllm.config import PoolerConfig
+
+            self.llm = LLM(
+                runner="pooling",
+                convert="embed",
+                pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
+                max_num_batched_tokens=max(max_model_len, 8192),
+                **common,
+            )
+            self.weight = load_output_projection(local).to(self.device)  # float32 [V, D]
+        else:
+            self.llm = LLM(max_logprobs=top_k, logprobs_mode="raw_logprobs", **common)
+            self.weight = None
+
+    def describe(self) -> dict:
+        import vllm
+
+        return {
+            "backend": self.name,
+            "mode": self.mode,
+            "dtype": self.ref.dtype,
+            "device": self.device.type,
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "projection": "ours, fp32, target positions only" if self.mode == "hidden" else "vllm",
+        }
+
+    def forward(self, batch: list[Tokenized]) -> Iterator[TeacherOutput]:
+        prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in batch]
+        if self.mode == "hidden":
+            outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+            for s, out in zip(batch, outputs, strict=True):
+                hidden = out.outputs.data  # [T, D] final hidden states
+                pos = torch.from_numpy(s.target_positions)
+                h = hidden[pos].to(self.device, torch.float32)  # [P, D]
+                yield TeacherOutput(logits=h @ self.weight.T, topk=None, attention=None)  # [P, V]
+        else:
+            from vllm import SamplingParams
+
+            params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, flat_logprobs=True, detokenize=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for s, out in zip(batch, outputs, strict=True):
+                yield TeacherOutput(logits=None, topk=self._topk_from_flat(s, out.prompt_logprobs), attention=None)
+
+    def _topk_from_flat(self, sample: Tokenized, flat) -> TopKTargets:
+        """vLLM's flat prompt log-probs -> top-k at the target positions.
+
+        Entry i of the prompt log-probs scores token i given tokens < i, so target
+        position t (predicting token t + 1) reads entry t + 1. Each entry holds the
+        top-k by rank plus the actual token when it ranks below k.
+        """
+        k = self.top_k
+        starts = np.asarray(flat.start_indices, dtype=np.int64)  # [T]
+        ids_all = np.asarray(flat.token_ids, dtype=np.int64)
+        lps_all = np.asarray(flat.logprobs, dtype=np.float32)
+        ranks_all = np.asarray([r if r is not None else 1 << 30 for r in flat.ranks], dtype=np.int64)
+        entry = sample.target_positions + 1  # [P]
+        P = len(entry)
+        ids = np.empty((P, k), dtype=np.int64)
+        lps = np.empty((P, k), dtype=np.float32)
+        for j, e in enumerate(entry):  # reference path: correctness over speed
+            lo, hi = starts[e], flat.end_indices[e]
+            r = ranks_all[lo:hi]
+            keep = np.flatnonzero(r <= k)
+            order = keep[np.argsort(r[keep], kind="stable")]
+            _, first = np.unique(ids_all[lo:hi][order], return_index=True)
+            order = order[np.sort(first)][:k]
+            if len(order) != k:
+                raise VllmBackendError(f"vLLM returned {len(order)} ranked log-probs at a position, expected {k}")
+            ids[j], lps[j] = ids_all[lo:hi][order], lps_all[lo:hi][order]
+        tail = tail_from_topk(torch.from_numpy(lps)).numpy()
+        return TopKTargets(ids=ids, logprobs=lps, tail_logprob=tail)
+
+    def close(self) -> None:
+        del self.llm

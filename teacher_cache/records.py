@@ -1,0 +1,145 @@
+"""Input records: JSONL or Parquet files (local paths or fsspec URLs) -> validated chats.
+
+A record is either a chat (`messages`: list of {role, content}) or a pair
+(`prompt`, `response`), with an optional `id` (else a stable hash of the content)
+and an optional `domain`. Problems raise BadRecordError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRecordError(ValueError):
+    """A malformed input record; `where` is 'file:line'."""
+
+    def __init__(self, where: str, why: str) -> None:
+        super().__init__(f"{where}: {why}")
+        self.where = where
+        self.why = why
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read at all (missing, empty, unknown format)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    sample_id: str
+    messages: list[dict[str, str]]
+    domain: str | None
+    where: str  # "file:line" (1-based line for JSONL, row index + 1 for Parquet)
+
+
+def content_id(messages: list[dict[str, str]]) -> str:
+    """Stable id of a conversation: sha256 of its canonical JSON, 20 hex digits."""
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def parse_record(obj: object, where: str) -> Record:
+    """Validate one decoded JSON object / Parquet row."""
+    if not isinstance(obj, dict):
+        raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj and obj["messages"] is not None:
+        raw = obj["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise BadRecordError(where, "'messages' must be a non-empty list")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise BadRecordError(where, f"messages[{i}] must be {{role: system|user|assistant, content: str}}")
+            messages.append({"role": m["role"], "content": m["content"]})
+    elif "prompt" in obj or "response" in obj:
+        prompt, response = obj.get("prompt"), obj.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise BadRecordError(where, "'prompt' and 'response' must both be strings")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        raise BadRecordError(where, "record has neither 'messages' nor 'prompt'/'response'")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRecordError(where, "conversation has no non-empty assistant turn")
+    domain = obj.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise BadRecordError(where, "'domain' must be a string")
+    sid = obj.get("id")
+    if sid is None:
+        sid = content_id(messages)
+    elif not isinstance(sid, (str, int)) or str(sid) == "":
+        raise BadRecordError(where, "'id' must be a non-empty string or integer")
+    return Record(str(sid), messages, domain, where)
+
+
+def _open(path: str, mode: str = "rb"):
+    import fsspec
+
+    return fsspec.open(path, mode).open()
+
+
+def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
+    """(decoded row or BadRecordError, where) for every line/row of one file."""
+    name = path.rsplit("/", 1)[-1]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with _open(path) as f:
+            table = pq.read_table(f)
+        for i, row in enumerate(table.to_pylist()):
+            yield row, f"{path}:{i + 1}"
+    elif name.endswith((".jsonl", ".json")):
+        with _open(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = raw.strip()
+                if not line:
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    yield json.loads(line), where
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e})"), where
+    else:
+        raise DataFileError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")
+
+
+def check_data_file(path: str) -> None:
+    """Fail early, in one line, on a file that does not exist."""
+    import fsspec
+
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    if not fs.exists(p):
+        raise DataFileError(f"data file not found: {path}")
+
+
+def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = None) -> Iterator[Record]:
+    """All records of all files in order; with skip_bad, bad ones are appended to `bad`."""
+    for path in paths:
+        check_data_file(path)
+        n = 0
+        for row, where in _raw_rows(path):
+            try:
+                if isinstance(row, BadRecordError):
+                    raise row
+                rec = parse_record(row, where)
+            except BadRecordError as e:
+                if not skip_bad:
+                    raise
+                if bad is not None:
+                    bad.append(str(e))
+                continue
+            n += 1
+            yield rec
+        if n == 0 and not (skip_bad and bad):
+            raise DataFileError(f"{path}: no records (empty file)")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with _open(path) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()

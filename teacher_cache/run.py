@@ -1,0 +1,416 @@
+"""Stage one: records -> tokens -> teacher forward -> targets -> codec -> shards -> manifest.
+
+`run(cfg)` is the Python API behind `teacher-cache run`. Work is cut into shards of
+`shard_size` samples, deterministically from the data and the worker split, so a
+restarted run redoes only shards that were not durable when it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from teacher_cache import __version__, codec
+from teacher_cache.backends import TeacherBackend, TeacherOutput
+from teacher_cache.manifest import (
+    FORMAT_NAME,
+    PARTS_DIR,
+    assemble,
+    config_hash,
+    part_name,
+    write_json_atomic,
+)
+from teacher_cache.models import ModelRef, resolve_model
+from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
+from teacher_cache.shards import FORMAT_VERSION, TMP_SUFFIX, Row, ShardWriter, shard_name
+from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
+from teacher_cache.tokenize import (
+    Tokenized,
+    chat_template_hash,
+    load_tokenizer,
+    tokenize_record,
+    tokenizer_fingerprint,
+)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    teacher: str  # preset name or checkpoint directory
+    data: tuple[str, ...]  # JSONL / Parquet files or fsspec URLs
+    out: str  # cache directory
+    backend: str = "auto"  # auto | vllm | hf
+    vllm_mode: str = "hidden"  # hidden (fast) | prompt_logprobs (stock reference)
+    targets: str = "topk"  # topk | sampled
+    top_k: int = 32
+    num_draws: int = 50  # sampled targets: draws per position
+    attention_layers: tuple[int, ...] = ()
+    attention_top_k: int = 16
+    max_length: int = 2048
+    batch_size: int = 16  # samples per teacher forward
+    shard_size: int = 256  # samples per shard
+    only_domain: str | None = None
+    exclude_domain: str | None = None
+    skip_bad: bool = False
+    worker_index: int = 0
+    num_workers: int = 1
+    seed: int = 0
+    source: str | None = None  # tag on every row; defaults to the teacher's name
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.backend in ("auto", "vllm", "hf"), f"unknown backend {self.backend!r} (auto, vllm, hf)"),
+            (self.targets in ("topk", "sampled"), f"unknown target kind {self.targets!r} (topk, sampled)"),
+            (self.top_k >= 1, "--top-k must be >= 1"),
+            (self.num_draws >= 1, "--num-draws must be >= 1"),
+            (self.attention_top_k >= 1, "--attention-top-k must be >= 1"),
+            (self.max_length >= 2, "--max-length must be >= 2"),
+            (self.batch_size >= 1 and self.shard_size >= 1, "--batch-size and --shard-size must be >= 1"),
+            (
+                self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
+                "--worker-index must be in [0, --num-workers)",
+            ),
+            (bool(self.data), "no data files given"),
+            (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise RunError(why)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
+    h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
+    return h % num_workers == worker
+
+
+def _sample_seed(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") >> 1
+
+
+def _my_records(cfg: RunConfig, bad: list[str], dups: list[int]) -> Iterator[Record]:
+    """This worker's records in data order: domain filter, worker split, duplicate check."""
+    seen: dict[str, str] = {}
+    for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=bad):
+        if cfg.only_domain is not None and rec.domain != cfg.only_domain:
+            continue
+        if cfg.exclude_domain is not None and rec.domain == cfg.exclude_domain:
+            continue
+        if not _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers):
+            continue
+        digest = hashlib.sha256(json.dumps(rec.messages, sort_keys=True).encode()).hexdigest()
+        if rec.sample_id in seen:
+            if seen[rec.sample_id] != digest:
+                err = BadRecordError(rec.where, f"id {rec.sample_id!r} reused for different content")
+                if not cfg.skip_bad:
+                    raise err
+                bad.append(str(err))
+            else:
+                dups.append(1)
+            continue
+        seen[rec.sample_id] = digest
+        yield rec
+
+
+def _chunks(items: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PARTS_DIR).mkdir(exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
+    config_file = Path(ref.path) / "config.json" if ref.is_local else None
+    teacher_cfg = config_file.read_bytes() if config_file and config_file.is_file() else b""
+    attention = None
+    if cfg.attention_layers:
+        attention = {
+            "layers": list(cfg.attention_layers),
+            "top_k": cfg.attention_top_k,
+            "reduction": "mean over heads",
+            "source": "hf" if backend_info["backend"] == "hf" else "hf pass beside vllm",
+        }
+    targets = {"kind": cfg.targets, "temperature": 1.0, "logprobs": "natural log, raw"}
+    targets.update({"k": cfg.top_k} if cfg.targets == "topk" else {"num_draws": cfg.num_draws, "proposal": "teacher"})
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "codec_version": codec.CODEC_VERSION,
+        "tool_version": __version__,
+        "teacher": {
+            "name": ref.name,
+            "path": ref.path if ref.is_local else None,
+            "hub_id": None if ref.is_local else ref.path,
+            "revision": ref.revision,
+            "dtype": ref.dtype,
+            "config_sha256": "sha256:" + hashlib.sha256(teacher_cfg).hexdigest() if teacher_cfg else None,
+        },
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tok),
+            "chat_template_sha256": chat_template_hash(tok),
+            "vocab_size": len(tok),
+        },
+        "targets": targets,
+        "attention": attention,
+        "data": {
+            "files": [{"path": p, "sha256": file_sha256(p)} for p in cfg.data],
+            "only_domain": cfg.only_domain,
+            "exclude_domain": cfg.exclude_domain,
+            "max_length": cfg.max_length,
+            "skip_bad": cfg.skip_bad,
+            "shard_size": cfg.shard_size,
+            "num_workers": cfg.num_workers,
+            "seed": cfg.seed,
+        },
+        "source": cfg.source or ref.name,
+        "backend": backend_info,
+        "config": asdict(cfg),
+    }
+
+
+def _make_backend(cfg: RunConfig, ref: ModelRef):
+    from teacher_cache.backends import vllm_available
+
+    name = cfg.backend
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+    if name == "vllm":
+        if not vllm_available():
+            raise RunError("backend vllm requested but vLLM is not installed (make install, or --backend hf)")
+        if cfg.targets == "sampled" and cfg.vllm_mode == "prompt_logprobs":
+            raise RunError("sampled targets need full logits: use --vllm-mode hidden or --backend hf")
+        from teacher_cache.backends.vllm_backend import VllmBackend
+
+        main = VllmBackend(
+            ref,
+            mode=cfg.vllm_mode,
+            top_k=cfg.top_k,
+            max_model_len=cfg.max_length,
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        attn = None
+        if cfg.attention_layers:
+            from teacher_cache.backends.hf import HfBackend
+
+            attn = HfBackend(
+                ref, attention_layers=cfg.attention_layers, logits=False, trust_remote_code=cfg.trust_remote_code
+            )
+        return main, attn
+    from teacher_cache.backends.hf import HfBackend
+
+    return HfBackend(ref, attention_layers=cfg.attention_layers, trust_remote_code=cfg.trust_remote_code), None
+
+
+def _backend_info(cfg: RunConfig) -> dict:
+    """Backend identity for the header, known before the (expensive) engine is built."""
+    from teacher_cache.backends import vllm_available
+
+    name = cfg.backend if cfg.backend != "auto" else ("vllm" if vllm_available() else "hf")
+    return {"backend": name, "vllm_mode": cfg.vllm_mode if name == "vllm" else None}
+
+
+def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, vocab: int, source: str) -> Row:
+    if out.topk is not None:
+        top: TopKTargets = out.topk
+        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
+    elif cfg.targets == "topk":
+        top = topk_from_logits(out.logits, cfg.top_k)
+        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
+    else:
+        gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, rec.sample_id))
+        s = sampled_from_logits(out.logits, cfg.num_draws, gen)
+        blob = codec.encode_sampled(s.offsets, s.ids, s.counts, vocab_size=vocab, num_draws=s.num_draws)
+    attn_blobs = None
+    if out.attention is not None:
+        T = len(tk.input_ids)
+        attn_blobs = []
+        for layer in cfg.attention_layers:
+            a = attention_summary(out.attention[layer], cfg.attention_top_k)
+            attn_blobs.append(codec.encode_topk(a.ids, a.logprobs, a.tail_logprob, vocab_size=T))
+    return Row(rec.sample_id, source, rec.domain, tk.input_ids, tk.target_positions, blob, attn_blobs, tk.truncated)
+
+
+def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
+    """Cache the teacher's targets for cfg.data into cfg.out; returns this worker's part.
+
+    `backend` lets a caller reuse an engine it built (and closes itself); by default
+    the engine is built from cfg when the first shard needs it.
+    """
+    t0 = time.time()
+    for path in cfg.data:
+        check_data_file(path)
+    out = Path(cfg.out)
+    _check_out_dir(out)
+    ref = resolve_model(cfg.teacher)
+    tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
+    header = _header(cfg, ref, tok, _backend_info(cfg))
+    chash = config_hash(header)
+    part_path = out / PARTS_DIR / part_name(cfg.worker_index, cfg.num_workers)
+    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": []}
+    if part_path.is_file():
+        previous = json.loads(part_path.read_text())
+        if previous.get("config_hash") != chash:
+            raise RunError(f"{out} holds a cache made with different settings; use another --out or the same arguments")
+        if previous.get("complete"):
+            _log(
+                f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
+                f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
+            )
+            assemble(out, cfg.num_workers)
+            return previous
+        part["shards"] = previous["shards"]
+        part["elapsed_before_s"] = previous.get("elapsed_before_s", 0.0) + previous.get("timing", {}).get("wall_s", 0)
+    for stale in out.glob(f"shard-w{cfg.worker_index:05d}-*{TMP_SUFFIX}"):
+        stale.unlink()  # half-written by a killed run
+    done = len(part["shards"])
+    write_json_atomic(part_path, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
+
+    bad: list[str] = []
+    dups: list[int] = []
+    total = sum(1 for _ in _my_records(cfg, [], []))
+    shards = _chunks(_my_records(cfg, bad, dups), cfg.shard_size)
+    remaining = max(0, -(-total // cfg.shard_size) - done)
+    if done:
+        _log(f"resuming: {done} shards already durable, {remaining} to go")
+    owned = backend is None
+    attn_backend = None
+    if not owned and cfg.attention_layers and backend.name != "hf":
+        raise RunError("an injected non-hf backend cannot provide attention summaries")
+    vocab = len(tok)
+    source = header["source"]
+    bar = _progress(cfg, total, done * cfg.shard_size)
+    try:
+        for index, records in enumerate(shards):
+            if index < done:
+                continue
+            if backend is None:
+                backend, attn_backend = _make_backend(cfg, ref)
+                bar.reset_clock()
+            name = shard_name(cfg.worker_index, index)
+            metadata = {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}
+            tokenized: list[tuple[Record, Tokenized]] = []
+            shard_bad: list[str] = []
+            for rec in records:
+                try:
+                    tokenized.append((rec, tokenize_record(tok, rec, cfg.max_length)))
+                except BadRecordError as e:
+                    if not cfg.skip_bad:
+                        raise
+                    shard_bad.append(str(e))
+            with ShardWriter(out, name, metadata) as writer:
+                for start in range(0, len(tokenized), cfg.batch_size):
+                    batch = tokenized[start : start + cfg.batch_size]
+                    outputs = list(backend.forward([tk for _, tk in batch]))
+                    if attn_backend is not None:
+                        for o, a in zip(outputs, attn_backend.forward([tk for _, tk in batch]), strict=True):
+                            o.attention = a.attention
+                    for (rec, tk), o in zip(batch, outputs, strict=True):
+                        writer.write(_encode_row(cfg, rec, tk, o, vocab, source))
+                    bar.update(len(batch), sum(len(tk.input_ids) for _, tk in batch))
+                bar.update(len(records) - len(tokenized), 0)
+                info = writer.finalize()
+            part["shards"].append({**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad})
+            write_json_atomic(
+                part_path, {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": time.time() - t0}}
+            )
+    finally:
+        bar.close()
+        for b in (backend if owned else None, attn_backend):
+            if b is not None:
+                b.close()
+    wall = time.time() - t0
+    part["complete"] = True
+    part["counts"] = _counts(part, bad, dups)
+    part["bad_records"] = bad + [b for s in part["shards"] for b in s["bad_records"]]
+    part["timing"] = {
+        "wall_s": wall + part.get("elapsed_before_s", 0.0),
+        "tokens_per_s": part["counts"]["tokens"] / wall if wall > 0 else None,
+    }
+    write_json_atomic(part_path, part)
+    manifest = assemble(out, cfg.num_workers)
+    c = part["counts"]
+    _log(
+        f"worker {cfg.worker_index}: {c['samples']} samples, {c['target_positions']} target positions, "
+        f"{c['skipped_bad']} skipped, {c['truncated']} truncated in {wall:.1f}s"
+        + ("; cache complete" if manifest else "; waiting for other workers before manifest.json")
+    )
+    return part
+
+
+def _counts(part: dict, bad: list[str], dups: list[int]) -> dict:
+    shards = part["shards"]
+    return {
+        "samples": sum(s["rows"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "target_positions": sum(s["target_positions"] for s in shards),
+        "truncated": sum(s["truncated"] for s in shards),
+        "skipped_bad": len(bad) + sum(s["skipped_bad"] for s in shards),
+        "duplicates": len(dups),
+    }
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=min(initial, total),
+                unit="sample",
+                desc="caching",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def reset_clock(self) -> None:
+        """Start tokens/s after the engine is loaded."""
+        self.t0 = time.time()
+
+    def update(self, samples: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(samples)
+            self.bar.set_postfix(tok_s=f"{self.tokens / max(time.time() - self.t0, 1e-9):,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(cfg: RunConfig, total: int, initial: int) -> _Progress:
+    return _Progress(cfg.progress, total, initial)

@@ -1,0 +1,88 @@
+"""Teacher logits at target positions -> what the cache keeps (pure torch math).
+
+Top-k: the k most likely ids with their log-probs at temperature 1, plus the log of
+the mass outside them (the tail). Sampled (Anshumann et al., 2025): N draws with
+replacement from the teacher distribution, kept as distinct ids with counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TopKTargets:
+    ids: np.ndarray  # int64 [P, k], by descending log-prob
+    logprobs: np.ndarray  # float32 [P, k], natural log, temperature 1
+    tail_logprob: np.ndarray  # float32 [P], log of the mass outside the top-k (-inf if none)
+
+
+@dataclass
+class SampledTargets:
+    offsets: np.ndarray  # int64 [P + 1]; position p owns ids[offsets[p]:offsets[p + 1]]
+    ids: np.ndarray  # int64 [N], ascending within a position
+    counts: np.ndarray  # int32 [N], summing to num_draws at every position
+    num_draws: int
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near both ends (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def tail_from_topk(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(topk))) per row; topk_logprobs float32 [P, k] -> [P]."""
+    return log1mexp(torch.logsumexp(topk_logprobs.double(), dim=-1)).float()
+
+
+def topk_from_logits(logits: torch.Tensor, k: int) -> TopKTargets:
+    """logits float [P, V] -> top-k log-probs and the tail, computed in fp32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+    k = min(k, logprobs.shape[-1])
+    top = torch.topk(logprobs, k, dim=-1, sorted=True)  # values/indices [P, k]
+    # the tail as a sum over the complement is exact where 1 - sum(top) would cancel
+    rest = logprobs.scatter(-1, top.indices, float("-inf"))  # [P, V]
+    tail = torch.logsumexp(rest, dim=-1) if k < logprobs.shape[-1] else torch.full_like(top.values[:, 0], -torch.inf)
+    return TopKTargets(
+        ids=top.indices.to(torch.int64).cpu().numpy(),
+        logprobs=top.values.cpu().numpy().astype(np.float32),
+        tail_logprob=tail.cpu().numpy().astype(np.float32),
+    )
+
+
+def sampled_from_logits(logits: torch.Tensor, num_draws: int, generator: torch.Generator) -> SampledTargets:
+    """logits float [P, V] -> num_draws draws per position, as distinct ids with counts."""
+    probs = torch.softmax(logits.float(), dim=-1)  # [P, V]
+    P = probs.shape[0]
+    draws = torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=generator)  # int64 [P, N]
+    draws, _ = torch.sort(draws, dim=-1)
+    new = torch.ones_like(draws, dtype=torch.bool)  # [P, N] first of a run of equal ids
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    flat_new = new.reshape(-1)
+    ids = draws.reshape(-1)[flat_new]  # [M] distinct per position, ascending
+    starts = torch.nonzero(flat_new).squeeze(1)  # [M] flat index of each run start
+    ends = torch.cat([starts[1:], torch.tensor([P * num_draws])])
+    counts = (ends - starts).to(torch.int32)  # [M]
+    per_pos = new.sum(dim=-1)  # [P] distinct ids per position
+    offsets = torch.zeros(P + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(per_pos, 0)
+    return SampledTargets(offsets.numpy(), ids.numpy(), counts.numpy(), num_draws)
+
+
+def attention_summary(rows: torch.Tensor, k: int) -> TopKTargets:
+    """Head-averaged attention rows float [P, T] (sum 1 over keys) -> top-k keys + tail mass."""
+    k = min(k, rows.shape[-1])
+    top = torch.topk(rows.float(), k, dim=-1, sorted=True)  # [P, k]
+    kept = top.values.double().sum(-1)  # [P]
+    rest = (1.0 - kept).clamp(min=0.0)
+    with torch.no_grad():
+        tail = torch.where(rest > 0, torch.log(rest), torch.full_like(rest, -torch.inf)).float()
+    return TopKTargets(
+        ids=top.indices.to(torch.int64).cpu().numpy(),
+        logprobs=torch.log(top.values.float()).cpu().numpy(),
+        tail_logprob=tail.cpu().numpy(),
+    )

@@ -1,0 +1,95 @@
+"""Chat template -> token ids plus the positions that get teacher targets.
+
+A target position t is one whose next token (input_ids[t + 1]) belongs to an assistant
+turn, as in instruction tuning. Assistant spans are found in character space by
+rendering the conversation prefix by prefix (the text an assistant turn adds to the
+rendering, after the generation prompt of the turn before it), then mapped to tokens
+through the fast tokenizer's offsets. That works for any chat template whose
+rendering of a prefix is a prefix of the full rendering (Mistral, ChatML, Llama).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from teacher_cache.records import BadRecordError, Record
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: np.ndarray  # int64 [T]
+    target_positions: np.ndarray  # int64 [P], sorted; input_ids[t + 1] is an assistant token
+    truncated: bool
+
+
+def load_tokenizer(path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> Any:
+    """The model's own tokenizer (a transformers fast tokenizer with a chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{path}: a fast tokenizer is needed (offsets map assistant spans to tokens)")
+    if not tok.chat_template:
+        raise ValueError(f"{path}: the tokenizer has no chat template")
+    return tok
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 over the vocabulary (token -> id) and the special tokens: equal iff ids mean the same."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
+    blob = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=False).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def chat_template_hash(tok: Any) -> str:
+    return "sha256:" + hashlib.sha256(str(tok.chat_template).encode()).hexdigest()
+
+
+def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_char_spans(tok: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and the [start, end) spans of assistant turns."""
+    full = _render(tok, messages, False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tok, messages[:i], True)
+        upto = _render(tok, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise ValueError("chat template renders prefixes inconsistently; cannot locate assistant turns")
+        end = len(upto)
+        while end > len(before) and upto[end - 1].isspace():  # template layout after the turn's end token
+            end -= 1
+        spans.append((len(before), end))
+    return full, spans
+
+
+def tokenize_record(tok: Any, record: Record, max_length: int | None) -> Tokenized:
+    """Token ids and target positions of one record (truncated to max_length tokens)."""
+    try:
+        text, spans = assistant_char_spans(tok, record.messages)
+    except Exception as e:  # the template's own checks (role order) surface as jinja errors
+        raise BadRecordError(record.where, f"chat template rejected the conversation: {e}") from None
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = np.asarray(enc["input_ids"], dtype=np.int64)  # [T]
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [T, 2] char [start, end)
+    is_assistant = np.zeros(len(input_ids), dtype=bool)  # [T]
+    for start, end in spans:
+        is_assistant |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, is_assistant = input_ids[:max_length], is_assistant[:max_length]
+    target_positions = np.flatnonzero(is_assistant[1:]).astype(np.int64)  # [P]
+    if len(target_positions) == 0:
+        why = "truncation left no assistant token" if truncated else "no assistant token after tokenisation"
+        raise BadRecordError(record.where, why)
+    return Tokenized(input_ids, target_positions, bool(truncated))

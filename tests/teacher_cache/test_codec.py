@@ -1,0 +1,431 @@
+"""Round-trip, bound and corruption tests for teacher_cache/codec.py (all in memory)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from teacher_cache import codec
+from teacher_cache.codec import (
+    CodecError,
+    decode_sampled,
+    decode_topk,
+    encode_sampled,
+    encode_topk,
+    topk_error_bound,
+)
+
+BOUND = topk_error_bound()
+HYP = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def realistic_logprobs(rng: np.random.Generator, P: int, V: int) -> np.ndarray:
+    """Peaky, heavy-tailed next-token log-probs float32 [P, V]: Zipf-like prior over ids, Gumbel
+    noise, a document topic set and boosted candidates (recipe of bench_codec.synthetic_logprobs)."""
+    prior = -1.2 * np.log1p(np.arange(V) / 200.0)  # [V]
+    w = np.exp(prior) / np.exp(prior).sum()
+    topic = rng.choice(V, min(V, 400), replace=False, p=w)
+    logits = prior + rng.gumbel(size=(P, V))  # [P, V]
+    logits[:, topic] += 2.5
+    for j in range(4):
+        cand = np.where(rng.random(P) < 0.5, rng.choice(topic, P), rng.choice(V, P, p=w))  # [P]
+        logits[np.arange(P), cand] += rng.uniform(1.0, 17.0, P) * 0.75**j  # top-1 p ~0.1..0.99
+    logits -= logits.max(1, keepdims=True)
+    return (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+
+
+def baseline_bytes(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray) -> int:
+    """The reference layout: uint16 ids + fp16 log-probs and tail through zstd level 3."""
+    raw = ids.astype(np.uint16).tobytes() + lp.astype(np.float16).tobytes() + tail.astype(np.float16).tobytes()
+    return len(zstandard.ZstdCompressor(level=3).compress(raw))
+
+
+def topk_of(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [P, V] -> ids int64 [P, k], logprobs float32 [P, k] desc, tail float32 [P]."""
+    ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]  # [P, k]
+    lp = np.take_along_axis(logprobs, ids, 1)  # [P, k]
+    rest = 1.0 - np.exp(lp.astype(np.float64)).sum(1)  # [P]
+    with np.errstate(divide="ignore"):
+        tail = np.where(rest > 0, np.log(np.maximum(rest, 0)), -np.inf).astype(np.float32)
+    return ids.astype(np.int64), lp, tail
+
+
+def sample_counts(rng: np.random.Generator, logprobs: np.ndarray, n: int):
+    """n draws with replacement per row -> offsets int64 [P+1], ids int64 [N], counts int64 [N]."""
+    p = np.exp(logprobs.astype(np.float64))
+    cdf = np.cumsum(p / p.sum(1, keepdims=True), 1)  # [P, V]
+    offsets, ids, counts = [0], [], []
+    for row_cdf, u in zip(cdf, rng.random((len(p), n)), strict=True):
+        uq, c = np.unique(np.minimum(np.searchsorted(row_cdf, u), p.shape[1] - 1), return_counts=True)
+        ids.append(uq)
+        counts.append(c)
+        offsets.append(offsets[-1] + len(uq))
+    cat = (lambda xs: np.concatenate(xs)) if ids else (lambda xs: np.zeros(0, np.int64))
+    return np.array(offsets, np.int64), cat(ids).astype(np.int64), cat(counts).astype(np.int64)
+
+
+def check_topk(ids, lp, tail, blob, V):
+    """Decode and assert exact ids / -inf and the documented value bounds."""
+    ids2, lp2, tail2 = decode_topk(blob, vocab_size=V)
+    assert ids2.dtype == np.int64 and lp2.dtype == np.float32 and tail2.dtype == np.float32
+    assert ids2.shape == ids.shape and lp2.shape == lp.shape and tail2.shape == tail.shape
+    np.testing.assert_array_equal(ids2, ids)
+    assert (lp2[:, 1:] <= lp2[:, :-1]).all()
+    np.testing.assert_array_equal(np.isneginf(lp2), np.isneginf(lp))
+    np.testing.assert_array_equal(np.isneginf(tail2), np.isneginf(tail))
+    ref = np.maximum(lp.astype(np.float64), BOUND["logprob_floor"])  # clamped input  [P, k]
+    fin = np.isfinite(lp)
+    err = np.abs(lp2.astype(np.float64) - ref)
+    slack = 1e-6 * np.maximum(1.0, np.abs(ref))  # float32 rounding of the output
+    near = fin & (ref >= ref[:, :1] - 10.0)
+    assert (err[near] <= BOUND["logprob_abs_err_within_10_nats"] + slack[near]).all()
+    assert (err[fin] <= BOUND["logprob_abs_err_below_fine_region"] + slack[fin]).all()
+    tref = np.maximum(tail.astype(np.float64), BOUND["logprob_floor"])
+    tf = np.isfinite(tail)
+    assert (np.abs(tail2[tf] - tref[tf]) <= BOUND["tail_logprob_abs_err"] + 1e-6 * (1 - tref[tf])).all()
+    return ids2, lp2, tail2
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+@st.composite
+def topk_case(draw):
+    V = draw(st.sampled_from([1, 2, 5, 37, 300, 65535, 65536, 65537, 50_000, 1 << 20, 2**32 - 1]))
+    k = draw(st.integers(1, min(V, 48)))
+    if V <= 64 and draw(st.booleans()):
+        k = V  # k = vocab
+    P = draw(st.sampled_from([0, 1, 2, 3, 17, 64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if V <= 4096:
+        ids = np.argsort(rng.random((P, V)), axis=1)[:, :k]
+    else:  # distinct per row without a [P, V] array, in a window that may touch V - 1
+        span = min(V, 1 << 16)
+        top = draw(st.booleans())
+        ids = np.zeros((P, k), np.int64)
+        for p in range(P):
+            off = V - span if top else int(rng.integers(0, V - span + 1))
+            ids[p] = off + rng.choice(span, k, replace=False)
+    style = draw(st.sampled_from(["smooth", "ties", "spread", "neg_inf", "extreme"]))
+    gaps = {
+        "smooth": rng.exponential(0.3, (P, k)),
+        "ties": np.round(rng.exponential(0.5, (P, k))) * 0.5,  # many exact ties
+        "spread": rng.exponential(4.0, (P, k)),  # crosses the 10-nat fine region
+        "neg_inf": rng.exponential(1.0, (P, k)),
+        "extreme": rng.choice([0.0, 1e-7, 0.02, 0.06, 9.99, 10.0, 10.3, 300.0, 1e5], (P, k)),
+    }[style]
+    top1 = -rng.choice([0.0, 1e-8, 0.01, 0.7, 5.0, 12.0, 40.0], (P, 1))
+    lp = (top1 - np.cumsum(gaps, axis=1) + gaps[:, :1]).astype(np.float32)  # [P, k] desc
+    if style == "neg_inf" and P:
+        n_fin = rng.integers(0, k + 1, P)  # teacher with fewer nonzero tokens than k
+        lp[np.arange(k)[None, :] >= n_fin[:, None]] = -np.inf
+    tail = rng.choice([-np.inf, -1e-3, -0.5, -3.0, -25.0, -80.0, -1e6], P).astype(np.float32)
+    return ids.astype(np.int64).reshape(P, k), lp.reshape(P, k), tail, V
+
+
+@HYP
+@given(topk_case())
+def test_topk_roundtrip_property(case):
+    ids, lp, tail, V = case
+    check_topk(ids, lp, tail, encode_topk(ids, lp, tail, vocab_size=V), V)
+
+
+def test_topk_realistic_size_and_error():
+    rng = np.random.default_rng(0)
+    V, P, k = 32000, 256, 32
+    ids, lp, tail = topk_of(realistic_logprobs(rng, P, V), k)
+    blob = encode_topk(ids, lp, tail, vocab_size=V)
+    _, lp2, _ = check_topk(ids, lp, tail, blob, V)
+    assert len(blob) < 0.6 * baseline_bytes(ids, lp, tail)  # ~0.53x measured, docs/CODEC.md
+    assert len(blob) / P < 66  # 60.3 B/pos in the bench at 512 positions a block
+    assert np.abs(lp2 - lp)[lp >= lp[:, :1] - 10].max() <= 0.02 + 1e-5
+
+
+def test_topk_mass_stays_near_one():
+    rng = np.random.default_rng(1)
+    ids, lp, tail = topk_of(realistic_logprobs(rng, 64, 3000), 16)
+    _, lp2, tail2 = decode_topk(encode_topk(ids, lp, tail, vocab_size=3000), vocab_size=3000)
+    total = np.exp(lp2.astype(np.float64)).sum(1) + np.exp(tail2.astype(np.float64))
+    assert (total <= 1 + BOUND["mass_rel_err"] + 1e-6).all() and (total >= 0.97).all()
+
+
+@pytest.mark.parametrize("P,k,V", [(0, 1, 1), (0, 32, 50), (1, 1, 1), (5, 1, 70000), (3, 4, 4)])
+def test_topk_edges(P, k, V):
+    rng = np.random.default_rng(P + k)
+    ids = np.stack([rng.permutation(V)[:k] for _ in range(P)]) if P else np.zeros((0, k), np.int64)
+    lp = np.sort(-rng.exponential(2.0, (P, k)), axis=1)[:, ::-1].astype(np.float32)
+    tail = np.full(P, -np.inf if k == V else -2.0, np.float32)
+    check_topk(ids, np.ascontiguousarray(lp), tail, encode_topk(ids, lp, tail, vocab_size=V), V)
+
+
+def test_topk_all_neg_inf_rows_and_narrow_id_dtypes():
+    ids = np.array([[3, 1, 2], [0, 1, 2]], np.uint8)
+    lp = np.array([[-np.inf] * 3, [-0.1, -np.inf, -np.inf]], np.float32)
+    tail = np.array([-np.inf, -2.4], np.float32)
+    _, lp2, tail2 = check_topk(ids.astype(np.int64), lp, tail, encode_topk(ids, lp, tail, vocab_size=4), 4)
+    assert np.isneginf(lp2[0]).all() and np.isneginf(tail2[0])
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda i, lps, t: (i, lps, t, 3), "k=4 exceeds vocab_size=3"),
+        (lambda i, lps, t: (i.astype(np.float32), lps, t, 10), "integer"),
+        (lambda i, lps, t: (np.where(i == i[0, 1], i[0, 0], i), lps, t, 10), "distinct"),
+        (lambda i, lps, t: (i + 7, lps, t, 10), r"\[0, vocab_size=10\)"),
+        (lambda i, lps, t: (-i - 1, lps, t, 10), r"\[0, vocab_size=10\)"),
+        (lambda i, lps, t: (i, lps[:, ::-1], t, 10), "sorted descending"),
+        (lambda i, lps, t: (i, np.where(lps == lps[0, 0], np.nan, lps), t, 10), "NaN"),
+        (lambda i, lps, t: (i, lps + 1.0, t, 10), "above 0"),
+        (lambda i, lps, t: (i, lps, t * np.nan, 10), "NaN"),
+        (lambda i, lps, t: (i, lps[:, :3], t, 10), "shape"),
+        (lambda i, lps, t: (i, lps, t[:1], 10), "shape"),
+        (lambda i, lps, t: (i[0], lps, t, 10), r"\[P, k\]"),
+        (lambda i, lps, t: (i, lps.astype(np.int32), t, 10), "float"),
+        (lambda i, lps, t: (i, lps, t, 0), "vocab_size"),
+    ],
+)
+def test_topk_encode_rejects(mutate, match):
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    lp = np.array([[-0.1, -1.0, -2.0, -3.0], [-0.5, -0.6, -0.7, -9.0]], np.float32)
+    tail = np.array([-3.0, -1.0], np.float32)
+    i, lps, t, V = mutate(ids, lp, tail)
+    with pytest.raises(ValueError, match=match):
+        encode_topk(i, lps, t, vocab_size=V)
+
+
+# ----------------------------------------------------------------------------- sampled
+
+
+@st.composite
+def sampled_case(draw):
+    V = draw(st.sampled_from([1, 3, 50, 1000, 65537, 2**32 - 1]))
+    P = draw(st.sampled_from([0, 1, 2, 9, 40]))
+    n = draw(st.sampled_from([1, 2, 7, 50, 300]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if V <= 1000:
+        lp = np.log(rng.dirichlet(np.full(V, draw(st.sampled_from([0.05, 1.0]))), P) + 1e-30)
+        return *sample_counts(rng, lp.astype(np.float32), n), V, n
+    offsets, ids, counts = [0], [], []
+    for _ in range(P):  # huge vocab: draws from a random small support spread over [0, V)
+        support = rng.choice(V - 1, size=20, replace=False) if V > 2**31 else rng.choice(V, 20, replace=False)
+        uq, c = np.unique(support[rng.integers(0, 20, n)], return_counts=True)
+        ids.append(uq), counts.append(c), offsets.append(offsets[-1] + len(uq))
+    cat = (lambda xs: np.concatenate(xs)) if P else (lambda xs: np.zeros(0, np.int64))
+    return np.array(offsets), cat(ids), cat(counts), V, n
+
+
+@HYP
+@given(sampled_case(), st.booleans())
+def test_sampled_roundtrip_exact(case, shuffle):
+    offsets, ids, counts, V, n = case
+    P = len(offsets) - 1
+    ids_in, counts_in = ids.copy(), counts.copy()
+    if shuffle and len(ids):  # order within a position is not part of the data
+        rng = np.random.default_rng(len(ids))
+        for p in range(P):
+            perm = offsets[p] + rng.permutation(offsets[p + 1] - offsets[p])
+            ids_in[offsets[p] : offsets[p + 1]], counts_in[offsets[p] : offsets[p + 1]] = ids[perm], counts[perm]
+    blob = encode_sampled(offsets, ids_in, counts_in.astype(np.int32), vocab_size=V, num_draws=n)
+    o2, i2, c2, n2 = decode_sampled(blob, vocab_size=V)
+    assert o2.dtype == np.int64 and i2.dtype == np.int64 and c2.dtype == np.int32 and n2 == n
+    np.testing.assert_array_equal(o2, offsets)
+    np.testing.assert_array_equal(i2, ids)  # canonical order: id ascending per position
+    np.testing.assert_array_equal(c2, counts)
+
+
+def test_sampled_realistic_size():
+    rng = np.random.default_rng(2)
+    lp = realistic_logprobs(rng, 256, 32000)
+    offsets, ids, counts = sample_counts(rng, lp, 50)
+    blob = encode_sampled(offsets, ids, counts, vocab_size=32000, num_draws=50)
+    assert len(blob) / 256 < 30
+    _, i2, c2, _ = decode_sampled(blob, vocab_size=32000)
+    np.testing.assert_array_equal(i2, ids)
+    np.testing.assert_array_equal(c2, counts)
+
+
+@pytest.mark.parametrize(
+    "offsets,ids,counts,V,n,match",
+    [
+        ([0, 2], [1, 1], [1, 1], 5, 2, "distinct"),
+        ([0, 2], [1, 2], [1, 2], 5, 2, "sum to num_draws"),
+        ([0, 2], [1, 2], [0, 2], 5, 2, ">= 1"),
+        ([0, 2], [1, 9], [1, 1], 5, 2, "vocab_size"),
+        ([0, 0, 2], [1, 2], [1, 1], 5, 2, "at least one"),
+        ([1, 2], [1, 2], [1, 1], 5, 2, "start at 0"),
+        ([0, 3], [1, 2], [1, 1], 5, 2, "end at len"),
+        ([0, 2], [1, 2], [1, 1], 5, 0, "num_draws"),
+        ([0, 2], [1, 2], [1], 5, 2, r"\[N\]"),
+    ],
+)
+def test_sampled_encode_rejects(offsets, ids, counts, V, n, match):
+    with pytest.raises(ValueError, match=match):
+        encode_sampled(np.array(offsets), np.array(ids), np.array(counts), vocab_size=V, num_draws=n)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def small_topk_blob(P=24, k=8, V=5000, seed=3) -> bytes:
+    ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(seed), P, V), k)
+    return encode_topk(ids, lp, tail, vocab_size=V)
+
+
+def small_sampled_blob() -> bytes:
+    rng = np.random.default_rng(4)
+    offsets, ids, counts = sample_counts(rng, realistic_logprobs(rng, 24, 5000), 50)
+    return encode_sampled(offsets, ids, counts, vocab_size=5000, num_draws=50)
+
+
+def decoders():
+    return [
+        ("topk", small_topk_blob(), lambda b: decode_topk(b, vocab_size=5000)),
+        ("sampled", small_sampled_blob(), lambda b: decode_sampled(b, vocab_size=5000)),
+        ("topk_big", small_topk_blob(P=300, k=32), lambda b: decode_topk(b, vocab_size=5000)),
+    ]
+
+
+@pytest.mark.parametrize("name,blob,decode", decoders(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_flipped_byte_and_truncation_raises(name, blob, decode):
+    decode(blob)  # the clean blob decodes
+    rng = np.random.default_rng(5)
+    positions = range(len(blob)) if len(blob) <= 2000 else rng.choice(len(blob), 600, replace=False)
+    for pos in positions:
+        for xor in (0x01, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[pos] ^= xor
+            with pytest.raises(CodecError):
+                decode(bytes(bad))
+    lengths = range(len(blob)) if len(blob) <= 2000 else rng.choice(len(blob), 600, replace=False)
+    for n in lengths:
+        with pytest.raises(CodecError):
+            decode(blob[:n])
+    for extra in (b"\0", b"garbage"):
+        with pytest.raises(CodecError):
+            decode(blob + extra)
+    with pytest.raises(CodecError):
+        decode("not bytes")  # type: ignore[arg-type]
+
+
+def reseal(blob: bytes, fmt_offset: int, fmt: str, value) -> bytes:
+    """Overwrite one header field and recompute the checksum, so only the lie is left."""
+    body = bytearray(blob[:-4])
+    struct.pack_into(fmt, body, fmt_offset, value)
+    return bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+# top-k header: 0 magic, 4 version, 5 kind, 6 id_mode, 7 n_frames, 8 P, 12 k, 16 V, 20 U,
+# 24..31 widths (top1, missing, tail, delta, gap, count, index, pad), 32 raw_len, 36 comp_len,
+# 40 frame lengths
+@pytest.mark.parametrize(
+    "offset,fmt,lie,match",
+    [
+        (0, "<4s", lambda v: b"XXXX", "bad magic"),
+        (4, "<B", lambda v: 2, "version"),
+        (5, "<B", lambda v: 2, "kind"),
+        (6, "<B", lambda v: 9, "id mode"),
+        (7, "<B", lambda v: v + 1, "comp_len"),
+        (8, "<I", lambda v: v + 1, "raw_len"),
+        (8, "<I", lambda v: v - 1, "raw_len"),
+        (8, "<I", lambda v: 1 << 21, "max_positions"),
+        (12, "<I", lambda v: v + 1, "raw_len"),
+        (12, "<I", lambda v: 5000, "max_k"),
+        (12, "<I", lambda v: 0, "k=0"),
+        (16, "<I", lambda v: 4999, "vocab_size"),
+        (20, "<I", lambda v: v + 1, "raw_len|dictionary"),
+        (20, "<I", lambda v: 1 << 30, "dictionary size"),
+        (26, "<B", lambda v: v + 1, "raw_len"),
+        (30, "<B", lambda v: 9, "width"),
+        (31, "<B", lambda v: 1, "width"),
+        (32, "<I", lambda v: v + 1, "raw_len"),
+        (32, "<I", lambda v: v - 1, "raw_len"),
+        (36, "<I", lambda v: v + 1, "comp_len"),
+        (36, "<I", lambda v: v - 1, "comp_len"),
+        (40, "<I", lambda v: v + 1, "frame lengths"),
+    ],
+)
+def test_topk_header_lies_raise_named_error(offset, fmt, lie, match):
+    blob = small_topk_blob(P=40, k=8)
+    value = lie(struct.unpack_from(fmt, blob, offset)[0])
+    with pytest.raises(CodecError, match=match):
+        decode_topk(reseal(blob, offset, fmt, value), vocab_size=5000)
+
+
+def test_ids_out_of_vocab_are_rejected_even_with_valid_checksum():
+    for V in (5000, 70000):  # plain / dictionary ids, 2- and 3-byte planes
+        ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(6), 30, 5000), 8)
+        ids[0, 0] = V - 1  # the largest id sits at the top of the vocabulary
+        lied = reseal(encode_topk(ids, lp, tail, vocab_size=V), 16, "<I", V - 1)
+        with pytest.raises(CodecError, match="outside vocab_size"):
+            decode_topk(lied, vocab_size=V - 1)
+    blob = small_sampled_blob()
+    top = int(decode_sampled(blob, vocab_size=5000)[1].max())
+    with pytest.raises(CodecError, match="outside vocab_size"):
+        decode_sampled(reseal(blob, 16, "<I", top), vocab_size=top)
+
+
+def test_sampled_header_lies():
+    blob = small_sampled_blob()
+    # sampled header: 8 P, 12 N, 16 V, 20 U, 24 num_draws, 28..35 widths, 36 raw_len, 40 comp_len
+    for offset, value, match in [
+        (24, 49, "exceed num_draws"),
+        (24, 0, "num_draws"),
+        (8, 25, "raw_len|impossible|row lengths"),
+        (12, 1 << 25, "max_entries"),
+        (12, 5, "impossible"),
+        (36, 7, "raw_len"),
+    ]:
+        with pytest.raises(CodecError, match=match):
+            decode_sampled(reseal(blob, offset, "<I", value), vocab_size=5000)
+    with pytest.raises(CodecError, match="max_positions"):
+        decode_sampled(blob, vocab_size=5000, max_positions=10)
+    with pytest.raises(CodecError, match="kind"):
+        decode_topk(blob, vocab_size=5000)
+    with pytest.raises(CodecError, match="kind"):
+        decode_sampled(small_topk_blob(), vocab_size=5000)
+
+
+def test_decompression_bomb_rejected_before_decompressing():
+    """A frame whose own header declares 1 TiB of output, sealed with a valid checksum."""
+    blob = small_topk_blob(P=40, k=8)
+    n_frames = blob[7]
+    start = 40 + 4 * n_frames
+    # zstd frame: magic, descriptor (single segment, 8-byte content size), size, one RLE block
+    bomb = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 1 << 40) + b"\x03\x00\x00\x00"
+    body = bytearray(blob[:start]) + bomb
+    struct.pack_into("<B", body, 7, 1)
+    struct.pack_into("<I", body, 36, len(bomb))
+    body = body[:40] + struct.pack("<I", len(bomb)) + bomb
+    sealed = bytes(body) + struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(CodecError, match="declares"):
+        decode_topk(sealed, vocab_size=5000)
+    with pytest.raises(CodecError, match="max_entries"):
+        decode_topk(reseal(reseal(blob, 8, "<I", 1 << 20), 12, "<I", 4096), vocab_size=5000)
+
+
+def test_limits_are_enforced():
+    blob = small_topk_blob(P=24, k=8)
+    with pytest.raises(CodecError, match="max_positions"):
+        decode_topk(blob, vocab_size=5000, max_positions=23)
+    with pytest.raises(CodecError, match="max_k"):
+        decode_topk(blob, vocab_size=5000, max_k=7)
+    with pytest.raises(CodecError, match="vocab_size"):
+        decode_topk(blob, vocab_size=4999)
+    ids, _, _ = decode_topk(blob, vocab_size=5000, max_positions=24, max_k=8)
+    assert ids.shape == (24, 8)
+
+
+def test_error_bound_is_documented():
+    assert BOUND["logprob_abs_err_within_10_nats"] == pytest.approx(0.02)
+    assert BOUND["fine_region_nats"] >= 10.0
+    assert codec.CODEC_VERSION == 1

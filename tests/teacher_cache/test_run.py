@@ -1,0 +1,272 @@
+"""`teacher-cache run` end to end: real model, real shards, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from teacher_cache import codec, open_cache
+from teacher_cache.run import RunConfig, RunError, run
+
+CLI = [sys.executable, "-m", "teacher_cache.cli"]
+
+
+def cfg(data: Path, out: Path, **kw) -> RunConfig:
+    base = dict(
+        teacher="tiny-mixtral",
+        data=(str(data),),
+        out=str(out),
+        backend="hf",
+        top_k=8,
+        shard_size=3,
+        batch_size=2,
+        progress=False,
+    )
+    return RunConfig(**{**base, **kw})
+
+
+def rows(out: Path) -> dict[str, dict]:
+    fields = (
+        "source",
+        "domain",
+        "input_ids",
+        "target_positions",
+        "topk_ids",
+        "topk_logprobs",
+        "tail_logprob",
+        "sampled_ids",
+        "sampled_counts",
+        "attention_ids",
+        "attention_logprobs",
+    )
+    return {s.sample_id: {f: getattr(s, f) for f in fields} for s in open_cache(out)}
+
+
+def assert_same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for sid in a:
+        for f, v in a[sid].items():
+            w = b[sid][f]
+            if isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(v, w, err_msg=f"{sid}.{f}")
+            else:
+                assert v == w, f"{sid}.{f}"
+
+
+def test_run_writes_a_complete_verified_cache(tmp_path, chats_file):
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out, attention_layers=(1,), attention_top_k=4))
+    cache = open_cache(out)
+    m = cache.manifest
+    assert m["counts"]["samples"] == 12 and len(m["shards"]) == 4
+    assert m["tokenizer"]["vocab_size"] == 32000 and m["targets"] == {
+        "kind": "topk",
+        "k": 8,
+        "temperature": 1.0,
+        "logprobs": "natural log, raw",
+    }
+    assert m["data"]["files"][0]["sha256"].startswith("sha256:")
+    assert m["attention"]["layers"] == [1] and m["attention"]["source"] == "hf"
+    samples = list(cache)
+    assert sum(len(s.target_positions) for s in samples) == m["counts"]["target_positions"]
+    for s in samples:
+        P = len(s.target_positions)
+        assert s.topk_ids.shape == (P, 8) and s.topk_logprobs.dtype == np.float32
+        mass = np.exp(s.topk_logprobs.astype(np.float64)).sum(1) + np.exp(s.tail_logprob.astype(np.float64))
+        np.testing.assert_allclose(mass, 1.0, atol=0.02)
+        assert s.attention_ids.shape == (1, P, 4) and s.source == "tiny-mixtral"
+    assert {s.domain for s in samples} == {"geography", "math", "code", None}
+    done = subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(subprocess.run([*CLI, "inspect", str(out), "--json"], capture_output=True, text=True).stdout)
+    assert shown["samples"] == 12 and shown["bytes_per_target_position"] > 0
+
+
+def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    run(cfg(chats_file, out))
+    assert "nothing to do" in capsys.readouterr().err
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+
+
+def test_other_settings_into_the_same_directory_are_refused(tmp_path, chats_file):
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out))
+    with pytest.raises(RunError, match="different settings"):
+        run(cfg(chats_file, out, top_k=4))
+
+
+def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, chats_file):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run(cfg(chats_file, clean, shard_size=2))
+    args = [
+        *CLI,
+        "run",
+        "--teacher",
+        "tiny-mixtral",
+        "--data",
+        str(chats_file),
+        "--out",
+        str(killed),
+        "--backend",
+        "hf",
+        "--top-k",
+        "8",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    part = killed / "parts" / "worker-00000-of-00001.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if part.is_file() and len(json.loads(part.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(json.loads(part.read_text())["shards"])
+    assert 2 <= done_before < 6, "the kill must land mid-run"
+    assert not (killed / "manifest.json").exists()
+    with pytest.raises(ValueError, match="incomplete"):
+        open_cache(killed)
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert not list(killed.glob("*.tmp"))
+    assert_same_rows(rows(clean), rows(killed))
+    a, b = open_cache(clean).manifest, open_cache(killed).manifest
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_workers_split_disjointly_and_assemble_one_manifest(tmp_path, chats_file):
+    out = tmp_path / "cache"
+    for w in range(3):
+        if w < 2:
+            run(cfg(chats_file, out, worker_index=w, num_workers=3))
+            assert not (out / "manifest.json").exists()
+    run(cfg(chats_file, out, worker_index=2, num_workers=3))
+    ids = [s.sample_id for s in open_cache(out)]
+    assert len(ids) == len(set(ids)) == 12
+    assert_same_rows(rows(out), rows_single(tmp_path, chats_file))
+
+
+def rows_single(tmp_path: Path, data: Path) -> dict:
+    out = tmp_path / "single"
+    run(cfg(data, out))
+    return rows(out)
+
+
+def test_domain_filters_and_source_tag(tmp_path, chats_file):
+    out = tmp_path / "math"
+    run(cfg(chats_file, out, only_domain="math", source="math-expert"))
+    got = list(open_cache(out))
+    assert {s.domain for s in got} == {"math"} and {s.source for s in got} == {"math-expert"}
+    out2 = tmp_path / "general"
+    run(cfg(chats_file, out2, exclude_domain="math"))
+    assert len(open_cache(out2)) == 10
+
+
+def test_sampled_targets(tmp_path, chats_file):
+    out = tmp_path / "sampled"
+    run(cfg(chats_file, out, targets="sampled", num_draws=20))
+    for s in open_cache(out):
+        P = len(s.target_positions)
+        assert s.topk_ids is None and len(s.sampled_offsets) == P + 1 and s.num_draws == 20
+        counts = np.add.reduceat(s.sampled_counts, s.sampled_offsets[:-1])
+        np.testing.assert_array_equal(counts, 20)
+
+
+def test_truncation_is_counted(tmp_path, chats_file):
+    out = tmp_path / "short"
+    run(cfg(chats_file, out, max_length=24, skip_bad=True))
+    c = open_cache(out).manifest["counts"]
+    assert c["truncated"] > 0
+    assert all(len(s.input_ids) <= 24 for s in open_cache(out))
+
+
+BAD_INPUTS = {
+    "malformed line": ('{"prompt": "hi", "response": "yo"}\n{not json\n', "bad.jsonl:2: invalid JSON"),
+    "missing messages": ('{"prompt": "hi", "response": "yo"}\n{"text": "hello"}\n', "bad.jsonl:2: record has neither"),
+    "no assistant turn": ('{"messages": [{"role": "user", "content": "hi"}]}\n', "bad.jsonl:1: conversation has no"),
+    "empty file": ("", "no records"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_leaves_no_half_shard(tmp_path, case):
+    text, message = BAD_INPUTS[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_text(text)
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--teacher",
+            "tiny-mixtral",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--backend",
+            "hf",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and message in last and "Traceback" not in done.stderr
+    assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()
+
+
+def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(chats_file.read_text() + "{oops\n" + '{"messages": [{"role": "user", "content": "x"}]}\n')
+    out = tmp_path / "cache"
+    run(cfg(data, out, skip_bad=True))
+    m = open_cache(out).manifest
+    assert m["counts"]["skipped_bad"] == 2 and m["counts"]["samples"] == 12
+    assert any(":13: invalid JSON" in b for b in m["bad_records"])
+
+
+def test_parquet_input(tmp_path, chats_file):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [json.loads(line) for line in chats_file.read_text().splitlines() if '"prompt"' in line]
+    table = pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"], "response": r["response"]} for r in recs])
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    out = tmp_path / "cache"
+    run(cfg(tmp_path / "pairs.parquet", out))
+    assert sorted(s.sample_id for s in open_cache(out)) == sorted(r["id"] for r in recs)
+
+
+@pytest.mark.slow
+def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
+    """The pipeline with the vLLM engine gives the hf pipeline's targets (up to fp32 kernel noise)."""
+    out_v, out_h = tmp_path / "v", tmp_path / "h"
+    run(cfg(chats_file, out_v, backend="vllm", top_k=16), backend=vllm_hidden)
+    run(cfg(chats_file, out_h, top_k=16))
+    assert open_cache(out_v).manifest["backend"]["backend"] == "vllm"
+    hv, hh = rows(out_v), rows(out_h)
+    for sid in hh:
+        np.testing.assert_array_equal(hv[sid]["target_positions"], hh[sid]["target_positions"])
+        # each side is within the codec bound of its exact value; the exact values differ by ~1e-5
+        tol = 2 * codec.topk_error_bound()["logprob_abs_err_within_10_nats"] + 1e-3
+        np.testing.assert_allclose(hv[sid]["topk_logprobs"], hh[sid]["topk_logprobs"], atol=tol)
+        assert (hv[sid]["topk_ids"][:, 0] == hh[sid]["topk_ids"][:, 0]).mean() > 0.95
