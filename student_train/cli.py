@@ -42,5 +42,103 @@ def check(student: str, caches: tuple[str, ...]) -> None:
     click.echo(f"ok: {student} can train from {', '.join(caches)}")
 
 
+def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
+    if not value:
+        return ()
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected TEACHER:STUDENT pairs like 0:0,31:15, got {value!r}") from None
+    if any(len(p) != 2 for p in pairs):
+        raise click.BadParameter(f"expected TEACHER:STUDENT pairs like 0:0,31:15, got {value!r}")
+    return tuple(pairs)  # type: ignore[return-value]
+
+
+@main.command()
+@click.option("--student", required=True, help="Preset name or checkpoint directory.")
+@click.option("--cache", "caches", multiple=True, required=True, help="Cache directory; repeatable (DAE: mix caches).")
+@click.option("--out", required=True, help="Run directory (checkpoints, metrics.jsonl).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per micro-batch.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True)
+@click.option(
+    "--lam",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="(1 - lam) * CE + lam * (KD + attn-weight * attention); the paper uses 1.",
+)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--attn-weight", type=float, default=0.0, show_default=True)
+@click.option("--attention-layer-map", default=None, help="TEACHER:STUDENT layer pairs (default: identity).")
+@click.option("--domain-ratio", type=float, default=None, help="DAE: share of samples from --only-domain caches.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shuffle-window", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA (needs peft).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+def train(**kw) -> None:
+    """Train STUDENT from cached teacher targets (KD, attention loss, DAE mixing)."""
+    from student_train.train import TrainConfig
+    from student_train.train import train as run_training
+
+    kw["caches"] = tuple(kw["caches"])
+    kw["attention_layer_map"] = _parse_map(kw["attention_layer_map"])
+    kw["progress"] = not kw.pop("no_progress")
+    try:
+        result = run_training(TrainConfig(**kw))
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UserError(_one_line(e)) from None
+    click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="Checkpoint directory or preset.")
+@click.option("--cache", "caches", multiple=True, required=True, help="Held-out cache; repeatable.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None)
+@click.option("--out", default=None, help="Also write the JSON report here.")
+def evaluate_cmd(
+    model: str, caches: tuple[str, ...], batch_size: int, max_samples: int | None, out: str | None
+) -> None:
+    """Held-out KL to the teacher, NLL of the labels, top-1 agreement; by domain; JSON."""
+    import json
+
+    from student_train.evaluate import evaluate
+
+    try:
+        report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UserError(_one_line(e)) from None
+    text = json.dumps(report, indent=2)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    click.echo(text)
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--out", default=None, help="PNG path (default RUN_DIR/curves.png).")
+def plot(run_dir: str, out: str | None) -> None:
+    """Draw a run's loss, lr and grad-norm curves to PNG."""
+    from student_train.plot import plot_run
+
+    try:
+        click.echo(str(plot_run(run_dir, out)))
+    except (ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from None
+
+
 if __name__ == "__main__":
     sys.exit(main())

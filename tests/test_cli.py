@@ -15,7 +15,9 @@ def sh(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("cli,commands", [(TC, ["run", "inspect", "verify", "presets", "build"]), (ST, ["check"])])
+@pytest.mark.parametrize(
+    "cli,commands", [(TC, ["run", "inspect", "verify", "presets", "build"]), (ST, ["check", "train", "eval", "plot"])]
+)
 def test_help_lists_commands_and_each_command_has_help(cli, commands):
     top = sh([*cli, "--help"])
     assert top.returncode == 0

@@ -1,0 +1,233 @@
+"""Cache reader -> an ordered stream of samples -> padded batches.
+
+The order is a pure function of (seed, manifests): each cache is a list of
+(shard, row) items; an epoch permutes shards, then shuffles rows within windows
+of `window` consecutive shards (a shuffle buffer that holds `window` shards at a
+time). With `domain_ratio`, domain caches (made with --only-domain) and general
+caches are two streams interleaved at that ratio. Global index i goes to rank
+i % world and, within a rank, to dataloader worker (i // world) % num_workers;
+resuming is skipping the consumed count, with no decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from teacher_cache.cache import Cache, CachedSample
+
+Item = tuple[int, int, int]  # (cache index, shard index within that cache, row)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One source of samples: the items of some caches, cycled epoch after epoch."""
+
+    items: list[Item]
+    shard_rows: dict[tuple[int, int], int]
+    window: int
+    seed: int
+
+    def epoch_order(self, epoch: int) -> list[Item]:
+        rng = np.random.default_rng([self.seed, epoch])
+        shards = list(self.shard_rows)
+        order = [shards[i] for i in rng.permutation(len(shards))]
+        out: list[Item] = []
+        for start in range(0, len(order), self.window):
+            group = [(c, s, r) for (c, s) in order[start : start + self.window] for r in range(self.shard_rows[(c, s)])]
+            out.extend(group[i] for i in rng.permutation(len(group)))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Plan:
+    """Global sample index -> (cache, shard, row), infinite, deterministic."""
+
+    def __init__(self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None) -> None:
+        def stream(indices: list[int], salt: int) -> Stream:
+            shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
+            items = [(c, s, r) for (c, s), n in shard_rows.items() for r in range(n)]
+            return Stream(items, shard_rows, window, seed * 1000 + salt)
+
+        self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
+        general = [i for i in range(len(caches)) if i not in self.domain_caches]
+        self.ratio = domain_ratio
+        if domain_ratio is None:
+            self.streams = [stream(list(range(len(caches))), 0)]
+        else:
+            if not 0.0 <= domain_ratio <= 1.0:
+                raise ValueError("--domain-ratio must be within [0, 1]")
+            if (domain_ratio > 0 and not self.domain_caches) or (domain_ratio < 1 and not general):
+                raise ValueError("--domain-ratio needs a domain cache (made with --only-domain) and a general one")
+            self.streams = [stream(self.domain_caches, 1), stream(general, 2)]
+        if any(len(s) == 0 for s in self.streams):
+            raise ValueError("a cache stream holds no samples")
+        self._epochs: dict[tuple[int, int], list[Item]] = {}
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+    def _route(self, i: int) -> tuple[int, int]:
+        """Global index -> (stream, index within that stream)."""
+        if self.ratio is None:
+            return 0, i
+        r = self.ratio
+        took_domain = math.floor((i + 1) * r) - math.floor(i * r)  # 1 at a fraction r of indices
+        n_domain = math.floor(i * r)
+        return (0, n_domain) if took_domain else (1, i - n_domain)
+
+    def item(self, i: int) -> Item:
+        s, j = self._route(i)
+        stream = self.streams[s]
+        epoch, k = divmod(j, len(stream))
+        key = (s, epoch)
+        if key not in self._epochs:
+            if len(self._epochs) > 4:
+                self._epochs.pop(next(iter(self._epochs)))
+            self._epochs[key] = stream.epoch_order(epoch)
+        return self._epochs[key][k]
+
+
+class ShardCache:
+    """Decoded shards kept while the shuffle window needs them (LRU, `size` shards)."""
+
+    def __init__(self, caches: list[Cache], size: int) -> None:
+        self.caches, self.size = caches, size
+        self._shards: OrderedDict[tuple[int, int], list[CachedSample]] = OrderedDict()
+
+    def get(self, item: Item) -> CachedSample:
+        c, s, r = item
+        key = (c, s)
+        if key not in self._shards:
+            if len(self._shards) >= self.size:
+                self._shards.popitem(last=False)
+            cache = self.caches[c]
+            self._shards[key] = list(cache.iter_shard(cache.shard_names[s]))
+        self._shards.move_to_end(key)
+        return self._shards[key][r]
+
+
+def rank_indices(start: int, rank: int, world: int) -> Iterator[int]:
+    """Global indices of one rank from its `start`-th sample on."""
+    i = start * world + rank
+    while True:
+        yield i
+        i += world
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """This rank's samples from position `start`, split across dataloader workers.
+
+    Workers take every num_workers-th sample; the DataLoader's round-robin over
+    workers restores the rank's order exactly (use batch_size=None).
+    """
+
+    def __init__(self, caches: list[Cache], plan: Plan, *, rank: int, world: int, start: int, window: int) -> None:
+        self.caches, self.plan = caches, plan
+        self.rank, self.world, self.start, self.window = rank, world, start, window
+
+    def __iter__(self) -> Iterator[tuple[int, CachedSample]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)
+        for n, i in enumerate(rank_indices(self.start, self.rank, self.world)):
+            if n % nw == wid:
+                c = self.plan.item(i)[0]
+                yield c, shards.get(self.plan.item(i))
+
+
+@dataclass
+class Batch:
+    """Padded batch; P is the number of target positions over the whole batch."""
+
+    input_ids: torch.Tensor  # int64 [B, T], right-padded with 0
+    attention_mask: torch.Tensor  # int64 [B, T]
+    row: torch.Tensor  # int64 [P] batch row of each target position
+    pos: torch.Tensor  # int64 [P] position t within its row (target predicts t + 1)
+    labels: torch.Tensor  # int64 [P] input_ids[row, pos + 1]
+    is_domain: torch.Tensor  # bool [P] the sample came from a domain cache
+    topk_ids: torch.Tensor | None  # int64 [P, k]
+    topk_logprobs: torch.Tensor | None  # float32 [P, k]
+    tail_logprob: torch.Tensor | None  # float32 [P]
+    sampled_ids: torch.Tensor | None  # int64 [P, m]
+    sampled_weights: torch.Tensor | None  # float32 [P, m]
+    attn_ids: torch.Tensor | None  # int64 [L, P, ka] key positions
+    attn_logprobs: torch.Tensor | None  # float32 [L, P, ka]
+    attn_tail: torch.Tensor | None  # float32 [L, P]
+    sample_ids: list[str]
+    tokens: int
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+
+def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], attention: bool) -> Batch:
+    """Stack samples into a padded batch with flattened sparse targets (host tensors, no vocab dim)."""
+    from student_train.losses import sampled_to_padded
+
+    B = len(samples)
+    T = max(len(s.input_ids) for _, s in samples)
+    ids = torch.zeros((B, T), dtype=torch.long)  # [B, T]
+    mask = torch.zeros((B, T), dtype=torch.long)  # [B, T]
+    rows, pos, dom = [], [], []
+    for b, (c, s) in enumerate(samples):
+        n = len(s.input_ids)
+        ids[b, :n] = torch.from_numpy(s.input_ids)
+        mask[b, :n] = 1
+        rows.append(np.full(len(s.target_positions), b))
+        pos.append(s.target_positions)
+        dom.append(np.full(len(s.target_positions), c in domain_caches))
+    row = torch.from_numpy(np.concatenate(rows))  # [P]
+    p = torch.from_numpy(np.concatenate(pos))  # [P]
+    first = samples[0][1]
+    topk = sampled = attn = (None,) * 3
+    if first.topk_ids is not None:
+        topk = tuple(
+            torch.from_numpy(np.concatenate([getattr(s, f) for _, s in samples]))
+            for f in ("topk_ids", "topk_logprobs", "tail_logprob")
+        )
+    else:
+        offsets, sids, counts = [], [], []
+        base = 0
+        for _, s in samples:
+            offsets.append(s.sampled_offsets[:-1] + base)
+            sids.append(s.sampled_ids)
+            counts.append(s.sampled_counts)
+            base += len(s.sampled_ids)
+        off = torch.from_numpy(np.concatenate([*offsets, [base]]))  # [P + 1]
+        padded_ids, weights = sampled_to_padded(
+            off, torch.from_numpy(np.concatenate(sids)), torch.from_numpy(np.concatenate(counts)), first.num_draws
+        )  # [P, m] each
+        sampled = (padded_ids, weights, None)
+    if attention and first.attention_ids is not None:
+        attn = tuple(
+            torch.from_numpy(np.concatenate([getattr(s, f) for _, s in samples], axis=1))
+            for f in ("attention_ids", "attention_logprobs", "attention_tail_logprob")
+        )
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        row=row,
+        pos=p,
+        labels=ids[row, p + 1],
+        is_domain=torch.from_numpy(np.concatenate(dom)),
+        topk_ids=topk[0],
+        topk_logprobs=topk[1],
+        tail_logprob=topk[2],
+        sampled_ids=sampled[0],
+        sampled_weights=sampled[1],
+        attn_ids=attn[0],
+        attn_logprobs=attn[1],
+        attn_tail=attn[2],
+        sample_ids=[s.sample_id for _, s in samples],
+        tokens=int(mask.sum()),
+    )

@@ -1,0 +1,99 @@
+"""`student-train eval`: a student against held-out cached teacher targets, split by domain."""
+
+from __future__ import annotations
+
+import torch
+
+from student_train import losses
+from student_train.checks import check_student_matches
+from student_train.data import Plan, collate
+
+
+@torch.no_grad()
+def evaluate(
+    model_path: str,
+    cache_paths: list[str],
+    *,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    temperature: float = 1.0,
+) -> dict:
+    """Held-out KL to the teacher (over the cached k+1 outcomes), NLL of the labels, top-1 agreement.
+
+    Reported overall and split into domain (samples from --only-domain caches) and general.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from teacher_cache import open_cache
+    from teacher_cache.models import resolve_model
+    from teacher_cache.tokenize import load_tokenizer
+
+    caches = [open_cache(c) for c in cache_paths]
+    ref = resolve_model(model_path)
+    check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=True).eval()
+    plan = Plan(caches, seed=0, window=1)
+    items = [it for s in plan.streams for it in s.items]
+    if max_samples is not None:
+        items = items[:max_samples]
+    kind = caches[0].kind
+    sums = {g: {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0} for g in ("domain", "general")}
+    decoded: dict[tuple[int, int], list] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = []
+        for c, s, r in items[start : start + batch_size]:
+            if (c, s) not in decoded:
+                decoded.clear()
+                decoded[(c, s)] = list(caches[c].iter_shard(caches[c].shard_names[s]))
+            chunk.append((c, decoded[(c, s)][r]))
+        b = collate(chunk, plan.domain_caches, attention=False)
+        hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()  # [P, V]
+        nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # [P]
+        if kind == "topk":
+            teacher_top1 = b.topk_ids[:, 0]
+        else:
+            teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]
+        agree = (logits.argmax(-1) == teacher_top1).float()  # [P]
+        for group, sel in (("domain", b.is_domain), ("general", ~b.is_domain)):
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            if kind == "topk":
+                kl = losses.topk_kl(
+                    logits[sel], b.topk_ids[sel], b.topk_logprobs[sel], b.tail_logprob[sel], temperature=temperature
+                )
+            else:
+                kl = losses.sampled_kl(logits[sel], b.sampled_ids[sel], b.sampled_weights[sel], temperature=temperature)
+            g = sums[group]
+            g["kl"] += float(kl) * n
+            g["nll"] += float(nll[sel].sum())
+            g["agree"] += float(agree[sel].sum())
+            g["positions"] += n
+        for c, _ in chunk:
+            sums["domain" if c in plan.domain_caches else "general"]["samples"] += 1
+    report = {}
+    total = {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
+    for group, g in sums.items():
+        for k in total:
+            total[k] += g[k]
+        if g["positions"]:
+            report[group] = _finish(g)
+    report["all"] = _finish(total)
+    report["kl_kind"] = (
+        "KL over the cached top-k + tail" if kind == "topk" else "sampled cross-entropy estimate (KL + teacher entropy)"
+    )
+    report["model"] = model_path
+    report["caches"] = cache_paths
+    return report
+
+
+def _finish(g: dict) -> dict:
+    n = max(g["positions"], 1)
+    return {
+        "kl_to_teacher": g["kl"] / n,
+        "nll": g["nll"] / n,
+        "top1_agreement": g["agree"] / n,
+        "positions": g["positions"],
+        "samples": g["samples"],
+    }

@@ -1,0 +1,37 @@
+"""`student-train plot RUN_DIR`: training curves from metrics.jsonl to PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_run(run_dir: str, out: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run directory?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: empty")
+    keys = [k for k in ("loss", "ce", "kd", "kd_domain", "kd_general", "attn") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        axes[0].plot(*zip(*pts, strict=True), label=k)
+    axes[0].set_title("losses")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    for ax, key in ((axes[1], "lr"), (axes[2], "grad_norm")):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    target = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

@@ -1,0 +1,363 @@
+"""Stage two: train a student from cached teacher targets. Readable top to bottom.
+
+setup (caches, checks, model, optimizer, resume) -> loop: micro-steps (forward,
+losses, backward) -> clip -> step -> log -> checkpoint. The teacher is never
+loaded: only `teacher_cache.open_cache` and the student are.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from student_train import losses
+from student_train.checks import check_student_matches
+from student_train.data import Batch, Plan, SampleStream, collate
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue; one line for the user."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    student: str  # preset name or checkpoint directory
+    caches: tuple[str, ...]
+    out: str  # run directory: checkpoints, metrics.jsonl
+    max_steps: int = 100
+    batch_size: int = 8  # samples per micro-batch (per rank)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    lam: float = 1.0  # (1 - lam) * CE + lam * (KD + attn_weight * attention)
+    temperature: float = 1.0
+    attn_weight: float = 0.0
+    attention_layer_map: tuple[tuple[int, int], ...] = ()  # (teacher layer, student layer); () = identity
+    domain_ratio: float | None = None
+    seed: int = 0
+    shuffle_window: int = 4  # shards mixed by the shuffle buffer
+    save_every: int = 50
+    num_workers: int = 0  # dataloader workers
+    chunk_size: int = 1024  # target positions per vocabulary chunk in the losses
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    resume: bool = False
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise TrainError("--lam must be within [0, 1]")
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
+        if self.temperature <= 0:
+            raise TrainError("--temperature must be > 0")
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to `lr`, then cosine to lr * min_ratio at `total` steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class DistillStep(nn.Module):
+    """Student forward plus every loss, in one module so DDP sees one forward."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, kind: str, layer_map: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.model, self.cfg, self.kind, self.layer_map = model, cfg, kind, layer_map
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        from teacher_cache import attention
+
+        cfg = self.cfg
+        capture = None
+        student_layers = [s for _, s in self.layer_map]
+        if self.layer_map:
+            lengths = batch.attention_mask.sum(1).tolist()
+            positions = [batch.pos[batch.row == b] for b in range(batch.input_ids.shape[0])]  # [P_b] each
+            capture = attention.RowCapture(positions, lengths)
+            attention.attach(self.model, student_layers, capture)
+        try:
+            hidden = self.model.get_decoder()(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state  # [B, T, D]
+        finally:
+            if capture is not None:
+                attention.attach(self.model, student_layers, None)
+        h = hidden[batch.row, batch.pos]  # [P, D] at target positions
+        weight = self.model.get_output_embeddings().weight  # [V, D]
+        out: dict[str, torch.Tensor] = {}
+        out["ce"] = losses.chunked_ce(h, weight, batch.labels, cfg.chunk_size) if cfg.lam < 1 else None
+        kd_parts = {}
+        if cfg.lam > 0:
+            for name, sel in (("kd_domain", batch.is_domain), ("kd_general", ~batch.is_domain)):
+                if bool(sel.any()):
+                    kd_parts[name] = (self._kd(h[sel], weight, batch, sel), int(sel.sum()))
+            n = sum(c for _, c in kd_parts.values())
+            out["kd"] = sum(v * c for v, c in kd_parts.values()) / n
+            out.update({k: v.detach() for k, (v, _) in kd_parts.items()})
+        out["attn"] = self._attention(batch, capture) if capture is not None else None
+        out["loss"] = losses.total_loss(
+            out["ce"] if out["ce"] is not None else h.sum() * 0.0,
+            out.get("kd", h.sum() * 0.0),
+            out["attn"],
+            lam=cfg.lam,
+            attn_weight=cfg.attn_weight,
+        )
+        return out
+
+    def _kd(self, h: torch.Tensor, weight: torch.Tensor, b: Batch, sel: torch.Tensor) -> torch.Tensor:
+        t, c = self.cfg.temperature, self.cfg.chunk_size
+        if self.kind == "topk":
+            return losses.chunked_topk_kl(
+                h, weight, b.topk_ids[sel], b.topk_logprobs[sel], b.tail_logprob[sel], temperature=t, chunk_size=c
+            )
+        return losses.chunked_sampled_kl(
+            h, weight, b.sampled_ids[sel], b.sampled_weights[sel], temperature=t, chunk_size=c
+        )
+
+    def _attention(self, b: Batch, capture) -> torch.Tensor:
+        T = b.input_ids.shape[1]
+        per_layer = []
+        for li, (_, student_layer) in enumerate(self.layer_map):
+            rows = capture.rows[student_layer]  # list of [P_b, T_b] per batch row
+            padded = torch.cat([nn.functional.pad(r, (0, T - r.shape[1])) for r in rows])  # [P, T]
+            per_layer.append(losses.attention_kl(padded, b.attn_ids[li], b.attn_logprobs[li], b.attn_tail[li]))
+        return torch.stack(per_layer).mean()
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers: int) -> list[tuple[int, int]]:
+    if cfg.attn_weight <= 0 or cfg.lam <= 0:
+        return []
+    if not cache_layers:
+        raise TrainError("--attn-weight > 0 but the cache holds no attention summaries (cache with --attention-layers)")
+    mapping = dict(cfg.attention_layer_map) if cfg.attention_layer_map else {t: t for t in cache_layers}
+    unknown = [t for t in mapping if t not in cache_layers]
+    if unknown:
+        raise TrainError(
+            f"--attention-layer-map names teacher layers {unknown} not in the cache ({list(cache_layers)})"
+        )
+    bad = [s for s in mapping.values() if not 0 <= s < n_student_layers]
+    if bad:
+        raise TrainError(f"student layers {bad} out of range: the student has {n_student_layers} layers")
+    return [(cache_layers.index(t), s) for t, s in sorted(mapping.items())]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[11:].isdigit() else -1)
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _save(out: Path, step: int, model: nn.Module, tok, optimizer, state: dict, cfg: TrainConfig) -> Path:
+    """Write checkpoint-STEP atomically: safetensors weights, tokenizer, optimizer, RNG, data position."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # LoRA: save a merged copy, so the checkpoint is a plain transformers model
+    to_save = copy.deepcopy(model).merge_and_unload() if cfg.lora_rank else model
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
+    from transformers import AutoModelForCausalLM
+
+    from teacher_cache import attention, open_cache
+    from teacher_cache.models import resolve_model
+    from teacher_cache.tokenize import load_tokenizer
+
+    # ---- setup: caches and the checks before the first step
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    caches = [open_cache(c) for c in cfg.caches]
+    ref = resolve_model(cfg.student)
+    tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
+    check_student_matches(tok, caches)
+    kind = caches[0].kind
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- resume point
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.resume and (out / "metrics.jsonl").exists():
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    load_from = str(ckpt) if ckpt else ref.path
+    if ckpt:
+        state.update({k: v for k, v in json.loads((ckpt / "trainer_state.json").read_text()).items() if k in state})
+
+    # ---- model
+    device = (
+        torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    )
+    cache_layers = caches[0].attention_layers
+    wants_attention = cfg.attn_weight > 0 and cfg.lam > 0
+    model = AutoModelForCausalLM.from_pretrained(
+        load_from,
+        dtype=torch.float32,
+        attn_implementation=attention.register() if wants_attention else "sdpa",
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    ).to(device)
+    layer_map = _layer_map(cfg, cache_layers, model.config.num_hidden_layers)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank:
+        model = _lora(model, cfg.lora_rank)
+    model.train()
+    step_module: nn.Module = DistillStep(model, cfg, kind, layer_map)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.index is not None else None
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
+    if ckpt:
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+
+    # ---- data, from the exact position the last run stopped at
+    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
+    stream = SampleStream(
+        caches, plan, rank=rank, world=world, start=state["samples_per_rank"], window=cfg.shuffle_window
+    )
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
+    samples = iter(loader)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else torch.autocast("cpu", enabled=False)
+    )
+
+    # ---- loop
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", file=sys.stderr)
+    if rank == 0 and cfg.resume:  # drop metrics of steps after the checkpoint: they are redone
+        _truncate_jsonl(out / "metrics.jsonl", state["step"])
+    _truncate_jsonl(out / f"samples.rank{rank}.jsonl", state["step"])
+    # both files are closed in the `finally` of the loop below
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    samples_file = open(out / f"samples.rank{rank}.jsonl", "a")  # noqa: SIM115 (audit: samples per step)
+    t_start = time.time() - state["elapsed_s"]
+    last: dict = {}
+    try:
+        while state["step"] < cfg.max_steps:
+            t0 = time.time()
+            lr = lr_at(
+                state["step"], lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            tokens = 0
+            seen: list[str] = []
+            for _ in range(cfg.grad_accum):
+                batch = collate(
+                    [next(samples) for _ in range(cfg.batch_size)], plan.domain_caches, attention=bool(layer_map)
+                ).to(device)
+                state["samples_per_rank"] += cfg.batch_size
+                tokens += batch.tokens
+                seen += batch.sample_ids
+                with autocast:
+                    parts = step_module(batch)
+                (parts["loss"] / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    if v is not None:
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["elapsed_s"] = time.time() - t_start
+            last = {
+                "step": state["step"],
+                **sums,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens * world / max(time.time() - t0, 1e-9),
+                "samples_seen": state["samples_per_rank"] * world,
+                "elapsed_s": state["elapsed_s"],
+            }
+            samples_file.write(json.dumps({"step": state["step"], "samples": seen}) + "\n")
+            samples_file.flush()
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+            if rank == 0 and (state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps):
+                _save(out, state["step"], model, tok, optimizer, state, cfg)
+            if world > 1:
+                torch.distributed.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        samples_file.close()
+    digest = _weights_digest(model)
+    (out / f"rank{rank}.json").write_text(json.dumps({**state, "weights_sha256": digest}) + "\n")
+    return {**state, "last": last, "checkpoint": str(out / f"checkpoint-{state['step']}"), "weights_sha256": digest}
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order: equal across DDP ranks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _lora(model: nn.Module, rank: int) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise TrainError("--lora-rank needs the peft package (pip install peft)") from None
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, cfg)

@@ -1,0 +1,325 @@
+"""The trainer end to end: from the cache alone, resume after kill -9, DAE mixing, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from student_train.train import TrainConfig, TrainError, train
+from teacher_cache import open_cache
+from teacher_cache.run import RunConfig, run
+
+ST = [sys.executable, "-m", "student_train.cli"]
+
+
+@pytest.fixture(scope="module")
+def kd_cache(tmp_path_factory, chats_file) -> Path:
+    out = tmp_path_factory.mktemp("kd") / "cache"
+    run(
+        RunConfig(
+            teacher="tiny-mixtral",
+            data=(str(chats_file),),
+            out=str(out),
+            backend="hf",
+            top_k=16,
+            attention_layers=(0, 1),
+            attention_top_k=8,
+            shard_size=4,
+            progress=False,
+        )
+    )
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_student_trains_from_the_cache_alone(tmp_path, kd_cache, tiny_teacher):
+    """The teacher's files are out of reach while the student trains; loss falls; checkpoint loads."""
+    from transformers import AutoModelForCausalLM
+
+    from student_train.evaluate import evaluate
+
+    hidden = Path(tiny_teacher.path + ".out-of-reach")
+    os.rename(tiny_teacher.path, hidden)
+    try:
+        result = train(
+            TrainConfig(
+                student="tiny-mistral",
+                caches=(str(kd_cache),),
+                out=str(tmp_path / "run"),
+                max_steps=24,
+                batch_size=4,
+                lr=2e-3,
+                warmup_steps=2,
+                attn_weight=0.5,
+                save_every=12,
+                progress=False,
+            )
+        )
+        report = evaluate(result["checkpoint"], [str(kd_cache)])
+    finally:
+        os.rename(hidden, tiny_teacher.path)
+    m = metrics(tmp_path / "run")
+    assert [r["step"] for r in m] == list(range(1, 25))
+    first, last = np.mean([r["kd"] for r in m[:4]]), np.mean([r["kd"] for r in m[-4:]])
+    assert last < 0.7 * first, (first, last)
+    assert all("attn" in r and r["attn"] > 0 for r in m)
+    model = AutoModelForCausalLM.from_pretrained(result["checkpoint"])
+    assert model.config.model_type == "mistral"
+    assert set(report["all"]) >= {"kl_to_teacher", "nll", "top1_agreement"}
+    assert report["all"]["positions"] == open_cache(kd_cache).manifest["counts"]["target_positions"]
+    before = evaluate("tiny-mistral", [str(kd_cache)])
+    assert report["all"]["kl_to_teacher"] < before["all"]["kl_to_teacher"]
+
+
+def train_args(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *ST,
+        "train",
+        "--student",
+        "tiny-mistral",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "3",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    done = subprocess.run(train_args(kd_cache, clean), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(
+        train_args(kd_cache, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoint-4" / "trainer_state.json").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint-8").exists(), "the kill must land mid-run"
+    again = subprocess.run(train_args(kd_cache, killed), capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr
+    resumed = subprocess.run(train_args(kd_cache, killed, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = json.loads((clean / "rank0.json").read_text()), json.loads((killed / "rank0.json").read_text())
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 9))
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(clean)]
+    assert (clean / "samples.rank0.jsonl").read_text() == (killed / "samples.rank0.jsonl").read_text()
+    drawn = subprocess.run([*ST, "plot", str(killed)], capture_output=True, text=True)
+    assert drawn.returncode == 0 and (killed / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file):
+    from student_train.data import Plan, SampleStream
+
+    expert, reference = tmp_path / "expert", tmp_path / "reference"
+    common = dict(data=(str(chats_file),), backend="hf", top_k=8, shard_size=3, progress=False)
+    run(RunConfig(teacher="tiny-mixtral", out=str(expert), only_domain="math", source="math-expert", **common))
+    run(RunConfig(teacher="tiny-mistral", out=str(reference), exclude_domain="math", source="reference", **common))
+    caches = [open_cache(reference), open_cache(expert)]
+    own = {c.manifest["source"]: {s.sample_id: s for s in c} for c in caches}
+    plan = Plan(caches, seed=3, window=2, domain_ratio=0.25)
+    stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=2))
+    drawn = [next(stream) for _ in range(40)]
+    assert sum(c == 1 for c, _ in drawn) == 10  # exactly the ratio
+    for c, s in drawn:
+        assert (s.domain == "math") == (c == 1) == (s.source == "math-expert")
+        src = own[s.source][s.sample_id]
+        np.testing.assert_array_equal(s.topk_ids, src.topk_ids)
+        np.testing.assert_array_equal(s.topk_logprobs, src.topk_logprobs)
+    # the expert's and the reference's targets differ: they are different models
+    assert not np.array_equal(own["math-expert"]["math-1"].topk_ids[:4], own["reference"]["gen-1"].topk_ids[:4])
+    result = train(
+        TrainConfig(
+            student="tiny-mistral",
+            caches=(str(reference), str(expert)),
+            out=str(tmp_path / "r"),
+            max_steps=3,
+            batch_size=4,
+            domain_ratio=0.25,
+            progress=False,
+        )
+    )
+    m = metrics(tmp_path / "r")
+    assert all("kd_domain" in r and "kd_general" in r for r in m)
+    seen = [
+        sid
+        for line in (tmp_path / "r" / "samples.rank0.jsonl").read_text().splitlines()
+        for sid in json.loads(line)["samples"]
+    ]
+    assert sum(sid.startswith("math") for sid in seen) == 3 and result["step"] == 3
+
+
+def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_path, kd_cache):
+    out = tmp_path / "ddp"
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "student_train.cli",
+        "train",
+        "--student",
+        "tiny-mistral",
+        "--cache",
+        str(kd_cache),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "3",
+        "--no-progress",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    per_rank = [
+        [
+            sid
+            for line in (out / f"samples.rank{r}.jsonl").read_text().splitlines()
+            for sid in json.loads(line)["samples"]
+        ]
+        for r in (0, 1)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 6
+    assert not set(per_rank[0]) & set(per_rank[1])  # 12 samples, 12 draws: one epoch split in two
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+
+
+def test_sampled_targets_train(tmp_path, chats_file):
+    cache = tmp_path / "sampled"
+    run(
+        RunConfig(
+            teacher="tiny-mixtral",
+            data=(str(chats_file),),
+            out=str(cache),
+            backend="hf",
+            targets="sampled",
+            num_draws=32,
+            progress=False,
+        )
+    )
+    train(
+        TrainConfig(
+            student="tiny-mistral",
+            caches=(str(cache),),
+            out=str(tmp_path / "r"),
+            max_steps=12,
+            batch_size=4,
+            lr=2e-3,
+            warmup_steps=1,
+            progress=False,
+        )
+    )
+    m = metrics(tmp_path / "r")
+    assert np.mean([r["kd"] for r in m[-3:]]) < np.mean([r["kd"] for r in m[:3]])
+
+
+def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
+    from transformers import AutoModelForCausalLM
+
+    result = train(
+        TrainConfig(
+            student="tiny-mistral",
+            caches=(str(kd_cache),),
+            out=str(tmp_path / "r"),
+            max_steps=2,
+            batch_size=2,
+            lora_rank=4,
+            progress=False,
+        )
+    )
+    model = AutoModelForCausalLM.from_pretrained(result["checkpoint"])
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_refusals(tmp_path, kd_cache):
+    with pytest.raises(TrainError, match="no attention summaries"):
+        sampled_free = tmp_path / "noattn"
+        run(
+            RunConfig(
+                teacher="tiny-mixtral",
+                data=(str(Path(__file__).parents[1] / "data" / "chats.jsonl"),),
+                out=str(sampled_free),
+                backend="hf",
+                top_k=4,
+                progress=False,
+            )
+        )
+        train(
+            TrainConfig(
+                student="tiny-mistral",
+                caches=(str(sampled_free),),
+                out=str(tmp_path / "a"),
+                attn_weight=1.0,
+                max_steps=1,
+                progress=False,
+            )
+        )
+    with pytest.raises(TrainError, match="student layers"):
+        train(
+            TrainConfig(
+                student="tiny-mistral",
+                caches=(str(kd_cache),),
+                out=str(tmp_path / "b"),
+                attn_weight=1.0,
+                attention_layer_map=((1, 5),),
+                max_steps=1,
+                progress=False,
+            )
+        )
+
+
+@pytest.mark.slow
+def test_student_with_another_tokenizer_is_refused(kd_cache, tmp_path):
+    done = subprocess.run(
+        [
+            *ST,
+            "train",
+            "--student",
+            "smollm2-135m-half",
+            "--cache",
+            str(kd_cache),
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "token ids would mean different things" in done.stderr
+    assert torch.__version__  # the refusal comes before any training
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
