@@ -270,3 +270,49 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
         tol = 2 * codec.topk_error_bound()["logprob_abs_err_within_10_nats"] + 1e-3
         np.testing.assert_allclose(hv[sid]["topk_logprobs"], hh[sid]["topk_logprobs"], atol=tol)
         assert (hv[sid]["topk_ids"][:, 0] == hh[sid]["topk_ids"][:, 0]).mean() > 0.95
+
+
+@pytest.mark.slow
+def test_cli_vllm_run_with_attention_from_an_hf_pass(tmp_path, chats_file):
+    """The default backend (vllm where installed) through the CLI; attention comes from an hf pass."""
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--teacher",
+            "tiny-mixtral",
+            "--data",
+            str(chats_file),
+            "--out",
+            str(out),
+            "--top-k",
+            "8",
+            "--max-length",
+            "256",
+            "--attention-layers",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = open_cache(out).manifest
+    assert m["backend"] == {"backend": "vllm", "vllm_mode": "hidden"}
+    assert m["attention"]["source"] == "hf pass beside vllm"
+    got = rows(out)
+    want = rows_single_attention(tmp_path, chats_file)
+    for r in got.values():
+        r.pop("topk_logprobs"), r.pop("topk_ids")
+    assert_same_rows(got, want)
+
+
+def rows_single_attention(tmp_path: Path, data: Path) -> dict:
+    out = tmp_path / "hf"
+    run(cfg(data, out, max_length=256, attention_layers=(1,), shard_size=256, batch_size=16))
+    got = rows(out)
+    for r in got.values():  # top-k log-probs differ by kernel noise between engines; compare attention only
+        r.pop("topk_logprobs"), r.pop("topk_ids")
+    return got

@@ -1,0 +1,196 @@
+"""Stage-two benchmark: KD step cost over CE-only, reader speed over trainer speed, peak memory.
+
+    python bench/bench_train.py [--pairs tiny smollm] [--out bench/results/train.json]
+
+For each teacher/student pair: cache the bench workload with the teacher (hf backend), then, on
+the same student and the same batches, time optimizer steps (forward, losses, backward, AdamW)
+for CE only (lam=0), KD (lam=1) and KD + attention loss, interleaved and repeated (median). The
+reader's throughput is the cache -> SampleStream -> collate path alone. Peak memory is each
+mode's process peak RSS, in a fresh process per mode. Targets (issue): KD/CE <= 1.10,
+KD+attn/CE <= 1.30, reader/trainer >= 20, peak KD/CE <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PAIRS = {"tiny": ("tiny-mixtral", "tiny-mistral", (0, 1)), "smollm": ("smollm2-135m", "smollm2-135m-half", (0, 14))}
+MODES = {"ce": dict(lam=0.0), "kd": dict(lam=1.0), "kd+attn": dict(lam=1.0, attn_weight=1.0)}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_cache(teacher: str, layers: tuple[int, ...], workdir: Path, samples: int) -> Path:
+    from bench.workload import make_records
+    from teacher_cache.run import RunConfig, run
+
+    data = workdir / "data.jsonl"
+    with open(data, "w") as f:
+        for r in make_records(samples, seed=7, prompt_words=(20, 80), response_words=(60, 160)):
+            f.write(json.dumps({"id": r.sample_id, "messages": r.messages}) + "\n")
+    out = workdir / f"cache-{teacher}"
+    log(f"caching {samples} samples with {teacher} ...")
+    run(
+        RunConfig(
+            teacher=teacher,
+            data=(str(data),),
+            out=str(out),
+            backend="hf",
+            top_k=32,
+            attention_layers=layers,
+            attention_top_k=16,
+            max_length=512,
+            shard_size=32,
+            progress=False,
+        )
+    )
+    return out
+
+
+def setup(student: str, cache: Path, mode: str, batch_size: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from student_train.data import Plan, SampleStream, collate
+    from student_train.train import DistillStep, TrainConfig, _layer_map
+    from teacher_cache import attention, open_cache
+    from teacher_cache.models import resolve_model
+
+    caches = [open_cache(cache)]
+    cfg = TrainConfig(student=student, caches=(str(cache),), out="-", **MODES[mode])
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(student).path,
+        dtype=torch.float32,
+        attn_implementation=attention.register() if mode == "kd+attn" else "sdpa",
+    )
+    layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
+    step = DistillStep(model, cfg, caches[0].kind, layer_map)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    plan = Plan(caches, seed=0)
+    stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=4))
+    batches = [
+        collate([next(stream) for _ in range(batch_size)], plan.domain_caches, attention=bool(layer_map))
+        for _ in range(4)
+    ]
+    return step, optimizer, batches
+
+
+def one_step(step, optimizer, batch) -> float:
+    t0 = time.perf_counter()
+    step(batch)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def time_modes(student: str, cache: Path, batch_size: int, repeats: int) -> dict:
+    built = {m: setup(student, cache, m, batch_size) for m in MODES}
+    for m, (step, opt, batches) in built.items():  # warm-up
+        one_step(step, opt, batches[0])
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(repeats):
+        for m, (step, opt, batches) in built.items():  # interleaved: noise hits every mode alike
+            times[m].append(one_step(step, opt, batches[r % len(batches)]))
+        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES))
+    tokens = statistics.mean(b.tokens for b in built["ce"][2])
+    return {m: statistics.median(t) for m, t in times.items()} | {"tokens_per_batch": tokens}
+
+
+def reader_rate(cache: Path, batch_size: int, batches: int) -> float:
+    from student_train.data import Plan, SampleStream, collate
+    from teacher_cache import open_cache
+
+    caches = [open_cache(cache)]
+    plan = Plan(caches, seed=1)
+    stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=4))
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        collate([next(stream) for _ in range(batch_size)], plan.domain_caches, attention=True)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def peak_rss_child(student: str, cache: str, mode: str, batch_size: int, steps: int) -> None:
+    step, opt, batches = setup(student, Path(cache), mode, batch_size)
+    for i in range(steps):
+        one_step(step, opt, batches[i % len(batches)])
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(student: str, cache: Path, mode: str, batch_size: int) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", student, str(cache), mode, str(batch_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="bench/results/train.json")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        student, cache, mode, bs = args.child
+        peak_rss_child(student, cache, mode, int(bs), steps=3)
+        return
+    import torch
+
+    results = {"torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "pairs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.pairs:
+            teacher, student, layers = PAIRS[name]
+            cache = make_cache(teacher, layers, Path(tmp), args.samples)
+            log(f"{name}: timing steps of {student} (ce, kd, kd+attn interleaved) ...")
+            t = time_modes(student, cache, args.batch_size, args.repeats)
+            trainer_rate = args.batch_size / t["kd"]
+            reader = reader_rate(cache, args.batch_size, batches=max(8, args.samples // args.batch_size))
+            log(f"{name}: peak memory per mode (fresh process each) ...")
+            rss = {m: peak_rss(student, cache, m, args.batch_size) for m in MODES}
+            results["pairs"][name] = {
+                "teacher": teacher,
+                "student": student,
+                "tokens_per_batch": t["tokens_per_batch"],
+                "step_s": {m: t[m] for m in MODES},
+                "kd_over_ce": t["kd"] / t["ce"],
+                "kd_attn_over_ce": t["kd+attn"] / t["ce"],
+                "reader_samples_per_s": reader,
+                "trainer_samples_per_s": trainer_rate,
+                "reader_over_trainer": reader / trainer_rate,
+                "peak_rss_mb": rss,
+                "peak_kd_over_ce": rss["kd"] / rss["ce"],
+                "peak_kd_attn_over_ce": rss["kd+attn"] / rss["ce"],
+            }
+    print(
+        f"{'pair':<8} {'KD/CE':>7} {'KD+attn/CE':>11} {'reader/trainer':>15} {'peak KD/CE':>11} "
+        f"{'peak KD+attn/CE':>16}   (targets: <=1.10, <=1.30, >=20, <=1.15)"
+    )
+    for name, r in results["pairs"].items():
+        print(
+            f"{name:<8} {r['kd_over_ce']:>7.3f} {r['kd_attn_over_ce']:>11.3f} {r['reader_over_trainer']:>15.1f} "
+            f"{r['peak_kd_over_ce']:>11.3f} {r['peak_kd_attn_over_ce']:>16.3f}"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
