@@ -97,7 +97,7 @@ def one_step(step, optimizer, batch) -> float:
 
 def time_modes(student: str, cache: Path, batch_size: int, repeats: int) -> dict:
     built = {m: setup(student, cache, m, batch_size) for m in MODES}
-    for m, (step, opt, batches) in built.items():  # warm-up
+    for step, opt, batches in built.values():  # warm-up
         one_step(step, opt, batches[0])
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(repeats):
