@@ -88,7 +88,8 @@ class Cache:
         entry = next(s for s in self.manifest["shards"] if s["name"] == name)
         table = read_shard_table(self.read_shard_bytes(name), name)
         meta = shard_metadata(table, name)
-        if meta.get("config_hash") != self.manifest.get("config_hash"):
+        # a merged cache lists each shard with the hash of the run that wrote it
+        if meta.get("config_hash") != entry.get("config_hash", self.manifest.get("config_hash")):
             raise ShardError(f"{name}: made by a different run than this manifest describes")
         if table.num_rows != entry["rows"]:
             raise ShardError(f"{name}: {table.num_rows} rows, manifest says {entry['rows']}")

@@ -124,6 +124,24 @@ def verify(cache_dir: str) -> None:
 
 
 @main.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="New directory for the merged cache.")
+def merge(caches: tuple[str, ...], out: str) -> None:
+    """Join compatible caches (workers, days) into OUT; explain exactly why when they are not."""
+    from teacher_cache.merge import merge as merge_caches
+
+    try:
+        m = merge_caches(list(caches), out)
+    except (ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from None
+    c = m["counts"]
+    click.echo(
+        f"merged {len(caches)} caches into {out}: {c['samples']} samples in {len(m['shards'])} shards"
+        f" ({c['duplicates']} duplicate rows kept once)"
+    )
+
+
+@main.command()
 def presets() -> None:
     """List the model presets."""
     from teacher_cache.presets import PRESETS

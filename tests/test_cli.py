@@ -16,7 +16,8 @@ def sh(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "cli,commands", [(TC, ["run", "inspect", "verify", "presets", "build"]), (ST, ["check", "train", "eval", "plot"])]
+    "cli,commands",
+    [(TC, ["run", "inspect", "verify", "merge", "presets", "build"]), (ST, ["check", "train", "eval", "plot"])],
 )
 def test_help_lists_commands_and_each_command_has_help(cli, commands):
     top = sh([*cli, "--help"])

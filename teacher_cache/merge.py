@@ -1,0 +1,159 @@
+"""`teacher-cache merge A B ... --out C`: join compatible caches, or say exactly why not.
+
+Compatible means rows are interchangeable: same format version, tokenizer, chat template,
+teacher (config and dtype), target kind and k / num_draws, attention spec and source tag.
+Sample ids may overlap only with identical rows (kept once); the merged manifest lists
+each shard with the config hash of the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from teacher_cache.cache import Cache, open_cache
+from teacher_cache.manifest import COUNT_KEYS, MANIFEST, write_json_atomic
+from teacher_cache.shards import Row, ShardWriter, read_shard_table, shard_metadata, shard_name
+
+
+class MergeError(ValueError):
+    """The caches cannot be merged; the message says which field differs."""
+
+
+def _compat(m: dict) -> dict:
+    t = m["teacher"]
+    return {
+        "format version": m["format_version"],
+        "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
+        "chat template": m["tokenizer"]["chat_template_sha256"],
+        "teacher": (t.get("config_sha256"), t.get("dtype"), t.get("hub_id"), t.get("revision")),
+        "targets (kind, k, draws)": m["targets"],
+        "attention spec": m.get("attention"),
+        "source tag": m["source"],
+    }
+
+
+def check_compatible(caches: list[Cache]) -> None:
+    first = _compat(caches[0].manifest)
+    for cache in caches[1:]:
+        other = _compat(cache.manifest)
+        for key, value in first.items():
+            if other[key] != value:
+                raise MergeError(
+                    f"cannot merge {caches[0].root} and {cache.root}: {key} differs "
+                    f"({_short(value)} vs {_short(other[key])})"
+                )
+
+
+def _short(v: object) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _row_digest(row: dict) -> str:
+    h = hashlib.sha256()
+    for key in ("source", "domain", "input_ids", "target_positions", "targets", "attention"):
+        h.update(json.dumps(row[key], default=lambda b: b.hex() if isinstance(b, bytes) else str(b)).encode())
+    return h.hexdigest()
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """Merge caches into `out` (a new directory); returns the merged manifest."""
+    if len(paths) < 2:
+        raise MergeError("merge needs at least two caches")
+    dest = Path(out)
+    if dest.exists() and any(dest.iterdir()):
+        raise MergeError(f"{dest} exists and is not empty")
+    caches = [open_cache(p) for p in paths]
+    check_compatible(caches)
+    seen: dict[str, tuple[str, str]] = {}  # sample id -> (row digest, where)
+    plans = []  # (cache, shard entry, table, rows to keep or None for all)
+    duplicates = 0
+    for cache in caches:
+        for entry in cache.manifest["shards"]:
+            table = read_shard_table(cache.read_shard_bytes(entry["name"]), entry["name"])
+            keep, dropped = [], 0
+            for i, row in enumerate(table.to_pylist()):
+                digest, where = _row_digest(row), f"{cache.root}/{entry['name']} row {i}"
+                sid = row["sample_id"]
+                if sid in seen:
+                    if seen[sid][0] != digest:
+                        raise MergeError(f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content")
+                    dropped += 1
+                    continue
+                seen[sid] = (digest, where)
+                keep.append(i)
+            plans.append((cache, entry, table, None if not dropped else keep))
+            duplicates += dropped
+    dest.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, (cache, entry, table, keep) in enumerate(plans):
+        name = shard_name(0, index)
+        chash = shard_metadata(table, entry["name"])["config_hash"]
+        if keep is None:
+            _link_or_copy(cache.root / entry["name"], dest / name)
+            shards.append({**entry, "name": name, "config_hash": chash, "from": f"{cache.root}/{entry['name']}"})
+            continue
+        if not keep:
+            continue
+        rows = table.to_pylist()
+        with ShardWriter(dest, name, {"format_version": 1, "config_hash": chash, "shard": name}) as w:
+            for i in keep:
+                r = rows[i]
+                w.write(
+                    Row(
+                        r["sample_id"],
+                        r["source"],
+                        r["domain"],
+                        np.asarray(r["input_ids"], dtype=np.int64),
+                        np.asarray(r["target_positions"], dtype=np.int64),
+                        r["targets"],
+                        r["attention"],
+                    )
+                )
+            info = w.finalize()
+        # rows carry no truncation flag: a rewritten shard keeps its source's count as an upper bound
+        shards.append(
+            {
+                **info.to_dict(),
+                "truncated": entry["truncated"],
+                "skipped_bad": 0,
+                "bad_records": [],
+                "config_hash": chash,
+                "from": f"{cache.root}/{entry['name']}",
+            }
+        )
+    first = caches[0].manifest
+    manifest = {k: v for k, v in first.items() if k not in ("shards", "counts", "timing", "bad_records", "config")}
+    manifest["data"] = {**first["data"], "files": [f for c in caches for f in c.manifest["data"]["files"]]}
+    manifest["merged_from"] = [
+        {"path": str(c.root), "config_hash": c.manifest["config_hash"], "samples": c.manifest["counts"]["samples"]}
+        for c in caches
+    ]
+    manifest["config_hash"] = (
+        "sha256:"
+        + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in manifest["merged_from"])).encode()).hexdigest()
+    )
+    manifest["shards"] = shards
+    counts = {k: sum(c.manifest["counts"][k] for c in caches) for k in COUNT_KEYS}
+    counts["samples"] = sum(s["rows"] for s in shards)
+    counts["tokens"] = sum(s["tokens"] for s in shards)
+    counts["target_positions"] = sum(s["target_positions"] for s in shards)
+    counts["duplicates"] += duplicates
+    manifest["counts"] = counts
+    manifest["bad_records"] = [b for c in caches for b in c.manifest.get("bad_records", [])]
+    write_json_atomic(dest / MANIFEST, manifest)
+    open_cache(dest)  # the result must pass the same checks as any cache
+    return manifest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -1,0 +1,203 @@
+"""A cache from elsewhere is untrusted: tampered shards and manifests are refused by name; merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from teacher_cache import codec, open_cache
+from teacher_cache.manifest import ManifestError
+from teacher_cache.merge import MergeError, merge
+from teacher_cache.run import RunConfig, run
+from teacher_cache.shards import SCHEMA, ShardError, sha256_bytes
+
+CLI = [sys.executable, "-m", "teacher_cache.cli"]
+
+
+@pytest.fixture(scope="module")
+def good_cache(tmp_path_factory, chats_file) -> Path:
+    out = tmp_path_factory.mktemp("good") / "cache"
+    run(
+        RunConfig(
+            teacher="tiny-mixtral",
+            data=(str(chats_file),),
+            out=str(out),
+            backend="hf",
+            top_k=8,
+            attention_layers=(1,),
+            attention_top_k=4,
+            shard_size=6,
+            progress=False,
+        )
+    )
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, good_cache) -> Path:
+    dst = tmp_path / "cache"
+    shutil.copytree(good_cache, dst)
+    return dst
+
+
+def first_shard(cache: Path) -> Path:
+    return cache / json.loads((cache / "manifest.json").read_text())["shards"][0]["name"]
+
+
+def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None) -> None:
+    """Replace the first shard by an edited copy and fix its size and sha256 in the manifest,
+    so only the deeper checks can catch the change."""
+    path = first_shard(cache)
+    table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
+    rows = table.to_pylist()
+    edit(rows)
+    target = schema or table.schema
+    new = pa.Table.from_pylist(rows, schema=target)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, target) as w:
+        w.write_table(new)
+    data = sink.getvalue().to_pybytes()
+    path.write_bytes(data)
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"][0].update(bytes=len(data), sha256=sha256_bytes(data))
+    mpath.write_text(json.dumps(m))
+
+
+def refused(cache: Path, match: str) -> None:
+    with pytest.raises((ShardError, ManifestError), match=match):
+        list(open_cache(cache))
+    done = subprocess.run([*CLI, "verify", str(cache)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert match.split(".*")[0] in done.stderr
+
+
+def test_verify_passes_an_untouched_cache(good_cache):
+    done = subprocess.run([*CLI, "verify", str(good_cache)], capture_output=True, text=True)
+    assert done.returncode == 0 and "ok: 12 samples" in done.stdout
+
+
+def test_flipped_byte_fails_the_checksum(cache):
+    p = first_shard(cache)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    refused(cache, "sha256 mismatch")
+
+
+def test_truncated_shard(cache):
+    p = first_shard(cache)
+    p.write_bytes(p.read_bytes()[:-100])
+    refused(cache, "bytes on disk, manifest says")
+
+
+def test_other_schema(cache):
+    schema = SCHEMA.set(SCHEMA.get_field_index("input_ids"), pa.field("input_ids", pa.list_(pa.int64())))
+    meta = pa.ipc.open_file(pa.BufferReader(first_shard(cache).read_bytes())).schema.metadata
+    rewrite_shard(cache, lambda rows: None, schema.with_metadata(meta))
+    refused(cache, "schema differs")
+
+
+def test_token_id_outside_the_vocabulary(cache):
+    def edit(rows):
+        rows[2]["input_ids"][3] = 40000
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 2: token id outside the vocabulary")
+
+
+def test_target_id_outside_the_vocabulary(cache):
+    def edit(rows):
+        P = len(rows[1]["target_positions"])
+        ids = np.tile(np.arange(8), (P, 1))
+        ids[0, 0] = 50000  # a valid block for a 65536 vocabulary, not for this one
+        lps = np.tile(np.linspace(-0.5, -4, 8, dtype=np.float32), (P, 1))
+        rows[1]["targets"] = codec.encode_topk(ids, lps, np.full(P, -3.0, np.float32), vocab_size=65536)
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 1: .*")
+
+
+def test_block_that_lies_about_its_size(cache):
+    def edit(rows):
+        blob = bytearray(rows[0]["targets"])
+        blob[8:12] = (10**9).to_bytes(4, "little")  # the header's position count
+        rows[0]["targets"] = bytes(blob)
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 0: .*")
+
+
+def test_lengths_that_disagree(cache):
+    def edit(rows):
+        rows[0]["target_positions"] = rows[0]["target_positions"][:-1]  # the block still holds P rows
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 0: .*(targets hold|exceeds max_positions)")
+
+
+def test_shard_not_in_manifest_is_reported(cache):
+    shutil.copy(first_shard(cache), cache / "shard-w00009-000000.arrow")
+    done = subprocess.run([*CLI, "verify", str(cache)], capture_output=True, text=True)
+    assert done.returncode == 1 and "not listed in the manifest" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(format_version=2), "format version 2 is not supported"),
+        (lambda m: m.update(format="something-else"), "not a teacher-cache manifest"),
+        (lambda m: m["shards"][0].update(name="../../etc/passwd"), "bad shard name"),
+        (lambda m: m["counts"].update(samples=99), "counts.samples"),
+        (lambda m: m.pop("tokenizer"), "lacks 'tokenizer'"),
+    ],
+)
+def test_manifest_tampering(cache, edit, match):
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=match):
+        open_cache(cache)
+
+
+def test_merge_workers_into_one_cache(tmp_path, chats_file):
+    common = dict(teacher="tiny-mixtral", data=(str(chats_file),), backend="hf", top_k=8, progress=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(RunConfig(out=str(a), only_domain="math", **common))
+    run(RunConfig(out=str(b), exclude_domain="math", **common))
+    with pytest.raises(MergeError, match="attention spec differs|targets"):
+        c = tmp_path / "c"
+        run(RunConfig(out=str(c), **{**common, "top_k": 4}))
+        merge([str(a), str(c)], str(tmp_path / "bad"))
+    done = subprocess.run(
+        [*CLI, "merge", str(a), str(b), str(b), "--out", str(tmp_path / "m")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "12 samples" in done.stdout and "10 duplicate rows kept once" in done.stdout
+    merged = open_cache(tmp_path / "m")
+    assert sorted(s.sample_id for s in merged) == sorted(s.sample_id for s in [*open_cache(a), *open_cache(b)])
+    assert subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True).returncode == 0
+
+
+def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
+    other = tmp_path / "other.jsonl"
+    rec = json.loads(chats_file.read_text().splitlines()[0])
+    rec["messages"][1]["content"] = "Paris, of course."
+    other.write_text(json.dumps(rec) + "\n")
+    common = dict(teacher="tiny-mixtral", backend="hf", top_k=8, progress=False)
+    run(RunConfig(out=str(tmp_path / "a"), data=(str(chats_file),), **common))
+    run(RunConfig(out=str(tmp_path / "b"), data=(str(other),), **common))
+    done = subprocess.run(
+        [*CLI, "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "sample id 'geo-1'" in done.stderr and "different content" in done.stderr
