@@ -20,7 +20,7 @@ CACHE ?= caches/$(TEACHER)
 RUN ?= runs/$(STUDENT)
 TRAIN_ARGS ?=
 
-.PHONY: install test cache train demo bench lint clean
+.PHONY: install test cache train demo experiment bench lint clean
 
 install: $(STAMP)
 
@@ -51,8 +51,11 @@ cache: install
 train: install
 	$(BIN)/student-train train --student $(STUDENT) --cache $(CACHE) --out $(RUN) $(TRAIN_ARGS)
 
+experiment: install
+	$(BIN)/python scripts/experiment.py $(EXPERIMENT_ARGS)
+
 demo: install
-	$(BIN)/python -m teacher_cache.demo
+	$(BIN)/python scripts/demo.py
 
 bench: install
 	$(BIN)/python bench/run_all.py

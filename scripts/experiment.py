@@ -1,0 +1,307 @@
+"""`make experiment`: plain fine-tuning vs KD (top-k, +attention, sampled) vs DAE, on CPU.
+
+Every number comes from the public commands (`teacher-cache run`, `student-train train/eval`),
+run by this script; the table is generated, never typed. Teacher: SmolLM2-135M-Instruct;
+student: its half-depth derivative; data: the bundled sample, split into train and held-out,
+domain "science" against "general". Writes runs/experiment/results.json and the table into
+docs/EXPERIMENTS.md between the RESULTS markers.
+
+Rows, same student initialisation, data and step budget:
+  1 ce          plain fine-tuning on the responses (lam=0)
+  2 kd-topk     KD, top-k targets, prediction loss only
+  3 kd-attn     KD, top-k targets + attention loss (teacher layers 14, 28 -> student 7, 14)
+  4 kd-sampled  KD, sampled targets (50 draws)
+  5 dae         from row 2's checkpoint: science samples against a science expert (the teacher
+                fine-tuned on the science training split by this script), general samples against
+                the teacher as reference model, mixed at the data's science share
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "teacher_cache" / "sample_data" / "instructions.jsonl"
+BIN = Path(sys.executable).parent
+TC, ST = str(BIN / "teacher-cache"), str(BIN / "student-train")
+DOMAIN = "science"
+
+
+def sh(title: str, args: list) -> float:
+    print(f"\n== {title}\n$ {' '.join(map(str, args))}", flush=True)
+    t0 = time.time()
+    done = subprocess.run([str(a) for a in args])
+    if done.returncode != 0:
+        sys.exit(f"experiment: '{title}' failed (exit {done.returncode})")
+    return time.time() - t0
+
+
+def split(out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = out / "train.jsonl", out / "heldout.jsonl"
+    with open(DATA) as f, open(train, "w") as tr, open(held, "w") as he:
+        for line in f:
+            h = int(hashlib.sha256(json.loads(line)["id"].encode()).hexdigest(), 16)
+            (he if h % 6 == 0 else tr).write(line)
+    return train, held
+
+
+def cache_bytes(path: Path) -> int:
+    return sum(s["bytes"] for s in json.loads((path / "manifest.json").read_text())["shards"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="smollm2-135m")
+    ap.add_argument("--student", default="smollm2-135m-half")
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--dae-steps", type=int, default=20)
+    ap.add_argument("--expert-steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--max-length", type=int, default=384)
+    args = ap.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    train, held = split(out / "data")
+    base = ["--teacher", args.teacher, "--max-length", args.max_length, "--no-progress"]
+    walls: dict[str, float] = {}
+
+    # ---- stage one: caches
+    c = {k: out / f"cache-{k}" for k in ("topk", "attn", "sampled", "held-sci", "held-gen")}
+    walls["cache-topk"] = sh("cache top-k", [TC, "run", *base, "--data", train, "--out", c["topk"], "--top-k", 32])
+    walls["cache-attn"] = sh(
+        "cache top-k + attention",
+        [TC, "run", *base, "--data", train, "--out", c["attn"], "--top-k", 32, "--attention-layers", "14,28"],
+    )
+    walls["cache-sampled"] = sh(
+        "cache sampled",
+        [TC, "run", *base, "--data", train, "--out", c["sampled"], "--targets", "sampled", "--num-draws", 50],
+    )
+    sh("cache held-out science", [TC, "run", *base, "--data", held, "--out", c["held-sci"], "--only-domain", DOMAIN])
+    sh("cache held-out general", [TC, "run", *base, "--data", held, "--out", c["held-gen"], "--exclude-domain", DOMAIN])
+    held_caches = ["--cache", c["held-sci"], "--cache", c["held-gen"]]
+
+    def train_run(
+        name: str, seed: int, cache_args: list, extra: list, student: str | Path | None = None, steps: int | None = None
+    ) -> dict:
+        run_dir = out / f"{name}-seed{seed}"
+        n = steps or args.steps
+        wall = sh(
+            f"train {name} (seed {seed})",
+            [
+                ST,
+                "train",
+                "--student",
+                student or args.student,
+                *cache_args,
+                "--out",
+                run_dir,
+                "--max-steps",
+                n,
+                "--batch-size",
+                4,
+                "--lr",
+                "3e-4",
+                "--warmup-steps",
+                4,
+                "--save-every",
+                n,
+                "--seed",
+                seed,
+                "--no-progress",
+                *extra,
+            ],
+        )
+        sh(
+            f"eval {name} (seed {seed})",
+            [ST, "eval", "--model", run_dir / f"checkpoint-{n}", *held_caches, "--out", run_dir / "eval.json"],
+        )
+        return {
+            "eval": json.loads((run_dir / "eval.json").read_text()),
+            "train_wall_s": wall,
+            "checkpoint": str(run_dir / f"checkpoint-{n}"),
+        }
+
+    results: dict = {"config": vars(args), "rows": {}, "walls": walls}
+    sh(
+        "eval the untrained student",
+        [ST, "eval", "--model", args.student, *held_caches, "--out", out / "eval-init.json"],
+    )
+    results["init"] = json.loads((out / "eval-init.json").read_text())
+    rows = {
+        "ce": ("plain fine-tuning (CE on responses)", ["--cache", c["topk"]], ["--lam", 0], "topk"),
+        "kd-topk": ("KD, top-k", ["--cache", c["topk"]], [], "topk"),
+        "kd-attn": (
+            "KD, top-k + attention",
+            ["--cache", c["attn"]],
+            ["--attn-weight", 1.0, "--attention-layer-map", "14:7,28:14"],
+            "attn",
+        ),
+        "kd-sampled": ("KD, sampled", ["--cache", c["sampled"]], [], "sampled"),
+    }
+    for key, (label, cache_args, extra, cache_key) in rows.items():
+        results["rows"][key] = {
+            "label": label,
+            "cache_bytes": cache_bytes(c[cache_key]),
+            "cache_wall_s": walls[f"cache-{cache_key}"],
+            "seeds": {},
+        }
+        for seed in args.seeds:
+            results["rows"][key]["seeds"][seed] = train_run(key, seed, cache_args, extra)
+
+    # ---- DAE: a science expert (the teacher fine-tuned on the science training split), the teacher
+    # itself as the reference model for general samples; continue from row 2's checkpoint
+    expert_data = out / "data" / "train-science.jsonl"
+    expert_data.write_text("".join(line for line in open(train) if json.loads(line).get("domain") == DOMAIN))
+    sh(
+        "cache the teacher on the science split (for the expert's CE fine-tuning)",
+        [TC, "run", *base, "--data", expert_data, "--out", out / "cache-expert-ft", "--top-k", 1],
+    )
+    expert_dir = out / "expert"
+    walls["expert"] = sh(
+        "fine-tune the science expert (CE)",
+        [
+            ST,
+            "train",
+            "--student",
+            args.teacher,
+            "--cache",
+            out / "cache-expert-ft",
+            "--out",
+            expert_dir,
+            "--max-steps",
+            args.expert_steps,
+            "--batch-size",
+            4,
+            "--lr",
+            "1e-4",
+            "--lam",
+            0,
+            "--warmup-steps",
+            2,
+            "--save-every",
+            args.expert_steps,
+            "--no-progress",
+        ],
+    )
+    expert = expert_dir / f"checkpoint-{args.expert_steps}"
+    walls["cache-dae"] = sh(
+        "cache the expert on science",
+        [
+            TC,
+            "run",
+            "--teacher",
+            expert,
+            "--max-length",
+            args.max_length,
+            "--no-progress",
+            "--data",
+            train,
+            "--out",
+            out / "cache-dae-expert",
+            "--only-domain",
+            DOMAIN,
+            "--source",
+            "science-expert",
+            "--top-k",
+            32,
+        ],
+    )
+    walls["cache-dae"] += sh(
+        "cache the reference on general",
+        [
+            TC,
+            "run",
+            *base,
+            "--data",
+            train,
+            "--out",
+            out / "cache-dae-ref",
+            "--exclude-domain",
+            DOMAIN,
+            "--source",
+            "reference",
+            "--top-k",
+            32,
+        ],
+    )
+    share = sum(json.loads(line).get("domain") == DOMAIN for line in open(train)) / sum(1 for _ in open(train))
+    results["rows"]["dae"] = {
+        "label": f"DAE from KD top-k (+{args.dae_steps} steps)",
+        "cache_bytes": cache_bytes(out / "cache-dae-expert") + cache_bytes(out / "cache-dae-ref"),
+        "cache_wall_s": walls["cache-dae"],
+        "seeds": {},
+    }
+    for seed in args.seeds:
+        start = results["rows"]["kd-topk"]["seeds"][seed]["checkpoint"]
+        results["rows"]["dae"]["seeds"][seed] = train_run(
+            "dae",
+            seed,
+            ["--cache", out / "cache-dae-ref", "--cache", out / "cache-dae-expert"],
+            ["--domain-ratio", f"{share:.3f}"],
+            student=start,
+            steps=args.dae_steps,
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    table = render(results)
+    print("\n" + table)
+    write_docs(table)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{m:.3f}±{sd:.3f}"
+
+
+def render(results: dict) -> str:
+    head = (
+        "| run | KL sci | KL gen | NLL sci | NLL gen | top-1 sci | top-1 gen | train s | cache MB |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    init = results["init"]
+    lines.append(
+        "| untrained student | "
+        + " | ".join(
+            f"{init[g][m]:.3f}" for m in ("kl_to_teacher", "nll", "top1_agreement") for g in ("domain", "general")
+        )
+        + " | - | - |"
+    )
+    for row in results["rows"].values():
+        seeds = list(row["seeds"].values())
+        cells = []
+        for metric in ("kl_to_teacher", "nll", "top1_agreement"):
+            for group in ("domain", "general"):
+                cells.append(_mean_std([s["eval"][group][metric] for s in seeds]))
+        wall = sum(s["train_wall_s"] for s in seeds) / len(seeds)
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {wall:.0f} | {row['cache_bytes'] / 1e6:.2f} |")
+    n = len(results["config"]["seeds"])
+    lines.append(
+        f'\nHeld-out, {n} seed(s); sci = domain "science", gen = general; KL is to the original teacher '
+        "over its cached top-32 + tail; mean±sd over seeds where more than one."
+    )
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    doc = ROOT / "docs" / "EXPERIMENTS.md"
+    text = doc.read_text()
+    start, end = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    doc.write_text(f"{before}{start}\n{table}\n{end}{after}")
+
+
+if __name__ == "__main__":
+    main()
