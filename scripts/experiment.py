@@ -160,7 +160,8 @@ def main() -> None:
     # ---- DAE: a science expert (the teacher fine-tuned on the science training split), the teacher
     # itself as the reference model for general samples; continue from row 2's checkpoint
     expert_data = out / "data" / "train-science.jsonl"
-    expert_data.write_text("".join(line for line in open(train) if json.loads(line).get("domain") == DOMAIN))
+    train_lines = train.read_text().splitlines(keepends=True)
+    expert_data.write_text("".join(line for line in train_lines if json.loads(line).get("domain") == DOMAIN))
     sh(
         "cache the teacher on the science split (for the expert's CE fine-tuning)",
         [TC, "run", *base, "--data", expert_data, "--out", out / "cache-expert-ft", "--top-k", 1],
@@ -233,7 +234,7 @@ def main() -> None:
             32,
         ],
     )
-    share = sum(json.loads(line).get("domain") == DOMAIN for line in open(train)) / sum(1 for _ in open(train))
+    share = sum(json.loads(line).get("domain") == DOMAIN for line in train_lines) / len(train_lines)
     results["rows"]["dae"] = {
         "label": f"DAE from KD top-k (+{args.dae_steps} steps)",
         "cache_bytes": cache_bytes(out / "cache-dae-expert") + cache_bytes(out / "cache-dae-ref"),
