@@ -245,7 +245,7 @@ def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, 
         top: TopKTargets = out.topk
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
     elif cfg.targets == "topk":
-        top = topk_from_logits(out.logits, cfg.top_k)
+        top = topk_from_logits(out.logits, cfg.top_k, inplace=True)  # the logits are not used again
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
     else:
         gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, rec.sample_id))
@@ -331,11 +331,12 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             with ShardWriter(out, name, metadata) as writer:
                 for start in range(0, len(tokenized), cfg.batch_size):
                     batch = tokenized[start : start + cfg.batch_size]
-                    outputs = list(backend.forward([tk for _, tk in batch]))
-                    if attn_backend is not None:
-                        for o, a in zip(outputs, attn_backend.forward([tk for _, tk in batch]), strict=True):
-                            o.attention = a.attention
+                    # one sample's [P, V] logits at a time: consumed as the backend yields them
+                    outputs = backend.forward([tk for _, tk in batch])
+                    attns = attn_backend.forward([tk for _, tk in batch]) if attn_backend else None
                     for (rec, tk), o in zip(batch, outputs, strict=True):
+                        if attns is not None:
+                            o.attention = next(attns).attention
                         writer.write(_encode_row(cfg, rec, tk, o, vocab, source))
                     bar.update(len(batch), sum(len(tk.input_ids) for _, tk in batch))
                 bar.update(len(records) - len(tokenized), 0)

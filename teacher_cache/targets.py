@@ -39,18 +39,34 @@ def tail_from_topk(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return log1mexp(torch.logsumexp(topk_logprobs.double(), dim=-1)).float()
 
 
-def topk_from_logits(logits: torch.Tensor, k: int) -> TopKTargets:
-    """logits float [P, V] -> top-k log-probs and the tail, computed in fp32."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
-    k = min(k, logprobs.shape[-1])
-    top = torch.topk(logprobs, k, dim=-1, sorted=True)  # values/indices [P, k]
-    # the tail as a sum over the complement is exact where 1 - sum(top) would cancel
-    rest = logprobs.scatter(-1, top.indices, float("-inf"))  # [P, V]
-    tail = torch.logsumexp(rest, dim=-1) if k < logprobs.shape[-1] else torch.full_like(top.values[:, 0], -torch.inf)
+def topk_from_logits(logits: torch.Tensor, k: int, *, inplace: bool = False) -> TopKTargets:
+    """logits float [P, V] -> top-k log-probs and the tail, in one exp pass over [P, V].
+
+    Top-k is taken on the logits (log-softmax keeps the order). The mass outside the
+    top-k is summed relative to the largest logit outside it, so that sum's largest term
+    is exactly 1 and the tail stays exact however small it is; the normaliser combines
+    it with the top-k in fp64. `inplace=True` reuses `logits` as scratch (no [P, V] copy).
+    """
+    z = logits.float()  # [P, V]; a copy unless already float32
+    if not inplace and z is logits:
+        z = z.clone()
+    P, V = z.shape
+    k = min(k, V)
+    top = torch.topk(z, min(k + 1, V), dim=-1, sorted=True)  # [P, k(+1)]
+    vals = top.values[:, :k].double()  # [P, k]
+    if k < V:
+        m = top.values[:, k : k + 1]  # [P, 1] largest logit outside the top-k
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf complement has no mass
+        rest = z.sub_(shift).exp_()  # [P, V] scratch; top-k entries may overflow here ...
+        rest.scatter_(-1, top.indices[:, :k], 0.0)  # ... and are zeroed: the complement only
+        log_rest = shift[:, 0].double() + torch.log(rest.sum(-1).double())  # [P]
+    else:
+        log_rest = torch.full((P,), -torch.inf, dtype=torch.float64, device=z.device)
+    lse = torch.logaddexp(torch.logsumexp(vals, dim=-1), log_rest)  # [P] log partition function
     return TopKTargets(
-        ids=top.indices.to(torch.int64).cpu().numpy(),
-        logprobs=top.values.cpu().numpy().astype(np.float32),
-        tail_logprob=tail.cpu().numpy().astype(np.float32),
+        ids=top.indices[:, :k].to(torch.int64).cpu().numpy(),
+        logprobs=(vals - lse[:, None]).float().cpu().numpy(),
+        tail_logprob=(log_rest - lse).float().cpu().numpy(),
     )
 
 

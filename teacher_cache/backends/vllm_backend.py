@@ -5,8 +5,9 @@
   the target positions, then log-softmax and top-k, vectorised. vLLM still runs
   the transformer body with its own kernels and batching.
 - `prompt_logprobs` (stock, the reference): vLLM's own prompt log-probs with
-  `logprobs_mode="raw_logprobs"`, top-k only. Much slower: vLLM materialises
-  Python objects per position.
+  `logprobs_mode="raw_logprobs"`, top-k only, every position of the prompt
+  (not just the targets); measured on CPU at 0.5-0.95x the hidden mode's speed
+  (docs/BENCHMARKS.md).
 
 Entry points that build an LLM must be guarded with `if __name__ == "__main__":`,
 since vLLM starts worker processes.
@@ -77,7 +78,12 @@ class VllmBackend:
     ) -> None:
         if mode not in MODES:
             raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
+            # vLLM's CPU worker leaves a core to the caller by default; the caller waits on it, so give
+            # it every core this process may use (2.05x prefill on a 2-core machine, BENCHMARKS.md)
+            cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
         from vllm import LLM
 
         self.ref, self.mode, self.top_k = model, mode, top_k

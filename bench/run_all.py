@@ -1,0 +1,126 @@
+"""`make bench`: every benchmark, one after the other, then one combined summary.
+
+    .venv/bin/python bench/run_all.py            # full: about 10-15 minutes on 2 CPU cores
+    .venv/bin/python bench/run_all.py --quick    # smaller workloads: a few minutes
+
+Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
+benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:
+codec.json (bench_codec.py), throughput.json (bench_throughput.py) and train.json
+(bench_train.py). Their progress and tables
+stream through; the summary at the end reads the JSON files back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+
+# start-up chatter of vLLM's engine processes, dropped from stderr unless --verbose
+NOISE = re.compile(
+    r"Triton is installed|FutureWarning: `torch.distributed.reduce_op`|^\s+(if hasattr|wrapper = lookup)"
+    r"|NUMA binding: Using MEMBIND|^Loading safetensors checkpoint shards|^\s*$"
+)
+
+
+def run(script: str, args: list[str], verbose: bool) -> tuple[int, float]:
+    cmd = [sys.executable, str(BENCH / script), *args]
+    print(f"\n=== {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    with subprocess.Popen(cmd, cwd=BENCH.parent, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        for line in proc.stderr:
+            if verbose or not NOISE.search(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    return proc.returncode, time.perf_counter() - t
+
+
+def _fresh(path: Path, since: float) -> bool:
+    """Written by this run (a failed benchmark leaves an older file behind)."""
+    return path.is_file() and path.stat().st_mtime >= since
+
+
+def summary(codec_json: Path, throughput_json: Path, since: float) -> list[str]:
+    lines = [f"(not updated by this run: {p})" for p in (codec_json, throughput_json) if not _fresh(p, since)]
+    if _fresh(codec_json, since):
+        c = json.loads(codec_json.read_text())
+        lines.append(f"codec ({c['source'].split(' (')[0]}, P={c['positions']}, zstd level {c['zstd_level']}):")
+        for r in c["topk"]:
+            lines.append(
+                f"  top-{r['k']:<3} {r['bytes_per_pos']:6.2f} B/pos (baseline {r['baseline_bytes_per_pos']:6.2f}), "
+                f"encode {r['encode_pos_per_s']:>9,.0f} pos/s, decode {r['decode_pos_per_s']:>11,.0f} pos/s"
+            )
+        s = c["sampled"]
+        lines.append(f"  sampled N={s['num_draws']}: {s['bytes_per_pos']:.2f} B/pos")
+    if _fresh(throughput_json, since):
+        t = json.loads(throughput_json.read_text())
+        m = t["machine"]
+        lines.append(
+            f"throughput (vLLM {m['vllm']}, {m['gpu'] or str(m['cores']) + ' CPU cores'}; input tokens/s; "
+            "ratio = caching / plain prefill):"
+        )
+        for r in t["results"]:
+            q = r["ratio_to_prefill"]
+            stock = f"{r['stock_tok_s']:,.0f}" if r["stock_tok_s"] else "-"
+            lines.append(
+                f"  {r['model']:<14} prefill {r['prefill_tok_s']:>8,.0f}  caching {r['caching_tok_s']:>8,.0f}  "
+                f"stock {stock:>8}  ratio {r['ratio']:.3f}  ceiling {r['ceiling']:.3f}  "
+                f"ratio/ceiling {r['ratio_over_ceiling']:.2f} (at P/T {r['workload']['target_fraction']:.2f}: "
+                f"{r['ratio_over_ceiling_workload']:.2f})  encode/prefill {q['encode']:.2f}  "
+                f"proposed ratio {r['ratio_proposed']:.3f} ({r['proposed_over_ceiling']:.2f} of ceiling)"
+            )
+        for c in t["ceilings"]:
+            if c["model"] not in {r["model"] for r in t["results"]}:
+                lines.append(f"  {c['model']:<14} ceiling {c['ceiling']:.3f} (from its config)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller workloads")
+    ap.add_argument("--verbose", action="store_true", help="keep vLLM's start-up messages on stderr")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    codec_json, throughput_json = RESULTS / "codec.json", RESULTS / "throughput.json"
+    codec_args = ["--out", str(codec_json)] + (["--positions", "512", "--repeat", "2"] if args.quick else [])
+    tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
+    train_json = RESULTS / "train.json"
+    train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
+    since = time.time()
+    done = {}
+    for script, sargs in (
+        ("bench_codec.py", codec_args),
+        ("bench_throughput.py", tp_args),
+        ("bench_train.py", train_args),
+    ):
+        done[script] = run(script, sargs, args.verbose)
+    print("\n=== summary")
+    for script, (rc, secs) in done.items():
+        print(f"{script}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {secs:.0f}s")
+    for line in summary(codec_json, throughput_json, since):
+        print(line)
+    if train_json.is_file() and train_json.stat().st_mtime >= since:
+        print("\nstage two (bench_train.py): step time and peak memory over CE-only, reader over trainer")
+        print(
+            f"{'pair':<8} {'KD/CE':>7} {'KD+attn/CE':>11} {'reader/trainer':>15} {'peak KD/CE':>11}"
+            "   (targets: <=1.10, <=1.30, >=20, <=1.15)"
+        )
+        for name, r in json.loads(train_json.read_text())["pairs"].items():
+            print(
+                f"{name:<8} {r['kd_over_ce']:>7.3f} {r['kd_attn_over_ce']:>11.3f} "
+                f"{r['reader_over_trainer']:>15.1f} {r['peak_kd_over_ce']:>11.3f}"
+            )
+    if any(rc for rc, _ in done.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

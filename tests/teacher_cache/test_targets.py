@@ -1,0 +1,61 @@
+"""Logits -> cached targets, against a float64 dense reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from teacher_cache.targets import attention_summary, sampled_from_logits, topk_from_logits
+
+
+def reference(logits: torch.Tensor, k: int):
+    lp = torch.log_softmax(logits.double(), -1)  # [P, V]
+    top = lp.topk(k, -1)
+    tail = lp.scatter(-1, top.indices, -torch.inf).logsumexp(-1)
+    return top.indices, top.values, tail
+
+
+@pytest.mark.parametrize("V,k", [(50, 1), (50, 8), (50, 49), (50, 50), (32000, 32)])
+@pytest.mark.parametrize("scale", [0.5, 5.0, 60.0])  # flat, realistic, and extremely peaked rows
+def test_topk_matches_dense_reference(V, k, scale):
+    g = torch.Generator().manual_seed(V * 7 + k)
+    logits = torch.randn(40, V, generator=g) * scale
+    before = logits.clone()
+    got = topk_from_logits(logits, k)
+    assert torch.equal(logits, before), "inplace=False must leave the logits alone"
+    ids, lps, tail = reference(logits, k)
+    np.testing.assert_array_equal(got.ids, ids.numpy())
+    np.testing.assert_allclose(got.logprobs, lps.numpy(), rtol=1e-5, atol=1e-5)
+    finite = torch.isfinite(tail)
+    np.testing.assert_array_equal(np.isfinite(got.tail_logprob), finite.numpy())
+    # the tail is accurate relative to itself, even at exp(tail) ~ 1e-300
+    np.testing.assert_allclose(got.tail_logprob[finite.numpy()], tail[finite].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_inplace_and_masked_vocabulary():
+    logits = torch.randn(6, 30)
+    logits[:, 10:] = -torch.inf  # only 10 tokens possible
+    want = topk_from_logits(logits, 12)
+    got = topk_from_logits(logits.clone(), 12, inplace=True)
+    np.testing.assert_array_equal(got.logprobs, want.logprobs)
+    assert np.all(np.isneginf(want.tail_logprob)) and np.all(np.isneginf(want.logprobs[:, 10:]))
+    np.testing.assert_allclose(np.exp(want.logprobs[:, :10].astype(np.float64)).sum(1), 1.0, atol=1e-6)
+
+
+def test_sampled_counts_are_distinct_sorted_and_complete():
+    logits = torch.randn(25, 100) * 3
+    s = sampled_from_logits(logits, 50, torch.Generator().manual_seed(0))
+    assert s.offsets[0] == 0 and s.offsets[-1] == len(s.ids) == len(s.counts)
+    for p in range(25):
+        ids = s.ids[s.offsets[p] : s.offsets[p + 1]]
+        assert np.all(np.diff(ids) > 0) and s.counts[s.offsets[p] : s.offsets[p + 1]].sum() == 50
+    again = sampled_from_logits(logits, 50, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(s.ids, again.ids)
+
+
+def test_attention_summary_keeps_mass():
+    rows = torch.softmax(torch.randn(7, 20), -1)
+    a = attention_summary(rows, 5)
+    np.testing.assert_allclose(np.exp(a.logprobs).sum(1) + np.exp(a.tail_logprob), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(a.ids, rows.topk(5).indices.numpy())
