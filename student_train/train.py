@@ -92,14 +92,11 @@ class DistillStep(nn.Module):
             lengths = batch.attention_mask.sum(1).tolist()
             positions = [batch.pos[batch.row == b] for b in range(batch.input_ids.shape[0])]  # [P_b] each
             capture = attention.RowCapture(positions, lengths)
+            # stays attached through backward: gradient checkpointing recomputes the rows there
             attention.attach(self.model, student_layers, capture)
-        try:
-            hidden = self.model.get_decoder()(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state  # [B, T, D]
-        finally:
-            if capture is not None:
-                attention.attach(self.model, student_layers, None)
+        hidden = self.model.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state  # [B, T, D]
         h = hidden[batch.row, batch.pos]  # [P, D] at target positions
         weight = self.model.get_output_embeddings().weight  # [V, D]
         out: dict[str, torch.Tensor] = {}
@@ -326,6 +323,8 @@ def train(cfg: TrainConfig) -> dict:
             if world > 1:
                 torch.distributed.barrier()
     finally:
+        if layer_map:
+            attention.attach(model, [s for _, s in layer_map], None)
         if bar is not None:
             bar.close()
         if metrics_file is not None:

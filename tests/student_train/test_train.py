@@ -323,3 +323,61 @@ def test_student_with_another_tokenizer_is_refused(kd_cache, tmp_path):
     assert done.returncode == 1 and "token ids would mean different things" in done.stderr
     assert torch.__version__  # the refusal comes before any training
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, kd_cache):
+    common = dict(
+        student="tiny-mistral",
+        caches=(str(kd_cache),),
+        max_steps=1,
+        batch_size=3,
+        attn_weight=0.5,
+        lam=0.7,
+        progress=False,
+    )
+    train(TrainConfig(out=str(tmp_path / "plain"), **common))
+    train(TrainConfig(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **common))
+    a, b = metrics(tmp_path / "plain")[0], metrics(tmp_path / "ckpt")[0]
+    for key in ("loss", "ce", "kd", "attn", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_loads_in_vllm(tmp_path, kd_cache, chats_file):
+    """A student checkpoint is a plain model: vLLM serves it, here as the teacher of a new cache."""
+    result = train(
+        TrainConfig(
+            student="tiny-mistral",
+            caches=(str(kd_cache),),
+            out=str(tmp_path / "r"),
+            max_steps=1,
+            batch_size=2,
+            progress=False,
+        )
+    )
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teacher_cache.cli",
+            "run",
+            "--teacher",
+            result["checkpoint"],
+            "--data",
+            str(chats_file),
+            "--out",
+            str(out),
+            "--backend",
+            "vllm",
+            "--top-k",
+            "4",
+            "--max-length",
+            "256",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert open_cache(out).manifest["teacher"]["path"] == str(Path(result["checkpoint"]).resolve())
