@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--dae-steps", type=int, default=20)
     ap.add_argument("--expert-steps", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-length", type=int, default=384)
     args = ap.parse_args()
     out = Path(args.out)
