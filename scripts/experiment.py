@@ -296,12 +296,13 @@ def render(results: dict) -> str:
 
 
 def write_docs(table: str) -> None:
-    doc = ROOT / "docs" / "EXPERIMENTS.md"
-    text = doc.read_text()
+    """Put the table between the RESULTS markers of docs/EXPERIMENTS.md and README.md."""
     start, end = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
-    before, rest = text.split(start)
-    _, after = rest.split(end)
-    doc.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    for doc in (ROOT / "docs" / "EXPERIMENTS.md", ROOT / "README.md"):
+        text = doc.read_text()
+        before, rest = text.split(start)
+        _, after = rest.split(end)
+        doc.write_text(f"{before}{start}\n{table}\n{end}{after}")
 
 
 if __name__ == "__main__":
