@@ -127,9 +127,8 @@ def caching_pass(backend, batch, k: int, vocab: int) -> list[bytes]:
     from teacher_cache.targets import topk_from_logits
 
     blobs = []
-    outputs = list(backend.forward(batch))  # as run() does: every sample's logits [P, V] held at once
-    for o in outputs:
-        top = topk_from_logits(o.logits, k)
+    for o in backend.forward(batch):  # as run() does: one sample's logits [P, V] at a time, used in place
+        top = topk_from_logits(o.logits, k, inplace=True)
         blobs.append(codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab))
     return blobs
 
