@@ -71,10 +71,6 @@ class Plan:
             raise ValueError("a cache stream holds no samples")
         self._epochs: dict[tuple[int, int], list[Item]] = {}
 
-    @property
-    def epoch_size(self) -> int:
-        return sum(len(s) for s in self.streams)
-
     def _route(self, i: int) -> tuple[int, int]:
         """Global index -> (stream, index within that stream)."""
         if self.ratio is None:
@@ -140,8 +136,8 @@ class SampleStream(torch.utils.data.IterableDataset):
         shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)
         for n, i in enumerate(rank_indices(self.start, self.rank, self.world)):
             if n % nw == wid:
-                c = self.plan.item(i)[0]
-                yield c, shards.get(self.plan.item(i))
+                item = self.plan.item(i)
+                yield item[0], shards.get(item)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 
 from student_train import losses
 from student_train.checks import check_student_matches
-from student_train.data import Plan, collate
+from student_train.data import Plan, ShardCache, collate
 
 
 @torch.no_grad()
@@ -38,14 +38,9 @@ def evaluate(
         items = items[:max_samples]
     kind = caches[0].kind
     sums = {g: {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0} for g in ("domain", "general")}
-    decoded: dict[tuple[int, int], list] = {}
+    shards = ShardCache(caches, size=1)  # items run shard by shard
     for start in range(0, len(items), batch_size):
-        chunk = []
-        for c, s, r in items[start : start + batch_size]:
-            if (c, s) not in decoded:
-                decoded.clear()
-                decoded[(c, s)] = list(caches[c].iter_shard(caches[c].shard_names[s]))
-            chunk.append((c, decoded[(c, s)][r]))
+        chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
         b = collate(chunk, plan.domain_caches, attention=False)
         hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()  # [P, V]

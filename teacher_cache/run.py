@@ -298,6 +298,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
 
     bad: list[str] = []
     dups: list[int] = []
+    # a first, parse-only pass over the data gives the progress bar its total (cheap next to the teacher)
     total = sum(1 for _ in _my_records(cfg, [], []))
     shards = _chunks(_my_records(cfg, bad, dups), cfg.shard_size)
     remaining = max(0, -(-total // cfg.shard_size) - done)
@@ -309,7 +310,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         raise RunError("an injected non-hf backend cannot provide attention summaries")
     vocab = len(tok)
     source = header["source"]
-    bar = _progress(cfg, total, done * cfg.shard_size)
+    bar = _Progress(cfg.progress, total, done * cfg.shard_size)
     try:
         for index, records in enumerate(shards):
             if index < done:
@@ -411,7 +412,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(cfg: RunConfig, total: int, initial: int) -> _Progress:
-    return _Progress(cfg.progress, total, initial)
