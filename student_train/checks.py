@@ -19,14 +19,14 @@ def check_student_matches(tokenizer: Any, caches: list) -> None:
         m = cache.manifest
         if m["tokenizer"]["fingerprint"] != mine:
             raise IncompatibleCacheError(
-                f"{cache.root}: cached with tokenizer {m['tokenizer']['fingerprint'][:19]}..., the student's is "
+                f"{cache.where}: cached with tokenizer {m['tokenizer']['fingerprint'][:19]}..., the student's is "
                 f"{mine[:19]}...: token ids would mean different things"
             )
         if m["format_version"] != first["format_version"]:
             raise IncompatibleCacheError(
-                f"{cache.root}: format v{m['format_version']} mixed with v{first['format_version']}"
+                f"{cache.where}: format v{m['format_version']} mixed with v{first['format_version']}"
             )
         if m["targets"]["kind"] != first["targets"]["kind"]:
             raise IncompatibleCacheError(
-                f"{cache.root}: {m['targets']['kind']} targets mixed with {first['targets']['kind']}"
+                f"{cache.where}: {m['targets']['kind']} targets mixed with {first['targets']['kind']}"
             )

@@ -92,12 +92,28 @@ class Plan:
         return self._epochs[key][k]
 
 
+class _OpenShard:
+    """A shard decoded lazily: rows are decoded (and its chunks fetched) only as far as asked."""
+
+    def __init__(self, rows: Iterator[CachedSample]) -> None:
+        self._rows, self.decoded = rows, []
+
+    def __getitem__(self, r: int) -> CachedSample:
+        while len(self.decoded) <= r:
+            self.decoded.append(next(self._rows))
+        return self.decoded[r]
+
+
 class ShardCache:
-    """Decoded shards kept while the shuffle window needs them (LRU, `size` shards)."""
+    """Shards kept open while the shuffle window needs them (LRU, `size` shards).
+
+    A shard is streamed, not downloaded first: the first batch waits only for the
+    chunks holding the rows it needs.
+    """
 
     def __init__(self, caches: list[Cache], size: int) -> None:
         self.caches, self.size = caches, size
-        self._shards: OrderedDict[tuple[int, int], list[CachedSample]] = OrderedDict()
+        self._shards: OrderedDict[tuple[int, int], _OpenShard] = OrderedDict()
 
     def get(self, item: Item) -> CachedSample:
         c, s, r = item
@@ -106,7 +122,7 @@ class ShardCache:
             if len(self._shards) >= self.size:
                 self._shards.popitem(last=False)
             cache = self.caches[c]
-            self._shards[key] = list(cache.iter_shard(cache.shard_names[s]))
+            self._shards[key] = _OpenShard(cache.iter_shard(cache.shard_names[s]))
         self._shards.move_to_end(key)
         return self._shards[key][r]
 

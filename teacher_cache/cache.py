@@ -1,22 +1,27 @@
 """Reading a cache: `open_cache(path)` validates, then streams `CachedSample`s.
 
-A cache from elsewhere is untrusted: the manifest is validated before use, every
-shard's sha256, schema and row count are checked against the manifest before any
-row is decoded, and every row's lengths and ids are checked while decoding.
+A cache may be a local directory or an fsspec URL (s3://, gs://, hf://, file://).
+A cache from elsewhere is untrusted: the manifest is validated before use; a shard's
+size is checked before it is read, and its bytes are streamed in chunks, each checked
+against the manifest's sha256 for that chunk before Arrow sees it (the whole shard's
+sha256 is checked when its last chunk arrives); its schema and metadata are checked
+before any row is decoded, its row count when it ends, and every row's lengths and
+ids while decoding.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from teacher_cache import codec
-from teacher_cache.manifest import MANIFEST, PARTS_DIR, ManifestError, validate
-from teacher_cache.shards import ShardError, read_shard_table, sha256_bytes, shard_metadata
+from teacher_cache.manifest import MANIFEST, MAX_MANIFEST_BYTES, PARTS_DIR, ManifestError, validate
+from teacher_cache.shards import ShardError, ShardStream, shard_metadata
+from teacher_cache.storage import Location, as_location
 
 MAX_SHARD_BYTES = 4 << 30  # refuse a shard that claims more than this
 
@@ -49,8 +54,8 @@ class CachedSample:
 class Cache:
     """A validated cache directory; iterate it, or stream shard by shard."""
 
-    def __init__(self, root: Path, manifest: dict) -> None:
-        self.root = root
+    def __init__(self, where: Location, manifest: dict) -> None:
+        self.where = where
         self.manifest = manifest
         self.kind = manifest["targets"]["kind"]
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
@@ -68,50 +73,66 @@ class Cache:
         for name in self.shard_names:
             yield from self.iter_shard(name)
 
-    def read_shard_bytes(self, name: str) -> bytes:
+    def entry(self, name: str) -> dict:
         entry = next((s for s in self.manifest["shards"] if s["name"] == name), None)
         if entry is None:
             raise ShardError(f"{name}: not listed in the manifest")
-        path = self.root / name
-        if not path.is_file():
-            raise ShardError(f"{name}: listed in the manifest but missing from {self.root}")
-        size = path.stat().st_size
-        if size != entry["bytes"] or size > MAX_SHARD_BYTES:
-            raise ShardError(f"{name}: {size} bytes on disk, manifest says {entry['bytes']}")
-        data = path.read_bytes()
-        if sha256_bytes(data) != entry["sha256"]:
-            raise ShardError(f"{name}: sha256 mismatch (corrupted or replaced shard)")
-        return data
+        return entry
 
-    def iter_shard(self, name: str) -> Iterator[CachedSample]:
-        """Decode one shard's rows, in order, after checking the shard as a whole."""
-        entry = next(s for s in self.manifest["shards"] if s["name"] == name)
-        table = read_shard_table(self.read_shard_bytes(name), name)
-        meta = shard_metadata(table, name)
+    def open_shard(self, name: str) -> ShardStream:
+        """Check a shard's size and header against the manifest; stream its record batches."""
+        entry = self.entry(name)
+        try:
+            size = self.where.size(name)
+        except FileNotFoundError:
+            raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
+        if size != entry["bytes"] or size > MAX_SHARD_BYTES:
+            raise ShardError(f"{name}: {size} bytes stored, manifest says {entry['bytes']}")
+        stream = ShardStream(self.where, entry)
+        meta = shard_metadata(stream.schema, name)
         # a merged cache lists each shard with the hash of the run that wrote it
         if meta.get("config_hash") != entry.get("config_hash", self.manifest.get("config_hash")):
             raise ShardError(f"{name}: made by a different run than this manifest describes")
-        if table.num_rows != entry["rows"]:
-            raise ShardError(f"{name}: {table.num_rows} rows, manifest says {entry['rows']}")
-        cols = {
-            c: table.column(c).to_pylist()
-            if c in ("sample_id", "source", "domain", "targets", "attention")
-            else table.column(c)
-            for c in table.column_names
-        }
-        ids_col, pos_col = cols["input_ids"], cols["target_positions"]
-        for i in range(table.num_rows):
-            where = f"{name} row {i}"
-            input_ids = ids_col[i].values.to_numpy(zero_copy_only=False).astype(np.int64)  # [T]
-            positions = pos_col[i].values.to_numpy(zero_copy_only=False).astype(np.int64)  # [P]
-            self._check_row(where, input_ids, positions)
-            sample = CachedSample(cols["sample_id"][i], cols["source"][i], cols["domain"][i], input_ids, positions)
-            try:
-                self._decode_targets(sample, cols["targets"][i], where)
-                self._decode_attention(sample, cols["attention"][i], where)
-            except codec.CodecError as e:
-                raise ShardError(f"{where}: {e}") from None
-            yield sample
+        return stream
+
+    def read_table(self, name: str) -> pa.Table:
+        """A whole shard, checked (merge needs every row at once; training streams)."""
+        table = self.open_shard(name).read_all()
+        if table.num_rows != self.entry(name)["rows"]:
+            raise ShardError(f"{name}: {table.num_rows} rows, manifest says {self.entry(name)['rows']}")
+        return table
+
+    def iter_shard(self, name: str) -> Iterator[CachedSample]:
+        """Decode one shard's rows in order, as its checked bytes stream in."""
+        expected = self.entry(name)["rows"]
+        i = 0
+        for batch in self.open_shard(name):
+            if i + batch.num_rows > expected:
+                raise ShardError(f"{name}: more rows than the {expected} the manifest lists")
+            cols = {
+                c: batch.column(c).to_pylist()
+                if c in ("sample_id", "source", "domain", "targets", "attention")
+                else batch.column(c)
+                for c in batch.schema.names
+            }
+            ids_col, pos_col = cols["input_ids"], cols["target_positions"]
+            for j in range(batch.num_rows):
+                yield self._decode_row(f"{name} row {i}", cols, ids_col[j], pos_col[j], j)
+                i += 1
+        if i != expected:
+            raise ShardError(f"{name}: {i} rows, manifest says {expected}")
+
+    def _decode_row(self, where: str, cols: dict, ids: pa.ListScalar, pos: pa.ListScalar, j: int) -> CachedSample:
+        input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # [T]
+        positions = pos.values.to_numpy(zero_copy_only=False).astype(np.int64)  # [P]
+        self._check_row(where, input_ids, positions)
+        sample = CachedSample(cols["sample_id"][j], cols["source"][j], cols["domain"][j], input_ids, positions)
+        try:
+            self._decode_targets(sample, cols["targets"][j], where)
+            self._decode_attention(sample, cols["attention"][j], where)
+        except codec.CodecError as e:
+            raise ShardError(f"{where}: {e}") from None
+        return sample
 
     def _check_row(self, where: str, input_ids: np.ndarray, positions: np.ndarray) -> None:
         T = len(input_ids)
@@ -160,22 +181,19 @@ class Cache:
         s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # [L, P]
 
 
-def open_cache(path: str | Path) -> Cache:
-    """Validate a cache directory's manifest and return a Cache over it."""
-    root = Path(path)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        parts = sorted((root / PARTS_DIR).glob("*.json")) if (root / PARTS_DIR).is_dir() else []
+def open_cache(path: str | Path | Location) -> Cache:
+    """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it."""
+    where = as_location(path)
+    if not where.exists(MANIFEST):
+        parts = where.glob(f"{PARTS_DIR}/*.json")
         if parts:
             raise ManifestError(
-                f"{root}: cache incomplete ({len(parts)} worker part(s), no manifest.json yet); "
+                f"{where}: cache incomplete ({len(parts)} worker part(s), no manifest.json yet); "
                 "finish or resume the run"
             )
-        raise ManifestError(f"{root}: no {MANIFEST} (not a teacher cache)")
-    if mpath.stat().st_size > 256 << 20:
-        raise ManifestError(f"{mpath}: implausibly large manifest")
+        raise ManifestError(f"{where}: no {MANIFEST} (not a teacher cache)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{mpath}: not valid JSON ({e})") from None
-    return Cache(root, validate(manifest, str(mpath)))
+        manifest = where.read_json(MANIFEST, MAX_MANIFEST_BYTES)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    return Cache(where, validate(manifest, where.describe(MANIFEST)))

@@ -36,7 +36,7 @@ def main() -> None:
 @main.command()
 @click.option("--teacher", required=True, help="Preset name (see `teacher-cache presets`) or checkpoint directory.")
 @click.option("--data", "data", multiple=True, required=True, help="JSONL/Parquet file or fsspec URL; repeatable.")
-@click.option("--out", required=True, help="Cache directory to write (created if missing).")
+@click.option("--out", required=True, help="Cache directory or fsspec URL (s3://bucket/prefix) to write.")
 @click.option(
     "--backend",
     type=click.Choice(["auto", "vllm", "hf"]),
@@ -65,6 +65,13 @@ def main() -> None:
 @click.option("--max-length", type=click.IntRange(min=2), default=2048, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per shard.")
+@click.option(
+    "--chunk-bytes",
+    type=click.IntRange(min=4096, max=64 << 20),
+    default=1 << 20,
+    show_default=True,
+    help="Checksum granularity: readers stream and check a shard this many bytes at a time.",
+)
 @click.option("--only-domain", default=None, help="Keep only records of this domain.")
 @click.option("--exclude-domain", default=None, help="Drop records of this domain.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the manifest) instead of failing.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from teacher_cache.cache import open_cache
@@ -49,9 +47,8 @@ def verify(path: str) -> tuple[list[str], int]:
     cache = open_cache(path)
     problems: list[str] = []
     checked = 0
-    root = Path(path)
     listed = set(cache.shard_names)
-    for extra in sorted(p.name for p in root.glob("shard-*.arrow") if p.name not in listed):
+    for extra in (n for n in cache.where.glob("shard-*.arrow") if n not in listed):
         problems.append(f"{extra}: shard file not listed in the manifest")
     for name in cache.shard_names:
         try:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-from pathlib import Path
 
-from teacher_cache.shards import FORMAT_VERSION
+from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES
+from teacher_cache.storage import Location
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 FORMAT_NAME = "teacher-cache"
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest or part file claiming more is refused unread
 SHARD_RE = re.compile(r"^shard-w\d{5}-\d{6}\.arrow$")
 COUNT_KEYS = ("samples", "tokens", "target_positions", "truncated", "skipped_bad", "duplicates")
 # fields whose equality makes two caches' rows interchangeable (see `compatibility_key`)
@@ -33,35 +33,33 @@ def part_name(worker: int, num_workers: int) -> str:
     return f"worker-{worker:05d}-of-{num_workers:05d}.json"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def config_hash(header: dict) -> str:
     blob = json.dumps({k: header[k] for k in _HEADER_KEYS}, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def assemble(directory: Path, num_workers: int) -> dict | None:
+def read_part(where: Location, worker: int, num_workers: int) -> dict | None:
+    """A worker's part file, or None if it has not written one."""
+    name = f"{PARTS_DIR}/{part_name(worker, num_workers)}"
+    if not where.exists(name):
+        return None
+    try:
+        return where.read_json(name, MAX_MANIFEST_BYTES)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+
+
+def assemble(where: Location, num_workers: int) -> dict | None:
     """Combine complete parts into manifest.json; None while a worker is unfinished."""
     parts = []
     for w in range(num_workers):
-        p = directory / PARTS_DIR / part_name(w, num_workers)
-        if not p.is_file():
-            return None
-        part = json.loads(p.read_text())
-        if not part.get("complete"):
+        part = read_part(where, w, num_workers)
+        if part is None or not part.get("complete"):
             return None
         parts.append(part)
     head = parts[0]
     if any(p["config_hash"] != head["config_hash"] for p in parts):
-        raise ManifestError(f"{directory}: worker parts were made with different settings")
+        raise ManifestError(f"{where}: worker parts were made with different settings")
     manifest = {k: head[k] for k in (*_HEADER_KEYS, "config_hash", "tool_version", "config", "backend")}
     manifest["config"] = {k: v for k, v in head["config"].items() if k != "worker_index"}
     manifest["shards"] = [s for p in parts for s in p["shards"]]
@@ -73,7 +71,7 @@ def assemble(directory: Path, num_workers: int) -> dict | None:
         "tokens_per_s": manifest["counts"]["tokens"] / wall if wall > 0 else None,
         "workers": num_workers,
     }
-    write_json_atomic(directory / MANIFEST, manifest)
+    where.write_json(MANIFEST, manifest)
     return manifest
 
 
@@ -111,8 +109,26 @@ def validate(manifest: object, where: str) -> dict:
                 raise ManifestError(f"{where}: shard {name} has no valid {key!r}")
         if not isinstance(s.get("sha256"), str) or not s["sha256"].startswith("sha256:"):
             raise ManifestError(f"{where}: shard {name} has no sha256")
+        _check_chunks(s, where)
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != manifest["counts"].get("samples"):
         samples = manifest["counts"].get("samples")
         raise ManifestError(f"{where}: shards hold {rows} rows but counts.samples is {samples}")
     return manifest
+
+
+def _check_chunks(shard: dict, where: str) -> None:
+    """`chunks` (optional): {"size": n, "sha256": [hex, ...]}, one hash per n bytes of the shard."""
+    chunks = shard.get("chunks")
+    if not chunks:
+        return
+    name, size = shard["name"], chunks.get("size") if isinstance(chunks, dict) else None
+    if not isinstance(size, int) or not 0 < size <= MAX_CHUNK_BYTES:
+        raise ManifestError(f"{where}: shard {name} has a chunk size outside (0, {MAX_CHUNK_BYTES}]")
+    hashes = chunks.get("sha256")
+    if (
+        not isinstance(hashes, list)
+        or len(hashes) != max(1, -(-shard["bytes"] // size))
+        or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
+    ):
+        raise ManifestError(f"{where}: shard {name} chunk hashes do not cover its {shard['bytes']} bytes")

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 
 from teacher_cache.cache import Cache, open_cache
-from teacher_cache.manifest import COUNT_KEYS, MANIFEST, write_json_atomic
-from teacher_cache.shards import Row, ShardWriter, read_shard_table, shard_metadata, shard_name
+from teacher_cache.manifest import COUNT_KEYS, MANIFEST
+from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, shard_metadata, shard_name
+from teacher_cache.storage import Location
 
 
 class MergeError(ValueError):
@@ -45,7 +43,7 @@ def check_compatible(caches: list[Cache]) -> None:
         for key, value in first.items():
             if other[key] != value:
                 raise MergeError(
-                    f"cannot merge {caches[0].root} and {cache.root}: {key} differs "
+                    f"cannot merge {caches[0].where} and {cache.where}: {key} differs "
                     f"({_short(value)} vs {_short(other[key])})"
                 )
 
@@ -63,11 +61,11 @@ def _row_digest(row: dict) -> str:
 
 
 def merge(paths: list[str], out: str) -> dict:
-    """Merge caches into `out` (a new directory); returns the merged manifest."""
+    """Merge caches into `out` (a new directory or URL); returns the merged manifest."""
     if len(paths) < 2:
         raise MergeError("merge needs at least two caches")
-    dest = Path(out)
-    if dest.exists() and any(dest.iterdir()):
+    dest = Location(out)
+    if dest.glob("*"):
         raise MergeError(f"{dest} exists and is not empty")
     caches = [open_cache(p) for p in paths]
     check_compatible(caches)
@@ -76,10 +74,10 @@ def merge(paths: list[str], out: str) -> dict:
     duplicates = 0
     for cache in caches:
         for entry in cache.manifest["shards"]:
-            table = read_shard_table(cache.read_shard_bytes(entry["name"]), entry["name"])
+            table = cache.read_table(entry["name"])
             keep, dropped = [], 0
             for i, row in enumerate(table.to_pylist()):
-                digest, where = _row_digest(row), f"{cache.root}/{entry['name']} row {i}"
+                digest, where = _row_digest(row), f"{cache.where.describe(entry['name'])} row {i}"
                 sid = row["sample_id"]
                 if sid in seen:
                     if seen[sid][0] != digest:
@@ -90,19 +88,20 @@ def merge(paths: list[str], out: str) -> dict:
                 keep.append(i)
             plans.append((cache, entry, table, None if not dropped else keep))
             duplicates += dropped
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.makedirs()
     shards = []
     for index, (cache, entry, table, keep) in enumerate(plans):
         name = shard_name(0, index)
-        chash = shard_metadata(table, entry["name"])["config_hash"]
-        if keep is None:
-            _link_or_copy(cache.root / entry["name"], dest / name)
-            shards.append({**entry, "name": name, "config_hash": chash, "from": f"{cache.root}/{entry['name']}"})
+        chash = shard_metadata(table.schema, entry["name"])["config_hash"]
+        origin = cache.where.describe(entry["name"])
+        if keep is None:  # the shard's bytes are kept as they are (its metadata names its old name)
+            dest.copy_from(cache.where, entry["name"], name)
+            shards.append({**entry, "name": name, "config_hash": chash, "from": origin})
             continue
         if not keep:
             continue
         rows = table.to_pylist()
-        with ShardWriter(dest, name, {"format_version": 1, "config_hash": chash, "shard": name}) as w:
+        with ShardWriter(dest, name, {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}) as w:
             for i in keep:
                 r = rows[i]
                 w.write(
@@ -125,14 +124,14 @@ def merge(paths: list[str], out: str) -> dict:
                 "skipped_bad": 0,
                 "bad_records": [],
                 "config_hash": chash,
-                "from": f"{cache.root}/{entry['name']}",
+                "from": origin,
             }
         )
     first = caches[0].manifest
     manifest = {k: v for k, v in first.items() if k not in ("shards", "counts", "timing", "bad_records", "config")}
     manifest["data"] = {**first["data"], "files": [f for c in caches for f in c.manifest["data"]["files"]]}
     manifest["merged_from"] = [
-        {"path": str(c.root), "config_hash": c.manifest["config_hash"], "samples": c.manifest["counts"]["samples"]}
+        {"path": str(c.where), "config_hash": c.manifest["config_hash"], "samples": c.manifest["counts"]["samples"]}
         for c in caches
     ]
     manifest["config_hash"] = (
@@ -147,13 +146,6 @@ def merge(paths: list[str], out: str) -> dict:
     counts["duplicates"] += duplicates
     manifest["counts"] = counts
     manifest["bad_records"] = [b for c in caches for b in c.manifest.get("bad_records", [])]
-    write_json_atomic(dest / MANIFEST, manifest)
+    dest.write_json(MANIFEST, manifest)
     open_cache(dest)  # the result must pass the same checks as any cache
     return manifest
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

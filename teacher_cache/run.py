@@ -25,11 +25,20 @@ from teacher_cache.manifest import (
     assemble,
     config_hash,
     part_name,
-    write_json_atomic,
+    read_part,
 )
 from teacher_cache.models import ModelRef, resolve_model
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
-from teacher_cache.shards import FORMAT_VERSION, TMP_SUFFIX, Row, ShardWriter, shard_name
+from teacher_cache.shards import (
+    CHUNK_BYTES,
+    FORMAT_VERSION,
+    MAX_CHUNK_BYTES,
+    TMP_SUFFIX,
+    Row,
+    ShardWriter,
+    shard_name,
+)
+from teacher_cache.storage import Location, StorageError
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
 from teacher_cache.tokenize import (
     Tokenized,
@@ -48,7 +57,7 @@ class RunError(RuntimeError):
 class RunConfig:
     teacher: str  # preset name or checkpoint directory
     data: tuple[str, ...]  # JSONL / Parquet files or fsspec URLs
-    out: str  # cache directory
+    out: str  # cache directory or fsspec URL (s3://bucket/prefix, ...)
     backend: str = "auto"  # auto | vllm | hf
     vllm_mode: str = "hidden"  # hidden (fast) | prompt_logprobs (stock reference)
     targets: str = "topk"  # topk | sampled
@@ -59,6 +68,7 @@ class RunConfig:
     max_length: int = 2048
     batch_size: int = 16  # samples per teacher forward
     shard_size: int = 256  # samples per shard
+    chunk_bytes: int = CHUNK_BYTES  # a sha256 per this many shard bytes: readers check while streaming
     only_domain: str | None = None
     exclude_domain: str | None = None
     skip_bad: bool = False
@@ -78,6 +88,7 @@ class RunConfig:
             (self.attention_top_k >= 1, "--attention-top-k must be >= 1"),
             (self.max_length >= 2, "--max-length must be >= 2"),
             (self.batch_size >= 1 and self.shard_size >= 1, "--batch-size and --shard-size must be >= 1"),
+            (4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES, f"--chunk-bytes must be in [4096, {MAX_CHUNK_BYTES}]"),
             (
                 self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
                 "--worker-index must be in [0, --num-workers)",
@@ -136,17 +147,6 @@ def _chunks(items: Iterator[Record], size: int) -> Iterator[list[Record]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / PARTS_DIR).mkdir(exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to output directory {out}: {e.strerror or e}") from None
 
 
 def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
@@ -270,16 +270,19 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     t0 = time.time()
     for path in cfg.data:
         check_data_file(path)
-    out = Path(cfg.out)
-    _check_out_dir(out)
+    out = Location(cfg.out)
+    try:
+        out.check_writable()
+    except StorageError as e:
+        raise RunError(str(e)) from None
     ref = resolve_model(cfg.teacher)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
-    part_path = out / PARTS_DIR / part_name(cfg.worker_index, cfg.num_workers)
+    part_path = f"{PARTS_DIR}/{part_name(cfg.worker_index, cfg.num_workers)}"
     part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": []}
-    if part_path.is_file():
-        previous = json.loads(part_path.read_text())
+    previous = read_part(out, cfg.worker_index, cfg.num_workers)
+    if previous is not None:
         if previous.get("config_hash") != chash:
             raise RunError(f"{out} holds a cache made with different settings; use another --out or the same arguments")
         if previous.get("complete"):
@@ -291,10 +294,11 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             return previous
         part["shards"] = previous["shards"]
         part["elapsed_before_s"] = previous.get("elapsed_before_s", 0.0) + previous.get("timing", {}).get("wall_s", 0)
-    for stale in out.glob(f"shard-w{cfg.worker_index:05d}-*{TMP_SUFFIX}"):
-        stale.unlink()  # half-written by a killed run
+    if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
+        for stale in out.local_path().glob(f"shard-w{cfg.worker_index:05d}-*{TMP_SUFFIX}"):
+            stale.unlink()
     done = len(part["shards"])
-    write_json_atomic(part_path, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
+    out.write_json(part_path, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
 
     bad: list[str] = []
     dups: list[int] = []
@@ -329,7 +333,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
                     if not cfg.skip_bad:
                         raise
                     shard_bad.append(str(e))
-            with ShardWriter(out, name, metadata) as writer:
+            with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
                 for start in range(0, len(tokenized), cfg.batch_size):
                     batch = tokenized[start : start + cfg.batch_size]
                     # one sample's [P, V] logits at a time: consumed as the backend yields them
@@ -343,7 +347,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
                 bar.update(len(records) - len(tokenized), 0)
                 info = writer.finalize()
             part["shards"].append({**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad})
-            write_json_atomic(
+            out.write_json(
                 part_path, {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": time.time() - t0}}
             )
     finally:
@@ -359,7 +363,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         "wall_s": wall + part.get("elapsed_before_s", 0.0),
         "tokens_per_s": part["counts"]["tokens"] / wall if wall > 0 else None,
     }
-    write_json_atomic(part_path, part)
+    out.write_json(part_path, part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
     _log(

@@ -2,23 +2,28 @@
 
 A shard is an Arrow IPC file (zstd-compressed buffers), one row per sample. Teacher
 targets and attention summaries are codec blobs (see docs/FORMAT.md); token ids and
-target positions are plain Arrow lists. A shard is written under a temporary name
-and renamed when complete, so a reader never sees half a shard.
+target positions are plain Arrow lists. A shard is written to a spool file (a temporary name beside it
+locally, a temporary local file for object stores) and published whole when
+complete, so a reader never sees half a shard. The writer records the shard's
+sha256 and a sha256 per CHUNK_BYTES of it, so a reader can check bytes as they
+stream in instead of downloading a whole shard first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.storage import Location
+
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
+CHUNK_BYTES = 1 << 20  # a reader checks (and can use) a shard one chunk of this many bytes at a time
 
 SCHEMA = pa.schema(
     [
@@ -47,10 +52,11 @@ class ShardInfo:
     name: str
     rows: int
     bytes: int
-    sha256: str
+    sha256: str  # "sha256:<hex>" of the whole file
     tokens: int
     target_positions: int
     truncated: int
+    chunks: dict  # {"size": bytes per chunk, "sha256": [hex of each chunk_bytes piece, in order]}
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -71,15 +77,18 @@ class Row:
 class ShardWriter:
     """Buffers rows, writes one shard atomically; `finalize()` returns its ShardInfo."""
 
-    def __init__(self, directory: Path, name: str, metadata: dict, batch_rows: int = 64) -> None:
-        self.path = directory / name
-        self.tmp = directory / (name + TMP_SUFFIX)
-        self.batch_rows = batch_rows
+    def __init__(
+        self, where: Location, name: str, metadata: dict, batch_rows: int = 64, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
+        self.where, self.name = where, name
+        self.tmp = where.spool_path(name, TMP_SUFFIX)
+        self.batch_rows, self.chunk_bytes = batch_rows, chunk_bytes
         self.schema = SCHEMA.with_metadata({"teacher_cache": json.dumps(metadata, sort_keys=True)})
         self._sink = pa.OSFile(str(self.tmp), "wb")
         options = pa.ipc.IpcWriteOptions(compression="zstd")
         self._writer = pa.ipc.new_file(self._sink, self.schema, options=options)
         self._rows: list[Row] = []
+        self._buffered = 0  # approximate bytes of the rows not yet written
         self.rows = self.tokens = self.targets = self.truncated = 0
 
     def __enter__(self) -> ShardWriter:
@@ -95,13 +104,16 @@ class ShardWriter:
         self.tokens += len(row.input_ids)
         self.targets += len(row.target_positions)
         self.truncated += int(row.truncated)
-        if len(self._rows) >= self.batch_rows:
+        self._buffered += 4 * (len(row.input_ids) + len(row.target_positions)) + len(row.targets)
+        self._buffered += sum(len(a) for a in row.attention or ())
+        # a record batch is what a streaming reader decodes at once: keep it near one chunk
+        if len(self._rows) >= self.batch_rows or self._buffered >= self.chunk_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if not self._rows:
             return
-        rows, self._rows = self._rows, []
+        rows, self._rows, self._buffered = self._rows, [], 0
         columns = {
             "sample_id": [r.sample_id for r in rows],
             "source": [r.source for r in rows],
@@ -114,55 +126,140 @@ class ShardWriter:
         self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
 
     def finalize(self) -> ShardInfo:
-        """Flush, fsync, rename into place; the shard is durable when this returns."""
+        """Flush, checksum, publish; the shard is durable (or uploaded) when this returns."""
         self._flush()
         self._writer.close()
         self._sink.close()
         with open(self.tmp, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+            digests = checksums(iter(lambda: f.read(self.chunk_bytes), b""), self.chunk_bytes)
+        self.where.publish(self.tmp, self.name)
         return ShardInfo(
-            name=self.path.name,
+            name=self.name,
             rows=self.rows,
-            bytes=self.path.stat().st_size,
-            sha256="sha256:" + digest,
             tokens=self.tokens,
             target_positions=self.targets,
             truncated=self.truncated,
+            **digests,
         )
 
     def abort(self) -> None:
         try:
             self._writer.close()
             self._sink.close()
+        except (pa.ArrowException, OSError):
+            pass  # already closed, or the disk that failed the write fails the close too
         finally:
             self.tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+ARROW_MAGIC = b"ARROW1\x00\x00"  # an Arrow IPC file: this, the IPC stream, the footer, "ARROW1"
+MAX_CHUNK_BYTES = 64 << 20  # a manifest declaring bigger chunks is refused
 
 
-def read_shard_table(data: bytes, name: str) -> pa.Table:
-    """Open a shard's bytes and check its schema; ShardError names the shard otherwise."""
-    try:
-        reader = pa.ipc.open_file(pa.BufferReader(data))
-        schema = reader.schema
-        if not schema.remove_metadata().equals(SCHEMA):
-            raise ShardError(f"{name}: schema differs from format v{FORMAT_VERSION}: {schema.remove_metadata()}")
-        return reader.read_all()
-    except pa.ArrowException as e:
-        raise ShardError(f"{name}: not a readable Arrow shard ({e})") from None
+class _CheckedReader:
+    """File-like over a shard's chunks that hands out only bytes whose sha256 matched."""
+
+    def __init__(self, chunks: Iterator[bytes], sizes: list[int], hashes: list[str], name: str) -> None:
+        self._chunks, self._sizes, self._hashes, self.name = chunks, sizes, hashes, name
+        self._buf, self._pos, self._index = b"", 0, 0
+        self.whole = hashlib.sha256()
+        self.closed = False
+
+    def _next_chunk(self) -> bool:
+        i = self._index
+        if i == len(self._hashes):
+            return False
+        data = next(self._chunks)
+        if len(data) != self._sizes[i] or hashlib.sha256(data).hexdigest() != self._hashes[i]:
+            where = f" in chunk {i} of {len(self._hashes)}" if len(self._hashes) > 1 else ""
+            raise ShardError(f"{self.name}: sha256 mismatch{where} (corrupted, truncated or replaced shard)")
+        self.whole.update(data)
+        self._buf, self._pos, self._index = data, 0, i + 1
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        want = n if n is not None and n >= 0 else float("inf")
+        while want > 0:
+            if self._pos == len(self._buf) and not self._next_chunk():
+                break
+            take = self._buf[self._pos : self._pos + int(min(want, len(self._buf) - self._pos))]
+            self._pos += len(take)
+            want -= len(take)
+            out.append(take)
+        return b"".join(out)
+
+    def drain(self) -> None:
+        while self._next_chunk():
+            pass
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
 
 
-def shard_metadata(table: pa.Table, name: str) -> dict:
-    raw = (table.schema.metadata or {}).get(b"teacher_cache")
+def chunk_plan(entry: dict, name: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """Byte ranges and sha256 (hex) of a shard's chunks, from its manifest entry.
+
+    An entry without "chunks" (older writers) is one chunk: the whole shard, checked
+    against its sha256 before any of it is used.
+    """
+    size = entry["bytes"]
+    chunks = entry.get("chunks")
+    if not chunks:
+        return [(0, size)], [entry["sha256"].removeprefix("sha256:")]
+    step = chunks["size"]
+    ranges = [(start, min(start + step, size)) for start in range(0, size, step)] or [(0, 0)]
+    if len(ranges) != len(chunks["sha256"]):
+        raise ShardError(f"{name}: manifest lists {len(chunks['sha256'])} chunk hashes for {len(ranges)} chunks")
+    return ranges, list(chunks["sha256"])
+
+
+class ShardStream:
+    """A shard's record batches, decoded as its verified chunks arrive (no whole-shard download).
+
+    `schema` is read (and checked) on construction; iterate for record batches; when the
+    iteration ends the whole shard's sha256 and size have been checked too.
+    """
+
+    def __init__(self, where: Location, entry: dict) -> None:
+        self.name = name = entry["name"]
+        ranges, hashes = chunk_plan(entry, name)
+        self._src = _CheckedReader(
+            where.read_ranges(name, ranges), [e - s for s, e in ranges], hashes, where.describe(name)
+        )
+        self._entry = entry
+        try:
+            if self._src.read(len(ARROW_MAGIC)) != ARROW_MAGIC:
+                raise ShardError(f"{name}: not an Arrow IPC file (bad magic)")
+            self._reader = pa.ipc.open_stream(self._src)
+        except pa.ArrowException as e:
+            raise ShardError(f"{name}: not a readable Arrow shard ({e})") from None
+        check_schema(self._reader.schema, name)
+        self.schema = self._reader.schema
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._reader
+        except pa.ArrowException as e:
+            raise ShardError(f"{self.name}: not a readable Arrow shard ({e})") from None
+        self._src.drain()  # the footer: every byte is checked, not only the ones decoded
+        if "sha256:" + self._src.whole.hexdigest() != self._entry["sha256"]:
+            raise ShardError(f"{self.name}: sha256 mismatch (corrupted or replaced shard)")
+
+    def read_all(self) -> pa.Table:
+        return pa.Table.from_batches(list(self), schema=self.schema)
+
+
+def check_schema(schema: pa.Schema, name: str) -> None:
+    if not schema.remove_metadata().equals(SCHEMA):
+        raise ShardError(f"{name}: schema differs from format v{FORMAT_VERSION}: {schema.remove_metadata()}")
+
+
+def shard_metadata(schema: pa.Schema, name: str) -> dict:
+    raw = (schema.metadata or {}).get(b"teacher_cache")
     if raw is None:
         raise ShardError(f"{name}: no teacher_cache metadata in the schema")
     try:
@@ -171,5 +268,15 @@ def shard_metadata(table: pa.Table, name: str) -> dict:
         raise ShardError(f"{name}: unreadable teacher_cache metadata") from None
 
 
-def sha256_bytes(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def checksums(chunks: Iterable[bytes], chunk_bytes: int) -> dict:
+    """Manifest fields for a file given as consecutive chunk_bytes-sized pieces: bytes, sha256, chunks."""
+    whole, hashes, size = hashlib.sha256(), [], 0
+    for chunk in chunks:
+        whole.update(chunk)
+        hashes.append(hashlib.sha256(chunk).hexdigest())
+        size += len(chunk)
+    return {"bytes": size, "sha256": "sha256:" + whole.hexdigest(), "chunks": {"size": chunk_bytes, "sha256": hashes}}
+
+
+def checksums_of(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    return checksums((data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)), chunk_bytes)

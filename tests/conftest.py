@@ -74,3 +74,56 @@ def data_copy(tmp_path, chats_file) -> Path:
     dst = tmp_path / "chats.jsonl"
     shutil.copy(chats_file, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) as a separate process on loopback, and a bucket on it.
+
+    The environment points every S3 client (s3fs in this process and in the CLI
+    processes the tests start) at it, the way a user points them at their own endpoint.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "teacher-cache-tests",
+        "AWS_SECRET_ACCESS_KEY": "teacher-cache-tests",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.filesystem("s3").mkdir("tc-tests")
+    yield "s3://tc-tests"
+    server.kill()
+    server.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -78,7 +78,7 @@ def test_unwritable_output(tmp_path, chats_file):
     err = one_line_error(
         sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(blocker / "cache")])
     )
-    assert "cannot write to output directory" in err
+    assert "cannot write to " in err and "Not a directory" in err
 
 
 def test_bad_option_values_are_usage_errors(tmp_path, chats_file):

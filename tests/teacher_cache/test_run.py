@@ -55,7 +55,11 @@ def assert_same_rows(a: dict, b: dict) -> None:
     for sid in a:
         for f, v in a[sid].items():
             w = b[sid][f]
-            if isinstance(v, np.ndarray):
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+                # other batch compositions pad differently: float rounding may move a value across
+                # one codec quantisation step (0.04 nats), never more
+                np.testing.assert_allclose(v, w, rtol=0, atol=0.0401, err_msg=f"{sid}.{f}")
+            elif isinstance(v, np.ndarray):
                 np.testing.assert_array_equal(v, w, err_msg=f"{sid}.{f}")
             else:
                 assert v == w, f"{sid}.{f}"

@@ -16,7 +16,7 @@ from teacher_cache import codec, open_cache
 from teacher_cache.manifest import ManifestError
 from teacher_cache.merge import MergeError, merge
 from teacher_cache.run import RunConfig, run
-from teacher_cache.shards import SCHEMA, ShardError, sha256_bytes
+from teacher_cache.shards import SCHEMA, ShardError, checksums_of
 
 CLI = [sys.executable, "-m", "teacher_cache.cli"]
 
@@ -67,7 +67,7 @@ def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None) -> None:
     path.write_bytes(data)
     mpath = cache / "manifest.json"
     m = json.loads(mpath.read_text())
-    m["shards"][0].update(bytes=len(data), sha256=sha256_bytes(data))
+    m["shards"][0].update(checksums_of(data))
     mpath.write_text(json.dumps(m))
 
 
@@ -95,7 +95,7 @@ def test_flipped_byte_fails_the_checksum(cache):
 def test_truncated_shard(cache):
     p = first_shard(cache)
     p.write_bytes(p.read_bytes()[:-100])
-    refused(cache, "bytes on disk, manifest says")
+    refused(cache, "bytes stored, manifest says")
 
 
 def test_other_schema(cache):

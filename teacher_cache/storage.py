@@ -1,0 +1,185 @@
+"""Where caches live: a local directory or any fsspec URL (s3://, gs://, hf://, file://).
+
+`Location` is the only place cache files are read or written. Local directories get
+POSIX durability (write a temporary file, fsync, rename, fsync the directory). Object
+stores get their own atomicity: one PUT makes an object appear whole or not at all, so
+a shard is spooled to a local temporary file and uploaded when complete, and JSON
+files are written with a single PUT. Credentials and endpoints come from the usual
+environment of each filesystem (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, ~/.aws/...; fsspec's FSSPEC_<PROTOCOL>_<OPTION> variables also apply).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(OSError):
+    """A location that cannot be read or written; the message is one line for the user."""
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+class Location:
+    """A directory: a local path or an fsspec URL, with the few operations a cache needs."""
+
+    def __init__(self, url: str | Path, **storage_options: Any) -> None:
+        self.url = str(url).rstrip("/") or "/"
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
+        except (ImportError, ValueError) as e:
+            raise StorageError(f"{self.url}: cannot open this location ({_why(e)})") from None
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    # -- names ------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        """Filesystem path of `name` (relative, '/'-separated) inside this location."""
+        return posixpath.join(self.root, name)
+
+    def describe(self, name: str) -> str:
+        """`name` as the user would write it, for messages."""
+        return f"{self.url}/{name}"
+
+    def local_path(self, name: str = "") -> Path:
+        assert self.is_local, "only local locations have a filesystem path"
+        return Path(self.path(name)) if name else Path(self.root)
+
+    # -- reading ------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache()  # another process may have written it since we last listed
+        return self.fs.exists(self.path(name))
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self.path(name)))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names (relative to this location) matching a glob such as 'parts/*.json', sorted."""
+        self.fs.invalidate_cache()
+        base = self.root.rstrip("/") + "/"
+        return sorted(p[len(base) :] if p.startswith(base) else p for p in self.fs.glob(self.path(pattern)))
+
+    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self.fs.cat_file(self.path(name), start=start, end=end)
+
+    def read_json(self, name: str, max_bytes: int) -> Any:
+        """Parse a JSON file after checking it is not implausibly large; ValueError if malformed."""
+        if self.size(name) > max_bytes:
+            raise ValueError(f"{self.describe(name)}: implausibly large ({self.size(name)} bytes)")
+        try:
+            return json.loads(self.read_bytes(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.describe(name)}: not valid JSON ({e})") from None
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]], prefetch: int = 2):
+        """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead."""
+        path = self.path(name)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = [pool.submit(self.fs.cat_file, path, start=s, end=e) for s, e in ranges[:prefetch]]
+            for i in range(len(ranges)):
+                data = pending.pop(0).result()
+                if i + prefetch < len(ranges):
+                    s, e = ranges[i + prefetch]
+                    pending.append(pool.submit(self.fs.cat_file, path, start=s, end=e))
+                yield data
+
+    # -- writing ------------------------------------------------------------------------
+    def makedirs(self, name: str = "") -> None:
+        """Local directories only: object stores have none (and s3fs would create a missing bucket)."""
+        if self.is_local:
+            Path(self.path(name) if name else self.root).mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Create the directory and write + delete a probe, so a bad --out fails before any work."""
+        try:
+            self.makedirs()
+            self.makedirs("parts")
+            probe = ".write-probe"
+            self.fs.pipe_file(self.path(probe), b"")
+            self.fs.rm_file(self.path(probe))
+        except Exception as e:  # any backend's error: permissions, credentials, bucket missing
+            raise StorageError(f"cannot write to {self.url}: {_why(e)}") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write JSON atomically: tmp + fsync + rename locally, one PUT on an object store."""
+        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        if not self.is_local:
+            self.fs.pipe_file(self.path(name), data)
+            return
+        path = self.local_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def spool_path(self, name: str, tmp_suffix: str) -> Path:
+        """Where a file is written before `publish`: beside its final name locally, else in $TMPDIR."""
+        if self.is_local:
+            return self.local_path(name + tmp_suffix)
+        fd, tmp = tempfile.mkstemp(prefix="teacher-cache-", suffix="-" + name + tmp_suffix)
+        os.close(fd)
+        return Path(tmp)
+
+    def publish(self, spool: Path, name: str) -> None:
+        """Make a complete spooled file visible under `name`, atomically; the spool is consumed."""
+        if self.is_local:
+            with open(spool, "rb") as f:
+                os.fsync(f.fileno())
+            final = self.local_path(name)
+            os.replace(spool, final)
+            fsync_dir(final.parent)
+            return
+        try:
+            self.fs.put_file(str(spool), self.path(name))
+        finally:
+            spool.unlink(missing_ok=True)
+
+    def copy_from(self, src: Location, src_name: str, name: str) -> None:
+        """Copy one file between locations: hard link or server-side copy when possible."""
+        if self.is_local and src.is_local:
+            try:
+                os.link(src.local_path(src_name), self.local_path(name))
+                return
+            except OSError:
+                pass
+        if type(self.fs) is type(src.fs) and self.fs.storage_options == src.fs.storage_options:
+            self.fs.copy(src.path(src_name), self.path(name))
+            return
+        spool = self.spool_path(name, ".tmp")
+        src.fs.get_file(src.path(src_name), str(spool))
+        self.publish(spool, name)
+
+    def remove(self, name: str) -> None:
+        self.fs.rm_file(self.path(name))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def as_location(where: str | Path | Location) -> Location:
+    return where if isinstance(where, Location) else Location(where)

@@ -1,0 +1,173 @@
+"""Caches on an object store: a real S3 server (moto, its own process) on loopback, reached by s3fs.
+
+Every step goes through the public CLIs with s3:// URLs, as a user sharing caches would:
+data on S3 -> two cache workers writing to S3 -> merge with a cache made another day ->
+verify -> train from the merged cache over the network.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from teacher_cache import open_cache
+from teacher_cache.run import RunConfig, run
+from teacher_cache.shards import ShardError
+
+TC = [sys.executable, "-m", "teacher_cache.cli"]
+ST = [sys.executable, "-m", "student_train.cli"]
+RUN = ["run", "--teacher", "tiny-mixtral", "--backend", "hf", "--top-k", "8", "--shard-size", "2", "--no-progress"]
+
+
+def sh(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server, chats_file) -> tuple[str, str]:
+    """The test chats split in two files on S3: 'monday' (8 records) and 'tuesday' (4)."""
+    fs = fsspec.filesystem("s3")
+    lines = chats_file.read_text().splitlines(keepends=True)
+    monday, tuesday = f"{s3_server}/data/monday.jsonl", f"{s3_server}/data/tuesday.jsonl"
+    fs.pipe_file(monday, "".join(lines[:8]).encode())
+    fs.pipe_file(tuesday, "".join(lines[8:]).encode())
+    return monday, tuesday
+
+
+def rows(cache) -> dict[str, tuple]:
+    return {s.sample_id: (s.input_ids, s.topk_ids, s.topk_logprobs, s.tail_logprob) for s in cache}
+
+
+@pytest.mark.slow
+def test_two_workers_write_to_s3_then_merge_verify_and_train_over_the_network(s3_server, s3_data, tmp_path):
+    monday, tuesday = s3_data
+    a, b, merged = (f"{s3_server}/caches/{n}" for n in ("monday", "tuesday", "merged"))
+    workers = [
+        subprocess.Popen(
+            [*TC, *RUN, "--data", monday, "--out", a, "--num-workers", "2", "--worker-index", str(w)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(2)
+    ]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+    ok(sh([*TC, *RUN, "--data", tuesday, "--out", b]))
+
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(a.removeprefix("s3://")))
+    assert "manifest.json" in names and not [n for n in names if n.endswith(".tmp")]
+    assert {n[:12] for n in names if n.startswith("shard-")} == {"shard-w00000", "shard-w00001"}
+
+    # what came back over the network is what a local run of the same data computes
+    local = tmp_path / "local"
+    (tmp_path / "monday.jsonl").write_bytes(fs.cat_file(monday))
+    run(RunConfig("tiny-mixtral", (str(tmp_path / "monday.jsonl"),), str(local), backend="hf", top_k=8, progress=False))
+    remote_rows, local_rows = rows(open_cache(a)), rows(open_cache(local))
+    assert remote_rows.keys() == local_rows.keys() and len(remote_rows) == 8
+    for sid, got in remote_rows.items():
+        for x, y in zip(got, local_rows[sid], strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=0.0401)  # one codec step: batching differs
+
+    ok(sh([*TC, "merge", a, b, "--out", merged]))
+    verified = ok(sh([*TC, "verify", merged]))
+    assert "ok: 12 samples" in verified.stdout
+    info = json.loads(ok(sh([*TC, "inspect", merged, "--json"])).stdout)
+    assert info["samples"] == 12 and info["data_files"] == [monday, tuesday]
+    assert info["tokenizer_fingerprint"].startswith("sha256:") and info["targets"]["k"] == 8
+
+    run_dir = tmp_path / "run"
+    ok(
+        sh(
+            [
+                *ST,
+                "train",
+                "--student",
+                "tiny-mistral",
+                "--cache",
+                merged,
+                "--out",
+                str(run_dir),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "3",
+                "--no-progress",
+            ]
+        )
+    )
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["kd"]) for m in metrics)
+    lines = (run_dir / "samples.rank0.jsonl").read_text().splitlines()
+    seen = {sid for line in lines for sid in json.loads(line)["samples"]}
+    assert len(seen) == 12  # 4 steps x 3 samples: every merged sample came over the network
+
+
+def test_reader_streams_checked_chunks_without_downloading_the_shard_first(s3_server, chats_file):
+    """The first sample is decoded before the shard's last chunk is fetched, and only from chunks
+    whose sha256 matched: a corrupted last chunk stops the stream there, naming the chunk."""
+    out = f"{s3_server}/caches/streamed"
+    run(
+        RunConfig(
+            "tiny-mixtral",
+            (str(chats_file),),
+            out,
+            backend="hf",
+            top_k=8,
+            attention_layers=(1,),
+            attention_top_k=4,
+            shard_size=12,
+            chunk_bytes=4096,
+            progress=False,
+        )
+    )
+    cache = open_cache(out)
+    (entry,) = cache.manifest["shards"]
+    n_chunks = len(entry["chunks"]["sha256"])
+    assert n_chunks >= 4, entry["bytes"]
+    clean = next(iter(cache.iter_shard(entry["name"])))
+
+    fs = fsspec.filesystem("s3")
+    key = f"{out}/{entry['name']}"
+    data = bytearray(fs.cat_file(key))
+    data[-10] ^= 0xFF  # inside the last chunk (the footer)
+    fs.pipe_file(key, bytes(data))
+
+    stream = open_cache(out).iter_shard(entry["name"])
+    first = next(stream)
+    assert first.sample_id == clean.sample_id and np.array_equal(first.topk_ids, clean.topk_ids)
+    with pytest.raises(ShardError, match=f"sha256 mismatch in chunk {n_chunks - 1} of {n_chunks}"):
+        list(stream)
+    done = sh([*TC, "verify", out])
+    assert done.returncode == 1 and f"sha256 mismatch in chunk {n_chunks - 1}" in done.stderr
+
+
+def test_unreachable_or_foreign_locations_fail_in_one_line(s3_server, chats_file, tmp_path):
+    err = one_line_error(sh([*TC, *RUN, "--data", str(chats_file), "--out", "s3://no-such-bucket/cache"]))
+    assert "cannot write to s3://no-such-bucket/cache" in err
+    err = one_line_error(sh([*TC, "inspect", f"{s3_server}/nothing-here"]))
+    assert "no manifest.json (not a teacher cache)" in err
+    err = one_line_error(sh([*TC, *RUN, "--data", f"{s3_server}/data/missing.jsonl", "--out", str(tmp_path / "c")]))
+    assert "missing.jsonl" in err
+    assert not Path(tmp_path / "c" / "manifest.json").exists()
