@@ -36,12 +36,24 @@ class Location:
 
     def __init__(self, url: str | Path, **storage_options: Any) -> None:
         self.url = str(url).rstrip("/") or "/"
+        self._options = storage_options
+        self._fs, root = self._connect()
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self._fs, LocalFileSystem)
+        self._pid = os.getpid()
+
+    def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
+            return fsspec.core.url_to_fs(self.url, **self._options)
         except (ImportError, ValueError) as e:
             raise StorageError(f"{self.url}: cannot open this location ({_why(e)})") from None
-        self.root = root.rstrip("/") or "/"
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, made again in a forked process (async clients such as s3fs are not fork-safe)."""
+        if self._pid != os.getpid():
+            self._fs, self._pid = self._connect()[0], os.getpid()
+        return self._fs
 
     def __str__(self) -> str:
         return self.url

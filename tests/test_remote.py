@@ -113,6 +113,8 @@ def test_two_workers_write_to_s3_then_merge_verify_and_train_over_the_network(s3
                 "4",
                 "--batch-size",
                 "3",
+                "--num-workers",
+                "2",  # forked dataloader workers reconnect to S3 (async clients are not fork-safe)
                 "--no-progress",
             ]
         )
