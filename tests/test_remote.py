@@ -173,3 +173,35 @@ def test_unreachable_or_foreign_locations_fail_in_one_line(s3_server, chats_file
     err = one_line_error(sh([*TC, *RUN, "--data", f"{s3_server}/data/missing.jsonl", "--out", str(tmp_path / "c")]))
     assert "missing.jsonl" in err
     assert not Path(tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server, s3_data):
+    import os
+    import signal
+    import time
+
+    monday, _ = s3_data
+    clean, killed = f"{s3_server}/caches/clean", f"{s3_server}/caches/killed"
+    args = [*TC, *RUN, "--shard-size", "1", "--batch-size", "1", "--data", monday]
+    ok(sh([*args, "--out", clean]))
+    proc = subprocess.Popen(
+        [*args, "--out", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    fs = fsspec.filesystem("s3")
+    part = f"{killed}/parts/worker-00000-of-00001.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        fs.invalidate_cache()
+        if fs.exists(part) and len(json.loads(fs.cat_file(part))["shards"]) >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    before = len(json.loads(fs.cat_file(part))["shards"])
+    assert 1 <= before < 8 and not fs.exists(f"{killed}/manifest.json"), "the kill must land mid-run"
+    resumed = ok(sh([*args, "--out", killed]))
+    assert f"resuming: {before} shards already durable" in resumed.stderr
+    a, b = open_cache(clean).manifest, open_cache(killed).manifest
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
