@@ -60,6 +60,9 @@ def summary(codec_json: Path, throughput_json: Path, since: float) -> list[str]:
             )
         s = c["sampled"]
         lines.append(f"  sampled N={s['num_draws']}: {s['bytes_per_pos']:.2f} B/pos")
+        for t in c.get("targets", {}).values():
+            ok = "met" if t["met"] else "NOT met"
+            lines.append(f"  target {t['target']:,.0f}: {t['value']:,.2f} {ok}")
     if _fresh(throughput_json, since):
         t = json.loads(throughput_json.read_text())
         m = t["machine"]
@@ -90,7 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     codec_json, throughput_json = RESULTS / "codec.json", RESULTS / "throughput.json"
-    codec_args = ["--out", str(codec_json)] + (["--positions", "512", "--repeat", "2"] if args.quick else [])
+    codec_args = ["--out", str(codec_json)]
+    codec_args += ["--samples", "60", "--repeat", "2"] if args.quick else ["--readme", str(BENCH.parent / "README.md")]
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
     train_json = RESULTS / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
