@@ -31,6 +31,41 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+SPOOL_PREFIX = "teacher-cache-spool-"  # + "<pid>-": remote uploads spooled in $TMPDIR
+_swept = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_spools(directory: str | None = None) -> list[Path]:
+    """Delete spool files left in $TMPDIR by processes that died before uploading them (a
+    killed worker cannot clean up; the upload it was spooling is redone on resume). Runs
+    once per process unless a directory is given. Returns what was removed."""
+    global _swept
+    if directory is None:
+        if _swept:
+            return []
+        _swept = True
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(SPOOL_PREFIX + "*"):
+        pid = path.name[len(SPOOL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass  # another sweeper got it, or not ours to delete
+    return removed
+
+
 class Location:
     """A directory: a local path or an fsspec URL, with the few operations a cache needs."""
 
@@ -148,7 +183,8 @@ class Location:
         """Where a file is written before `publish`: beside its final name locally, else in $TMPDIR."""
         if self.is_local:
             return self.local_path(name + tmp_suffix)
-        fd, tmp = tempfile.mkstemp(prefix="teacher-cache-", suffix="-" + name + tmp_suffix)
+        sweep_spools()
+        fd, tmp = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", suffix="-" + name + tmp_suffix)
         os.close(fd)
         return Path(tmp)
 

@@ -176,7 +176,7 @@ def test_unreachable_or_foreign_locations_fail_in_one_line(s3_server, chats_file
 
 
 @pytest.mark.slow
-def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server, s3_data):
+def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server, s3_data, tmp_path):
     import os
     import signal
     import time
@@ -185,8 +185,14 @@ def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server,
     clean, killed = f"{s3_server}/caches/clean", f"{s3_server}/caches/killed"
     args = [*TC, *RUN, "--shard-size", "1", "--batch-size", "1", "--data", monday]
     ok(sh([*args, "--out", clean]))
+    spools = tmp_path / "tmp"
+    spools.mkdir()
     proc = subprocess.Popen(
-        [*args, "--out", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [*args, "--out", killed],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "TMPDIR": str(spools)},
     )
     fs = fsspec.filesystem("s3")
     part = f"{killed}/parts/worker-00000-of-00001.json"
@@ -201,7 +207,26 @@ def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server,
     fs.invalidate_cache()
     before = len(json.loads(fs.cat_file(part))["shards"])
     assert 1 <= before < 8 and not fs.exists(f"{killed}/manifest.json"), "the kill must land mid-run"
-    resumed = ok(sh([*args, "--out", killed]))
+    env = {**os.environ, "TMPDIR": str(spools)}
+    resumed = ok(sh([*args, "--out", killed], env=env))
+    assert not list(spools.glob(f"*-{proc.pid}-*")), "the killed worker's spool files are swept on resume"
     assert f"resuming: {before} shards already durable" in resumed.stderr
     a, b = open_cache(clean).manifest, open_cache(killed).manifest
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_spools_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    from teacher_cache.storage import SPOOL_PREFIX, sweep_spools
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import os
+
+    mine = tmp_path / f"{SPOOL_PREFIX}{os.getpid()}-abc-shard-00000.arrow.tmp"
+    parent = tmp_path / f"{SPOOL_PREFIX}{os.getppid()}-abc-shard-00001.arrow.tmp"
+    stale = tmp_path / f"{SPOOL_PREFIX}{dead.pid}-abc-shard-00002.arrow.tmp"
+    other = tmp_path / "teacher-cache-unrelated.tmp"
+    for p in (mine, parent, stale, other):
+        p.write_bytes(b"x")
+    assert sweep_spools(str(tmp_path)) == [stale]
+    assert mine.exists() and parent.exists() and other.exists() and not stale.exists()
