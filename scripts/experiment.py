@@ -11,9 +11,11 @@ Rows, same student initialisation, data and step budget:
   2 kd-topk     KD, top-k targets, prediction loss only
   3 kd-attn     KD, top-k targets + attention loss (teacher layers 14, 28 -> student 7, 14)
   4 kd-sampled  KD, sampled targets (50 draws)
-  5 dae         from row 2's checkpoint: science samples against a science expert (the teacher
-                fine-tuned on the science training split by this script), general samples against
-                the teacher as reference model, mixed at the data's science share
+  5 dae-control from row 2's checkpoint, --dae-steps more: science and general samples mixed at
+                the data's science share, all against the teacher (the DAE row without the expert)
+  6 dae         the same start, steps and mix, but science samples against a science expert (the
+                teacher fine-tuned on the science training split by this script), general samples
+                against the teacher as reference model
 """
 
 from __future__ import annotations
@@ -234,7 +236,41 @@ def main() -> None:
             32,
         ],
     )
+    # control for DAE: the same mix, start and steps, but the teacher itself on science too, so
+    # the difference between the two rows is the expert's targets and nothing else
+    walls["cache-control"] = sh(
+        "cache the teacher on science (DAE control)",
+        [
+            TC,
+            "run",
+            *base,
+            "--data",
+            train,
+            "--out",
+            out / "cache-control-sci",
+            "--only-domain",
+            DOMAIN,
+            "--top-k",
+            32,
+        ],
+    )
     share = sum(json.loads(line).get("domain") == DOMAIN for line in train_lines) / len(train_lines)
+    results["rows"]["dae-control"] = {
+        "label": f"control: KD top-k, same mix, teacher on science (+{args.dae_steps} steps)",
+        "cache_bytes": cache_bytes(out / "cache-control-sci") + cache_bytes(out / "cache-dae-ref"),
+        "cache_wall_s": walls["cache-control"],
+        "seeds": {},
+    }
+    for seed in args.seeds:
+        start = results["rows"]["kd-topk"]["seeds"][seed]["checkpoint"]
+        results["rows"]["dae-control"]["seeds"][seed] = train_run(
+            "dae-control",
+            seed,
+            ["--cache", out / "cache-dae-ref", "--cache", out / "cache-control-sci"],
+            ["--domain-ratio", f"{share:.3f}"],
+            student=start,
+            steps=args.dae_steps,
+        )
     results["rows"]["dae"] = {
         "label": f"DAE from KD top-k (+{args.dae_steps} steps)",
         "cache_bytes": cache_bytes(out / "cache-dae-expert") + cache_bytes(out / "cache-dae-ref"),
