@@ -7,7 +7,6 @@ loaded: only `teacher_cache.open_cache` and the student are.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -175,9 +174,11 @@ def _save(out: Path, step: int, model: nn.Module, tok, optimizer, state: dict, c
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # LoRA: save a merged copy, so the checkpoint is a plain transformers model
-    to_save = copy.deepcopy(model).merge_and_unload() if cfg.lora_rank else model
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
+        base, merged = _merged_lora_state(model)
+        base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
@@ -351,6 +352,30 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _merged_lora_state(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """peft model -> (its base transformers model, that model's state dict with each LoRA delta
+    merged into its base weight and no adapter keys). Only the adapted weights are new tensors,
+    one per adapted linear layer; the model itself is not copied, nor changed (merging in place
+    and unmerging would leave rounding drift in the trained weights)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight  # [out, in]
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)  # [out, in]
+                merged[f"{name}.weight"] = w + delta.to(w.dtype)
+        state = {}
+        for key, t in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            state[key] = merged.get(key, t)
+    return base, state
 
 
 def _lora(model: nn.Module, rank: int) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -264,6 +265,25 @@ def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
     )
     model = AutoModelForCausalLM.from_pretrained(result["checkpoint"])
     assert not any("lora" in n for n, _ in model.named_parameters())
+    # the saved weights are the adapters merged into the student's weights, which they moved
+    from student_train.train import _lora, _merged_lora_state
+    from teacher_cache.models import resolve_model
+
+    start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path)
+    peft_model = _lora(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path), 4)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a trained adapter: B is no longer zero
+    _, merged = _merged_lora_state(peft_model)
+    reference = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[k], reference[k]) for k in reference)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], start.state_dict()[q])
+    saved, initial = model.state_dict(), start.state_dict()
+    assert not torch.equal(saved[q], initial[q]), "two LoRA steps must have moved q_proj"
+    assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_refusals(tmp_path, kd_cache):
