@@ -84,6 +84,7 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA (needs peft).")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: FSDP2 sharding instead of DDP.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)

@@ -53,6 +53,7 @@ class TrainConfig:
     chunk_size: int = 1024  # target positions per vocabulary chunk in the losses
     gradient_checkpointing: bool = False
     lora_rank: int = 0
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
     resume: bool = False
     progress: bool = True
     trust_remote_code: bool = False
@@ -64,6 +65,8 @@ class TrainConfig:
             raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
         if self.temperature <= 0:
             raise TrainError("--temperature must be > 0")
+        if self.fsdp and self.lora_rank:
+            raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -169,7 +172,49 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _save(out: Path, step: int, model: nn.Module, tok, optimizer, state: dict, cfg: TrainConfig) -> Path:
+def _fully_shard(model: nn.Module, root: nn.Module) -> None:
+    """FSDP2 in place: one shard group per decoder layer (model.model.layers), the rest
+    (embeddings, final norm, output head) in the group of `root`, the DistillStep whose forward
+    calls the decoder and reads the head's weight directly; both need to be gathered there."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(layer)
+    fully_shard(root)
+
+
+def _full_state(model: nn.Module, *, rank0_cpu: bool = False) -> dict[str, torch.Tensor]:
+    """Every rank calls: the unsharded state dict (rank0_cpu: only rank 0 gets it, on CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_cpu))
+
+
+def _save_sharded(
+    out: Path, step: int, model: nn.Module, tok, optimizer, state: dict, cfg: TrainConfig, rank: int
+) -> None:
+    """_save for FSDP: every rank joins the gathers of weights and optimizer state; rank 0 writes
+    the same plain checkpoint as without FSDP (optimizer state keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = _full_state(model, rank0_cpu=True)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        _save(out, step, model, tok, optimizer, state, cfg, weights=weights, fsdp_optimizer=optim)
+
+
+def _save(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    tok,
+    optimizer,
+    state: dict,
+    cfg: TrainConfig,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    fsdp_optimizer: dict | None = None,
+) -> Path:
     """Write checkpoint-STEP atomically: safetensors weights, tokenizer, optimizer, RNG, data position."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -178,9 +223,10 @@ def _save(out: Path, step: int, model: nn.Module, tok, optimizer, state: dict, c
         base, merged = _merged_lora_state(model)
         base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tok.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    opt = {"fsdp_optimizer": fsdp_optimizer} if fsdp_optimizer is not None else {"optimizer": optimizer.state_dict()}
+    torch.save({**opt, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -235,15 +281,29 @@ def train(cfg: TrainConfig) -> dict:
         model = _lora(model, cfg.lora_rank)
     model.train()
     step_module: nn.Module = DistillStep(model, cfg, kind, layer_map)
-    if world > 1:
+    sharded = cfg.fsdp and world > 1
+    if sharded:
+        _fully_shard(model, step_module)
+    elif world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.index is not None else None
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=None if sharded else True
+    )
     if ckpt:
         saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        if ("fsdp_optimizer" in saved) != sharded:
+            written = "with" if "fsdp_optimizer" in saved else "without"
+            raise TrainError(f"{ckpt} was written {written} --fsdp across ranks; resume the same way")
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            full = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["fsdp_optimizer"], options=full)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
 
     # ---- data, from the exact position the last run stopped at
@@ -297,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
                 for k, v in parts.items():
                     if v is not None:
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -319,8 +380,11 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-            if rank == 0 and (state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps):
-                _save(out, state["step"], model, tok, optimizer, state, cfg)
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+                if sharded:  # every rank joins the gathers, rank 0 writes
+                    _save_sharded(out, state["step"], model, tok, optimizer, state, cfg, rank)
+                elif rank == 0:
+                    _save(out, state["step"], model, tok, optimizer, state, cfg)
             if world > 1:
                 torch.distributed.barrier()
     finally:
@@ -331,17 +395,25 @@ def train(cfg: TrainConfig) -> dict:
         if metrics_file is not None:
             metrics_file.close()
         samples_file.close()
-    digest = _weights_digest(model)
+    if sharded:  # gathered to rank 0's CPU only (a 7B student must not be unsharded on every rank)
+        full = _full_state(model, rank0_cpu=True)
+        box = [_weights_digest(full) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        digest = box[0]
+    else:
+        digest = _weights_digest(model.state_dict())
+    if world > 1:
+        torch.distributed.barrier()  # no rank tears the process group down while another still gathers
     (out / f"rank{rank}.json").write_text(json.dumps({**state, "weights_sha256": digest}) + "\n")
     return {**state, "last": last, "checkpoint": str(out / f"checkpoint-{state['step']}"), "weights_sha256": digest}
 
 
-def _weights_digest(model: nn.Module) -> str:
-    """sha256 over every parameter's bytes, in name order: equal across DDP ranks."""
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's bytes, in name order: equal across ranks."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
