@@ -141,12 +141,14 @@ class DistillStep(nn.Module):
         return torch.stack(per_layer).mean()
 
 
-def _dist() -> tuple[int, int]:
+def _dist() -> tuple[int, int, bool]:
+    """-> (rank, world size, whether this call started the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
+    started = world > 1 and not torch.distributed.is_initialized()
+    if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+    return (torch.distributed.get_rank() if world > 1 else 0), world, started
 
 
 def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers: int) -> list[tuple[int, int]]:
@@ -242,7 +244,7 @@ def train(cfg: TrainConfig) -> dict:
     from teacher_cache.tokenize import load_tokenizer
 
     # ---- setup: caches and the checks before the first step
-    rank, world = _dist()
+    rank, world, started_group = _dist()
     torch.manual_seed(cfg.seed)
     caches = [open_cache(c) for c in cfg.caches]
     ref = resolve_model(cfg.student)
@@ -260,6 +262,8 @@ def train(cfg: TrainConfig) -> dict:
     load_from = str(ckpt) if ckpt else ref.path
     if ckpt:
         state.update({k: v for k, v in json.loads((ckpt / "trainer_state.json").read_text()).items() if k in state})
+    if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
+        torch.distributed.barrier()
 
     # ---- model
     device = (
@@ -402,8 +406,10 @@ def train(cfg: TrainConfig) -> dict:
         digest = box[0]
     else:
         digest = _weights_digest(model.state_dict())
-    if world > 1:
-        torch.distributed.barrier()  # no rank tears the process group down while another still gathers
+    if world > 1:  # no rank tears the process group down while another still gathers
+        torch.distributed.barrier()
+        if started_group:
+            torch.distributed.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps({**state, "weights_sha256": digest}) + "\n")
     return {**state, "last": last, "checkpoint": str(out / f"checkpoint-{state['step']}"), "weights_sha256": digest}
 
