@@ -255,38 +255,31 @@ def main() -> None:
         ],
     )
     share = sum(json.loads(line).get("domain") == DOMAIN for line in train_lines) / len(train_lines)
-    results["rows"]["dae-control"] = {
-        "label": f"control: KD top-k, same mix, teacher on science (+{args.dae_steps} steps)",
-        "cache_bytes": cache_bytes(out / "cache-control-sci") + cache_bytes(out / "cache-dae-ref"),
-        "cache_wall_s": walls["cache-control"],
-        "seeds": {},
-    }
-    for seed in args.seeds:
-        start = results["rows"]["kd-topk"]["seeds"][seed]["checkpoint"]
-        results["rows"]["dae-control"]["seeds"][seed] = train_run(
+    reference = out / "cache-dae-ref"
+    for key, label, science, wall in (
+        (
             "dae-control",
-            seed,
-            ["--cache", out / "cache-dae-ref", "--cache", out / "cache-control-sci"],
-            ["--domain-ratio", f"{share:.3f}"],
-            student=start,
-            steps=args.dae_steps,
-        )
-    results["rows"]["dae"] = {
-        "label": f"DAE from KD top-k (+{args.dae_steps} steps)",
-        "cache_bytes": cache_bytes(out / "cache-dae-expert") + cache_bytes(out / "cache-dae-ref"),
-        "cache_wall_s": walls["cache-dae"],
-        "seeds": {},
-    }
-    for seed in args.seeds:
-        start = results["rows"]["kd-topk"]["seeds"][seed]["checkpoint"]
-        results["rows"]["dae"]["seeds"][seed] = train_run(
-            "dae",
-            seed,
-            ["--cache", out / "cache-dae-ref", "--cache", out / "cache-dae-expert"],
-            ["--domain-ratio", f"{share:.3f}"],
-            student=start,
-            steps=args.dae_steps,
-        )
+            f"control: KD top-k, same mix, teacher on science (+{args.dae_steps} steps)",
+            out / "cache-control-sci",
+            walls["cache-control"],
+        ),
+        ("dae", f"DAE from KD top-k (+{args.dae_steps} steps)", out / "cache-dae-expert", walls["cache-dae"]),
+    ):
+        results["rows"][key] = {
+            "label": label,
+            "cache_bytes": cache_bytes(science) + cache_bytes(reference),
+            "cache_wall_s": wall,
+            "seeds": {},
+        }
+        for seed in args.seeds:
+            results["rows"][key]["seeds"][seed] = train_run(
+                key,
+                seed,
+                ["--cache", reference, "--cache", science],
+                ["--domain-ratio", f"{share:.3f}"],
+                student=results["rows"]["kd-topk"]["seeds"][seed]["checkpoint"],
+                steps=args.dae_steps,
+            )
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = render(results)
     print("\n" + table)
