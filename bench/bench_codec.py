@@ -218,11 +218,10 @@ def stream_breakdown(blocks: list[dict], k: int, level: int) -> dict:
         ids, lp, tail = b["topk"][k]
         a, c, n_fin = codec._quantise_rows(lp)
         P = len(a)
-        x = -np.maximum(tail.astype(np.float64), codec.LOGPROB_FLOOR) / codec.STEP
-        t = np.where(np.isneginf(tail), 0, np.rint(np.maximum(x, 0)) + 1)
+        t = codec._tail_codes(tail)  # [P]
         size = lambda chunks: sum(map(len, codec._compress([ch for ch in chunks if ch], level)))  # noqa: E731
         out["top1"] += size(codec._to_planes(a)[1])
-        out["missing_and_tail"] += size(codec._to_planes(k - n_fin)[1] + codec._to_planes(t.astype(np.int64))[1])
+        out["missing_and_tail"] += size(codec._to_planes(k - n_fin)[1] + codec._to_planes(t)[1])
         _, d_b = codec._to_planes(np.diff(c, axis=1).T.reshape(-1))
         out["deltas"] += size([pl[(lo - 1) * P : (hi - 1) * P] for pl in d_b for lo, hi in codec._rank_groups(k)])
         _, _, widths, chunks = codec._encode_ids(ids.reshape(-1), level)

@@ -97,9 +97,9 @@ class Cache:
 
     def read_table(self, name: str) -> pa.Table:
         """A whole shard, checked (merge needs every row at once; training streams)."""
-        table = self.open_shard(name).read_all()
-        if table.num_rows != self.entry(name)["rows"]:
-            raise ShardError(f"{name}: {table.num_rows} rows, manifest says {self.entry(name)['rows']}")
+        table, expected = self.open_shard(name).read_all(), self.entry(name)["rows"]
+        if table.num_rows != expected:
+            raise ShardError(f"{name}: {table.num_rows} rows, manifest says {expected}")
         return table
 
     def iter_shard(self, name: str) -> Iterator[CachedSample]:

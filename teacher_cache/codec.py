@@ -311,6 +311,12 @@ def _quantise_rows(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return a.astype(np.int64), c.astype(np.int64), n_finite
 
 
+def _tail_codes(tail_logprob: np.ndarray) -> np.ndarray:
+    """float [P] -> int64 [P]: 0 for -inf, else 1 + rint(-tail / STEP) (tail clamped to the floor)."""
+    t = -np.maximum(tail_logprob.astype(np.float64), LOGPROB_FLOOR) / STEP  # [P]
+    return np.where(np.isneginf(tail_logprob), 0, np.rint(np.maximum(t, 0.0)) + 1).astype(np.int64)
+
+
 def _rank_groups(k: int) -> list[tuple[int, int]]:
     """Delta columns 1..k-1 split at powers of two: [1,2), [2,4), [4,8), ... (encoder only)."""
     out, lo = [], 1
@@ -364,12 +370,11 @@ def encode_topk(
 
     a, c, n_finite = _quantise_rows(logprobs)  # [P], [P, k], [P]
     deltas = np.diff(c, axis=1)  # [P, k-1] >= 0
-    t = -np.maximum(tail_logprob.astype(np.float64), LOGPROB_FLOOR) / STEP  # [P]
-    tail_code = np.where(np.isneginf(tail_logprob), 0, np.rint(np.maximum(t, 0.0)) + 1)
+    tail_code = _tail_codes(tail_logprob)  # [P]
 
     nb_a, a_b = _to_planes(a)
     nb_m, m_b = _to_planes(k - n_finite)
-    nb_t, t_b = _to_planes(tail_code.astype(np.int64))
+    nb_t, t_b = _to_planes(tail_code)
     nb_d, d_b = _to_planes(deltas.T.reshape(-1))  # rank-major [k-1, P]
     # extra block boundaries between rank groups inside every plane of the deltas stream
     groups = _rank_groups(k)

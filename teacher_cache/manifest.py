@@ -38,9 +38,14 @@ def config_hash(header: dict) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def part_path(worker: int, num_workers: int) -> str:
+    """A worker's part file, relative to the cache."""
+    return f"{PARTS_DIR}/{part_name(worker, num_workers)}"
+
+
 def read_part(where: Location, worker: int, num_workers: int) -> dict | None:
     """A worker's part file, or None if it has not written one."""
-    name = f"{PARTS_DIR}/{part_name(worker, num_workers)}"
+    name = part_path(worker, num_workers)
     if not where.exists(name):
         return None
     try:

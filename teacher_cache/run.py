@@ -21,10 +21,9 @@ from teacher_cache import __version__, codec
 from teacher_cache.backends import TeacherBackend, TeacherOutput
 from teacher_cache.manifest import (
     FORMAT_NAME,
-    PARTS_DIR,
     assemble,
     config_hash,
-    part_name,
+    part_path,
     read_part,
 )
 from teacher_cache.models import ModelRef, resolve_model
@@ -279,7 +278,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
-    part_path = f"{PARTS_DIR}/{part_name(cfg.worker_index, cfg.num_workers)}"
+    part_file = part_path(cfg.worker_index, cfg.num_workers)
     part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": []}
     previous = read_part(out, cfg.worker_index, cfg.num_workers)
     if previous is not None:
@@ -298,7 +297,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         for stale in out.local_path().glob(f"shard-w{cfg.worker_index:05d}-*{TMP_SUFFIX}"):
             stale.unlink()
     done = len(part["shards"])
-    out.write_json(part_path, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
+    out.write_json(part_file, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
 
     bad: list[str] = []
     dups: list[int] = []
@@ -348,7 +347,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
                 info = writer.finalize()
             part["shards"].append({**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad})
             out.write_json(
-                part_path, {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": time.time() - t0}}
+                part_file, {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": time.time() - t0}}
             )
     finally:
         bar.close()
@@ -363,7 +362,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         "wall_s": wall + part.get("elapsed_before_s", 0.0),
         "tokens_per_s": part["counts"]["tokens"] / wall if wall > 0 else None,
     }
-    out.write_json(part_path, part)
+    out.write_json(part_file, part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
     _log(

@@ -128,8 +128,9 @@ class Location:
 
     def read_json(self, name: str, max_bytes: int) -> Any:
         """Parse a JSON file after checking it is not implausibly large; ValueError if malformed."""
-        if self.size(name) > max_bytes:
-            raise ValueError(f"{self.describe(name)}: implausibly large ({self.size(name)} bytes)")
+        size = self.size(name)
+        if size > max_bytes:
+            raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
         try:
             return json.loads(self.read_bytes(name))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
