@@ -112,6 +112,18 @@ def compute(samples: int | None = None, *, data: Path = DATA, verbose: bool = Tr
     return out
 
 
+def input_tokens(samples: int | None = None, *, data: Path = DATA) -> np.ndarray:
+    """The token each target position reads, input_ids[t], int64 [P] in compute()'s row order
+    (tokenizer only, no model: the reader of a cache has these)."""
+    from teacher_cache.models import resolve_model
+    from teacher_cache.records import iter_records
+    from teacher_cache.tokenize import load_tokenizer, tokenize_record
+
+    tok = load_tokenizer(resolve_model(MODEL).path)
+    recs = list(iter_records([str(data)], skip_bad=False))[:samples]
+    return np.concatenate([(tk := tokenize_record(tok, r, 2048)).input_ids[tk.target_positions] for r in recs])
+
+
 def topk_prefix(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, k: int):
     """Top-k from the top-128: ids int64 [P, k], log-probs float32 [P, k], tail float32 [P]
     = log(exp(tail128) + sum of exp(lp) of ranks k..127), in fp64."""

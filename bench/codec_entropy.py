@@ -7,7 +7,16 @@ per target position: the empirical order-0 entropy of the ids under one frequenc
 block plus the cost of naming the block's distinct ids (log2 C(V, U)), for one block per sample
 and for larger blocks; the same under one global table (its own cost ignored); the entropy of
 the quantised log-prob deltas per rank group; and how often the true next token is in the
-top-k and what naming it by rank instead of id would save (the reader knows it). docs/CODEC.md quotes these.
+top-k and what naming it by rank instead of id would save (the reader knows it).
+
+Then what context could buy: the code length of the ids under an adaptive PPM-C model (order-1
+context with escapes to an adaptive order-0 model, then to a uniform choice among unseen ids)
+run over the whole data as one stream (the most favourable case: state shared across samples,
+so no per-sample random access), with no context, the input token x_t, the next token x_t+1 or
+both as context; and what naming each sample's distinct ids would cost under a free global
+prior. Last, the entropy of the value deltas at coarser steps, to show what fidelity a 50
+B/pos budget would leave, and what the order of ids inside ties of equal quantised codes
+costs. docs/CODEC.md quotes these figures.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec_data import compute, topk_prefix
+from bench_codec_data import compute, input_tokens, topk_prefix
 
 from teacher_cache import codec
 
@@ -64,13 +73,71 @@ def next_token_hint(ids: np.ndarray, hit: np.ndarray, starts: np.ndarray) -> flo
     return saved / len(ids)
 
 
+def ppm_bits(sym: np.ndarray, ctx: np.ndarray | None, V: int) -> float:
+    """Adaptive PPM-C code length in bits of the symbols sym int [n] in order, each coded in its
+    context ctx int [n] (None: order-0 only). Escape probability d / (n + d) at both orders
+    (d distinct symbols seen, n total); an unseen symbol costs log2(V - d0) after both escapes."""
+    seen: dict[int, int] = {}
+    bits, lg = 0.0, math.log2
+    tables: dict[int, list] = {}
+    contexts = ctx.tolist() if ctx is not None else [None] * len(sym)
+    for n0, (s, c) in enumerate(zip(sym.tolist(), contexts, strict=True)):
+        coded = False
+        if c is not None:
+            tab = tables.setdefault(c, [{}, 0])
+            counts, n = tab
+            if n:
+                d, v = len(counts), counts.get(s)
+                coded = v is not None
+                bits -= lg((v if coded else d) / (n + d))
+            counts[s] = counts.get(s, 0) + 1
+            tab[1] = n + 1
+        if not coded:
+            d, v = len(seen), seen.get(s)
+            if v is not None:
+                bits -= lg(v / (n0 + d))
+            else:
+                bits += (lg((n0 + d) / d) if n0 else 0.0) + lg(V - d)
+        seen[s] = seen.get(s, 0) + 1
+    return bits
+
+
+def prior_dictionary_bits(ids: np.ndarray, starts: np.ndarray, V: int) -> float:
+    """Bits to name every sample's set of distinct ids given each id's (free, global) rate of
+    appearing in a sample's set: sum over samples and ids of the binary entropy."""
+    S = len(starts) - 1
+    p = np.zeros(V)
+    for lo, hi in itertools.pairwise(starts):
+        p[np.unique(ids[lo:hi])] += 1 / S
+    q = p[(p > 0) & (p < 1)]
+    return float(S * -(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
+
+
+def delta_bits(lps: np.ndarray, step: float) -> float:
+    """Order-0 entropy (one table per rank group) of the log-prob deltas quantised at step nats."""
+    codes = np.rint(-lps.astype(np.float64) / step)  # [P, k]
+    codes = np.where(np.isfinite(codes), codes, codes[:, :1])
+    deltas = np.diff(codes, axis=1)  # [P, k-1]
+    return sum(entropy_bits(deltas[:, lo - 1 : hi - 1]) for lo, hi in codec._rank_groups(lps.shape[1]))
+
+
+def tie_bits(lps: np.ndarray) -> float:
+    """Bits spent on the order of ids inside groups of equal quantised codes within a row
+    (sum of log2(g!) over tie groups): what storing each tie group in id order could save."""
+    _, c, _ = codec._quantise_rows(lps)  # [P, k] relative codes, non-decreasing per row
+    starts = np.ones_like(c, bool)  # [P, k] True where a run of equal codes begins
+    starts[:, 1:] = c[:, 1:] != c[:, :-1]
+    runs = np.diff(np.r_[np.flatnonzero(starts.reshape(-1)), c.size])  # run lengths, row-major
+    return float(sum(math.lgamma(g + 1) for g in runs[runs > 1]) / math.log(2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--samples", type=int, default=None)
     args = ap.parse_args()
     d = compute(args.samples)
-    ids, lps, _ = topk_prefix(d["ids"], d["lps"], d["tail"], args.k)
+    ids, lps, tail = topk_prefix(d["ids"], d["lps"], d["tail"], args.k)
     P, V, k = len(ids), int(d["vocab"]), args.k
     print(f"P={P} V={V} k={k}; bytes per target position:")
     layouts = {"per sample": d["starts"]} | {
@@ -80,12 +147,11 @@ def main() -> None:
         idx, dic = id_bound(ids, bounds, V)
         print(f"  ids, one table per block, {name:>15}: {idx / 8 / P:6.2f} + dictionary {dic / 8 / P:5.2f}")
     print(f"  ids, one global table (free):                 {entropy_bits(ids.reshape(-1)) / 8 / P:6.2f}")
-    codes = np.rint(-lps.astype(np.float64) / codec.STEP)  # [P, k] fine-step codes, no coarse region
-    codes = np.where(np.isfinite(codes), codes, codes[:, :1])
-    deltas = np.diff(codes, axis=1)  # [P, k-1]
-    per_rank = sum(entropy_bits(deltas[:, lo - 1 : hi - 1]) for lo, hi in codec._rank_groups(k))
-    print(f"  log-prob deltas, one table per rank group:    {per_rank / 8 / P:6.2f}")
-    print(f"  top-1 code:                                   {entropy_bits(codes[:, 0]) / 8 / P:6.2f}")
+    print(f"  log-prob deltas, one table per rank group:    {delta_bits(lps, codec.STEP) / 8 / P:6.2f}")
+    top1 = np.rint(-np.maximum(lps[:, 0].astype(np.float64), codec.LOGPROB_FLOOR) / codec.STEP)  # [P]
+    print(f"  top-1 code:                                   {entropy_bits(top1) / 8 / P:6.2f}")
+    tail = codec._tail_codes(tail) * (k + 1) + (~np.isfinite(lps)).sum(1)  # [P] tail and -inf count
+    print(f"  tail code and -inf count:                     {entropy_bits(tail) / 8 / P:6.2f}")
     if d.get("next") is not None:
         hit = ids == d["next"][:, None].astype(np.int64)
         print(
@@ -93,6 +159,22 @@ def main() -> None:
         )
         saved = next_token_hint(ids, hit, d["starts"])
         print(f"naming it by its rank instead of storing its id saves {saved:.2f} B/pos (one block per sample)")
+    print("ids under an adaptive PPM-C model over all positions as one stream, by context:")
+    cur, nxt = input_tokens(args.samples), d["next"].astype(np.int64)  # [P] each
+    sym = ids.reshape(-1)  # row-major, rank order within a row
+    for name, ctx in {
+        "none (adaptive order-0)": None,
+        "input token x_t": cur,
+        "next token x_t+1": nxt,
+        "both": cur * V + nxt,
+    }.items():
+        ctx = None if ctx is None else np.repeat(ctx, k)
+        print(f"  {name:<24} {ppm_bits(sym, ctx, V) / 8 / P:6.2f}")
+    prior = prior_dictionary_bits(ids, d["starts"], V) / 8 / P
+    print(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
+    steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))
+    print(f"log-prob deltas by step in nats (max error step/2): {steps}")
+    print(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f}")
 
 
 if __name__ == "__main__":
