@@ -85,6 +85,13 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA (needs peft).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: FSDP2 sharding instead of DDP.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Autocast of the forward pass; auto = bf16 on CUDA devices that support it, else fp32.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)

@@ -54,6 +54,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora_rank: int = 0
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
+    precision: str = "auto"  # autocast: "bf16", "fp32", or "auto" = bf16 on a CUDA device that has it
     resume: bool = False
     progress: bool = True
     trust_remote_code: bool = False
@@ -67,6 +68,24 @@ class TrainConfig:
             raise TrainError("--temperature must be > 0")
         if self.fsdp and self.lora_rank:
             raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_for(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of the forward pass: weights, gradients and optimizer state stay
+    float32 and the losses upcast to float32; bf16 runs the matmuls in bfloat16 (CPU or CUDA)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if cuda_bf16 else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -317,11 +336,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
     samples = iter(loader)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and torch.cuda.is_bf16_supported()
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = autocast_for(device, cfg.precision)
 
     # ---- loop
     bar = None

@@ -411,6 +411,33 @@ def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, kd_cache):
         assert a[key] == pytest.approx(b[key], rel=1e-4), key
 
 
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, kd_cache):
+    """--precision bf16 on CPU runs the same autocast path as on CUDA: the matmuls change (losses
+    not bit-equal to fp32) but stay within bf16 rounding, and weights/optimizer stay float32."""
+    from safetensors.torch import load_file
+
+    common = dict(
+        student="tiny-mistral",
+        caches=(str(kd_cache),),
+        max_steps=3,
+        batch_size=3,
+        attn_weight=0.5,
+        lam=0.7,
+        progress=False,
+    )
+    train(TrainConfig(out=str(tmp_path / "fp32"), precision="fp32", **common))
+    train(TrainConfig(out=str(tmp_path / "bf16"), precision="bf16", **common))
+    a, b = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
+    for key in ("loss", "ce", "kd", "attn"):
+        assert a[0][key] != b[0][key], f"{key}: bf16 autocast had no effect"
+        for x, y in zip(a, b, strict=True):
+            assert y[key] == pytest.approx(x[key], rel=0.01), key
+    weights = load_file(str(tmp_path / "bf16" / "checkpoint-3" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    with pytest.raises(TrainError, match="--precision"):
+        TrainConfig(out=str(tmp_path / "x"), precision="fp16", **common)
+
+
 @pytest.mark.slow
 def test_trained_checkpoint_loads_in_vllm(tmp_path, kd_cache, chats_file):
     """A student checkpoint is a plain model: vLLM serves it, here as the teacher of a new cache."""
