@@ -184,6 +184,8 @@ class Cache:
 def open_cache(path: str | Path | Location) -> Cache:
     """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it."""
     where = as_location(path)
+    if where.is_local and not where.local_path().exists():
+        raise ManifestError(f"{where}: does not exist")
     if not where.exists(MANIFEST):
         parts = where.glob(f"{PARTS_DIR}/*.json")
         if parts:

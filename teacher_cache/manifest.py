@@ -38,6 +38,34 @@ def config_hash(header: dict) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def header_differences(a: dict, b: dict, limit: int = 3) -> list[str]:
+    """Dotted paths of the settings (config-hash keys) where two run headers differ, e.g.
+    ["data.files[0].sha256"]; at most `limit`."""
+    out: list[str] = []
+
+    def walk(x: object, y: object, path: str) -> None:
+        if len(out) >= limit or x == y:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else str(k))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{path}[{i}]")
+        else:
+            out.append(path)
+
+    walk({k: a.get(k) for k in _HEADER_KEYS}, {k: b.get(k) for k in _HEADER_KEYS}, "")
+    return out
+
+
+def combine_backends(backends: list[dict]) -> dict:
+    """One `backend` entry for rows made by several runs: the common one, or "mixed" with each."""
+    if all(b == backends[0] for b in backends):
+        return backends[0]
+    return {"backend": "mixed", "vllm_mode": None, "parts": backends}
+
+
 def part_path(worker: int, num_workers: int) -> str:
     """A worker's part file, relative to the cache."""
     return f"{PARTS_DIR}/{part_name(worker, num_workers)}"
@@ -65,7 +93,8 @@ def assemble(where: Location, num_workers: int) -> dict | None:
     head = parts[0]
     if any(p["config_hash"] != head["config_hash"] for p in parts):
         raise ManifestError(f"{where}: worker parts were made with different settings")
-    manifest = {k: head[k] for k in (*_HEADER_KEYS, "config_hash", "tool_version", "config", "backend")}
+    manifest = {k: head[k] for k in (*_HEADER_KEYS, "config_hash", "tool_version", "config")}
+    manifest["backend"] = combine_backends([p["backend"] for p in parts])  # workers may run other engines
     manifest["config"] = {k: v for k, v in head["config"].items() if k != "worker_index"}
     manifest["shards"] = [s for p in parts for s in p["shards"]]
     manifest["counts"] = {k: sum(p["counts"][k] for p in parts) for k in COUNT_KEYS}

@@ -3,7 +3,8 @@
 Compatible means rows are interchangeable: same format version, tokenizer, chat template,
 teacher (config and dtype), target kind and k / num_draws, attention spec and source tag.
 Sample ids may overlap only with identical rows (kept once); the merged manifest lists
-each shard with the config hash of the run that wrote it.
+each shard with the config hash of the run that wrote it, and each source cache with its
+backend (the manifest's `backend` is "mixed" when they differ).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import numpy as np
 
 from teacher_cache.cache import Cache, open_cache
-from teacher_cache.manifest import COUNT_KEYS, MANIFEST
+from teacher_cache.manifest import COUNT_KEYS, MANIFEST, combine_backends
 from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, shard_metadata, shard_name
 from teacher_cache.storage import Location
 
@@ -69,10 +70,11 @@ def merge(paths: list[str], out: str) -> dict:
         raise MergeError(f"{dest} exists and is not empty")
     caches = [open_cache(p) for p in paths]
     check_compatible(caches)
-    seen: dict[str, tuple[str, str]] = {}  # sample id -> (row digest, where)
+    seen: dict[str, tuple[str, str, dict]] = {}  # sample id -> (row digest, where, backend)
     plans = []  # (cache, shard entry, table, rows to keep or None for all)
     duplicates = 0
     for cache in caches:
+        backend = cache.manifest.get("backend")
         for entry in cache.manifest["shards"]:
             table = cache.read_table(entry["name"])
             keep, dropped = [], 0
@@ -81,10 +83,15 @@ def merge(paths: list[str], out: str) -> dict:
                 sid = row["sample_id"]
                 if sid in seen:
                     if seen[sid][0] != digest:
-                        raise MergeError(f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content")
+                        hint = ""
+                        if seen[sid][2] != backend:  # same teacher, other engine: other numerics
+                            hint = f" (made with different backends: {_short(seen[sid][2])} vs {_short(backend)})"
+                        raise MergeError(
+                            f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content{hint}"
+                        )
                     dropped += 1
                     continue
-                seen[sid] = (digest, where)
+                seen[sid] = (digest, where, backend)
                 keep.append(i)
             plans.append((cache, entry, table, None if not dropped else keep))
             duplicates += dropped
@@ -131,9 +138,15 @@ def merge(paths: list[str], out: str) -> dict:
     manifest = {k: v for k, v in first.items() if k not in ("shards", "counts", "timing", "bad_records", "config")}
     manifest["data"] = {**first["data"], "files": [f for c in caches for f in c.manifest["data"]["files"]]}
     manifest["merged_from"] = [
-        {"path": str(c.where), "config_hash": c.manifest["config_hash"], "samples": c.manifest["counts"]["samples"]}
+        {
+            "path": str(c.where),
+            "config_hash": c.manifest["config_hash"],
+            "backend": c.manifest.get("backend"),
+            "samples": c.manifest["counts"]["samples"],
+        }
         for c in caches
     ]
+    manifest["backend"] = combine_backends([c.manifest.get("backend") for c in caches])
     manifest["config_hash"] = (
         "sha256:"
         + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in manifest["merged_from"])).encode()).hexdigest()

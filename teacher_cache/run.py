@@ -23,6 +23,7 @@ from teacher_cache.manifest import (
     FORMAT_NAME,
     assemble,
     config_hash,
+    header_differences,
     part_path,
     read_part,
 )
@@ -269,21 +270,34 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     t0 = time.time()
     for path in cfg.data:
         check_data_file(path)
+    ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
+    tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     out = Location(cfg.out)
     try:
         out.check_writable()
     except StorageError as e:
         raise RunError(str(e)) from None
-    ref = resolve_model(cfg.teacher)
-    tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
     part_file = part_path(cfg.worker_index, cfg.num_workers)
     part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": []}
     previous = read_part(out, cfg.worker_index, cfg.num_workers)
+    if previous is not None and not previous.get("shards") and not previous.get("complete"):
+        previous = None  # an attempt that failed before its first shard: nothing to keep or match
     if previous is not None:
         if previous.get("config_hash") != chash:
-            raise RunError(f"{out} holds a cache made with different settings; use another --out or the same arguments")
+            what = ", ".join(header_differences(previous, header)) or "the settings"
+            raise RunError(
+                f"{out} holds {len(previous.get('shards', []))} shards made with different settings ({what} "
+                "differ); use another --out, or the same arguments and data"
+            )
+        if previous.get("backend") != header["backend"]:
+            was, now = previous.get("backend") or {}, header["backend"]
+            raise RunError(
+                f"{out}: worker {cfg.worker_index}'s shards were made with backend {was.get('backend')} "
+                f"(vllm mode {was.get('vllm_mode')}); resume with the same --backend / --vllm-mode "
+                f"(got {now['backend']}, {now['vllm_mode']}) or use another --out"
+            )
         if previous.get("complete"):
             _log(
                 f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "

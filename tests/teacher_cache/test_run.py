@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from teacher_cache import codec, open_cache
+from teacher_cache.merge import MergeError, merge
+from teacher_cache.records import BadRecordError
 from teacher_cache.run import RunConfig, RunError, run
 
 CLI = [sys.executable, "-m", "teacher_cache.cli"]
@@ -106,8 +108,37 @@ def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
 def test_other_settings_into_the_same_directory_are_refused(tmp_path, chats_file):
     out = tmp_path / "cache"
     run(cfg(chats_file, out))
-    with pytest.raises(RunError, match="different settings"):
+    with pytest.raises(RunError, match=r"different settings \(targets.k differ\)"):
         run(cfg(chats_file, out, top_k=4))
+    data = tmp_path / "chats.jsonl"  # same path and arguments, other content
+    data.write_text(chats_file.read_text())
+    run(cfg(data, tmp_path / "c2"))
+    data.write_text(chats_file.read_text().replace("a", "b", 1))
+    with pytest.raises(RunError, match=r"data.files\[0\].sha256 differ"):
+        run(cfg(data, tmp_path / "c2"))
+
+
+def test_a_worker_resumes_only_with_its_own_backend(tmp_path, chats_file):
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out))
+    part = out / "parts" / "worker-00000-of-00001.json"  # as if killed after its last shard
+    part.write_text(json.dumps({**json.loads(part.read_text()), "complete": False}))
+    (out / "manifest.json").unlink()
+    with pytest.raises(RunError, match="made with backend hf .*resume with the same --backend"):
+        run(cfg(chats_file, out, backend="vllm"))
+    run(cfg(chats_file, out))
+    assert open_cache(out).manifest["backend"] == {"backend": "hf", "vllm_mode": None}
+
+
+def test_a_run_that_failed_before_its_first_shard_runs_again_once_the_data_is_fixed(tmp_path, chats_file):
+    data, out = tmp_path / "chats.jsonl", tmp_path / "cache"
+    data.write_text(chats_file.read_text() + "{not json\n")
+    with pytest.raises(BadRecordError, match="invalid JSON"):
+        run(cfg(data, out, shard_size=100))
+    assert json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["shards"] == []
+    data.write_text(chats_file.read_text())
+    run(cfg(data, out, shard_size=100))
+    assert len(list(open_cache(out))) == 12
 
 
 def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, chats_file):
@@ -267,6 +298,8 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
     run(cfg(chats_file, out_v, backend="vllm", top_k=16), backend=vllm_hidden)
     run(cfg(chats_file, out_h, top_k=16))
     assert open_cache(out_v).manifest["backend"]["backend"] == "vllm"
+    with pytest.raises(MergeError, match="different content .*different backends"):
+        merge([str(out_v), str(out_h)], str(tmp_path / "merged"))
     hv, hh = rows(out_v), rows(out_h)
     for sid in hh:
         np.testing.assert_array_equal(hv[sid]["target_positions"], hh[sid]["target_positions"])
@@ -274,6 +307,16 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
         tol = 2 * codec.topk_error_bound()["logprob_abs_err_within_10_nats"] + 1e-3
         np.testing.assert_allclose(hv[sid]["topk_logprobs"], hh[sid]["topk_logprobs"], atol=tol)
         assert (hv[sid]["topk_ids"][:, 0] == hh[sid]["topk_ids"][:, 0]).mean() > 0.95
+
+
+@pytest.mark.slow
+def test_workers_on_different_engines_make_a_mixed_manifest(tmp_path, chats_file, vllm_hidden):
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out, top_k=16, worker_index=0, num_workers=2))
+    run(cfg(chats_file, out, top_k=16, worker_index=1, num_workers=2, backend="vllm"), backend=vllm_hidden)
+    backend = open_cache(out).manifest["backend"]
+    assert backend["backend"] == "mixed"
+    assert [b["backend"] for b in backend["parts"]] == ["hf", "vllm"]
 
 
 @pytest.mark.slow
