@@ -270,6 +270,7 @@ def train(cfg: TrainConfig) -> dict:
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     check_student_matches(tok, caches)
     kind = caches[0].kind
+    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -330,7 +331,6 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(saved["rng"])
 
     # ---- data, from the exact position the last run stopped at
-    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     stream = SampleStream(
         caches, plan, rank=rank, world=world, start=state["samples_per_rank"], window=cfg.shuffle_window
     )

@@ -370,6 +370,9 @@ def test_refusals(tmp_path, kd_cache):
                 progress=False,
             )
         )
+    with pytest.raises(ValueError, match="--domain-ratio needs a domain cache"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "c"), domain_ratio=0.5))
+    assert not (tmp_path / "c").exists(), "a refused run leaves no --out behind"
 
 
 @pytest.mark.slow
