@@ -15,8 +15,9 @@ run over the whole data as one stream (the most favourable case: state shared ac
 so no per-sample random access), with no context, the input token x_t, the next token x_t+1 or
 both as context; and what naming each sample's distinct ids would cost under a free global
 prior. Last, the entropy of the value deltas at coarser steps, to show what fidelity a 50
-B/pos budget would leave, and what the order of ids inside ties of equal quantised codes
-costs. docs/CODEC.md quotes these figures.
+B/pos budget would leave, what the order of ids inside ties of equal quantised codes costs,
+and what a cache-wide zstd dictionary (trained on the first third of the samples) does to the
+rest. docs/CODEC.md quotes these figures.
 """
 
 from __future__ import annotations
@@ -131,6 +132,33 @@ def tie_bits(lps: np.ndarray) -> float:
     return float(sum(math.lgamma(g + 1) for g in runs[runs > 1]) / math.log(2))
 
 
+def zstd_dictionary_bytes(ids, lps, tail, starts, V: int, train: int, size: int) -> tuple[float, float, int]:
+    """Samples train.. coded as the codec codes them, each byte plane as one zstd frame at the
+    codec's level, without and with a zstd dictionary of `size` bytes trained on the planes of
+    samples 0..train-1 (as a cache-wide dictionary would be). -> (B/pos without, B/pos with
+    (dictionary not counted), positions)."""
+    import zstandard
+
+    calls: list[list[bytes]] = []  # the byte planes of every codec call to zstd
+    compress = codec._compress
+    codec._compress = lambda chunks, level: calls.append([c for c in chunks if c]) or compress(chunks, level)
+    per_sample = []
+    try:
+        for lo, hi in itertools.pairwise(starts):
+            codec.encode_topk(ids[lo:hi], lps[lo:hi], tail[lo:hi], vocab_size=V)
+            per_sample.append(calls[-1])  # the last call compresses the sample's blob
+    finally:
+        codec._compress = compress
+    zd = zstandard.train_dictionary(size, [c for cs in per_sample[:train] for c in cs], level=codec.ZSTD_LEVEL)
+    plain = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL, write_checksum=False)
+    with_dict = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL, dict_data=zd, write_checksum=False)
+    rest = per_sample[train:]
+    n = int(starts[-1] - starts[train])
+    a = sum(len(plain.compress(c)) for cs in rest for c in cs)
+    b = sum(len(with_dict.compress(c)) for cs in rest for c in cs)
+    return a / n, b / n, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=32)
@@ -150,8 +178,8 @@ def main() -> None:
     print(f"  log-prob deltas, one table per rank group:    {delta_bits(lps, codec.STEP) / 8 / P:6.2f}")
     top1 = np.rint(-np.maximum(lps[:, 0].astype(np.float64), codec.LOGPROB_FLOOR) / codec.STEP)  # [P]
     print(f"  top-1 code:                                   {entropy_bits(top1) / 8 / P:6.2f}")
-    tail = codec._tail_codes(tail) * (k + 1) + (~np.isfinite(lps)).sum(1)  # [P] tail and -inf count
-    print(f"  tail code and -inf count:                     {entropy_bits(tail) / 8 / P:6.2f}")
+    tail_sym = codec._tail_codes(tail) * (k + 1) + (~np.isfinite(lps)).sum(1)  # [P] tail and -inf count
+    print(f"  tail code and -inf count:                     {entropy_bits(tail_sym) / 8 / P:6.2f}")
     if d.get("next") is not None:
         hit = ids == d["next"][:, None].astype(np.int64)
         print(
@@ -175,6 +203,13 @@ def main() -> None:
     steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))
     print(f"log-prob deltas by step in nats (max error step/2): {steps}")
     print(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f}")
+    train = len(d["starts"]) // 3
+    for size in (16384, 65536):
+        a, b, n = zstd_dictionary_bytes(ids, lps, tail, d["starts"], V, train, size)
+        print(
+            f"zstd dictionary of {size} B trained on the first {train} samples: the other {n} positions "
+            f"{a:.2f} -> {b:.2f} B/pos (one frame per plane, dictionary not counted)"
+        )
 
 
 if __name__ == "__main__":
