@@ -13,11 +13,12 @@ Then what context could buy: the code length of the ids under an adaptive PPM-C 
 context with escapes to an adaptive order-0 model, then to a uniform choice among unseen ids)
 run over the whole data as one stream (the most favourable case: state shared across samples,
 so no per-sample random access), with no context, the input token x_t, the next token x_t+1 or
-both as context; and what naming each sample's distinct ids would cost under a free global
-prior. Last, the entropy of the value deltas at coarser steps, to show what fidelity a 50
-B/pos budget would leave, what the order of ids inside ties of equal quantised codes costs,
-and what a cache-wide zstd dictionary (trained on the first third of the samples) does to the
-rest. docs/CODEC.md quotes these figures.
+both as context, also per eighth of the stream (how the rate falls as the model learns); and
+what naming each sample's distinct ids would cost under a free global prior. Last, the entropy
+of the value deltas at coarser steps, to show what fidelity a 50 B/pos budget would leave, what
+the order of ids inside ties of equal quantised codes costs, and what a cache-wide zstd
+dictionary (trained on the first third of the samples) does to the rest.
+docs/CODEC.md quotes these figures.
 """
 
 from __future__ import annotations
@@ -74,16 +75,18 @@ def next_token_hint(ids: np.ndarray, hit: np.ndarray, starts: np.ndarray) -> flo
     return saved / len(ids)
 
 
-def ppm_bits(sym: np.ndarray, ctx: np.ndarray | None, V: int) -> float:
-    """Adaptive PPM-C code length in bits of the symbols sym int [n] in order, each coded in its
-    context ctx int [n] (None: order-0 only). Escape probability d / (n + d) at both orders
-    (d distinct symbols seen, n total); an unseen symbol costs log2(V - d0) after both escapes."""
+def ppm_bits(sym: np.ndarray, ctx: np.ndarray | None, V: int) -> np.ndarray:
+    """Adaptive PPM-C code length in bits of each of the symbols sym int [n], coded in order,
+    each in its context ctx int [n] (None: order-0 only) -> float64 [n]. Escape probability
+    d / (n + d) at both orders (d distinct symbols seen, n total); an unseen symbol costs
+    log2(V - d0) after both escapes."""
     seen: dict[int, int] = {}
-    bits, lg = 0.0, math.log2
+    lg = math.log2
+    cost = np.empty(len(sym))  # [n]
     tables: dict[int, list] = {}
     contexts = ctx.tolist() if ctx is not None else [None] * len(sym)
     for n0, (s, c) in enumerate(zip(sym.tolist(), contexts, strict=True)):
-        coded = False
+        coded, bits = False, 0.0
         if c is not None:
             tab = tables.setdefault(c, [{}, 0])
             counts, n = tab
@@ -100,7 +103,8 @@ def ppm_bits(sym: np.ndarray, ctx: np.ndarray | None, V: int) -> float:
             else:
                 bits += (lg((n0 + d) / d) if n0 else 0.0) + lg(V - d)
         seen[s] = seen.get(s, 0) + 1
-    return bits
+        cost[n0] = bits
+    return cost
 
 
 def prior_dictionary_bits(ids: np.ndarray, starts: np.ndarray, V: int) -> float:
@@ -197,7 +201,9 @@ def main() -> None:
         "both": cur * V + nxt,
     }.items():
         ctx = None if ctx is None else np.repeat(ctx, k)
-        print(f"  {name:<24} {ppm_bits(sym, ctx, V) / 8 / P:6.2f}")
+        per_pos = ppm_bits(sym, ctx, V).reshape(P, k).sum(1) / 8  # [P] bytes
+        eighths = " ".join(f"{q.mean():.1f}" for q in np.array_split(per_pos, 8))
+        print(f"  {name:<24} {per_pos.mean():6.2f}   by eighth of the stream: {eighths}")
     prior = prior_dictionary_bits(ids, d["starts"], V) / 8 / P
     print(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
     steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))
