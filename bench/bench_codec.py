@@ -214,20 +214,14 @@ def stream_breakdown(blocks: list[dict], k: int, level: int) -> dict:
     the encoder would (the sum is within ~1 B/pos of the blob: header, frame table, CRC)."""
     out = {"top1": 0, "missing_and_tail": 0, "deltas": 0, "id_dictionary": 0, "id_indexes": 0}
     n = 0
+    size = lambda chunks: sum(map(len, codec._compress([ch for ch in chunks if ch], level)))  # noqa: E731
     for b in blocks:
         ids, lp, tail = b["topk"][k]
-        a, c, n_fin = codec._quantise_rows(lp)
-        P = len(a)
-        t = codec._tail_codes(tail)  # [P]
-        size = lambda chunks: sum(map(len, codec._compress([ch for ch in chunks if ch], level)))  # noqa: E731
-        out["top1"] += size(codec._to_planes(a)[1])
-        out["missing_and_tail"] += size(codec._to_planes(k - n_fin)[1] + codec._to_planes(t)[1])
-        _, d_b = codec._to_planes(np.diff(c, axis=1).T.reshape(-1))
-        out["deltas"] += size([pl[(lo - 1) * P : (hi - 1) * P] for pl in d_b for lo, hi in codec._rank_groups(k)])
-        _, _, widths, chunks = codec._encode_ids(ids.reshape(-1), level)
-        n_dict = len(chunks) - widths[2]  # gap (+ count) planes come first, then the index planes
-        out["id_dictionary"] += size(chunks[:n_dict])
-        out["id_indexes"] += size(chunks[n_dict:])
+        *_, streams = codec._topk_streams(ids.astype(np.int64), lp, tail, level)
+        out["top1"] += size(streams["top1"])
+        out["missing_and_tail"] += size(streams["missing"] + streams["tail"])
+        for key in ("deltas", "id_dictionary", "id_indexes"):
+            out[key] += size(streams[key])
         n += b["P"]
     return {key: v / n for key, v in out.items()}
 

@@ -143,16 +143,10 @@ def zstd_dictionary_bytes(ids, lps, tail, starts, V: int, train: int, size: int)
     (dictionary not counted), positions)."""
     import zstandard
 
-    calls: list[list[bytes]] = []  # the byte planes of every codec call to zstd
-    compress = codec._compress
-    codec._compress = lambda chunks, level: calls.append([c for c in chunks if c]) or compress(chunks, level)
-    per_sample = []
-    try:
-        for lo, hi in itertools.pairwise(starts):
-            codec.encode_topk(ids[lo:hi], lps[lo:hi], tail[lo:hi], vocab_size=V)
-            per_sample.append(calls[-1])  # the last call compresses the sample's blob
-    finally:
-        codec._compress = compress
+    per_sample = []  # [S] the sample's byte planes as the codec hands them to zstd
+    for lo, hi in itertools.pairwise(starts):
+        *_, streams = codec._topk_streams(ids[lo:hi], lps[lo:hi], tail[lo:hi], codec.ZSTD_LEVEL)
+        per_sample.append([ch for stream in streams.values() for ch in stream if ch])
     zd = zstandard.train_dictionary(size, [c for cs in per_sample[:train] for c in cs], level=codec.ZSTD_LEVEL)
     plain = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL, write_checksum=False)
     with_dict = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL, dict_data=zd, write_checksum=False)

@@ -368,27 +368,43 @@ def encode_topk(
     if k > 1 and P and (logprobs[:, 1:] > logprobs[:, :-1]).any():
         raise ValueError("logprobs must be sorted descending within each position")
 
-    a, c, n_finite = _quantise_rows(logprobs)  # [P], [P, k], [P]
-    deltas = np.diff(c, axis=1)  # [P, k-1] >= 0
-    tail_code = _tail_codes(tail_logprob)  # [P]
-
-    nb_a, a_b = _to_planes(a)
-    nb_m, m_b = _to_planes(k - n_finite)
-    nb_t, t_b = _to_planes(tail_code)
-    nb_d, d_b = _to_planes(deltas.T.reshape(-1))  # rank-major [k-1, P]
-    # extra block boundaries between rank groups inside every plane of the deltas stream
-    groups = _rank_groups(k)
-    d_chunks = [plane[(lo - 1) * P : (hi - 1) * P] for plane in d_b for lo, hi in groups]
-    mode, n_uniq, (nb_gap, nb_cnt, nb_idx), id_chunks = _encode_ids(ids.reshape(-1), level)
-    chunks = [*a_b, *m_b, *t_b, *d_chunks, *id_chunks]
+    mode, n_uniq, widths, streams = _topk_streams(ids, logprobs, tail_logprob, level)
+    chunks = [ch for stream in streams.values() for ch in stream]
     raw_len = sum(len(ch) for ch in chunks)
     frames = _compress(chunks, level)
-    widths = (nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, 0)
     header = _TOPK_HEADER.pack(
         MAGIC, CODEC_VERSION, KIND_TOPK, mode, len(frames), P, k, vocab_size, n_uniq, *widths,
         raw_len, sum(map(len, frames)),
     )  # fmt: skip
     return _finish(header, frames)
+
+
+def _topk_streams(
+    ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int
+) -> tuple[int, int, tuple[int, ...], dict[str, list[bytes]]]:
+    """Checked top-k inputs ids int64 [P, k], logprobs [P, k], tail [P] -> (id mode, U, the
+    header's 8 widths, the payload's streams in format order: name -> byte chunks, each chunk
+    followed by a zstd block boundary). Benchmarks size the streams one by one."""
+    P, k = ids.shape
+    a, c, n_finite = _quantise_rows(logprobs)  # [P], [P, k], [P]
+    deltas = np.diff(c, axis=1)  # [P, k-1] >= 0
+    nb_a, a_b = _to_planes(a)
+    nb_m, m_b = _to_planes(k - n_finite)
+    nb_t, t_b = _to_planes(_tail_codes(tail_logprob))
+    nb_d, d_b = _to_planes(deltas.T.reshape(-1))  # rank-major [k-1, P]
+    # extra block boundaries between rank groups inside every plane of the deltas stream
+    d_chunks = [plane[(lo - 1) * P : (hi - 1) * P] for plane in d_b for lo, hi in _rank_groups(k)]
+    mode, n_uniq, (nb_gap, nb_cnt, nb_idx), id_chunks = _encode_ids(ids.reshape(-1), level)
+    n_dict = len(id_chunks) - nb_idx  # gap (+ count) planes first, then the index planes
+    streams = {
+        "top1": a_b,
+        "missing": m_b,
+        "tail": t_b,
+        "deltas": d_chunks,
+        "id_dictionary": id_chunks[:n_dict],
+        "id_indexes": id_chunks[n_dict:],
+    }
+    return mode, n_uniq, (nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, 0), streams
 
 
 def decode_topk(
