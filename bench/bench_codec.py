@@ -2,6 +2,7 @@
 
     python bench/bench_codec.py --out bench/results/codec.json          # real: SmolLM2-135M on the bundled chats
     python bench/bench_codec.py --samples 60 --repeat 2 ...              # the first 60 chats (make bench --quick)
+    python bench/bench_codec.py --data other.jsonl --out ...             # SmolLM2-135M on other records
     python bench/bench_codec.py --synthetic --out ...                    # synthetic distributions (no model)
     python bench/bench_codec.py --logprobs teacher.npy --out ...         # real [P, V] log-probs from elsewhere
     python bench/bench_codec.py --gguf DIR/model.gguf --text a.txt --text b.txt --out ...
@@ -31,8 +32,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_codec_data import DATA, topk_prefix
 from bench_codec_data import compute as real_distributions
-from bench_codec_data import topk_prefix
 
 from teacher_cache import codec
 
@@ -280,9 +281,9 @@ def readme_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def write_readme(readme: Path, table: str) -> None:
-    """Replaces the text between the CODEC markers of README.md."""
-    start, end = "<!-- CODEC:START -->", "<!-- CODEC:END -->"
+def write_readme(readme: Path, table: str, marker: str = "CODEC") -> None:
+    """Replaces the text between the <!-- {marker}:START/END --> markers of README.md."""
+    start, end = f"<!-- {marker}:START -->", f"<!-- {marker}:END -->"
     text = readme.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"{readme}: no {start} ... {end} markers")
@@ -295,6 +296,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/codec.json"))
     ap.add_argument("--samples", type=int, default=None, help="real input: only the first N chats")
+    ap.add_argument("--data", type=Path, default=DATA, help="records for the real input (default: bundled chats)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic distributions instead of SmolLM2")
     ap.add_argument("--logprobs", type=Path, help=".npy of real log-probs float [P, V]")
     ap.add_argument("--gguf", help="GGUF causal LM to compute real log-probs with (needs torch)")
@@ -306,7 +308,10 @@ def main() -> None:
     ap.add_argument("--level", type=int, default=codec.ZSTD_LEVEL)
     ap.add_argument("--repeat", type=int, default=5, help="decode timing: best of N")
     ap.add_argument("--readme", type=Path, help="rewrite the codec table between the CODEC markers of this file")
+    ap.add_argument("--readme-marker", default="CODEC", help="which markers: <!-- NAME:START/END -->")
     args = ap.parse_args()
+    if not args.data.is_file():
+        ap.error(f"--data {args.data}: no such file")
 
     if args.logprobs:
         source, d = f"real: {args.logprobs}", from_full(np.load(args.logprobs), num_draws=args.num_draws)
@@ -318,9 +323,10 @@ def main() -> None:
         source = "SYNTHETIC (bench_codec.synthetic_logprobs, seed 0), not a real teacher"
         d = from_full(synthetic_logprobs(args.positions, args.vocab), num_draws=args.num_draws)
     else:
-        d = real_distributions(args.samples)
+        d = real_distributions(args.samples, data=args.data)
         n_s = len(d["starts"]) - 1
-        source = f"real: smollm2-135m (SmolLM2-135M-Instruct) on {n_s} bundled chats, assistant positions"
+        what = "bundled chats" if args.data == DATA else f"records of {args.data.name}"
+        source = f"real: smollm2-135m (SmolLM2-135M-Instruct) on {n_s} {what}, assistant positions"
     P, V = d["ids"].shape[0], int(d["vocab"])
     per_sample = np.diff(d["starts"])
     modes = [m.strip() for m in args.blocks.split(",") if m.strip()]
@@ -393,7 +399,7 @@ def main() -> None:
         mark = "met" if t["met"] else "NOT MET"
         print(f"target {what} {'>=' if higher else '<='} {limit:,.0f}: {t['value']:,.2f} {mark}")
     if args.readme:
-        write_readme(args.readme, readme_table(result))
+        write_readme(args.readme, readme_table(result), args.readme_marker)
         print(f"updated the codec table in {args.readme}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

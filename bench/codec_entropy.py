@@ -1,6 +1,6 @@
 """Lower bounds for the top-k codec on real distributions: what order-0 coders can reach.
 
-    python bench/codec_entropy.py [--k 32] [--samples N]
+    python bench/codec_entropy.py [--k 32] [--samples N] [--data records.jsonl]
 
 On the arrays of bench_codec_data.py (SmolLM2-135M over the bundled chats) it prints, in bytes
 per target position: the empirical order-0 entropy of the ids under one frequency table per
@@ -14,7 +14,8 @@ context with escapes to an adaptive order-0 model, then to a uniform choice amon
 run over the whole data as one stream (the most favourable case: state shared across samples,
 so no per-sample random access), with no context, the input token x_t, the next token x_t+1 or
 both as context, also per eighth of the stream (how the rate falls as the model learns); and
-what naming each sample's distinct ids would cost under a free global prior. Last, the entropy
+what naming each sample's distinct ids would cost under a free global prior, and the ids split
+into each row's set plus its rank order (how predictable the order is). Last, the entropy
 of the value deltas at coarser steps, to show what fidelity a 50 B/pos budget would leave, what
 the order of ids inside ties of equal quantised codes costs, and what a cache-wide zstd
 dictionary (trained on the first third of the samples) does to the rest.
@@ -33,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_codec_data import compute, input_tokens, topk_prefix
+from bench_codec_data import DATA, compute, input_tokens, topk_prefix
 
 from teacher_cache import codec
 
@@ -118,6 +119,24 @@ def prior_dictionary_bits(ids: np.ndarray, starts: np.ndarray, V: int) -> float:
     return float(S * -(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
 
 
+def set_and_order_bits(ids: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
+    """The ids of a row as a set plus the order of its ranks. Per sample, each row's ids become
+    indexes into the sample's dictionary sorted by count (most frequent first). -> (bits for the
+    sets: order-0 entropy of the gaps between a row's sorted indexes, one table per sample;
+    bits for the orders: Lehmer code of the rank order relative to the count order, digit j =
+    how many later-ranked ids are more frequent, order-0 with one global table per digit)."""
+    set_bits, lehmer = 0.0, []
+    for lo, hi in itertools.pairwise(starts):
+        _, inv, cnt = np.unique(ids[lo:hi], return_inverse=True, return_counts=True)
+        by_count = np.empty(cnt.size, np.int64)
+        by_count[np.argsort(-cnt, kind="stable")] = np.arange(cnt.size)
+        r = by_count[inv.reshape(hi - lo, -1)]  # [p, k] count-order index, in rank order
+        set_bits += entropy_bits(np.diff(np.sort(r, axis=1), axis=1, prepend=-1))
+        lehmer.append(np.stack([(r[:, j + 1 :] < r[:, j : j + 1]).sum(1) for j in range(r.shape[1])], 1))
+    digits = np.concatenate(lehmer)  # [P, k]
+    return set_bits, sum(entropy_bits(digits[:, j]) for j in range(digits.shape[1]))
+
+
 def delta_bits(lps: np.ndarray, step: float) -> float:
     """Order-0 entropy (one table per rank group) of the log-prob deltas quantised at step nats."""
     codes = np.rint(-lps.astype(np.float64) / step)  # [P, k]
@@ -161,8 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--data", type=Path, default=DATA, help="records to run SmolLM2 on (default: bundled chats)")
     args = ap.parse_args()
-    d = compute(args.samples)
+    d = compute(args.samples, data=args.data)
     ids, lps, tail = topk_prefix(d["ids"], d["lps"], d["tail"], args.k)
     P, V, k = len(ids), int(d["vocab"]), args.k
     print(f"P={P} V={V} k={k}; bytes per target position:")
@@ -186,7 +206,7 @@ def main() -> None:
         saved = next_token_hint(ids, hit, d["starts"])
         print(f"naming it by its rank instead of storing its id saves {saved:.2f} B/pos (one block per sample)")
     print("ids under an adaptive PPM-C model over all positions as one stream, by context:")
-    cur, nxt = input_tokens(args.samples), d["next"].astype(np.int64)  # [P] each
+    cur, nxt = input_tokens(args.samples, data=args.data), d["next"].astype(np.int64)  # [P] each
     sym = ids.reshape(-1)  # row-major, rank order within a row
     for name, ctx in {
         "none (adaptive order-0)": None,
@@ -198,6 +218,11 @@ def main() -> None:
         per_pos = ppm_bits(sym, ctx, V).reshape(P, k).sum(1) / 8  # [P] bytes
         eighths = " ".join(f"{q.mean():.1f}" for q in np.array_split(per_pos, 8))
         print(f"  {name:<24} {per_pos.mean():6.2f}   by eighth of the stream: {eighths}")
+    sets, orders = set_and_order_bits(ids, d["starts"])
+    print(
+        f"ids as a set per row {sets / 8 / P:.2f} + its rank order {orders / 8 / P:.2f} "
+        f"(a uniformly random order: {math.lgamma(k + 1) / math.log(2) / 8:.2f})"
+    )
     prior = prior_dictionary_bits(ids, d["starts"], V) / 8 / P
     print(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
     steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))

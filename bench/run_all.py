@@ -5,9 +5,10 @@
 
 Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
 benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:
-codec.json (bench_codec.py), throughput.json (bench_throughput.py) and train.json
-(bench_train.py). Their progress and tables
-stream through; the summary at the end reads the JSON files back.
+codec.json (bench_codec.py on the bundled chats), codec_prose.json (bench_codec.py on prose
+paragraphs from the installed packages' descriptions, metadata_prose.py), throughput.json
+(bench_throughput.py) and train.json (bench_train.py). Their progress and tables stream
+through; the summary at the end reads the JSON files back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from bench_codec_data import cache_dir  # noqa: E402
+
 RESULTS = BENCH / "results"
 
 
@@ -48,9 +52,9 @@ def _fresh(path: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime >= since
 
 
-def summary(codec_json: Path, throughput_json: Path, since: float) -> list[str]:
-    lines = [f"(not updated by this run: {p})" for p in (codec_json, throughput_json) if not _fresh(p, since)]
-    if _fresh(codec_json, since):
+def summary(codec_jsons: list[Path], throughput_json: Path, since: float) -> list[str]:
+    lines = [f"(not updated by this run: {p})" for p in (*codec_jsons, throughput_json) if not _fresh(p, since)]
+    for codec_json in filter(lambda p: _fresh(p, since), codec_jsons):
         c = json.loads(codec_json.read_text())
         lines.append(f"codec ({c['source'].split(' (')[0]}, P={c['positions']}, zstd level {c['zstd_level']}):")
         for r in c["topk"]:
@@ -93,23 +97,32 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     codec_json, throughput_json = RESULTS / "codec.json", RESULTS / "throughput.json"
+    readme = str(BENCH.parent / "README.md")
     codec_args = ["--out", str(codec_json)]
-    codec_args += ["--samples", "60", "--repeat", "2"] if args.quick else ["--readme", str(BENCH.parent / "README.md")]
+    codec_args += ["--samples", "60", "--repeat", "2"] if args.quick else ["--readme", readme]
+    prose_json = RESULTS / "codec_prose.json"
+    prose = cache_dir() / "metadata_prose.jsonl"  # depends on the installed packages, kept out of the repo
+    prose_args = ["--data", str(prose), "--blocks", "sample", "--out", str(prose_json)]
+    prose_args += (
+        ["--samples", "20", "--repeat", "2"] if args.quick else ["--readme", readme, "--readme-marker", "CODEC-PROSE"]
+    )
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
     train_json = RESULTS / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
     since = time.time()
     done = {}
-    for script, sargs in (
-        ("bench_codec.py", codec_args),
-        ("bench_throughput.py", tp_args),
-        ("bench_train.py", train_args),
+    for label, script, sargs in (
+        ("bench_codec.py (chats)", "bench_codec.py", codec_args),
+        ("metadata_prose.py", "metadata_prose.py", ["--out", str(prose)]),
+        ("bench_codec.py (prose)", "bench_codec.py", prose_args),
+        ("bench_throughput.py", "bench_throughput.py", tp_args),
+        ("bench_train.py", "bench_train.py", train_args),
     ):
-        done[script] = run(script, sargs, args.verbose)
+        done[label] = run(script, sargs, args.verbose)
     print("\n=== summary")
-    for script, (rc, secs) in done.items():
-        print(f"{script}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {secs:.0f}s")
-    for line in summary(codec_json, throughput_json, since):
+    for label, (rc, secs) in done.items():
+        print(f"{label}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {secs:.0f}s")
+    for line in summary([codec_json, prose_json], throughput_json, since):
         print(line)
     if train_json.is_file() and train_json.stat().st_mtime >= since:
         print("\nstage two (bench_train.py): step time and peak memory over CE-only, reader over trainer")
