@@ -119,22 +119,38 @@ def prior_dictionary_bits(ids: np.ndarray, starts: np.ndarray, V: int) -> float:
     return float(S * -(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
 
 
-def set_and_order_bits(ids: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
+def order_bits(key: np.ndarray) -> float:
+    """Bits for the rank order of every row given a guess of it, key float [P, k] (smaller =
+    guessed likelier): the Lehmer code of the true order relative to the guessed one (digit j =
+    how many later-ranked ids the guess puts first), order-0 with one table per digit."""
+    k = key.shape[1]
+    digits = np.stack([(key[:, j + 1 :] < key[:, j : j + 1]).sum(1) for j in range(k)], 1)  # [P, k]
+    return sum(entropy_bits(digits[:, j]) for j in range(k))
+
+
+def set_and_order_bits(ids: np.ndarray, starts: np.ndarray, V: int) -> tuple[float, dict[str, float]]:
     """The ids of a row as a set plus the order of its ranks. Per sample, each row's ids become
     indexes into the sample's dictionary sorted by count (most frequent first). -> (bits for the
     sets: order-0 entropy of the gaps between a row's sorted indexes, one table per sample;
-    bits for the orders: Lehmer code of the rank order relative to the count order, digit j =
-    how many later-ranked ids are more frequent, order-0 with one global table per digit)."""
-    set_bits, lehmer = 0.0, []
+    {guess: bits for the orders (order_bits)} for guesses from the sample's counts and from free
+    global statistics of each id over all the data: its count, mean rank and mean log-prob)."""
+    set_bits, by_count = 0.0, []
     for lo, hi in itertools.pairwise(starts):
         _, inv, cnt = np.unique(ids[lo:hi], return_inverse=True, return_counts=True)
-        by_count = np.empty(cnt.size, np.int64)
-        by_count[np.argsort(-cnt, kind="stable")] = np.arange(cnt.size)
-        r = by_count[inv.reshape(hi - lo, -1)]  # [p, k] count-order index, in rank order
+        order = np.empty(cnt.size, np.int64)
+        order[np.argsort(-cnt, kind="stable")] = np.arange(cnt.size)
+        r = order[inv.reshape(hi - lo, -1)]  # [p, k] count-order index, in rank order
         set_bits += entropy_bits(np.diff(np.sort(r, axis=1), axis=1, prepend=-1))
-        lehmer.append(np.stack([(r[:, j + 1 :] < r[:, j : j + 1]).sum(1) for j in range(r.shape[1])], 1))
-    digits = np.concatenate(lehmer)  # [P, k]
-    return set_bits, sum(entropy_bits(digits[:, j]) for j in range(digits.shape[1]))
+        by_count.append(r)
+    P, k = ids.shape
+    seen = np.maximum(np.bincount(ids.reshape(-1), minlength=V), 1)  # [V]
+    mean_rank = np.bincount(ids.reshape(-1), np.tile(np.arange(k), P), minlength=V) / seen  # [V]
+    guesses = {
+        "count in the sample": np.concatenate(by_count).astype(np.float64),
+        "global count": -seen[ids] + ids / V,  # ties by id
+        "global mean rank": mean_rank[ids] + ids / V / k,
+    }
+    return set_bits, {name: order_bits(key) for name, key in guesses.items()}
 
 
 def delta_bits(lps: np.ndarray, step: float) -> float:
@@ -218,9 +234,10 @@ def main() -> None:
         per_pos = ppm_bits(sym, ctx, V).reshape(P, k).sum(1) / 8  # [P] bytes
         eighths = " ".join(f"{q.mean():.1f}" for q in np.array_split(per_pos, 8))
         print(f"  {name:<24} {per_pos.mean():6.2f}   by eighth of the stream: {eighths}")
-    sets, orders = set_and_order_bits(ids, d["starts"])
+    sets, orders = set_and_order_bits(ids, d["starts"], V)
+    guessed = ", ".join(f"{name} {bits / 8 / P:.2f}" for name, bits in orders.items())
     print(
-        f"ids as a set per row {sets / 8 / P:.2f} + its rank order {orders / 8 / P:.2f} "
+        f"ids as a set per row {sets / 8 / P:.2f} + its rank order, guessed from {guessed} "
         f"(a uniformly random order: {math.lgamma(k + 1) / math.log(2) / 8:.2f})"
     )
     prior = prior_dictionary_bits(ids, d["starts"], V) / 8 / P

@@ -20,7 +20,8 @@ import zlib
 import numpy as np
 import zstandard
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2  # what the encoder writes; 2 added id mode 3 (sampled blocks)
+READ_VERSIONS = (1, 2)  # what the decoder accepts
 MAGIC = b"TCDC"
 KIND_TOPK = 1
 KIND_SAMPLED = 2
@@ -34,7 +35,7 @@ ZSTD_LEVEL = 15  # encoder default; the decoder accepts any level
 PROBE_LEVEL = 3  # encoder: zstd level used to choose the id mode
 FRAME_MIN_BYTES = 2048  # encoder: byte planes this large get their own zstd frame
 
-ID_PLAIN, ID_DICT, ID_DICT_BY_COUNT = 0, 1, 2  # id modes, see _encode_ids
+ID_PLAIN, ID_DICT, ID_DICT_BY_COUNT, ID_DICT_ROW_GAPS = 0, 1, 2, 3  # id modes, see _encode_ids
 
 # magic, version, kind, id_mode, n_frames | P, k, vocab_size, U | 8 widths | raw_len, comp_len
 _TOPK_HEADER = struct.Struct("<4sBBBBIIII8BII")
@@ -151,25 +152,34 @@ def _decompress(frames: list[memoryview], raw_len: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- ids
 
 
-def _encode_ids(ids: np.ndarray, level: int) -> tuple[int, int, list[int], list[bytes]]:
+def _encode_ids(
+    ids: np.ndarray, level: int, row_first: np.ndarray | None = None
+) -> tuple[int, int, list[int], list[bytes]]:
     """ids int64 [n] (row-major) -> (mode, U, widths [gap, count, index], streams).
 
-    Tries plain ids and two block-dictionary forms (sorted unique ids, gap-coded, plus one
-    index per entry into them, either in id order or in (count desc, id) order) and keeps the
-    smallest after zstd at PROBE_LEVEL."""
+    Tries plain ids and the block-dictionary forms (sorted unique ids, gap-coded, plus one
+    index per entry into them, either in id order or in (count desc, id) order; with row_first
+    bool [n] (True at each row's first entry; rows strictly ascending, as sampled blocks are),
+    also the id-order indexes gap-coded within each row) and keeps the smallest after zstd at
+    PROBE_LEVEL."""
     nb, plain = _to_planes(ids)
     candidates = [(ID_PLAIN, 0, [0, 0, nb], plain)]
     if ids.size:
         uniq, inv, cnt = np.unique(ids, return_inverse=True, return_counts=True)  # [U]
+        inv = inv.reshape(-1)  # [n]
         gaps = np.diff(uniq, prepend=0)  # [U], gaps[0] = uniq[0], rest >= 1
         nb_gap, gap_b = _to_planes(gaps)
-        nb_idx, idx_b = _to_planes(inv.reshape(-1))
+        nb_idx, idx_b = _to_planes(inv)
         candidates.append((ID_DICT, uniq.size, [nb_gap, 0, nb_idx], gap_b + idx_b))
+        if row_first is not None:
+            row_gaps = np.where(row_first, inv, np.diff(inv, prepend=0) - 1)  # [n] >= 0
+            nb_rg, rg_b = _to_planes(row_gaps)
+            candidates.append((ID_DICT_ROW_GAPS, uniq.size, [nb_gap, 0, nb_rg], gap_b + rg_b))
         order = np.argsort(-cnt, kind="stable")  # [U] dict slot -> freq rank
         rank = np.empty_like(order)
         rank[order] = np.arange(order.size)
         nb_cnt, cnt_b = _to_planes(cnt - 1)
-        nb_r, r_b = _to_planes(rank[inv.reshape(-1)])
+        nb_r, r_b = _to_planes(rank[inv])
         candidates.append((ID_DICT_BY_COUNT, uniq.size, [nb_gap, nb_cnt, nb_r], gap_b + cnt_b + r_b))
     if len(candidates) == 1:
         return candidates[0]
@@ -178,8 +188,11 @@ def _encode_ids(ids: np.ndarray, level: int) -> tuple[int, int, list[int], list[
     return candidates[int(np.argmin(sizes))]
 
 
-def _decode_ids(mode: int, n: int, n_uniq: int, vocab_size: int, widths: list[int], take) -> np.ndarray:
-    """Inverse of _encode_ids; take(count, nb) pops the next stream. Returns int64 [n] in range."""
+def _decode_ids(
+    mode: int, n: int, n_uniq: int, vocab_size: int, widths: list[int], take, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of _encode_ids; take(count, nb) pops the next stream; rows = entries per row
+    int64 [R] (sampled blocks; None for top-k, where mode 3 is refused). -> int64 [n] in range."""
     nb_gap, nb_cnt, nb_idx = widths
     if mode == ID_PLAIN:
         if n_uniq != 0 or nb_gap or nb_cnt:
@@ -188,9 +201,9 @@ def _decode_ids(mode: int, n: int, n_uniq: int, vocab_size: int, widths: list[in
         if n and int(ids.max()) >= vocab_size:
             raise CodecError(f"decoded id {int(ids.max())} outside vocab_size {vocab_size}")
         return ids
-    if mode not in (ID_DICT, ID_DICT_BY_COUNT):
+    if mode not in (ID_DICT, ID_DICT_BY_COUNT, ID_DICT_ROW_GAPS) or (mode == ID_DICT_ROW_GAPS and rows is None):
         raise CodecError(f"unknown id mode {mode}")
-    if mode == ID_DICT and nb_cnt:
+    if mode != ID_DICT_BY_COUNT and nb_cnt:
         raise CodecError("dictionary id mode with count width set")
     if n and not n_uniq:
         raise CodecError("empty id dictionary for a non-empty block")
@@ -204,6 +217,12 @@ def _decode_ids(mode: int, n: int, n_uniq: int, vocab_size: int, widths: list[in
         cnt = take(n_uniq, nb_cnt)  # [U] count - 1, only its order matters
         uniq = uniq[np.argsort(-cnt, kind="stable")]  # [U] in (count desc, id) order
     idx = take(n, nb_idx)  # [n]
+    if mode == ID_DICT_ROW_GAPS and n:  # undo the gaps within each row: a cumsum restarted per row
+        starts = np.cumsum(rows) - rows  # [R] first entry of each row (rows >= 1, sum n)
+        step = idx + 1  # [n] a later entry = previous + gap + 1
+        step[starts] = idx[starts]  # a row's first entry is the index itself
+        run = np.cumsum(step)  # [n]
+        idx = run - np.repeat(run[starts] - step[starts], rows)
     if n and int(idx.max()) >= n_uniq:
         raise CodecError(f"id index {int(idx.max())} outside dictionary of {n_uniq}")
     return uniq[idx]
@@ -261,8 +280,8 @@ def _open(blob: bytes, header: struct.Struct, kind: int) -> tuple[tuple, list[me
     magic, version, got_kind, n_frames = fields[0], fields[1], fields[2], fields[4]
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != CODEC_VERSION:
-        raise CodecError(f"unsupported codec version {version}, this reader knows {CODEC_VERSION}")
+    if version not in READ_VERSIONS:
+        raise CodecError(f"unsupported codec version {version}, this reader knows {READ_VERSIONS}")
     if got_kind != kind:
         names = {KIND_TOPK: "top-k", KIND_SAMPLED: "sampled"}
         raise CodecError(f"blob kind {got_kind} ({names.get(got_kind, 'unknown')}), expected {names[kind]}")
@@ -533,7 +552,7 @@ def encode_sampled(
     rest[offsets[:-1]] = False  # each position's first count is implied by num_draws
     nb_len, len_b = _to_planes(lengths - 1)
     nb_cnt, cnt_b = _to_planes(counts[rest] - 1)
-    mode, n_uniq, (nb_gap, nb_dc, nb_idx), id_chunks = _encode_ids(ids, level)
+    mode, n_uniq, (nb_gap, nb_dc, nb_idx), id_chunks = _encode_ids(ids, level, row_first=~rest)
     chunks = [*len_b, *cnt_b, *id_chunks]
     raw_len = sum(len(ch) for ch in chunks)
     frames = _compress(chunks, level)
@@ -583,7 +602,9 @@ def decode_sampled(
     if offsets[-1] != N:
         raise CodecError(f"row lengths sum to {int(offsets[-1])}, header says N={N}")
     rest = rd.take(N - P, nb_cnt) + 1  # [N-P] counts after each row's first
-    ids = _decode_ids(mode, N, n_uniq, V, [nb_gap, nb_dc, nb_idx], rd.take)  # [N]
+    if mode == ID_DICT_ROW_GAPS and fields[1] < 2:
+        raise CodecError(f"id mode {mode} needs codec version 2, blob says {fields[1]}")
+    ids = _decode_ids(mode, N, n_uniq, V, [nb_gap, nb_dc, nb_idx], rd.take, rows=lengths)  # [N]
     counts = np.zeros(N, np.int64)
     first = offsets[:-1]  # [P]
     is_rest = np.ones(N, bool)

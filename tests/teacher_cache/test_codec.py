@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,9 +282,9 @@ def small_topk_blob(P=24, k=8, V=5000, seed=3) -> bytes:
     return encode_topk(ids, lp, tail, vocab_size=V)
 
 
-def small_sampled_blob() -> bytes:
+def small_sampled_blob(P: int = 24) -> bytes:
     rng = np.random.default_rng(4)
-    offsets, ids, counts = sample_counts(rng, realistic_logprobs(rng, 24, 5000), 50)
+    offsets, ids, counts = sample_counts(rng, realistic_logprobs(rng, P, 5000), 50)
     return encode_sampled(offsets, ids, counts, vocab_size=5000, num_draws=50)
 
 
@@ -291,6 +292,7 @@ def decoders():
     return [
         ("topk", small_topk_blob(), lambda b: decode_topk(b, vocab_size=5000)),
         ("sampled", small_sampled_blob(), lambda b: decode_sampled(b, vocab_size=5000)),
+        ("sampled_row_gaps", small_sampled_blob(P=60), lambda b: decode_sampled(b, vocab_size=5000)),
         ("topk_big", small_topk_blob(P=300, k=32), lambda b: decode_topk(b, vocab_size=5000)),
     ]
 
@@ -331,7 +333,7 @@ def reseal(blob: bytes, fmt_offset: int, fmt: str, value) -> bytes:
     "offset,fmt,lie,match",
     [
         (0, "<4s", lambda v: b"XXXX", "bad magic"),
-        (4, "<B", lambda v: 2, "version"),
+        (4, "<B", lambda v: 3, "version"),
         (5, "<B", lambda v: 2, "kind"),
         (6, "<B", lambda v: 9, "id mode"),
         (7, "<B", lambda v: v + 1, "comp_len"),
@@ -428,4 +430,60 @@ def test_limits_are_enforced():
 def test_error_bound_is_documented():
     assert BOUND["logprob_abs_err_within_10_nats"] == pytest.approx(0.02)
     assert BOUND["fine_region_nats"] >= 10.0
-    assert codec.CODEC_VERSION == 1
+    assert codec.CODEC_VERSION == 2 and codec.READ_VERSIONS == (1, 2)
+
+
+# ----------------------------------------------------------------------------- versions and id modes
+
+V1 = Path(__file__).resolve().parents[1] / "data" / "codec_v1"  # blobs written by the version 1 encoder
+
+
+def test_version_1_blobs_still_decode():
+    """Caches written before version 2 stay readable: blobs from the version 1 encoder (the
+    test's small_topk_blob / small_sampled_blob at that commit) decode to what they did then."""
+    want = np.load(V1 / "expected.npz")
+    topk, sampled = (V1 / "topk.bin").read_bytes(), (V1 / "sampled.bin").read_bytes()
+    assert topk[4] == sampled[4] == 1
+    for got, key in zip(decode_topk(topk, vocab_size=5000), ("topk_ids", "topk_logprobs", "topk_tail"), strict=True):
+        np.testing.assert_array_equal(got, want[key])
+    offsets, ids, counts, n = decode_sampled(sampled, vocab_size=5000)
+    np.testing.assert_array_equal(offsets, want["s_offsets"])
+    np.testing.assert_array_equal(ids, want["s_ids"])
+    np.testing.assert_array_equal(counts, want["s_counts"])
+    assert n == int(want["s_num_draws"])
+    with pytest.raises(CodecError, match="codec version 3"):
+        decode_topk(reseal(topk, 4, "<B", 3), vocab_size=5000)
+
+
+def rebuild(blob: bytes, header: struct.Struct, mutate) -> bytes:
+    """The blob with its decompressed payload changed by mutate(uint8 array) and everything
+    around it (frames, lengths, checksum) made consistent again: only the payload lies."""
+    fields, frames = codec._open(blob, header, blob[5])
+    raw = codec._decompress(frames, fields[-2]).copy()
+    mutate(raw)
+    new = codec._compress([raw.tobytes()], codec.ZSTD_LEVEL)
+    head = header.pack(*fields[:4], len(new), *fields[5:-1], sum(map(len, new)))
+    return codec._finish(head, new)
+
+
+def test_sampled_blocks_gap_code_ids_within_a_position():
+    """Id mode 3: sampled ids are ascending within a position, so their dictionary indexes are
+    stored as gaps inside each row. Realistic data picks it; it round-trips; a gap that points
+    past the dictionary, mode 3 in a version 1 blob or in a top-k blob are refused."""
+    blob = small_sampled_blob(P=60)
+    assert blob[4] == 2 and blob[6] == codec.ID_DICT_ROW_GAPS
+    offsets, ids, counts, _ = decode_sampled(blob, vocab_size=5000)
+    rng = np.random.default_rng(4)
+    want = sample_counts(rng, realistic_logprobs(rng, 60, 5000), 50)
+    for got, w in zip((offsets, ids, counts), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+
+    def stretch_last_gap(raw: np.ndarray) -> None:  # the last byte is the top plane of the last index
+        raw[-1] = 0xFF
+
+    with pytest.raises(CodecError, match="outside dictionary"):
+        decode_sampled(rebuild(blob, codec._SAMPLED_HEADER, stretch_last_gap), vocab_size=5000)
+    with pytest.raises(CodecError, match="needs codec version 2"):
+        decode_sampled(reseal(blob, 4, "<B", 1), vocab_size=5000)
+    with pytest.raises(CodecError, match="id mode 3"):
+        decode_topk(reseal(small_topk_blob(), 6, "<B", codec.ID_DICT_ROW_GAPS), vocab_size=5000)
