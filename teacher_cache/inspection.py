@@ -28,6 +28,7 @@ def summary(path: str) -> dict:
         "targets": m["targets"],
         "attention": att,
         "format_version": m["format_version"],
+        "codec_version": m.get("codec_version", 1),
         "tool_version": m.get("tool_version"),
         "samples": c["samples"],
         "tokens": c["tokens"],

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 
+from teacher_cache.codec import READ_VERSIONS as CODEC_READ_VERSIONS
 from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES
 from teacher_cache.storage import Location
 
@@ -66,6 +67,12 @@ def combine_backends(backends: list[dict]) -> dict:
     return {"backend": "mixed", "vllm_mode": None, "parts": backends}
 
 
+def codec_version(headers: list[dict]) -> int:
+    """The codec version a reader needs for rows from these runs or caches: the highest one
+    (blocks are self-describing; headers from before it was recorded mean version 1)."""
+    return max(h.get("codec_version", 1) for h in headers)
+
+
 def part_path(worker: int, num_workers: int) -> str:
     """A worker's part file, relative to the cache."""
     return f"{PARTS_DIR}/{part_name(worker, num_workers)}"
@@ -95,6 +102,7 @@ def assemble(where: Location, num_workers: int) -> dict | None:
         raise ManifestError(f"{where}: worker parts were made with different settings")
     manifest = {k: head[k] for k in (*_HEADER_KEYS, "config_hash", "tool_version", "config")}
     manifest["backend"] = combine_backends([p["backend"] for p in parts])  # workers may run other engines
+    manifest["codec_version"] = codec_version(parts)  # a resumed run may span versions
     manifest["config"] = {k: v for k, v in head["config"].items() if k != "worker_index"}
     manifest["shards"] = [s for p in parts for s in p["shards"]]
     manifest["counts"] = {k: sum(p["counts"][k] for p in parts) for k in COUNT_KEYS}
@@ -124,6 +132,12 @@ def validate(manifest: object, where: str) -> dict:
     for key in (*_HEADER_KEYS, "shards", "counts"):
         if key not in manifest:
             raise ManifestError(f"{where}: manifest lacks {key!r}")
+    codec = manifest.get("codec_version", 1)  # absent in caches from before it was recorded: 1
+    if codec not in CODEC_READ_VERSIONS or isinstance(codec, bool):
+        raise ManifestError(
+            f"{where}: codec version {codec!r} is not supported by this reader (reads "
+            f"{', '.join(map(str, CODEC_READ_VERSIONS))}); upgrade teacher-cache"
+        )
     targets = manifest["targets"]
     if targets.get("kind") not in ("topk", "sampled"):
         raise ManifestError(f"{where}: unknown target kind {targets.get('kind')!r}")

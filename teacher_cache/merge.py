@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from teacher_cache.cache import Cache, open_cache
-from teacher_cache.manifest import COUNT_KEYS, MANIFEST, combine_backends
+from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends
 from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, shard_metadata, shard_name
 from teacher_cache.storage import Location
 
@@ -147,6 +147,7 @@ def merge(paths: list[str], out: str) -> dict:
         for c in caches
     ]
     manifest["backend"] = combine_backends([c.manifest.get("backend") for c in caches])
+    manifest["codec_version"] = codec_version([c.manifest for c in caches])
     manifest["config_hash"] = (
         "sha256:"
         + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in manifest["merged_from"])).encode()).hexdigest()

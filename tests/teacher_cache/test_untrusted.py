@@ -153,6 +153,8 @@ def test_shard_not_in_manifest_is_reported(cache):
     "edit,match",
     [
         (lambda m: m.update(format_version=2), "format version 2 is not supported"),
+        (lambda m: m.update(codec_version=3), "codec version 3 is not supported"),
+        (lambda m: m.update(codec_version="2"), "codec version '2' is not supported"),
         (lambda m: m.update(format="something-else"), "not a teacher-cache manifest"),
         (lambda m: m["shards"][0].update(name="../../etc/passwd"), "bad shard name"),
         (lambda m: m["counts"].update(samples=99), "counts.samples"),
@@ -168,6 +170,18 @@ def test_manifest_tampering(cache, edit, match):
     mpath.write_text(json.dumps(m))
     with pytest.raises(ManifestError, match=match):
         open_cache(cache)
+
+
+def test_manifest_names_the_codec_version_and_older_caches_without_it_still_open(cache, good_cache):
+    """The manifest says which codec version its blocks need (assembled from the worker parts);
+    manifests written before it was recorded have none and mean version 1, which still reads."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    assert m["codec_version"] == codec.CODEC_VERSION == 2
+    del m["codec_version"]
+    mpath.write_text(json.dumps(m))
+    got = [(s.sample_id, s.topk_ids.tolist()) for s in open_cache(cache)]
+    assert got == [(s.sample_id, s.topk_ids.tolist()) for s in open_cache(good_cache)]
 
 
 def test_cache_from_an_older_writer_without_chunk_hashes_is_read_whole_and_checked(cache, good_cache):
@@ -202,6 +216,7 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
     assert done.returncode == 0, done.stderr
     assert "12 samples" in done.stdout and "10 duplicate rows kept once" in done.stdout
     merged = open_cache(tmp_path / "m")
+    assert merged.manifest["codec_version"] == codec.CODEC_VERSION
     assert sorted(s.sample_id for s in merged) == sorted(s.sample_id for s in [*open_cache(a), *open_cache(b)])
     assert subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True).returncode == 0
 
