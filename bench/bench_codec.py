@@ -350,7 +350,8 @@ def main() -> None:
         hit = d["ids"][:, :32] == d["next"][:, None].astype(np.int64)
         hint = {"next_token_in_top32": float(hit.any(1).mean()), "next_token_is_top1": float(hit[:, 0].mean())}
 
-    print(f"source: {source}; P={P} V={V} zstd level={args.level}")
+    top1_prob = float(np.exp(d["lps"][:, 0].astype(np.float64)).mean())  # how sure the teacher is
+    print(f"source: {source}; P={P} V={V} zstd level={args.level}; mean top-1 probability {top1_prob:.3f}")
     if len(d["starts"]) > 1:
         print(f"positions per sample: mean {per_sample.mean():.1f}, median {np.median(per_sample):.0f}")
     cols = ("B/pos", "base B/pos", "err<=10nat", "err all", "enc pos/s", "dec pos/s")
@@ -380,6 +381,7 @@ def main() -> None:
         "codec_version": codec.CODEC_VERSION,
         "error_bound": codec.topk_error_bound(),
         "next_token_hint": hint,
+        "mean_top1_prob": top1_prob,
         "layouts": layouts,
         # the first layout's figures, where older readers look for them
         "block_positions": layouts[0]["block"],

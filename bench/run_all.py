@@ -56,7 +56,7 @@ def summary(codec_jsons: list[Path], throughput_json: Path, since: float) -> lis
     lines = [f"(not updated by this run: {p})" for p in (*codec_jsons, throughput_json) if not _fresh(p, since)]
     for codec_json in filter(lambda p: _fresh(p, since), codec_jsons):
         c = json.loads(codec_json.read_text())
-        lines.append(f"codec ({c['source'].split(' (')[0]}, P={c['positions']}, zstd level {c['zstd_level']}):")
+        lines.append(f"codec ({c['source']}, P={c['positions']}, zstd level {c['zstd_level']}):")
         for r in c["topk"]:
             lines.append(
                 f"  top-{r['k']:<3} {r['bytes_per_pos']:6.2f} B/pos (baseline {r['baseline_bytes_per_pos']:6.2f}), "
