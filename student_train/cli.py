@@ -58,14 +58,14 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--student", required=True, help="Preset name or checkpoint directory.")
 @click.option("--cache", "caches", multiple=True, required=True, help="Cache directory; repeatable (DAE: mix caches).")
 @click.option("--out", required=True, help="Run directory (checkpoints, metrics.jsonl).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per micro-batch.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--clip", type=float, default=1.0, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Cosine decay ends at lr x this.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True, help="Linear warmup steps.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping threshold.")
 @click.option(
     "--lam",
     type=float,
@@ -73,16 +73,26 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     show_default=True,
     help="(1 - lam) * CE + lam * (KD + attn-weight * attention); the paper uses 1.",
 )
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--attn-weight", type=float, default=0.0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the KD loss.")
+@click.option("--attn-weight", type=float, default=0.0, show_default=True, help="Weight of the attention loss.")
 @click.option("--attention-layer-map", default=None, help="TEACHER:STUDENT layer pairs (default: identity).")
 @click.option("--domain-ratio", type=float, default=None, help="DAE: share of samples from --only-domain caches.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--shuffle-window", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Data order and initialisation seed.")
+@click.option(
+    "--shuffle-window", type=click.IntRange(min=1), default=4, show_default=True, help="Shards mixed at once."
+)
+@click.option(
+    "--save-every", type=click.IntRange(min=1), default=50, show_default=True, help="Checkpoint every N steps."
+)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loader workers.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Positions per loss chunk (memory).",
+)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA (needs peft).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: FSDP2 sharding instead of DDP.")
 @click.option(
@@ -93,8 +103,8 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     help="Autocast of the forward pass; auto = bf16 on CUDA devices that support it, else fp32.",
 )
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-@click.option("--no-progress", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the student's own modelling code.")
 def train(**kw) -> None:
     """Train STUDENT from cached teacher targets (KD, attention loss, DAE mixing)."""
     from student_train.train import TrainConfig

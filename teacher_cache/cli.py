@@ -51,8 +51,14 @@ def main() -> None:
     show_default=True,
     help="hidden: vLLM hidden states + our projection (fast); prompt_logprobs: vLLM's stock path.",
 )
-@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--targets",
+    type=click.Choice(["topk", "sampled"]),
+    default="topk",
+    show_default=True,
+    help="topk: top-k log-probs + tail mass; sampled: N teacher draws per position (ids + counts).",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True, help="Top-k targets: k.")
 @click.option(
     "--num-draws",
     type=click.IntRange(min=1),
@@ -61,9 +67,13 @@ def main() -> None:
     help="Sampled targets: draws per position.",
 )
 @click.option("--attention-layers", default=None, help="Comma-separated layers to summarise attention for.")
-@click.option("--attention-top-k", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--max-length", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--attention-top-k", type=click.IntRange(min=1), default=16, show_default=True, help="Key positions kept per row."
+)
+@click.option(
+    "--max-length", type=click.IntRange(min=2), default=2048, show_default=True, help="Longer samples are truncated."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Samples per forward.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per shard.")
 @click.option(
     "--chunk-bytes",
@@ -75,9 +85,11 @@ def main() -> None:
 @click.option("--only-domain", default=None, help="Keep only records of this domain.")
 @click.option("--exclude-domain", default=None, help="Drop records of this domain.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the manifest) instead of failing.")
-@click.option("--worker-index", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--worker-index", type=click.IntRange(min=0), default=0, show_default=True, help="This worker's share.")
+@click.option(
+    "--num-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Workers splitting the data."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled targets' draws.")
 @click.option("--source", default=None, help="Tag stored on every row (default: the teacher's name).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
