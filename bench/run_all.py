@@ -99,13 +99,11 @@ def main() -> None:
     codec_json, throughput_json = RESULTS / "codec.json", RESULTS / "throughput.json"
     readme = str(BENCH.parent / "README.md")
     codec_args = ["--out", str(codec_json)]
-    codec_args += ["--samples", "60", "--repeat", "2"] if args.quick else ["--readme", readme]
+    codec_args += ["--samples", "60"] if args.quick else ["--readme", readme]
     prose_json = RESULTS / "codec_prose.json"
     prose = cache_dir() / "metadata_prose.jsonl"  # depends on the installed packages, kept out of the repo
     prose_args = ["--data", str(prose), "--blocks", "sample", "--out", str(prose_json)]
-    prose_args += (
-        ["--samples", "20", "--repeat", "2"] if args.quick else ["--readme", readme, "--readme-marker", "CODEC-PROSE"]
-    )
+    prose_args += ["--samples", "20"] if args.quick else ["--readme", readme, "--readme-marker", "CODEC-PROSE"]
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
     train_json = RESULTS / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
