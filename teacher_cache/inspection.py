@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from teacher_cache.cache import open_cache
+from teacher_cache.manifest import codec_version
 from teacher_cache.shards import ShardError
 
 
@@ -28,7 +29,7 @@ def summary(path: str) -> dict:
         "targets": m["targets"],
         "attention": att,
         "format_version": m["format_version"],
-        "codec_version": m.get("codec_version", 1),
+        "codec_version": codec_version([m]),
         "tool_version": m.get("tool_version"),
         "samples": c["samples"],
         "tokens": c["tokens"],

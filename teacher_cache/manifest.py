@@ -132,7 +132,7 @@ def validate(manifest: object, where: str) -> dict:
     for key in (*_HEADER_KEYS, "shards", "counts"):
         if key not in manifest:
             raise ManifestError(f"{where}: manifest lacks {key!r}")
-    codec = manifest.get("codec_version", 1)  # absent in caches from before it was recorded: 1
+    codec = codec_version([manifest])
     if codec not in CODEC_READ_VERSIONS or isinstance(codec, bool):
         raise ManifestError(
             f"{where}: codec version {codec!r} is not supported by this reader (reads "
