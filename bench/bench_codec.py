@@ -210,6 +210,27 @@ def bench_sampled(blocks: list[dict], level: int, repeat: int) -> dict:
     }
 
 
+ERROR_BOUNDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # --logprob-error values for the k=32 trade-off
+
+
+def bench_error_bounds(blocks: list[dict], level: int, k: int = 32) -> list[dict]:
+    """Top-k size at each log-prob error bound (encode_topk max_error): the fidelity trade-off."""
+    out = []
+    for e in ERROR_BOUNDS:
+        n = size = 0
+        err10 = 0.0
+        for b in blocks:
+            ids, lp, tail = b["topk"][k]
+            blob = codec.encode_topk(ids, lp, tail, vocab_size=b["V"], max_error=e, level=level)
+            _, lp2, _ = codec.decode_topk(blob, vocab_size=b["V"])
+            near = np.isfinite(lp) & (lp >= lp[:, :1] - 10)
+            err10 = max(err10, float(np.abs(lp2.astype(np.float64) - lp)[near].max(initial=0)))
+            n += b["P"]
+            size += len(blob)
+        out.append({"k": k, "max_error": e, "bytes_per_pos": size / n, "max_abs_err_within_10_nats": err10})
+    return out
+
+
 def stream_breakdown(blocks: list[dict], k: int, level: int) -> dict:
     """Where the top-k bytes go (B/pos): each stream of the format compressed on its own, as
     the encoder would (the sum is within ~1 B/pos of the blob: header, frame table, CRC)."""
@@ -271,6 +292,8 @@ def readme_table(result: dict) -> str:
         f"| sampled N={s['num_draws']} ({s['distinct_per_pos']:.1f} ids/pos) | {s['bytes_per_pos']:.1f} | - | exact | "
         f"{s['encode_pos_per_s']:,.0f} | {s['decode_pos_per_s']:,.0f} |"
     )
+    if "k32_by_error_bound" in lay:
+        rows += ["", "Top-32 B/pos by `--logprob-error` (nats): " + error_bound_line(lay["k32_by_error_bound"]) + "."]
     rows.append("")
     met = [
         f"{TARGETS[n][0]} {'<=' if not TARGETS[n][2] else '>='} {TARGETS[n][1]:,.0f}: "
@@ -279,6 +302,10 @@ def readme_table(result: dict) -> str:
     ]
     rows.append("Targets (issue 4): " + "; ".join(met) + ".")
     return "\n".join(rows)
+
+
+def error_bound_line(rows: list[dict]) -> str:
+    return ", ".join(f"{r['max_error']:g}: {r['bytes_per_pos']:.1f}" for r in rows)
 
 
 def write_readme(readme: Path, table: str, marker: str = "CODEC") -> None:
@@ -345,6 +372,8 @@ def main() -> None:
                 "k32_streams": stream_breakdown(blocks, 32, args.level),
             }
         )
+        if len(layouts) == 1:  # what real caches store: the size/fidelity trade-off
+            layouts[0]["k32_by_error_bound"] = bench_error_bounds(blocks, args.level)
     hint = None
     if d.get("next") is not None:
         hit = d["ids"][:, :32] == d["next"][:, None].astype(np.int64)
@@ -371,6 +400,8 @@ def main() -> None:
             f"dec {s['decode_pos_per_s']:,.0f} pos/s"
         )
         print("k=32 streams B/pos: " + ", ".join(f"{key} {v:.2f}" for key, v in lay["k32_streams"].items()))
+        if "k32_by_error_bound" in lay:
+            print("k=32 B/pos by --logprob-error: " + error_bound_line(lay["k32_by_error_bound"]))
     result = {
         "source": source,
         "positions": P,

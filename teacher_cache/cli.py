@@ -66,6 +66,14 @@ def main() -> None:
     show_default=True,
     help="Sampled targets: draws per position.",
 )
+@click.option(
+    "--logprob-error",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="Top-k and attention log-probs are stored within this many nats of the exact value "
+    "(a multiple of 0.005 up to 1.275; larger = smaller cache, see docs/CODEC.md).",
+)
 @click.option("--attention-layers", default=None, help="Comma-separated layers to summarise attention for.")
 @click.option(
     "--attention-top-k", type=click.IntRange(min=1), default=16, show_default=True, help="Key positions kept per row."

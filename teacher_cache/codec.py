@@ -5,8 +5,9 @@ Two block kinds, byte format in docs/CODEC.md:
   Also used for attention summaries (vocab_size = T, ids = key positions).
 - sampled: ragged per-position token counts (Sparse Logit Sampling), exact.
 
-Log-probs are quantised on a grid of STEP = 0.04 nats (error <= 0.02) within 10.24 nats of the
-row's top-1 and on a coarser grid below that; ids and counts are exact. Every decode failure
+Log-probs are quantised on a grid of step = 2 * max_error nats (default 0.04: error <= 0.02,
+chosen per blob in 0.01-nat units) within at least 10.24 nats of the row's top-1 and on a grid 8x
+coarser below that; ids and counts are exact. Every decode failure
 raises CodecError; declared sizes are checked against limits and the buffer before any
 allocation or decompression. Imports only numpy, zstandard and the standard library.
 """
@@ -20,17 +21,19 @@ import zlib
 import numpy as np
 import zstandard
 
-CODEC_VERSION = 2  # what the encoder writes; 2 added id mode 3 (sampled blocks)
-READ_VERSIONS = (1, 2)  # what the decoder accepts
+CODEC_VERSION = 3  # what the encoder writes; 2 added id mode 3 (sampled), 3 the top-k step byte
+READ_VERSIONS = (1, 2, 3)  # what the decoder accepts
 MAGIC = b"TCDC"
 KIND_TOPK = 1
 KIND_SAMPLED = 2
 
-STEP = 0.04  # nats per fine code unit: |error| <= STEP / 2 = 0.02
-FINE_CODES = 256  # codes 0..256 below the top-1 use the fine step (10.24 nats)
-COARSE_FACTOR = 8  # past that, one code unit = 8 fine units = 0.32 nats (|error| <= 0.16)
+MAX_ERROR = 0.02  # default bound on |stored - exact| log-prob, nats (within the fine region)
+STEP_UNIT = 0.01  # the top-k header stores the step as a count of these (1..255)
+STEP = 0.04  # the default step (4 units): nats per fine code unit, |error| <= STEP / 2
+FINE_REGION_UNITS = 1024  # the fine grid covers >= 1024 step units = 10.24 nats below the top-1
+COARSE_FACTOR = 8  # past that, one code unit = 8 fine units (0.32 nats at the default step)
 LOGPROB_FLOOR = -10000.0  # finite log-probs below this are clamped to it on encode
-CODE_LIMIT = 1 << 18  # decoder rejects absolute codes above this (encoder stays <= 250004)
+LOGPROB_SLACK = 0.02  # inputs up to this far above 0 (rounding noise) are read as 0
 ZSTD_LEVEL = 15  # encoder default; the decoder accepts any level
 PROBE_LEVEL = 3  # encoder: zstd level used to choose the id mode
 FRAME_MIN_BYTES = 2048  # encoder: byte planes this large get their own zstd frame
@@ -310,30 +313,50 @@ def _open(blob: bytes, header: struct.Struct, kind: int) -> tuple[tuple, list[me
 # ----------------------------------------------------------------------------- top-k
 
 
-def _quantise_rows(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def step_units(max_error: float) -> int:
+    """A log-prob error bound in nats -> the quantisation step in STEP_UNITs (step = 2 * bound).
+    The bound must be a multiple of 0.005 in [0.005, 1.275]; raises ValueError otherwise."""
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)):
+        raise ValueError(f"max_error must be a number, got {type(max_error).__name__}")
+    units = round(200 * float(max_error)) if np.isfinite(max_error) else 0
+    if not 1 <= units <= 255 or abs(units / 200 - max_error) > 1e-9:
+        raise ValueError(f"log-prob error bound must be a multiple of 0.005 in [0.005, 1.275] nats, got {max_error}")
+    return units
+
+
+class _Grid:
+    """The log-prob grid of one blob, from its step in STEP_UNITs (header byte, 1..255)."""
+
+    def __init__(self, units: int):
+        self.step = units / 100  # nats per fine code unit (float64, = units * STEP_UNIT)
+        self.fine_codes = -(-FINE_REGION_UNITS // units)  # fine codes 0..fine_codes below the top-1
+        self.code_limit = (1 << 20) // units  # absolute codes above this are corrupt (floor + 4)
+
+
+def _quantise_rows(logprobs: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float [P, k] descending -> (top1 code int64 [P], relative codes int64 [P, k], n_finite [P]).
 
-    top1 code a = rint(-lp0 / STEP); relative r = -lp / STEP - a; code c = rint(r) if
-    rint(r) <= FINE_CODES else FINE_CODES + rint((r - FINE_CODES) / COARSE_FACTOR).
+    top1 code a = rint(-lp0 / step); relative r = -lp / step - a; code c = rint(r) if
+    rint(r) <= fine_codes else fine_codes + rint((r - fine_codes) / COARSE_FACTOR).
     -inf entries (at the row end) get the previous code, so their delta is 0."""
     finite = np.isfinite(logprobs)  # [P, k]
     n_finite = finite.sum(axis=1)  # [P]
-    x = -np.maximum(logprobs.astype(np.float64), LOGPROB_FLOOR) / STEP  # [P, k], +inf for -inf
+    x = -np.clip(logprobs.astype(np.float64), LOGPROB_FLOOR, 0.0) / grid.step  # [P, k], +inf for -inf
     x = np.where(finite, x, 0.0)
     a = np.where(n_finite > 0, np.rint(x[:, 0]), 0.0)  # [P]
     r = x - a[:, None]  # [P, k]
     fine = np.rint(r)
-    coarse = FINE_CODES + np.rint((r - FINE_CODES) / COARSE_FACTOR)
-    c = np.maximum(np.where(fine <= FINE_CODES, fine, coarse), 0.0)  # [P, k]
+    coarse = grid.fine_codes + np.rint((r - grid.fine_codes) / COARSE_FACTOR)
+    c = np.maximum(np.where(fine <= grid.fine_codes, fine, coarse), 0.0)  # [P, k]
     c = np.where(finite, c, 0.0)
     c = np.maximum.accumulate(c, axis=1)  # -inf entries repeat the last finite code
     return a.astype(np.int64), c.astype(np.int64), n_finite
 
 
-def _tail_codes(tail_logprob: np.ndarray) -> np.ndarray:
-    """float [P] -> int64 [P]: 0 for -inf, else 1 + rint(-tail / STEP) (tail clamped to the floor)."""
-    t = -np.maximum(tail_logprob.astype(np.float64), LOGPROB_FLOOR) / STEP  # [P]
-    return np.where(np.isneginf(tail_logprob), 0, np.rint(np.maximum(t, 0.0)) + 1).astype(np.int64)
+def _tail_codes(tail_logprob: np.ndarray, grid: _Grid) -> np.ndarray:
+    """float [P] -> int64 [P]: 0 for -inf, else 1 + rint(-tail / step) (tail clamped to the floor)."""
+    t = -np.clip(tail_logprob.astype(np.float64), LOGPROB_FLOOR, 0.0) / grid.step  # [P]
+    return np.where(np.isneginf(tail_logprob), 0, np.rint(t) + 1).astype(np.int64)
 
 
 def _rank_groups(k: int) -> list[tuple[int, int]]:
@@ -352,14 +375,17 @@ def encode_topk(
     tail_logprob: np.ndarray,
     *,
     vocab_size: int,
+    max_error: float = MAX_ERROR,
     level: int = ZSTD_LEVEL,
 ) -> bytes:
     """Encode one sample's top-k targets.
 
     ids int [P, k] distinct per row in [0, vocab_size); logprobs float [P, k] natural-log,
     non-increasing per row, <= 0.02, -inf allowed (always last); tail_logprob float [P]
-    = log of the mass outside the top-k, -inf allowed. Raises ValueError on bad input."""
+    = log of the mass outside the top-k, -inf allowed. max_error: the log-prob bound in nats
+    (topk_error_bound). Raises ValueError on bad input."""
     vocab_size = _check_vocab(vocab_size)
+    units = step_units(max_error)
     ids = np.asarray(ids)
     logprobs = np.asarray(logprobs)
     tail_logprob = np.asarray(tail_logprob)
@@ -382,12 +408,12 @@ def encode_topk(
     for name, v in (("logprobs", logprobs), ("tail_logprob", tail_logprob)):
         if not np.issubdtype(v.dtype, np.floating):
             raise ValueError(f"{name} must be a float array, got {v.dtype}")
-        if np.isnan(v).any() or (v > STEP / 2).any():
+        if np.isnan(v).any() or (v > LOGPROB_SLACK).any():
             raise ValueError(f"{name} must be log-probabilities: no NaN, nothing above 0")
     if k > 1 and P and (logprobs[:, 1:] > logprobs[:, :-1]).any():
         raise ValueError("logprobs must be sorted descending within each position")
 
-    mode, n_uniq, widths, streams = _topk_streams(ids, logprobs, tail_logprob, level)
+    mode, n_uniq, widths, streams = _topk_streams(ids, logprobs, tail_logprob, level, units)
     chunks = [ch for stream in streams.values() for ch in stream]
     raw_len = sum(len(ch) for ch in chunks)
     frames = _compress(chunks, level)
@@ -399,17 +425,19 @@ def encode_topk(
 
 
 def _topk_streams(
-    ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int
+    ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int, units: int = 4
 ) -> tuple[int, int, tuple[int, ...], dict[str, list[bytes]]]:
     """Checked top-k inputs ids int64 [P, k], logprobs [P, k], tail [P] -> (id mode, U, the
-    header's 8 widths, the payload's streams in format order: name -> byte chunks, each chunk
-    followed by a zstd block boundary). Benchmarks size the streams one by one."""
+    header's 8 width bytes (the last is the step in STEP_UNITs), the payload's streams in
+    format order: name -> byte chunks, each chunk followed by a zstd block boundary).
+    Benchmarks size the streams one by one."""
     P, k = ids.shape
-    a, c, n_finite = _quantise_rows(logprobs)  # [P], [P, k], [P]
+    grid = _Grid(units)
+    a, c, n_finite = _quantise_rows(logprobs, grid)  # [P], [P, k], [P]
     deltas = np.diff(c, axis=1)  # [P, k-1] >= 0
     nb_a, a_b = _to_planes(a)
     nb_m, m_b = _to_planes(k - n_finite)
-    nb_t, t_b = _to_planes(_tail_codes(tail_logprob))
+    nb_t, t_b = _to_planes(_tail_codes(tail_logprob, grid))
     nb_d, d_b = _to_planes(deltas.T.reshape(-1))  # rank-major [k-1, P]
     # extra block boundaries between rank groups inside every plane of the deltas stream
     d_chunks = [plane[(lo - 1) * P : (hi - 1) * P] for plane in d_b for lo, hi in _rank_groups(k)]
@@ -423,7 +451,7 @@ def _topk_streams(
         "id_dictionary": id_chunks[:n_dict],
         "id_indexes": id_chunks[n_dict:],
     }
-    return mode, n_uniq, (nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, 0), streams
+    return mode, n_uniq, (nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, units), streams
 
 
 def decode_topk(
@@ -438,7 +466,7 @@ def decode_topk(
     tail_logprob float32 [P]). Raises CodecError on any malformed or out-of-limit blob."""
     fields, frames = _open(blob, _TOPK_HEADER, KIND_TOPK)
     mode, P, k, V, n_uniq = fields[3], fields[5], fields[6], fields[7], fields[8]
-    nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, nb_pad = fields[9:17]
+    nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, units = fields[9:17]
     raw_len = fields[17]
     if vocab_size != V:
         raise CodecError(f"blob vocab_size {V} != expected {vocab_size}")
@@ -452,8 +480,15 @@ def decode_topk(
         raise CodecError(f"P*k={P * k} exceeds max_entries={max_entries}")
     if n_uniq > min(P * k, V):
         raise CodecError(f"dictionary size U={n_uniq} exceeds min(P*k, vocab_size)")
-    if max(nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx) > 4 or nb_pad:
+    if max(nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx) > 4:
         raise CodecError("stream byte width outside [0, 4]")
+    if fields[1] < 3:  # before version 3 the step byte was padding: 0, the 0.04-nat step
+        if units:
+            raise CodecError(f"step byte {units} in a version {fields[1]} blob (must be 0)")
+        units = 4
+    elif units == 0:
+        raise CodecError("log-prob step of 0 units")
+    grid = _Grid(units)
     n = P * k
     expect = P * (nb_a + nb_m + nb_t) + P * (k - 1) * nb_d + n_uniq * (nb_gap + nb_cnt) + n * nb_idx
     if raw_len != expect:
@@ -470,31 +505,33 @@ def decode_topk(
 
     c = np.zeros((P, k), np.int64)  # [P, k] relative codes
     np.cumsum(deltas, axis=0, out=c[:, 1:].T)
-    c += (COARSE_FACTOR - 1) * np.maximum(c - FINE_CODES, 0)  # coarse codes -> fine units
+    c += (COARSE_FACTOR - 1) * np.maximum(c - grid.fine_codes, 0)  # coarse codes -> fine units
     c += a[:, None]
-    if P and int(c[:, -1].max()) > CODE_LIMIT:
-        raise CodecError(f"log-prob code {int(c[:, -1].max())} beyond limit {CODE_LIMIT}")
-    logprobs = (c * -STEP).astype(np.float32)  # [P, k]
+    if P and int(c[:, -1].max()) > grid.code_limit:
+        raise CodecError(f"log-prob code {int(c[:, -1].max())} beyond limit {grid.code_limit}")
+    logprobs = (c * -grid.step).astype(np.float32)  # [P, k]
     if P and missing.any():
         logprobs[np.arange(k)[None, :] >= (k - missing)[:, None]] = -np.inf
-    if P and int(tail_code.max()) > CODE_LIMIT + 1:
-        raise CodecError(f"tail code {int(tail_code.max())} beyond limit {CODE_LIMIT}")
-    tail = ((tail_code - 1) * -STEP).astype(np.float32)  # [P]
+    if P and int(tail_code.max()) > grid.code_limit + 1:
+        raise CodecError(f"tail code {int(tail_code.max())} beyond limit {grid.code_limit}")
+    tail = ((tail_code - 1) * -grid.step).astype(np.float32)  # [P]
     tail[tail_code == 0] = -np.inf
     return ids, logprobs, tail
 
 
-def topk_error_bound() -> dict:
-    """Documented worst-case errors of decode_topk(encode_topk(...)) vs the float32 input."""
+def topk_error_bound(max_error: float = MAX_ERROR) -> dict:
+    """Documented worst-case errors of decode_topk(encode_topk(..., max_error=...)) vs the
+    float32 input."""
+    grid = _Grid(step_units(max_error))
     return {
-        "step_nats": STEP,
-        "logprob_abs_err_within_10_nats": STEP / 2,  # entries with lp >= top1 - 10
-        "fine_region_nats": FINE_CODES * STEP,  # the 0.02 bound actually holds to here
-        "logprob_abs_err_below_fine_region": COARSE_FACTOR * STEP / 2,
-        "top1_logprob_abs_err": STEP / 2,
-        "tail_logprob_abs_err": STEP / 2,
+        "step_nats": grid.step,
+        "logprob_abs_err_within_10_nats": grid.step / 2,  # entries with lp >= top1 - 10
+        "fine_region_nats": grid.fine_codes * grid.step,  # the bound actually holds to here
+        "logprob_abs_err_below_fine_region": COARSE_FACTOR * grid.step / 2,
+        "top1_logprob_abs_err": grid.step / 2,
+        "tail_logprob_abs_err": grid.step / 2,
         "logprob_floor": LOGPROB_FLOOR,  # finite values below are clamped here first
-        "mass_rel_err": float(np.expm1(STEP / 2)),  # per entry and for the total, incl. tail
+        "mass_rel_err": float(np.expm1(grid.step / 2)),  # per entry and for the total, incl. tail
         "float32_output_rel_err": 2.0**-24,  # added rounding of the float32 result
         "ids": "exact",
         "neg_inf": "exact (-inf in, -inf out)",

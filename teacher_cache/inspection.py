@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from teacher_cache.cache import open_cache
+from teacher_cache.codec import MAX_ERROR
 from teacher_cache.manifest import codec_version
 from teacher_cache.shards import ShardError
 
@@ -50,19 +51,21 @@ def verify(path: str) -> tuple[list[str], int]:
     problems: list[str] = []
     checked = 0
     listed = set(cache.shard_names)
+    # each stored log-prob is within the cache's bound, so is the total top-k + tail log-mass
+    mass_tol = 0.03 + cache.manifest["targets"].get("logprob_error", MAX_ERROR)
     for extra in (n for n in cache.where.glob("shard-*.arrow") if n not in listed):
         problems.append(f"{extra}: shard file not listed in the manifest")
     for name in cache.shard_names:
         try:
             for s in cache.iter_shard(name):
-                problems.extend(_bounds(s, name))
+                problems.extend(_bounds(s, name, mass_tol))
                 checked += 1
         except ShardError as e:
             problems.append(str(e))
     return problems, checked
 
 
-def _bounds(s, shard: str) -> list[str]:
+def _bounds(s, shard: str, mass_tol: float) -> list[str]:
     where = f"{shard} sample {s.sample_id}"
     out = []
     if s.topk_logprobs is not None:
@@ -70,7 +73,7 @@ def _bounds(s, shard: str) -> list[str]:
         if np.any(lp > 1e-3) or np.any(np.isnan(lp)):
             out.append(f"{where}: log-probs above 0 or NaN")
         total = np.logaddexp.reduce(np.concatenate([lp, s.tail_logprob[:, None]], axis=1).astype(np.float64), axis=1)
-        if np.any(np.abs(total) > 0.05):
+        if np.any(np.abs(total) > mass_tol):
             out.append(f"{where}: top-k + tail mass off 1 by up to {np.abs(np.expm1(total)).max():.3f}")
     if s.sampled_counts is not None and np.any(s.sampled_counts <= 0):
         out.append(f"{where}: non-positive sample counts")

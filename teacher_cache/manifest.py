@@ -13,6 +13,7 @@ import json
 import re
 
 from teacher_cache.codec import READ_VERSIONS as CODEC_READ_VERSIONS
+from teacher_cache.codec import step_units
 from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES
 from teacher_cache.storage import Location
 
@@ -141,6 +142,11 @@ def validate(manifest: object, where: str) -> dict:
     targets = manifest["targets"]
     if targets.get("kind") not in ("topk", "sampled"):
         raise ManifestError(f"{where}: unknown target kind {targets.get('kind')!r}")
+    if "logprob_error" in targets:  # absent in caches made before it was a setting: 0.02
+        try:
+            step_units(targets["logprob_error"])
+        except ValueError as e:
+            raise ManifestError(f"{where}: targets.logprob_error: {e}") from None
     vocab = manifest["tokenizer"].get("vocab_size")
     if not isinstance(vocab, int) or vocab <= 0:
         raise ManifestError(f"{where}: tokenizer.vocab_size must be a positive integer")

@@ -63,6 +63,7 @@ class RunConfig:
     targets: str = "topk"  # topk | sampled
     top_k: int = 32
     num_draws: int = 50  # sampled targets: draws per position
+    logprob_error: float = codec.MAX_ERROR  # top-k and attention log-probs: bound in nats (codec step / 2)
     attention_layers: tuple[int, ...] = ()
     attention_top_k: int = 16
     max_length: int = 2048
@@ -99,6 +100,10 @@ class RunConfig:
         for ok, why in checks:
             if not ok:
                 raise RunError(why)
+        try:
+            codec.step_units(self.logprob_error)
+        except ValueError as e:
+            raise RunError(f"--logprob-error: {e}") from None
 
 
 def _log(msg: str) -> None:
@@ -157,11 +162,15 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
         attention = {
             "layers": list(cfg.attention_layers),
             "top_k": cfg.attention_top_k,
+            "logprob_error": cfg.logprob_error,
             "reduction": "mean over heads",
             "source": "hf" if backend_info["backend"] == "hf" else "hf pass beside vllm",
         }
     targets = {"kind": cfg.targets, "temperature": 1.0, "logprobs": "natural log, raw"}
-    targets.update({"k": cfg.top_k} if cfg.targets == "topk" else {"num_draws": cfg.num_draws, "proposal": "teacher"})
+    if cfg.targets == "topk":
+        targets.update(k=cfg.top_k, logprob_error=cfg.logprob_error)
+    else:
+        targets.update(num_draws=cfg.num_draws, proposal="teacher")
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -241,12 +250,13 @@ def _backend_info(cfg: RunConfig) -> dict:
 
 
 def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, vocab: int, source: str) -> Row:
+    err = cfg.logprob_error
     if out.topk is not None:
         top: TopKTargets = out.topk
-        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
+        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     elif cfg.targets == "topk":
         top = topk_from_logits(out.logits, cfg.top_k, inplace=True)  # the logits are not used again
-        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab)
+        blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     else:
         gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, rec.sample_id))
         s = sampled_from_logits(out.logits, cfg.num_draws, gen)
@@ -257,7 +267,7 @@ def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, 
         attn_blobs = []
         for layer in cfg.attention_layers:
             a = attention_summary(out.attention[layer], cfg.attention_top_k)
-            attn_blobs.append(codec.encode_topk(a.ids, a.logprobs, a.tail_logprob, vocab_size=T))
+            attn_blobs.append(codec.encode_topk(a.ids, a.logprobs, a.tail_logprob, vocab_size=T, max_error=err))
     return Row(rec.sample_id, source, rec.domain, tk.input_ids, tk.target_positions, blob, attn_blobs, tk.truncated)
 
 

@@ -74,7 +74,7 @@ def sample_counts(rng: np.random.Generator, logprobs: np.ndarray, n: int):
     return np.array(offsets, np.int64), cat(ids).astype(np.int64), cat(counts).astype(np.int64)
 
 
-def check_topk(ids, lp, tail, blob, V):
+def check_topk(ids, lp, tail, blob, V, bound=BOUND):
     """Decode and assert exact ids / -inf and the documented value bounds."""
     ids2, lp2, tail2 = decode_topk(blob, vocab_size=V)
     assert ids2.dtype == np.int64 and lp2.dtype == np.float32 and tail2.dtype == np.float32
@@ -83,16 +83,16 @@ def check_topk(ids, lp, tail, blob, V):
     assert (lp2[:, 1:] <= lp2[:, :-1]).all()
     np.testing.assert_array_equal(np.isneginf(lp2), np.isneginf(lp))
     np.testing.assert_array_equal(np.isneginf(tail2), np.isneginf(tail))
-    ref = np.maximum(lp.astype(np.float64), BOUND["logprob_floor"])  # clamped input  [P, k]
+    ref = np.maximum(lp.astype(np.float64), bound["logprob_floor"])  # clamped input  [P, k]
     fin = np.isfinite(lp)
     err = np.abs(lp2.astype(np.float64) - ref)
     slack = 1e-6 * np.maximum(1.0, np.abs(ref))  # float32 rounding of the output
     near = fin & (ref >= ref[:, :1] - 10.0)
-    assert (err[near] <= BOUND["logprob_abs_err_within_10_nats"] + slack[near]).all()
-    assert (err[fin] <= BOUND["logprob_abs_err_below_fine_region"] + slack[fin]).all()
-    tref = np.maximum(tail.astype(np.float64), BOUND["logprob_floor"])
+    assert (err[near] <= bound["logprob_abs_err_within_10_nats"] + slack[near]).all()
+    assert (err[fin] <= bound["logprob_abs_err_below_fine_region"] + slack[fin]).all()
+    tref = np.maximum(tail.astype(np.float64), bound["logprob_floor"])
     tf = np.isfinite(tail)
-    assert (np.abs(tail2[tf] - tref[tf]) <= BOUND["tail_logprob_abs_err"] + 1e-6 * (1 - tref[tf])).all()
+    assert (np.abs(tail2[tf] - tref[tf]) <= bound["tail_logprob_abs_err"] + 1e-6 * (1 - tref[tf])).all()
     return ids2, lp2, tail2
 
 
@@ -138,6 +138,33 @@ def topk_case(draw):
 def test_topk_roundtrip_property(case):
     ids, lp, tail, V = case
     check_topk(ids, lp, tail, encode_topk(ids, lp, tail, vocab_size=V), V)
+
+
+@HYP
+@given(topk_case(), st.sampled_from([0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 0.5, 1.275]))
+def test_topk_roundtrip_at_any_error_bound(case, max_error):
+    """encode_topk(max_error=e) keeps every stored log-prob within e of the input in the fine
+    region (>= 10.24 nats below the top-1, whatever the step) and within 8e below it."""
+    ids, lp, tail, V = case
+    bound = topk_error_bound(max_error)
+    assert bound["logprob_abs_err_within_10_nats"] == pytest.approx(max_error)
+    assert bound["fine_region_nats"] >= 10.24 - 1e-9
+    check_topk(ids, lp, tail, encode_topk(ids, lp, tail, vocab_size=V, max_error=max_error), V, bound)
+
+
+def test_looser_error_bound_gives_smaller_blobs():
+    """Realistic distributions: the step is the size/fidelity trade-off (sizes in the bench)."""
+    ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(8), 128, 32000), 32)
+    sizes = [len(encode_topk(ids, lp, tail, vocab_size=32000, max_error=e)) for e in (0.005, 0.02, 0.05, 0.1)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.95 * sizes[1]
+    assert encode_topk(ids, lp, tail, vocab_size=32000)[31] == 4  # the default step: 4 x 0.01 nats
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.02, 0.0201, 0.003, 1.28, float("nan"), float("inf"), True, "0.02"])
+def test_error_bound_must_be_on_the_step_grid(bad):
+    ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(9), 4, 100), 4)
+    with pytest.raises(ValueError, match="error bound|must be a number"):
+        encode_topk(ids, lp, tail, vocab_size=100, max_error=bad)
 
 
 def test_topk_realistic_size_and_error():
@@ -327,13 +354,13 @@ def reseal(blob: bytes, fmt_offset: int, fmt: str, value) -> bytes:
 
 
 # top-k header: 0 magic, 4 version, 5 kind, 6 id_mode, 7 n_frames, 8 P, 12 k, 16 V, 20 U,
-# 24..31 widths (top1, missing, tail, delta, gap, count, index, pad), 32 raw_len, 36 comp_len,
+# 24..30 widths (top1, missing, tail, delta, gap, count, index), 31 step (0.01-nat units), 32 raw_len, 36 comp_len,
 # 40 frame lengths
 @pytest.mark.parametrize(
     "offset,fmt,lie,match",
     [
         (0, "<4s", lambda v: b"XXXX", "bad magic"),
-        (4, "<B", lambda v: 3, "version"),
+        (4, "<B", lambda v: v + 1, "version"),
         (5, "<B", lambda v: 2, "kind"),
         (6, "<B", lambda v: 9, "id mode"),
         (7, "<B", lambda v: v + 1, "comp_len"),
@@ -348,7 +375,7 @@ def reseal(blob: bytes, fmt_offset: int, fmt: str, value) -> bytes:
         (20, "<I", lambda v: 1 << 30, "dictionary size"),
         (26, "<B", lambda v: v + 1, "raw_len"),
         (30, "<B", lambda v: 9, "width"),
-        (31, "<B", lambda v: 1, "width"),
+        (31, "<B", lambda v: 0, "step of 0"),
         (32, "<I", lambda v: v + 1, "raw_len"),
         (32, "<I", lambda v: v - 1, "raw_len"),
         (36, "<I", lambda v: v + 1, "comp_len"),
@@ -430,20 +457,23 @@ def test_limits_are_enforced():
 def test_error_bound_is_documented():
     assert BOUND["logprob_abs_err_within_10_nats"] == pytest.approx(0.02)
     assert BOUND["fine_region_nats"] >= 10.0
-    assert codec.CODEC_VERSION == 2 and codec.READ_VERSIONS == (1, 2)
+    assert codec.CODEC_VERSION == 3 and codec.READ_VERSIONS == (1, 2, 3)
 
 
 # ----------------------------------------------------------------------------- versions and id modes
 
-V1 = Path(__file__).resolve().parents[1] / "data" / "codec_v1"  # blobs written by the version 1 encoder
+OLD = Path(__file__).resolve().parents[1] / "data"  # codec_vN: blobs written by the version N encoder
 
 
-def test_version_1_blobs_still_decode():
-    """Caches written before version 2 stay readable: blobs from the version 1 encoder (the
-    test's small_topk_blob / small_sampled_blob at that commit) decode to what they did then."""
-    want = np.load(V1 / "expected.npz")
-    topk, sampled = (V1 / "topk.bin").read_bytes(), (V1 / "sampled.bin").read_bytes()
-    assert topk[4] == sampled[4] == 1
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_version_blobs_still_decode(version):
+    """Caches written by older encoders stay readable: blobs from the version 1 and 2 encoders
+    (this file's small_topk_blob() and small_sampled_blob(P=24 (v1) / 60 (v2, id mode 3)) at
+    those commits) decode to what they did then; their step byte (padding then) must be 0."""
+    old = OLD / f"codec_v{version}"
+    want = np.load(old / "expected.npz")
+    topk, sampled = (old / "topk.bin").read_bytes(), (old / "sampled.bin").read_bytes()
+    assert topk[4] == sampled[4] == version and topk[31] == 0
     for got, key in zip(decode_topk(topk, vocab_size=5000), ("topk_ids", "topk_logprobs", "topk_tail"), strict=True):
         np.testing.assert_array_equal(got, want[key])
     offsets, ids, counts, n = decode_sampled(sampled, vocab_size=5000)
@@ -451,8 +481,10 @@ def test_version_1_blobs_still_decode():
     np.testing.assert_array_equal(ids, want["s_ids"])
     np.testing.assert_array_equal(counts, want["s_counts"])
     assert n == int(want["s_num_draws"])
-    with pytest.raises(CodecError, match="codec version 3"):
-        decode_topk(reseal(topk, 4, "<B", 3), vocab_size=5000)
+    with pytest.raises(CodecError, match="codec version 4"):
+        decode_topk(reseal(topk, 4, "<B", 4), vocab_size=5000)
+    with pytest.raises(CodecError, match=f"step byte 4 in a version {version} blob"):
+        decode_topk(reseal(topk, 31, "<B", 4), vocab_size=5000)
 
 
 def rebuild(blob: bytes, header: struct.Struct, mutate) -> bytes:
@@ -471,7 +503,7 @@ def test_sampled_blocks_gap_code_ids_within_a_position():
     stored as gaps inside each row. Realistic data picks it; it round-trips; a gap that points
     past the dictionary, mode 3 in a version 1 blob or in a top-k blob are refused."""
     blob = small_sampled_blob(P=60)
-    assert blob[4] == 2 and blob[6] == codec.ID_DICT_ROW_GAPS
+    assert blob[4] == codec.CODEC_VERSION and blob[6] == codec.ID_DICT_ROW_GAPS
     offsets, ids, counts, _ = decode_sampled(blob, vocab_size=5000)
     rng = np.random.default_rng(4)
     want = sample_counts(rng, realistic_logprobs(rng, 60, 5000), 50)

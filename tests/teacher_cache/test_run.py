@@ -76,6 +76,7 @@ def test_run_writes_a_complete_verified_cache(tmp_path, chats_file):
     assert m["tokenizer"]["vocab_size"] == 32000 and m["targets"] == {
         "kind": "topk",
         "k": 8,
+        "logprob_error": 0.02,
         "temperature": 1.0,
         "logprobs": "natural log, raw",
     }
@@ -222,6 +223,39 @@ def test_sampled_targets(tmp_path, chats_file):
         assert s.topk_ids is None and len(s.sampled_offsets) == P + 1 and s.num_draws == 20
         counts = np.add.reduceat(s.sampled_counts, s.sampled_offsets[:-1])
         np.testing.assert_array_equal(counts, 20)
+
+
+def test_logprob_error_trades_fidelity_for_size(tmp_path, chats_file):
+    """--logprob-error through the CLI: the manifest records it, the shards shrink, every value
+    stays within it of the default cache's (itself within 0.02 of exact), verify accepts the
+    looser mass; an off-grid value is one clear line and exit 2, before anything is written."""
+    exact, loose = tmp_path / "exact", tmp_path / "loose"
+    run(cfg(chats_file, exact, attention_layers=(1,), attention_top_k=4))
+    args = ["--teacher", "tiny-mixtral", "--data", str(chats_file), "--backend", "hf", "--top-k", "8"]
+    args += ["--shard-size", "3", "--attention-layers", "1", "--attention-top-k", "4", "--no-progress"]
+    done = subprocess.run(
+        [*CLI, "run", *args, "--out", str(loose), "--logprob-error", "0.2"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = open_cache(loose).manifest
+    assert m["targets"]["logprob_error"] == 0.2 and m["attention"]["logprob_error"] == 0.2
+    size = {d: sum(sh["bytes"] for sh in open_cache(d).manifest["shards"]) for d in (exact, loose)}
+    assert size[loose] < size[exact]
+    a, b = rows(exact), rows(loose)
+    for sid in a:
+        np.testing.assert_array_equal(a[sid]["topk_ids"], b[sid]["topk_ids"])
+        for f in ("topk_logprobs", "attention_logprobs"):
+            x, y = a[sid][f], b[sid][f]
+            near = np.isfinite(x) & (x >= x[..., :1] - 10)
+            assert np.abs(x - y)[near].max(initial=0) <= 0.2 + 0.02 + 1e-5, f"{sid}.{f}"
+    done = subprocess.run([*CLI, "verify", str(loose)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    bad = tmp_path / "bad"
+    done = subprocess.run(
+        [*CLI, "run", *args, "--out", str(bad), "--logprob-error", "0.0125"], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "--logprob-error" in done.stderr and "multiple of 0.005" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not bad.exists()
 
 
 def test_truncation_is_counted(tmp_path, chats_file):

@@ -153,7 +153,7 @@ def test_shard_not_in_manifest_is_reported(cache):
     "edit,match",
     [
         (lambda m: m.update(format_version=2), "format version 2 is not supported"),
-        (lambda m: m.update(codec_version=3), "codec version 3 is not supported"),
+        (lambda m: m.update(codec_version=4), "codec version 4 is not supported"),
         (lambda m: m.update(codec_version="2"), "codec version '2' is not supported"),
         (lambda m: m.update(format="something-else"), "not a teacher-cache manifest"),
         (lambda m: m["shards"][0].update(name="../../etc/passwd"), "bad shard name"),
@@ -161,6 +161,8 @@ def test_shard_not_in_manifest_is_reported(cache):
         (lambda m: m.pop("tokenizer"), "lacks 'tokenizer'"),
         (lambda m: m["shards"][0]["chunks"]["sha256"].append("0" * 64), "chunk hashes do not cover"),
         (lambda m: m["shards"][0]["chunks"].update(size=1 << 40), "chunk size outside"),
+        (lambda m: m["targets"].update(logprob_error=-1), "targets.logprob_error: .*multiple of 0.005"),
+        (lambda m: m["targets"].update(logprob_error="0.02"), "targets.logprob_error: .*must be a number"),
     ],
 )
 def test_manifest_tampering(cache, edit, match):
@@ -177,7 +179,7 @@ def test_manifest_names_the_codec_version_and_older_caches_without_it_still_open
     manifests written before it was recorded have none and mean version 1, which still reads."""
     mpath = cache / "manifest.json"
     m = json.loads(mpath.read_text())
-    assert m["codec_version"] == codec.CODEC_VERSION == 2
+    assert m["codec_version"] == codec.CODEC_VERSION == 3
     del m["codec_version"]
     mpath.write_text(json.dumps(m))
     got = [(s.sample_id, s.topk_ids.tolist()) for s in open_cache(cache)]
