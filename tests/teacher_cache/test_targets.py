@@ -59,3 +59,20 @@ def test_attention_summary_keeps_mass():
     a = attention_summary(rows, 5)
     np.testing.assert_allclose(np.exp(a.logprobs).sum(1) + np.exp(a.tail_logprob), 1.0, atol=1e-5)
     np.testing.assert_array_equal(a.ids, rows.topk(5).indices.numpy())
+
+
+def test_k_larger_than_the_vocabulary_keeps_every_token_through_the_codec():
+    """--top-k 64 on a 50-token vocabulary: every token is kept (k = 50), the tail is empty
+    (-inf), and the codec round-trips that block within its bound."""
+    from teacher_cache import codec
+
+    logits = torch.randn(9, 50, generator=torch.Generator().manual_seed(3)) * 3
+    got = topk_from_logits(logits, 64)
+    assert got.ids.shape == got.logprobs.shape == (9, 50) and np.isneginf(got.tail_logprob).all()
+    np.testing.assert_array_equal(np.sort(got.ids, axis=1), np.tile(np.arange(50), (9, 1)))
+    ids, lps, tail = codec.decode_topk(
+        codec.encode_topk(got.ids, got.logprobs, got.tail_logprob, vocab_size=50), vocab_size=50
+    )
+    np.testing.assert_array_equal(ids, got.ids)
+    near = got.logprobs >= got.logprobs[:, :1] - 10
+    assert np.abs(lps - got.logprobs)[near].max() <= 0.02 + 1e-6 and np.isneginf(tail).all()
