@@ -64,6 +64,10 @@ def summary(codec_jsons: list[Path], throughput_json: Path, since: float) -> lis
             )
         s = c["sampled"]
         lines.append(f"  sampled N={s['num_draws']}: {s['bytes_per_pos']:.2f} B/pos")
+        by_bound = c["layouts"][0].get("k32_by_error_bound", [])
+        if by_bound:
+            pairs = ", ".join(f"{r['max_error']:g}: {r['bytes_per_pos']:.1f}" for r in by_bound)
+            lines.append(f"  top-32 B/pos by --logprob-error (nats): {pairs}")
         for t in c.get("targets", {}).values():
             ok = "met" if t["met"] else "NOT met"
             lines.append(f"  target {t['target']:,.0f}: {t['value']:,.2f} {ok}")
