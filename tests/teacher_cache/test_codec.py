@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from pathlib import Path
@@ -519,3 +520,43 @@ def test_sampled_blocks_gap_code_ids_within_a_position():
         decode_sampled(reseal(blob, 4, "<B", 1), vocab_size=5000)
     with pytest.raises(CodecError, match="id mode 3"):
         decode_topk(reseal(small_topk_blob(), 6, "<B", codec.ID_DICT_ROW_GAPS), vocab_size=5000)
+
+
+_DECODERS = functools.cache(decoders)  # the blobs are built once for the property test below
+
+
+def _check_decoded_topk(out, V: int) -> None:
+    ids, lp, tail = out
+    assert ids.shape == lp.shape and ids.dtype == np.int64 and lp.dtype == np.float32
+    assert ((ids >= 0) & (ids < V)).all() and not np.isnan(lp).any() and (lp <= 0).all()
+    assert (lp[:, 1:] <= lp[:, :-1]).all() and not np.isnan(tail).any() and (tail <= 0).all()
+
+
+def _check_decoded_sampled(out, V: int) -> None:
+    offsets, ids, counts, n = out
+    assert offsets[0] == 0 and offsets[-1] == len(ids) == len(counts) and (np.diff(offsets) >= 1).all()
+    assert ((ids >= 0) & (ids < V)).all() and (counts >= 1).all()
+    np.testing.assert_array_equal(np.add.reduceat(counts, offsets[:-1]) if len(ids) else [], n)
+
+
+@HYP
+@given(st.sampled_from(range(4)), st.data())
+def test_payload_lies_with_a_valid_checksum_raise_or_decode_in_range(which, data):
+    """A foreign blob can carry a valid CRC (it is a checksum, not a signature): whatever its
+    payload says, decoding raises CodecError or returns values inside every documented range
+    (ids < V, log-probs <= 0 and descending, counts >= 1 summing to num_draws); never another
+    exception, never out-of-range data."""
+    name, blob, decode = _DECODERS()[which]
+    header = codec._TOPK_HEADER if name.startswith("topk") else codec._SAMPLED_HEADER
+    n_raw = struct.unpack_from("<I", blob, header.size - 8)[0]
+    edits = data.draw(st.lists(st.tuples(st.integers(0, n_raw - 1), st.integers(0, 255)), min_size=1, max_size=8))
+
+    def mutate(raw: np.ndarray) -> None:
+        for pos, value in edits:
+            raw[pos] = value
+
+    try:
+        out = decode(rebuild(blob, header, mutate))
+    except CodecError:
+        return
+    (_check_decoded_topk if name.startswith("topk") else _check_decoded_sampled)(out, 5000)
