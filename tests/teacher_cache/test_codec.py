@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -557,6 +558,32 @@ def test_payload_lies_with_a_valid_checksum_raise_or_decode_in_range(which, data
 
     try:
         out = decode(rebuild(blob, header, mutate))
+    except CodecError:
+        return
+    (_check_decoded_topk if name.startswith("topk") else _check_decoded_sampled)(out, 5000)
+
+
+@HYP
+@given(st.sampled_from(range(4)), st.data())
+def test_header_lies_with_a_valid_checksum_raise_or_decode_in_range(which, data):
+    """The same for the header: any field (sizes, widths, mode, step, raw_len) set to any value,
+    alone or with others, the checksum made valid again."""
+    name, blob, decode = _DECODERS()[which]
+    header = codec._TOPK_HEADER if name.startswith("topk") else codec._SAMPLED_HEADER
+    fields = list(header.unpack_from(blob))
+    codes = [c for n, c in re.findall(r"(\d*)([sBI])", header.format) for _ in range(1 if c == "s" else int(n or 1))]
+    n_frames = fields[4]
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(1, len(fields) - 1))
+        if i == 4:
+            continue  # n_frames moves the frame table: covered by the flipped-byte test
+        big = (1 << 8 * struct.calcsize(codes[i])) - 1
+        near = st.integers(max(0, fields[i] - 2), min(big, fields[i] + 2))  # off by a little
+        fields[i] = data.draw(st.one_of(st.integers(0, 64), near, st.integers(0, big)))
+    body = header.pack(*fields) + blob[header.size : len(blob) - 4]
+    assert fields[4] == n_frames
+    try:
+        out = decode(body + struct.pack("<I", zlib.crc32(body)))
     except CodecError:
         return
     (_check_decoded_topk if name.startswith("topk") else _check_decoded_sampled)(out, 5000)
