@@ -28,8 +28,7 @@ KIND_TOPK = 1
 KIND_SAMPLED = 2
 
 MAX_ERROR = 0.02  # default bound on |stored - exact| log-prob, nats (within the fine region)
-STEP_UNIT = 0.01  # the top-k header stores the step as a count of these (1..255)
-STEP = 0.04  # the default step (4 units): nats per fine code unit, |error| <= STEP / 2
+STEP = 2 * MAX_ERROR  # the default step, 0.04 nats (4 units of 0.01): |error| <= STEP / 2
 FINE_REGION_UNITS = 1024  # the fine grid covers >= 1024 step units = 10.24 nats below the top-1
 COARSE_FACTOR = 8  # past that, one code unit = 8 fine units (0.32 nats at the default step)
 LOGPROB_FLOOR = -10000.0  # finite log-probs below this are clamped to it on encode
@@ -314,7 +313,7 @@ def _open(blob: bytes, header: struct.Struct, kind: int) -> tuple[tuple, list[me
 
 
 def step_units(max_error: float) -> int:
-    """A log-prob error bound in nats -> the quantisation step in STEP_UNITs (step = 2 * bound).
+    """A log-prob error bound in nats -> the quantisation step in 0.01-nat units (step = 2 * bound).
     The bound must be a multiple of 0.005 in [0.005, 1.275]; raises ValueError otherwise."""
     if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)):
         raise ValueError(f"max_error must be a number, got {type(max_error).__name__}")
@@ -325,10 +324,10 @@ def step_units(max_error: float) -> int:
 
 
 class _Grid:
-    """The log-prob grid of one blob, from its step in STEP_UNITs (header byte, 1..255)."""
+    """The log-prob grid of one blob, from its step in 0.01-nat units (header byte 31, 1..255)."""
 
     def __init__(self, units: int):
-        self.step = units / 100  # nats per fine code unit (float64, = units * STEP_UNIT)
+        self.step = units / 100  # nats per fine code unit (float64; units * 0.01 can differ in the last bit)
         self.fine_codes = -(-FINE_REGION_UNITS // units)  # fine codes 0..fine_codes below the top-1
         self.code_limit = (1 << 20) // units  # absolute codes above this are corrupt (floor + 4)
 
@@ -428,7 +427,7 @@ def _topk_streams(
     ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int, units: int = 4
 ) -> tuple[int, int, tuple[int, ...], dict[str, list[bytes]]]:
     """Checked top-k inputs ids int64 [P, k], logprobs [P, k], tail [P] -> (id mode, U, the
-    header's 8 width bytes (the last is the step in STEP_UNITs), the payload's streams in
+    header's 8 width bytes (the last is the step in 0.01-nat units), the payload's streams in
     format order: name -> byte chunks, each chunk followed by a zstd block boundary).
     Benchmarks size the streams one by one."""
     P, k = ids.shape
