@@ -317,8 +317,9 @@ def step_units(max_error: float) -> int:
     The bound must be a multiple of 0.005 in [0.005, 1.275]; raises ValueError otherwise."""
     if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)):
         raise ValueError(f"max_error must be a number, got {type(max_error).__name__}")
-    units = round(200 * float(max_error)) if np.isfinite(max_error) else 0
-    if not 1 <= units <= 255 or abs(units / 200 - max_error) > 1e-9:
+    v = float(max_error) if abs(max_error) < 2 else 2.0  # huge ints, inf and NaN: out of range
+    units = round(200 * v)
+    if not 1 <= units <= 255 or abs(units / 200 - v) > 1e-9:
         raise ValueError(f"log-prob error bound must be a multiple of 0.005 in [0.005, 1.275] nats, got {max_error}")
     return units
 

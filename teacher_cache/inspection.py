@@ -41,7 +41,7 @@ def summary(path: str) -> dict:
         "bytes": size,
         "bytes_per_target_position": round(size / c["target_positions"], 2) if c["target_positions"] else None,
         "data_files": [f["path"] for f in m["data"]["files"]],
-        "wall_s": m.get("timing", {}).get("wall_s"),
+        "wall_s": (m.get("timing") or {}).get("wall_s"),
     }
 
 

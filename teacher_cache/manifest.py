@@ -139,17 +139,7 @@ def validate(manifest: object, where: str) -> dict:
             f"{where}: codec version {codec!r} is not supported by this reader (reads "
             f"{', '.join(map(str, CODEC_READ_VERSIONS))}); upgrade teacher-cache"
         )
-    targets = manifest["targets"]
-    if targets.get("kind") not in ("topk", "sampled"):
-        raise ManifestError(f"{where}: unknown target kind {targets.get('kind')!r}")
-    if "logprob_error" in targets:  # absent in caches made before it was a setting: 0.02
-        try:
-            step_units(targets["logprob_error"])
-        except ValueError as e:
-            raise ManifestError(f"{where}: targets.logprob_error: {e}") from None
-    vocab = manifest["tokenizer"].get("vocab_size")
-    if not isinstance(vocab, int) or vocab <= 0:
-        raise ManifestError(f"{where}: tokenizer.vocab_size must be a positive integer")
+    _check_types(manifest, where)
     seen = set()
     for s in manifest["shards"]:
         name = s.get("name") if isinstance(s, dict) else None
@@ -169,6 +159,61 @@ def validate(manifest: object, where: str) -> dict:
         samples = manifest["counts"].get("samples")
         raise ManifestError(f"{where}: shards hold {rows} rows but counts.samples is {samples}")
     return manifest
+
+
+def _int(v: object, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _opt_str(v: object) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _check_types(m: dict, where: str) -> None:
+    """Every field a reader, `inspect`, `merge` or the trainer uses has the type they assume."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ManifestError(f"{where}: {what}")
+
+    t = m["teacher"]
+    need(isinstance(t, dict) and isinstance(t.get("name"), str), "teacher must be an object with a name")
+    need(all(_opt_str(t.get(k)) for k in ("path", "hub_id", "revision", "dtype", "config_sha256")), "bad teacher field")
+    tok = m["tokenizer"]
+    need(isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str), "tokenizer must have a fingerprint")
+    need(_opt_str(tok.get("chat_template_sha256")), "tokenizer.chat_template_sha256 must be a string")
+    need(_int(tok.get("vocab_size"), 1), "tokenizer.vocab_size must be a positive integer")
+    targets = m["targets"]
+    need(isinstance(targets, dict), "targets must be an object")
+    kind = targets.get("kind")
+    need(kind in ("topk", "sampled"), f"unknown target kind {kind!r}")
+    if kind == "topk":
+        need(_int(targets.get("k"), 1), "targets.k must be a positive integer")
+    else:
+        need(_int(targets.get("num_draws"), 1), "targets.num_draws must be a positive integer")
+    att = m["attention"]
+    need(att is None or isinstance(att, dict), "attention must be an object or null")
+    if att is not None:
+        layers = att.get("layers")
+        need(isinstance(layers, list) and all(_int(x) for x in layers), "attention.layers must list layer indices")
+        need(_int(att.get("top_k"), 1), "attention.top_k must be a positive integer")
+    for name, spec in (("targets", targets), ("attention", att or {})):
+        if "logprob_error" in spec:  # absent in caches made before it was a setting: 0.02
+            try:
+                step_units(spec["logprob_error"])
+            except ValueError as e:
+                raise ManifestError(f"{where}: {name}.logprob_error: {e}") from None
+    data = m["data"]
+    need(isinstance(data, dict) and isinstance(data.get("files"), list), "data must list its files")
+    need(all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in data["files"]), "bad data.files entry")
+    need(_opt_str(data.get("only_domain")) and _opt_str(data.get("exclude_domain")), "bad data domain filter")
+    need(isinstance(m["source"], str), "source must be a string")
+    need(isinstance(m.get("config_hash"), str), "config_hash must be a string")
+    counts = m["counts"]
+    need(isinstance(counts, dict) and all(_int(counts.get(k)) for k in COUNT_KEYS), f"counts must hold {COUNT_KEYS}")
+    need(isinstance(m["shards"], list), "shards must be a list")
+    for key, typ in (("backend", dict), ("timing", dict), ("bad_records", list), ("tool_version", str)):
+        need(m.get(key) is None or isinstance(m[key], typ), f"{key} must be a {typ.__name__}")
 
 
 def _check_chunks(shard: dict, where: str) -> None:

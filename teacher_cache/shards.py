@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from teacher_cache.storage import Location
+from teacher_cache.storage import Location, StorageError
 
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
@@ -169,7 +169,12 @@ class _CheckedReader:
         i = self._index
         if i == len(self._hashes):
             return False
-        data = next(self._chunks)
+        try:
+            data = next(self._chunks)
+        except StorageError:
+            raise
+        except OSError as e:  # the store failed, not the shard: say so, apart from decode errors
+            raise StorageError(f"{self.name}: read failed: {' '.join(str(e).split())}") from None
         if len(data) != self._sizes[i] or hashlib.sha256(data).hexdigest() != self._hashes[i]:
             where = f" in chunk {i} of {len(self._hashes)}" if len(self._hashes) > 1 else ""
             raise ShardError(f"{self.name}: sha256 mismatch{where} (corrupted, truncated or replaced shard)")
@@ -235,16 +240,22 @@ class ShardStream:
             if self._src.read(len(ARROW_MAGIC)) != ARROW_MAGIC:
                 raise ShardError(f"{name}: not an Arrow IPC file (bad magic)")
             self._reader = pa.ipc.open_stream(self._src)
-        except pa.ArrowException as e:
-            raise ShardError(f"{name}: not a readable Arrow shard ({e})") from None
+        except StorageError:
+            raise
+        except (pa.ArrowException, OSError) as e:  # pyarrow reports corrupt IPC data as OSError
+            raise _unreadable(name, e) from None
         check_schema(self._reader.schema, name)
         self.schema = self._reader.schema
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         try:
-            yield from self._reader
-        except pa.ArrowException as e:
-            raise ShardError(f"{self.name}: not a readable Arrow shard ({e})") from None
+            for batch in self._reader:
+                batch.validate(full=True)  # offsets in bounds, valid UTF-8: before any value is read
+                yield batch
+        except StorageError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            raise _unreadable(self.name, e) from None
         self._src.drain()  # the footer: every byte is checked, not only the ones decoded
         if "sha256:" + self._src.whole.hexdigest() != self._entry["sha256"]:
             raise ShardError(f"{self.name}: sha256 mismatch (corrupted or replaced shard)")
@@ -253,9 +264,22 @@ class ShardStream:
         return pa.Table.from_batches(list(self), schema=self.schema)
 
 
+def _unreadable(name: str, e: BaseException) -> ShardError:
+    """Undecodable bytes that passed the checksums (a writer bug, or a crafted shard)."""
+    return ShardError(f"{name}: not a readable Arrow shard ({' '.join(str(e).split())[:200]})")
+
+
 def check_schema(schema: pa.Schema, name: str) -> None:
-    if not schema.remove_metadata().equals(SCHEMA):
-        raise ShardError(f"{name}: schema differs from format v{FORMAT_VERSION}: {schema.remove_metadata()}")
+    got = schema.remove_metadata()
+    if got.equals(SCHEMA):
+        return
+    for i, want in enumerate(SCHEMA):
+        if i >= len(got) or not got.field(i).equals(want):
+            seen = repr(str(got.field(i)))[:80] if i < len(got) else "missing"
+            raise ShardError(
+                f"{name}: schema differs from format v{FORMAT_VERSION}: column {i} is {seen}, expected {str(want)!r}"
+            )
+    raise ShardError(f"{name}: schema differs from format v{FORMAT_VERSION}: {len(got)} columns, not {len(SCHEMA)}")
 
 
 def shard_metadata(schema: pa.Schema, name: str) -> dict:
@@ -263,9 +287,12 @@ def shard_metadata(schema: pa.Schema, name: str) -> dict:
     if raw is None:
         raise ShardError(f"{name}: no teacher_cache metadata in the schema")
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        raise ShardError(f"{name}: unreadable teacher_cache metadata") from None
+        meta = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        meta = None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{name}: unreadable teacher_cache metadata")
+    return meta
 
 
 def checksums(chunks: Iterable[bytes], chunk_bytes: int) -> dict:

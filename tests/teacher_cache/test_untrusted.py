@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from teacher_cache import codec, open_cache
+from teacher_cache.inspection import summary
 from teacher_cache.manifest import ManifestError
 from teacher_cache.merge import MergeError, merge
 from teacher_cache.run import RunConfig, run
@@ -90,6 +93,34 @@ def test_flipped_byte_fails_the_checksum(cache):
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     refused(cache, "sha256 mismatch")
+
+
+def test_random_bytes_behind_valid_checksums_are_refused_by_name(cache):
+    """A shard whose bytes changed *and* whose manifest hashes were recomputed (a writer bug, or a
+    crafted cache from elsewhere): corrupt IPC messages, zstd buffers, string offsets, invalid
+    UTF-8, schema metadata. Each read ends in a ShardError naming the shard (one line), or, when
+    the change hit bytes that still decode to valid rows, reads through; never another error."""
+    path = first_shard(cache)
+    clean = path.read_bytes()
+    mpath = cache / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    entry = manifest["shards"][0]
+    rng = np.random.default_rng(0)
+    refusals = 0
+    for _ in range(80):
+        data = bytearray(clean)
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(8, len(data) - 8))] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        entry.update(checksums_of(bytes(data), entry["chunks"]["size"]))
+        mpath.write_text(json.dumps(manifest))
+        try:
+            for _ in open_cache(cache):
+                pass
+        except ShardError as e:
+            assert entry["name"] in str(e) and "\n" not in str(e), str(e)
+            refusals += 1
+    assert refusals >= 60  # most changes land in structure, buffers or metadata
 
 
 def test_truncated_shard(cache):
@@ -172,6 +203,45 @@ def test_manifest_tampering(cache, edit, match):
     mpath.write_text(json.dumps(m))
     with pytest.raises(ManifestError, match=match):
         open_cache(cache)
+
+
+def _json_paths(x: object, pre: tuple = ()):
+    yield pre
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        yield from _json_paths(v, (*pre, k))
+
+
+def test_manifest_fields_of_the_wrong_type_are_refused_by_name(cache):
+    """Any field of the manifest replaced by a value of another type (or dropped), one to three at a
+    time: reading every sample and `inspect` either work or fail with ManifestError / ShardError;
+    never a TypeError, KeyError or AttributeError from code that trusted the type."""
+    mpath = cache / "manifest.json"
+    good = json.loads(mpath.read_text())
+    paths = [p for p in _json_paths(good) if p]
+    values = [None, 0, -1, 1, "x", [], {}, 1e308, True, 2**70, [1], {"a": 1}]
+    rng = random.Random(0)
+    refusals = 0
+    for _ in range(300):
+        m = json.loads(json.dumps(good))
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(paths)
+            try:
+                node = functools.reduce(lambda n, key: n[key], parents, m)
+                if isinstance(node, dict) and rng.random() < 0.2:
+                    del node[last]
+                else:
+                    node[last] = rng.choice(values)
+            except (KeyError, IndexError, TypeError):  # an earlier edit removed or replaced the parent
+                pass
+        mpath.write_text(json.dumps(m))
+        try:
+            for _ in open_cache(cache):
+                pass
+            summary(str(cache))
+        except (ManifestError, ShardError):
+            refusals += 1
+    assert refusals >= 150
 
 
 def test_manifest_names_the_codec_version_and_older_caches_without_it_still_open(cache, good_cache):
