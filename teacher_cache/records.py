@@ -68,11 +68,14 @@ def parse_record(obj: object, where: str) -> Record:
     if domain is not None and not isinstance(domain, str):
         raise BadRecordError(where, "'domain' must be a string")
     sid = obj.get("id")
-    if sid is None:
-        sid = content_id(messages)
-    elif not isinstance(sid, (str, int)) or str(sid) == "":
+    if sid is not None and (not isinstance(sid, (str, int)) or isinstance(sid, bool) or str(sid) == ""):
         raise BadRecordError(where, "'id' must be a non-empty string or integer")
-    return Record(str(sid), messages, domain, where)
+    for text in (*(m["content"] for m in messages), domain or "", str(sid or "")):
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # JSON may escape lone surrogates ("\ud800"); UTF-8 cannot hold them
+            raise BadRecordError(where, "text is not valid Unicode (a lone surrogate)") from None
+    return Record(content_id(messages) if sid is None else str(sid), messages, domain, where)
 
 
 def _open(path: str, mode: str = "rb"):

@@ -28,6 +28,9 @@ def test_pair_and_chat_forms_are_the_same_record():
         ({"prompt": "x"}, "must both be strings"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "no non-empty"),
         ({"prompt": "x", "response": "y", "domain": 3}, "'domain' must be a string"),
+        ({"prompt": "x", "response": "y", "id": True}, "'id' must be"),
+        ({"prompt": "x", "response": "caf\ud800"}, "lone surrogate"),  # json.loads('"\\ud800"') gives one
+        ({"prompt": "x", "response": "y", "domain": "\udfff"}, "lone surrogate"),
     ],
 )
 def test_malformed_records_name_the_problem(obj, why):
