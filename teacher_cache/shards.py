@@ -169,12 +169,7 @@ class _CheckedReader:
         i = self._index
         if i == len(self._hashes):
             return False
-        try:
-            data = next(self._chunks)
-        except StorageError:
-            raise
-        except OSError as e:  # the store failed, not the shard: say so, apart from decode errors
-            raise StorageError(f"{self.name}: read failed: {' '.join(str(e).split())}") from None
+        data = next(self._chunks)  # a failed fetch raises StorageError (Location.read_ranges)
         if len(data) != self._sizes[i] or hashlib.sha256(data).hexdigest() != self._hashes[i]:
             where = f" in chunk {i} of {len(self._hashes)}" if len(self._hashes) > 1 else ""
             raise ShardError(f"{self.name}: sha256 mismatch{where} (corrupted, truncated or replaced shard)")

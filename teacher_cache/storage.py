@@ -137,12 +137,16 @@ class Location:
             raise ValueError(f"{self.describe(name)}: not valid JSON ({e})") from None
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]], prefetch: int = 2):
-        """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead."""
+        """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead.
+        A failed fetch is a StorageError, so readers can tell it from bytes that do not decode."""
         path = self.path(name)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(self.fs.cat_file, path, start=s, end=e) for s, e in ranges[:prefetch]]
             for i in range(len(ranges)):
-                data = pending.pop(0).result()
+                try:
+                    data = pending.pop(0).result()
+                except OSError as e:
+                    raise StorageError(f"{self.describe(name)}: read failed ({_why(e)})") from None
                 if i + prefetch < len(ranges):
                     s, e = ranges[i + prefetch]
                     pending.append(pool.submit(self.fs.cat_file, path, start=s, end=e))
