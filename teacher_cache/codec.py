@@ -27,8 +27,9 @@ MAGIC = b"TCDC"
 KIND_TOPK = 1
 KIND_SAMPLED = 2
 
-MAX_ERROR = 0.02  # default bound on |stored - exact| log-prob, nats (within the fine region)
-STEP = 2 * MAX_ERROR  # the default step, 0.04 nats (4 units of 0.01): |error| <= STEP / 2
+STEP_UNITS = 4  # default log-prob step in the header's 0.01-nat units; every v1/v2 blob's step
+STEP = STEP_UNITS / 100  # 0.04 nats per fine code unit
+MAX_ERROR = STEP / 2  # 0.02: default bound on |stored - exact| log-prob, nats (fine region)
 FINE_REGION_UNITS = 1024  # the fine grid covers >= 1024 step units = 10.24 nats below the top-1
 COARSE_FACTOR = 8  # past that, one code unit = 8 fine units (0.32 nats at the default step)
 LOGPROB_FLOOR = -10000.0  # finite log-probs below this are clamped to it on encode
@@ -425,7 +426,7 @@ def encode_topk(
 
 
 def _topk_streams(
-    ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int, units: int = 4
+    ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray, level: int, units: int = STEP_UNITS
 ) -> tuple[int, int, tuple[int, ...], dict[str, list[bytes]]]:
     """Checked top-k inputs ids int64 [P, k], logprobs [P, k], tail [P] -> (id mode, U, the
     header's 8 width bytes (the last is the step in 0.01-nat units), the payload's streams in
@@ -485,7 +486,7 @@ def decode_topk(
     if fields[1] < 3:  # before version 3 the step byte was padding: 0, the 0.04-nat step
         if units:
             raise CodecError(f"step byte {units} in a version {fields[1]} blob (must be 0)")
-        units = 4
+        units = STEP_UNITS
     elif units == 0:
         raise CodecError("log-prob step of 0 units")
     grid = _Grid(units)
