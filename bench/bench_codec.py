@@ -154,6 +154,14 @@ def baseline_bytes(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, V: int) ->
     return len(zstandard.ZstdCompressor(level=3).compress(raw))
 
 
+def logprob_errors(lp: np.ndarray, lp2: np.ndarray) -> tuple[float, float]:
+    """Max |decoded - exact| over finite entries within 10 nats of the top-1, and over all finite."""
+    fin = np.isfinite(lp)  # [P, k]
+    d = np.abs(lp2.astype(np.float64) - lp)
+    near = fin & (lp >= lp[:, :1] - 10)
+    return float(d[near].max(initial=0)), float(d[fin].max(initial=0))
+
+
 def bench_topk(blocks: list[dict], k: int, level: int, repeat: int) -> dict:
     n = size = base = 0
     err10 = err_all = 0.0
@@ -167,11 +175,8 @@ def bench_topk(blocks: list[dict], k: int, level: int, repeat: int) -> dict:
         t_dec += _best_time(partial(codec.decode_topk, blob, vocab_size=V), repeat)
         ids2, lp2, _ = codec.decode_topk(blob, vocab_size=V)
         assert (ids2 == ids).all()
-        fin = np.isfinite(lp)
-        d = np.abs(lp2.astype(np.float64) - lp)
-        near = fin & (lp >= lp[:, :1] - 10)
-        err10 = max(err10, float(d[near].max(initial=0)))
-        err_all = max(err_all, float(d[fin].max(initial=0)))
+        e10, e_all = logprob_errors(lp, lp2)
+        err10, err_all = max(err10, e10), max(err_all, e_all)
         n += b["P"]
         size += len(blob)
         base += baseline_bytes(ids, lp, tail, V)
@@ -223,8 +228,7 @@ def bench_error_bounds(blocks: list[dict], level: int, k: int = 32) -> list[dict
             ids, lp, tail = b["topk"][k]
             blob = codec.encode_topk(ids, lp, tail, vocab_size=b["V"], max_error=e, level=level)
             _, lp2, _ = codec.decode_topk(blob, vocab_size=b["V"])
-            near = np.isfinite(lp) & (lp >= lp[:, :1] - 10)
-            err10 = max(err10, float(np.abs(lp2.astype(np.float64) - lp)[near].max(initial=0)))
+            err10 = max(err10, logprob_errors(lp, lp2)[0])
             n += b["P"]
             size += len(blob)
         out.append({"k": k, "max_error": e, "bytes_per_pos": size / n, "max_abs_err_within_10_nats": err10})
