@@ -1,4 +1,5 @@
-"""Checks before the first step: the student reads the cache's ids the same way."""
+"""Checks before the first step: the student reads the cache's ids the same way, and the caches
+of one run (DAE mixes several) hold targets one batch can carry."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ from typing import Any
 
 
 class IncompatibleCacheError(ValueError):
-    """The cache cannot train this student (different tokenizer or format)."""
+    """The cache cannot train this student (different tokenizer or format), or caches that
+    cannot share a batch."""
 
 
-def check_student_matches(tokenizer: Any, caches: list) -> None:
-    """Refuse a student whose tokenizer differs from the caches', or caches that disagree."""
+def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = False) -> None:
+    """Refuse a student whose tokenizer differs from the caches', or caches that disagree on
+    the format, the target kind or (with attention=True: the attention loss is on) the teacher
+    layers their attention summaries come from. Caches may differ in top-k, attention top-k,
+    num_draws and log-prob error bound: batches pad and weight each sample by its own."""
     from teacher_cache.tokenize import tokenizer_fingerprint
 
     mine = tokenizer_fingerprint(tokenizer)
-    first = caches[0].manifest
+    first = caches[0]
     for cache in caches:
         m = cache.manifest
         if m["tokenizer"]["fingerprint"] != mine:
@@ -22,11 +27,16 @@ def check_student_matches(tokenizer: Any, caches: list) -> None:
                 f"{cache.where}: cached with tokenizer {m['tokenizer']['fingerprint'][:19]}..., the student's is "
                 f"{mine[:19]}...: token ids would mean different things"
             )
-        if m["format_version"] != first["format_version"]:
+        if m["format_version"] != first.manifest["format_version"]:
             raise IncompatibleCacheError(
-                f"{cache.where}: format v{m['format_version']} mixed with v{first['format_version']}"
+                f"{cache.where}: format v{m['format_version']} mixed with v{first.manifest['format_version']}"
             )
-        if m["targets"]["kind"] != first["targets"]["kind"]:
+        if m["targets"]["kind"] != first.manifest["targets"]["kind"]:
             raise IncompatibleCacheError(
-                f"{cache.where}: {m['targets']['kind']} targets mixed with {first['targets']['kind']}"
+                f"{cache.where}: {m['targets']['kind']} targets mixed with {first.manifest['targets']['kind']}"
+            )
+        if attention and cache.attention_layers != first.attention_layers:
+            raise IncompatibleCacheError(
+                f"{cache.where}: attention summaries of teacher layers {list(cache.attention_layers)}, "
+                f"{first.where} has {list(first.attention_layers)}: the attention loss needs the same layers"
             )

@@ -203,28 +203,29 @@ def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], a
     first = samples[0][1]
     topk = sampled = attn = (None,) * 3
     if first.topk_ids is not None:
-        topk = tuple(
-            torch.from_numpy(np.concatenate([getattr(s, f) for _, s in samples]))
-            for f in ("topk_ids", "topk_logprobs", "tail_logprob")
-        )
+        ids_k, lps_k = _pad_entries([(s.topk_ids, s.topk_logprobs) for _, s in samples], axis=0)  # [P, k] each
+        tail = np.concatenate([s.tail_logprob for _, s in samples])  # [P]
+        topk = (torch.from_numpy(ids_k), torch.from_numpy(lps_k), torch.from_numpy(tail))
     else:
-        offsets, sids, counts = [], [], []
+        offsets, sids, counts, draws = [], [], [], []
         base = 0
         for _, s in samples:
             offsets.append(s.sampled_offsets[:-1] + base)
             sids.append(s.sampled_ids)
             counts.append(s.sampled_counts)
+            draws.append(np.full(len(s.target_positions), s.num_draws))
             base += len(s.sampled_ids)
         off = torch.from_numpy(np.concatenate([*offsets, [base]]))  # [P + 1]
+        n_draws = {s.num_draws for _, s in samples}  # caches of one run may differ (DAE)
+        per_row = first.num_draws if len(n_draws) == 1 else torch.from_numpy(np.concatenate(draws))  # int or [P]
         padded_ids, weights = sampled_to_padded(
-            off, torch.from_numpy(np.concatenate(sids)), torch.from_numpy(np.concatenate(counts)), first.num_draws
+            off, torch.from_numpy(np.concatenate(sids)), torch.from_numpy(np.concatenate(counts)), per_row
         )  # [P, m] each
         sampled = (padded_ids, weights, None)
     if attention and first.attention_ids is not None:
-        attn = tuple(
-            torch.from_numpy(np.concatenate([getattr(s, f) for _, s in samples], axis=1))
-            for f in ("attention_ids", "attention_logprobs", "attention_tail_logprob")
-        )
+        a_ids, a_lps = _pad_entries([(s.attention_ids, s.attention_logprobs) for _, s in samples], axis=1)
+        a_tail = np.concatenate([s.attention_tail_logprob for _, s in samples], axis=1)  # [L, P]
+        attn = (torch.from_numpy(a_ids), torch.from_numpy(a_lps), torch.from_numpy(a_tail))  # [L, P, ka] ...
     return Batch(
         input_ids=ids,
         attention_mask=mask,
@@ -243,3 +244,20 @@ def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], a
         sample_ids=[s.sample_id for _, s in samples],
         tokens=int(mask.sum()),
     )
+
+
+def _pad_entries(parts: list[tuple[np.ndarray, np.ndarray]], axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (ids int64 [..., P_s, k_s], logprobs float32 [..., P_s, k_s]) -> concatenated
+    along the position axis, rows shorter than the longest k padded with their own first id at
+    logprob -inf: no teacher mass, and a repeated id the losses ignore (caches of one run may be
+    made with different --top-k)."""
+    k = max(ids.shape[-1] for ids, _ in parts)
+    out_ids, out_lps = [], []
+    for ids, lps in parts:
+        short = k - ids.shape[-1]
+        if short:
+            ids = np.concatenate([ids, np.repeat(ids[..., :1], short, axis=-1)], axis=-1)
+            lps = np.concatenate([lps, np.full((*lps.shape[:-1], short), -np.inf, lps.dtype)], axis=-1)
+        out_ids.append(ids)
+        out_lps.append(lps)
+    return np.concatenate(out_ids, axis=axis), np.concatenate(out_lps, axis=axis)

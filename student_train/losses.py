@@ -287,7 +287,7 @@ def sampled_to_padded(
     offsets: Tensor,
     ids: Tensor,
     counts: Tensor,
-    num_draws: int,
+    num_draws: int | Tensor,
     *,
     teacher_logprobs: Tensor | None = None,
     proposal_logprobs: Tensor | None = None,
@@ -300,7 +300,8 @@ def sampled_to_padded(
             ``offsets[0] == 0`` and ``offsets[-1] == N``.
         ids: int64 [N] distinct sampled ids per row.
         counts: int32 [N] times each id was drawn; each row's draws total num_draws.
-        num_draws: draws per position.
+        num_draws: draws per position: an int, or int [P] per row (a batch that mixes
+            caches made with different ``--num-draws``).
         teacher_logprobs, proposal_logprobs: float32 [N] log p(id) and log q(id),
             given together when the draws came from a proposal q other than the
             teacher p; the weights are then importance weights
@@ -324,7 +325,8 @@ def sampled_to_padded(
     row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), lengths)  # [N]
     col = torch.arange(n, device=ids.device) - offsets[row]  # [N]
 
-    flat_w = counts.float() / num_draws  # [N]
+    draws = num_draws[row].float() if isinstance(num_draws, Tensor) else num_draws  # [N] or scalar
+    flat_w = counts.float() / draws  # [N]
     if teacher_logprobs is not None:
         flat_w = flat_w * (teacher_logprobs.float() - proposal_logprobs.float()).exp()  # [N]
 

@@ -112,7 +112,8 @@ class DistillStep(nn.Module):
         if self.layer_map:
             lengths = batch.attention_mask.sum(1).tolist()
             positions = [batch.pos[batch.row == b] for b in range(batch.input_ids.shape[0])]  # [P_b] each
-            capture = attention.RowCapture(positions, lengths)
+            # the student's own window: rows must match what its layers attend to
+            capture = attention.RowCapture(positions, lengths, attention.sliding_window_of(self.model.config))
             # stays attached through backward: gradient checkpointing recomputes the rows there
             attention.attach(self.model, student_layers, capture)
         hidden = self.model.get_decoder()(
@@ -185,6 +186,47 @@ def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers
     if bad:
         raise TrainError(f"student layers {bad} out of range: the student has {n_student_layers} layers")
     return [(cache_layers.index(t), s) for t, s in sorted(mapping.items())]
+
+
+# settings a resumed run may change: they do not alter which samples come next or the math
+_RESUMABLE = {"out", "resume", "save_every", "num_workers", "progress", "chunk_size", "gradient_checkpointing"}
+_RESUMABLE |= {"precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
+
+
+def _cache_digest(cache) -> str:
+    """sha256 of a cache's manifest (it lists every shard's sha256): the identity of its data."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str]) -> None:
+    """Refuse --resume with settings or caches other than the checkpoint's: the data position
+    and the learning-rate schedule it saved would mean something else."""
+    before = saved.get("config", {})
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
+    changed = sorted(k for k in now if k not in _RESUMABLE and k in before and before[k] != now[k])
+    if saved.get("caches_sha256", digests) != digests:
+        changed.append("the caches' contents")
+    if changed:
+        raise TrainError(
+            f"{ckpt} was trained with other settings ({', '.join(changed)}); resume with the same ones, or "
+            f"start a new run from it: --student {ckpt} --out NEW_DIR"
+        )
+
+
+def _check_window(layer_map: list[tuple[int, int]], window: int | None, caches: list) -> None:
+    """A student that attends within a sliding window cannot match teacher attention rows on
+    keys beyond it (the KL is +inf), so its caches' sequences must fit in the window."""
+    if not layer_map or window is None:
+        return
+    for cache in caches:
+        longest = cache.manifest["data"].get("max_length")
+        if not isinstance(longest, int) or longest > window:
+            raise TrainError(
+                f"{cache.where}: sequences up to {longest} tokens, but the student attends within a sliding "
+                f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
+            )
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -268,20 +310,25 @@ def train(cfg: TrainConfig) -> dict:
     caches = [open_cache(c) for c in cfg.caches]
     ref = resolve_model(cfg.student)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
-    check_student_matches(tok, caches)
+    wants_attention = cfg.attn_weight > 0 and cfg.lam > 0
+    check_student_matches(tok, caches, attention=wants_attention)
     kind = caches[0].kind
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- resume point
-    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0}
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": [_cache_digest(c) for c in caches]}
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and (out / "metrics.jsonl").exists():
+    metrics_path = out / "metrics.jsonl"
+    holds_run = latest_checkpoint(out) is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
+    if not cfg.resume and holds_run:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     load_from = str(ckpt) if ckpt else ref.path
     if ckpt:
-        state.update({k: v for k, v in json.loads((ckpt / "trainer_state.json").read_text()).items() if k in state})
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        _check_resume(ckpt, saved, cfg, state["caches_sha256"])
+        state.update({k: v for k, v in saved.items() if k in state})
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()
 
@@ -290,7 +337,6 @@ def train(cfg: TrainConfig) -> dict:
         torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
     )
     cache_layers = caches[0].attention_layers
-    wants_attention = cfg.attn_weight > 0 and cfg.lam > 0
     model = AutoModelForCausalLM.from_pretrained(
         load_from,
         dtype=torch.float32,
@@ -299,6 +345,7 @@ def train(cfg: TrainConfig) -> dict:
         use_safetensors=True,
     ).to(device)
     layer_map = _layer_map(cfg, cache_layers, model.config.num_hidden_layers)
+    _check_window(layer_map, attention.sliding_window_of(model.config), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:

@@ -71,6 +71,13 @@ class RowCapture:
         ]
 
 
+def sliding_window_of(config) -> int | None:
+    """The attention window a transformers config applies, or None (full causal attention)."""
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style configs keep a size but may not use it
+        return None
+    return getattr(config, "sliding_window", None)
+
+
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -83,10 +90,15 @@ def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def register() -> str:
-    """Register the capturing attention with transformers; returns its implementation name."""
+    """Register the capturing attention with transformers; returns its implementation name.
+
+    Its mask is SDPA's: transformers builds no mask at all (no padding, no sliding window)
+    for an attention implementation without a registered mask function."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(IMPLEMENTATION, _capturing_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     return IMPLEMENTATION
 
 

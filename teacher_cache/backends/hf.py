@@ -45,7 +45,7 @@ class HfBackend:
             use_safetensors=True,
         ).to(self.device)
         self.model.eval()
-        self.sliding_window = getattr(self.model.config, "sliding_window", None)
+        self.sliding_window = attention.sliding_window_of(self.model.config)
         if self.attention_layers:
             attention.attach(self.model, list(self.attention_layers), None)  # range check now
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,17 +19,26 @@ import torch
 
 from student_train.train import TrainConfig, TrainError, train
 from teacher_cache import open_cache
+from teacher_cache.models import resolve_model
 from teacher_cache.run import RunConfig, run
 
 ST = [sys.executable, "-m", "student_train.cli"]
 
 
 @pytest.fixture(scope="module")
-def kd_cache(tmp_path_factory, chats_file) -> Path:
+def kd_teacher(tmp_path_factory, tiny_teacher) -> Path:
+    """A private copy of tiny-mixtral, so a test may take it away without touching the shared one."""
+    dst = tmp_path_factory.mktemp("teacher") / "tiny-mixtral"
+    shutil.copytree(tiny_teacher.path, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def kd_cache(tmp_path_factory, chats_file, kd_teacher) -> Path:
     out = tmp_path_factory.mktemp("kd") / "cache"
     run(
         RunConfig(
-            teacher="tiny-mixtral",
+            teacher=str(kd_teacher),
             data=(str(chats_file),),
             out=str(out),
             backend="hf",
@@ -42,22 +52,34 @@ def kd_cache(tmp_path_factory, chats_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def k4_cache(tmp_path_factory, chats_file) -> Path:
+    """Top-4 targets and no attention summaries: a cache kd_cache's runs may not mix with freely."""
+    out = tmp_path_factory.mktemp("k4") / "cache"
+    run(RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(out), backend="hf", top_k=4, progress=False))
+    return out
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_student_trains_from_the_cache_alone(tmp_path, kd_cache, tiny_teacher):
-    """The teacher's files are out of reach while the student trains; loss falls; checkpoint loads."""
+def test_student_trains_from_the_cache_alone(tmp_path, kd_cache, kd_teacher, tiny_student, monkeypatch):
+    """The teacher's files are out of reach while the student trains, and no preset is looked up
+    or built (the model home is an empty folder); loss falls; the checkpoint loads."""
     from transformers import AutoModelForCausalLM
 
     from student_train.evaluate import evaluate
 
-    hidden = Path(tiny_teacher.path + ".out-of-reach")
-    os.rename(tiny_teacher.path, hidden)
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student.path, student)
+    monkeypatch.setenv("TEACHER_CACHE_HOME", str(tmp_path / "home"))
+    hidden = kd_teacher.with_name("out-of-reach")
+    os.rename(kd_teacher, hidden)
     try:
         result = train(
             TrainConfig(
-                student="tiny-mistral",
+                student=str(student),
                 caches=(str(kd_cache),),
                 out=str(tmp_path / "run"),
                 max_steps=24,
@@ -70,8 +92,10 @@ def test_student_trains_from_the_cache_alone(tmp_path, kd_cache, tiny_teacher):
             )
         )
         report = evaluate(result["checkpoint"], [str(kd_cache)])
+        before = evaluate(str(student), [str(kd_cache)])
     finally:
-        os.rename(hidden, tiny_teacher.path)
+        os.rename(hidden, kd_teacher)
+    assert not (tmp_path / "home").exists(), "training looked up a preset"
     m = metrics(tmp_path / "run")
     assert [r["step"] for r in m] == list(range(1, 25))
     first, last = np.mean([r["kd"] for r in m[:4]]), np.mean([r["kd"] for r in m[-4:]])
@@ -81,7 +105,6 @@ def test_student_trains_from_the_cache_alone(tmp_path, kd_cache, tiny_teacher):
     assert model.config.model_type == "mistral"
     assert set(report["all"]) >= {"kl_to_teacher", "nll", "top1_agreement"}
     assert report["all"]["positions"] == open_cache(kd_cache).manifest["counts"]["target_positions"]
-    before = evaluate("tiny-mistral", [str(kd_cache)])
     assert report["all"]["kl_to_teacher"] < before["all"]["kl_to_teacher"]
 
 
@@ -110,7 +133,7 @@ def train_args(cache: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache):
+def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     done = subprocess.run(train_args(kd_cache, clean), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -132,6 +155,15 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache):
     assert [r["step"] for r in metrics(killed)] == list(range(1, 9))
     assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(clean)]
     assert (clean / "samples.rank0.jsonl").read_text() == (killed / "samples.rank0.jsonl").read_text()
+    for cache, other, named in (
+        (kd_cache, ["--lr", "5e-4"], "(lr)"),
+        (kd_cache, ["--max-steps", "12", "--seed", "1"], "(max_steps, seed)"),
+        (k4_cache, [], "(the caches' contents)"),
+    ):
+        refused = subprocess.run(train_args(cache, killed, "--resume", *other), capture_output=True, text=True)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert named in refused.stderr, refused.stderr
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(clean)], "a refusal changes nothing"
     drawn = subprocess.run([*ST, "plot", str(killed)], capture_output=True, text=True)
     assert drawn.returncode == 0 and (killed / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -265,27 +297,32 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
     assert all(torch.equal(again[k], weights["fsdp"][k]) for k in again)
     # a checkpoint written without --fsdp is not resumed with it (different optimizer layout)
     args = ["--resume", "--fsdp"]
-    with pytest.raises(AssertionError, match="resume the same way"):
+    with pytest.raises(AssertionError, match=r"other settings \(fsdp\); resume with the same ones"):
         _torchrun(ddp, kd_cache, *args)
 
 
-def test_sampled_targets_train(tmp_path, chats_file):
-    cache = tmp_path / "sampled"
+@pytest.fixture(scope="module")
+def sampled_cache(tmp_path_factory, chats_file) -> Path:
+    out = tmp_path_factory.mktemp("sampled") / "cache"
     run(
         RunConfig(
             teacher="tiny-mixtral",
             data=(str(chats_file),),
-            out=str(cache),
+            out=str(out),
             backend="hf",
             targets="sampled",
             num_draws=32,
             progress=False,
         )
     )
+    return out
+
+
+def test_sampled_targets_train(tmp_path, sampled_cache):
     train(
         TrainConfig(
             student="tiny-mistral",
-            caches=(str(cache),),
+            caches=(str(sampled_cache),),
             out=str(tmp_path / "r"),
             max_steps=12,
             batch_size=4,
@@ -335,23 +372,12 @@ def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
     assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_refusals(tmp_path, kd_cache):
+def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
     with pytest.raises(TrainError, match="no attention summaries"):
-        sampled_free = tmp_path / "noattn"
-        run(
-            RunConfig(
-                teacher="tiny-mixtral",
-                data=(str(Path(__file__).parents[1] / "data" / "chats.jsonl"),),
-                out=str(sampled_free),
-                backend="hf",
-                top_k=4,
-                progress=False,
-            )
-        )
         train(
             TrainConfig(
                 student="tiny-mistral",
-                caches=(str(sampled_free),),
+                caches=(str(k4_cache),),
                 out=str(tmp_path / "a"),
                 attn_weight=1.0,
                 max_steps=1,
@@ -370,6 +396,20 @@ def test_refusals(tmp_path, kd_cache):
                 progress=False,
             )
         )
+    windowed = tmp_path / "windowed"  # tiny-mistral attending within 64 keys; the cache allows 2048
+    shutil.copytree(resolve_model("tiny-mistral").path, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    with pytest.raises(TrainError, match="sliding window of 64: the attention loss needs caches made with"):
+        train(TrainConfig(student=str(windowed), caches=(str(kd_cache),), out=str(tmp_path / "f"), attn_weight=1.0))
+    from student_train.checks import IncompatibleCacheError
+
+    mixed = (str(kd_cache), str(k4_cache))  # attention of layers (0, 1) and none at all
+    with pytest.raises(IncompatibleCacheError, match=r"teacher layers \[\].*the attention loss needs the same layers"):
+        train(TrainConfig(student="tiny-mistral", caches=mixed, out=str(tmp_path / "d"), attn_weight=1.0))
+    with pytest.raises(IncompatibleCacheError, match="sampled targets mixed with topk"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache), str(sampled_cache)), out=str(tmp_path / "e")))
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     with pytest.raises(ValueError, match="--domain-ratio needs a domain cache"):
         train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "c"), domain_ratio=0.5))
     assert not (tmp_path / "c").exists(), "a refused run leaves no --out behind"
@@ -393,8 +433,8 @@ def test_student_with_another_tokenizer_is_refused(kd_cache, tmp_path):
         text=True,
     )
     assert done.returncode == 1 and "token ids would mean different things" in done.stderr
-    assert torch.__version__  # the refusal comes before any training
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "r").exists(), "the refusal comes before --out is created"
 
 
 def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, kd_cache):
@@ -480,3 +520,160 @@ def test_trained_checkpoint_loads_in_vllm(tmp_path, kd_cache, chats_file):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert open_cache(out).manifest["teacher"]["path"] == str(Path(result["checkpoint"]).resolve())
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache, tiny_student, window):
+    """What DistillStep trains on, recomputed by hand from the student's full logits and eager
+    attention maps at each sample's own target positions: CE on the next token, the top-k KL
+    per source weighted by its positions, the attention KL of the mapped (crossed) layers,
+    also for a student whose layers attend within a sliding window of 3 keys."""
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from student_train import losses
+    from student_train.data import collate
+    from student_train.train import DistillStep
+    from teacher_cache import attention
+
+    samples = list(open_cache(kd_cache))[:3]
+    assert len({len(s.target_positions) for s in samples}) > 1, "unequal counts make the weighting visible"
+    domain = [True, False, False]  # the first sample plays a domain cache's (cache index 1)
+    batch = collate([(int(d), s) for d, s in zip(domain, samples, strict=True)], [1], attention=True)
+    cfg = TrainConfig(
+        student="tiny-mistral",
+        caches=(str(kd_cache),),
+        out="-",
+        lam=0.6,
+        attn_weight=0.5,
+        temperature=2.0,
+        chunk_size=7,
+    )
+    layer_map = [(0, 1), (1, 0)]  # cache layer index -> student layer, crossed on purpose
+    config = AutoConfig.from_pretrained(tiny_student.path)
+    config.sliding_window = window
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_student.path, config=config, dtype=torch.float32, attn_implementation=attention.register()
+    ).eval()
+    with torch.no_grad():
+        out = DistillStep(model, cfg, "topk", layer_map)(batch)
+    attention.attach(model, [0, 1], None)
+
+    eager = AutoModelForCausalLM.from_pretrained(
+        tiny_student.path, config=config, dtype=torch.float32, attn_implementation="eager"
+    )
+    kd_sum = n_sum = 0.0
+    logits, labels, attn = [], [], {li: [] for li in range(2)}
+    kd_by_group = {}
+    with torch.no_grad():
+        for s in samples:  # one sample at a time: no padding, no batching in the reference
+            ids = torch.from_numpy(s.input_ids)[None]  # [1, T]
+            ref = eager.eval()(input_ids=ids, output_attentions=True)
+            pos = torch.from_numpy(s.target_positions)  # [P_s]
+            logits.append(ref.logits[0, pos])  # [P_s, V]
+            labels.append(torch.from_numpy(s.input_ids[s.target_positions + 1]))  # [P_s]
+            for li, student_layer in layer_map:
+                rows = ref.attentions[student_layer][0].mean(0)[pos]  # [P_s, T_s], heads averaged
+                attn[li].append(
+                    losses.attention_kl(
+                        rows,
+                        torch.from_numpy(s.attention_ids[li]),
+                        torch.from_numpy(s.attention_logprobs[li]),
+                        torch.from_numpy(s.attention_tail_logprob[li]),
+                    )
+                    * len(pos)
+                )
+    n = [len(s.target_positions) for s in samples]
+    for group, members in (("kd_domain", [0]), ("kd_general", [1, 2])):
+        kd_by_group[group] = losses.topk_kl(
+            torch.cat([logits[i] for i in members]),
+            torch.from_numpy(np.concatenate([samples[i].topk_ids for i in members])),
+            torch.from_numpy(np.concatenate([samples[i].topk_logprobs for i in members])),
+            torch.from_numpy(np.concatenate([samples[i].tail_logprob for i in members])),
+            temperature=2.0,
+        )
+        kd_sum += float(kd_by_group[group]) * sum(n[i] for i in members)
+        n_sum += sum(n[i] for i in members)
+    kd = kd_sum / n_sum
+    ce = float(F.cross_entropy(torch.cat(logits), torch.cat(labels)))
+    attn_ref = float(np.mean([float(sum(v)) / sum(n) for v in attn.values()]))
+    close = dict(rel=1e-4, abs=1e-6)
+    assert float(out["ce"]) == pytest.approx(ce, **close)
+    assert float(out["kd_domain"]) == pytest.approx(float(kd_by_group["kd_domain"]), **close)
+    assert float(out["kd_general"]) == pytest.approx(float(kd_by_group["kd_general"]), **close)
+    assert float(out["kd"]) == pytest.approx(kd, **close)
+    assert float(out["attn"]) == pytest.approx(attn_ref, **close)
+    assert float(out["loss"]) == pytest.approx(0.4 * ce + 0.6 * (kd + 0.5 * attn_ref), **close)
+    # the checks above can tell the alternatives apart on this batch
+    assert abs(kd - (float(kd_by_group["kd_domain"]) + float(kd_by_group["kd_general"])) / 2) > 1e-3
+    per_layer = [float(sum(v)) / sum(n) for v in attn.values()]
+    if window is None:
+        assert abs(per_layer[0] - per_layer[1]) > 1e-4
+    else:  # the teacher attends outside the student's window: no finite KL (train() refuses this)
+        assert per_layer[0] == per_layer[1] == float(out["attn"]) == math.inf
+
+
+def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path):
+    """A DAE mix of a top-16 and a top-4 cache: the top-4 rows are padded with weightless
+    entries, so every sample's loss is the one of its own targets, and training runs."""
+    from student_train import losses
+    from student_train.data import collate
+
+    a, b = next(iter(open_cache(kd_cache))), next(iter(open_cache(k4_cache)))
+    batch = collate([(0, a), (1, b)], [], attention=False)
+    assert batch.topk_ids.shape[1] == 16
+    torch.manual_seed(0)
+    V = open_cache(kd_cache).vocab_size
+    logits = torch.randn(len(batch.pos), V)  # [P, V]
+    na = len(a.target_positions)
+    mixed = losses.topk_kl(logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
+    own = [
+        losses.topk_kl(
+            x, torch.from_numpy(s.topk_ids), torch.from_numpy(s.topk_logprobs), torch.from_numpy(s.tail_logprob)
+        )
+        for x, s in ((logits[:na], a), (logits[na:], b))
+    ]
+    expect = (float(own[0]) * na + float(own[1]) * (len(batch.pos) - na)) / len(batch.pos)
+    assert float(mixed) == pytest.approx(expect, rel=1e-5)
+    result = train(
+        TrainConfig(
+            student="tiny-mistral",
+            caches=(str(kd_cache), str(k4_cache)),
+            out=str(tmp_path / "r"),
+            max_steps=2,
+            batch_size=4,
+            progress=False,
+        )
+    )
+    assert result["step"] == 2 and all(np.isfinite(r["kd"]) for r in metrics(tmp_path / "r"))
+
+
+def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher):
+    """`student-train eval` figures recomputed one sample at a time from the model's logits. The
+    model is the teacher itself: it agrees with its own cached top-1, so a wrong column shows."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from student_train import losses
+    from student_train.evaluate import evaluate
+
+    report = evaluate(str(kd_teacher), [str(kd_cache)], batch_size=5)
+    model = AutoModelForCausalLM.from_pretrained(kd_teacher, dtype=torch.float32).eval()
+    kl = nll = agree = n = 0.0
+    with torch.no_grad():
+        for s in open_cache(kd_cache):
+            pos = torch.from_numpy(s.target_positions)  # [P_s]
+            logits = model(input_ids=torch.from_numpy(s.input_ids)[None]).logits[0, pos]  # [P_s, V]
+            nxt = torch.from_numpy(s.input_ids[s.target_positions + 1])  # [P_s]
+            ids = torch.from_numpy(s.topk_ids)  # [P_s, k]
+            per = losses.topk_kl(logits, ids, torch.from_numpy(s.topk_logprobs), torch.from_numpy(s.tail_logprob))
+            kl += float(per) * len(pos)
+            nll += float(F.cross_entropy(logits, nxt, reduction="sum"))
+            agree += float((logits.argmax(-1) == ids[:, 0]).sum())
+            n += len(pos)
+    got = report["all"]
+    assert got["positions"] == n
+    assert got["kl_to_teacher"] == pytest.approx(kl / n, rel=1e-3, abs=1e-7)
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-9)
+    assert agree > 0.9 * n and kl / n < 0.01, "the teacher against its own targets"

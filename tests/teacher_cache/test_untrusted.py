@@ -174,6 +174,77 @@ def test_lengths_that_disagree(cache):
     refused(cache, "row 0: .*(targets hold|exceeds max_positions)")
 
 
+def _attention_key_after_query(rows):
+    """Row 0's attention block, rebuilt so its first query's top key lies after that query."""
+    T, pos = len(rows[0]["input_ids"]), np.array(rows[0]["target_positions"])
+    ids = np.zeros((len(pos), 4), np.int64)  # [P, 4] keys 0..3 (distinct, never after the query)
+    ids[:] = np.arange(4)
+    ids[0, 0] = pos[0] + 1  # a key the query cannot see
+    lps = np.tile(np.log(np.float32([0.4, 0.3, 0.2, 0.05])), (len(pos), 1))
+    rows[0]["attention"] = [codec.encode_topk(ids, lps, np.full(len(pos), np.log(0.05), np.float32), vocab_size=T)]
+
+
+def _metadata(edit):
+    """An edit that changes the shard's schema metadata (rewrite_shard's schema argument)."""
+
+    def schema(cache: Path) -> pa.Schema:
+        meta = dict(pa.ipc.open_file(pa.BufferReader(first_shard(cache).read_bytes())).schema.metadata)
+        return SCHEMA.with_metadata(edit(meta))
+
+    return schema
+
+
+def _with_config_hash(meta: dict) -> dict:
+    inner = json.loads(meta[b"teacher_cache"])
+    return {**meta, b"teacher_cache": json.dumps({**inner, "config_hash": "sha256:" + "0" * 64}).encode()}
+
+
+@pytest.mark.parametrize(
+    "edit,schema,match",
+    [
+        (lambda rows: rows[0]["target_positions"].__setitem__(-1, len(rows[0]["input_ids"]) - 1), None,
+         r" row 0: target positions not strictly increasing within \[0, "),
+        (lambda rows: rows[1]["target_positions"].reverse(), None, " row 1: target positions not strictly increasing"),
+        (_attention_key_after_query, None, " row 0: attention key after its query"),
+        (lambda rows: rows.pop(), None, ": 5 rows, manifest says 6"),
+        (lambda rows: rows.append(rows[0]), None, ": more rows than the 6 the manifest lists"),
+        (lambda rows: None, _metadata(_with_config_hash), ": made by a different run than this manifest describes"),
+        (lambda rows: None, _metadata(lambda m: {k: v for k, v in m.items() if k != b"teacher_cache"}),
+         ": no teacher_cache metadata in the schema"),
+        (lambda rows: None, _metadata(lambda m: {**m, b"teacher_cache": b"[1, 2]"}),
+         ": unreadable teacher_cache metadata"),
+    ],
+)  # fmt: skip
+def test_rows_that_break_the_readers_checks_are_refused_by_name(cache, edit, schema, match):
+    rewrite_shard(cache, edit, schema(cache) if schema else None)
+    refused(cache, first_shard(cache).name + match)
+
+
+def test_attention_rows_in_a_cache_that_declares_none(cache):
+    mpath = cache / "manifest.json"
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "attention": None}))
+    refused(cache, "row 0: attention present but the manifest declares none")
+
+
+def test_missing_shard_file(cache):
+    first_shard(cache).unlink()
+    refused(cache, "listed in the manifest but missing from")
+
+
+def test_sampled_rows_with_another_number_of_draws(tmp_path, chats_file):
+    out = tmp_path / "sampled"
+    run(RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(out), backend="hf", targets="sampled",
+                  num_draws=16, shard_size=6, progress=False))  # fmt: skip
+
+    def edit(rows):
+        P = len(rows[0]["target_positions"])
+        offsets, ids, counts = np.arange(P + 1), np.full(P, 5), np.full(P, 7)  # one id drawn 7 times
+        rows[0]["targets"] = codec.encode_sampled(offsets, ids, counts, vocab_size=32000, num_draws=7)
+
+    rewrite_shard(out, edit)
+    refused(out, r"row 0: sampled targets for .* positions / 7 draws, expected \d+ / 16")
+
+
 def test_shard_not_in_manifest_is_reported(cache):
     shutil.copy(first_shard(cache), cache / "shard-w00009-000000.arrow")
     done = subprocess.run([*CLI, "verify", str(cache)], capture_output=True, text=True)
