@@ -343,6 +343,9 @@ def test_sampled_kl_padding_ignores_neg_inf_student() -> None:
     got = sampled_kl(student, ids, w)
     (grad,) = torch.autograd.grad(got, student)
     assert all_finite(got, grad[:, 1:]) and (grad[:, 0] == 0).all()
+    logp = torch.log_softmax(student.detach(), -1)  # [3, 10], -inf at id 0
+    expect = -(0.5 * (logp[0, 1] + logp[0, 2]) + logp[1, 3] + (0.2 * logp[2, 4] + 0.3 * logp[2, 5] + 0.5 * logp[2, 6]))
+    assert float(got) == pytest.approx(float(expect) / 3, rel=1e-6)
 
 
 # ------------------------------------------------------------- attention
@@ -549,3 +552,69 @@ def test_total_loss() -> None:
     assert total_loss(ce, kd, None, lam=1.0, attn_weight=0.1).item() == pytest.approx(3.0)
     with pytest.raises(ValueError):
         total_loss(ce, kd, attn, lam=1.5, attn_weight=0.0)
+
+
+# ------------------------------------------------------------- targets as the cache gives them
+
+
+def test_topk_kl_renormalises_targets_decoded_from_the_codec() -> None:
+    """Cached log-probs are quantised, so the k values + tail of a row sum to 1 only within the
+    codec's bound; the loss is the KL of that (k+1)-outcome teacher renormalised, computed here
+    in float64 from the decoded numbers (a bound of 0.2 nats makes the rescaling visible)."""
+    import numpy as np
+
+    from teacher_cache import codec
+
+    P, V, k = 24, 40, 8
+    teacher = torch.log_softmax(logits(P, V, 3).double(), -1)  # [P, V]
+    top = teacher.topk(k, dim=-1)
+    tail = teacher.scatter(1, top.indices, -math.inf).logsumexp(-1)  # [P]
+    blob = codec.encode_topk(
+        top.indices.numpy(), top.values.float().numpy(), tail.float().numpy(), vocab_size=V, max_error=0.2
+    )
+    ids, lps, dtail = (torch.from_numpy(x) for x in codec.decode_topk(blob, vocab_size=V))
+    t = torch.cat([lps, dtail[:, None]], -1).double().exp()  # [P, k+1]
+    assert (t.sum(-1) - 1).abs().max() > 0.02, "decoded rows do not sum to 1"
+    t = t / t.sum(-1, keepdim=True)
+    student = logits(P, V, 4)
+    s_all = torch.softmax(student.double(), -1)  # [P, V]
+    s_top = s_all.gather(1, ids)  # [P, k]
+    s = torch.cat([s_top, s_all.scatter(1, ids, 0.0).sum(-1, keepdim=True)], -1)  # [P, k+1]
+    expect = (t * (t / s).log()).sum(-1).mean()
+    assert float(topk_kl(student, ids, lps, dtail)) == pytest.approx(float(expect), rel=1e-5)
+    assert np.isfinite(float(expect))
+
+
+def test_attention_kl_normalises_both_sides() -> None:
+    """Student rows scaled (a bf16 or chunked softmax need not sum to exactly 1) and teacher
+    log-probs shifted by a constant give the same loss: both sides are compared as distributions."""
+    P, T, k = 6, 14, 4
+    rows = torch.softmax(logits(P, T, 5), -1)  # [P, T]
+    teacher = torch.log_softmax(logits(P, T, 6), -1)  # [P, T]
+    top = teacher.topk(k, dim=-1)
+    tail = teacher.scatter(1, top.indices, -math.inf).logsumexp(-1)  # [P]
+    base = attention_kl(rows, top.indices, top.values, tail)
+    assert float(base) > 0.05
+    assert float(attention_kl(rows * 0.5, top.indices, top.values, tail)) == pytest.approx(float(base), rel=1e-5)
+    assert float(attention_kl(rows, top.indices, top.values + 0.7, tail + 0.7)) == pytest.approx(float(base), rel=1e-5)
+
+
+def test_chunked_sampled_kl_with_a_mask_equals_plain() -> None:
+    P, D, V, m = 13, 8, 30, 5
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(P, D, generator=g), torch.randn(V, D, generator=g)
+    ids = torch.randint(0, V, (P, m), generator=g)
+    w = torch.rand(P, m, generator=g)
+    w = w / w.sum(-1, keepdim=True)
+    mask = torch.rand(P, generator=g) > 0.4
+    plain = sampled_kl(hidden @ weight.T, ids, w, mask=mask, temperature=2.0)
+    chunked = chunked_sampled_kl(hidden, weight, ids, w, mask=mask, temperature=2.0, chunk_size=4)
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    assert float(plain) != pytest.approx(float(sampled_kl(hidden @ weight.T, ids, w, temperature=2.0)), rel=1e-3)
+
+
+def test_sampled_weights_use_each_rows_own_number_of_draws() -> None:
+    """A batch mixing caches made with different --num-draws: each row divides by its own."""
+    offsets, ids, counts = torch.tensor([0, 2, 3]), torch.tensor([5, 7, 5]), torch.tensor([3, 7, 4])
+    _, w = sampled_to_padded(offsets, ids, counts, torch.tensor([10, 4]))
+    assert torch.allclose(w, torch.tensor([[0.3, 0.7], [1.0, 0.0]]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -677,3 +678,62 @@ def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher):
     assert got["nll"] == pytest.approx(nll / n, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-9)
     assert agree > 0.9 * n and kl / n < 0.01, "the teacher against its own targets"
+
+
+def test_dataloader_workers_keep_the_ranks_order(kd_cache):
+    """--num-workers 2 yields exactly the samples, in the order, of one process (and of the plan)."""
+    from student_train.data import Plan, SampleStream
+
+    caches = [open_cache(kd_cache)]
+    plan = Plan(caches, seed=1, window=2)
+    orders = []
+    for workers in (0, 2):
+        stream = SampleStream(caches, plan, rank=1, world=2, start=3, window=2)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        it = iter(loader)
+        orders.append([next(it)[1].sample_id for _ in range(18)])
+        del it
+    at = {
+        (si, r): s.sample_id
+        for si, name in enumerate(caches[0].shard_names)
+        for r, s in enumerate(caches[0].iter_shard(name))
+    }
+    expect = [at[(s, r)] for _, s, r in (plan.item(i) for i in range(3 * 2 + 1, 3 * 2 + 1 + 36, 2))]  # rank 1 of 2
+    assert orders[0] == orders[1] == expect
+    assert len(set(orders[0])) > 6
+
+
+def test_learning_rate_schedule():
+    from student_train.train import lr_at
+
+    lrs = [lr_at(s, lr=1.0, warmup=4, total=14, min_ratio=0.1) for s in range(16)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, reaching lr at its last step
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55)  # cosine: halfway is the mean
+    assert lrs[14] == lrs[15] == pytest.approx(0.1)  # held at lr * min_ratio past the end
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+
+
+def test_gradient_accumulation_averages_its_micro_batches(tmp_path, kd_cache, tiny_student):
+    """batch 2 x accumulation 2: one optimizer step over 4 samples, its loss the mean of the two
+    micro-batches' losses under the initial weights."""
+    from transformers import AutoModelForCausalLM
+
+    from student_train.data import Plan, SampleStream, collate
+    from student_train.train import DistillStep
+
+    cfg = TrainConfig(
+        student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=1, batch_size=2,
+        grad_accum=2, progress=False,
+    )  # fmt: skip
+    train(cfg)
+    (m,) = metrics(tmp_path / "r")
+    caches = [open_cache(kd_cache)]
+    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window)
+    stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=cfg.shuffle_window))
+    model = AutoModelForCausalLM.from_pretrained(tiny_student.path, dtype=torch.float32)
+    step = DistillStep(model.train(), cfg, "topk", [])
+    with torch.no_grad():
+        parts = [step(collate([next(stream) for _ in range(2)], [], attention=False)) for _ in range(2)]
+    assert m["loss"] == pytest.approx(float(parts[0]["loss"] + parts[1]["loss"]) / 2, rel=1e-5)
+    (seen,) = [json.loads(line) for line in (tmp_path / "r" / "samples.rank0.jsonl").read_text().splitlines()]
+    assert len(seen["samples"]) == 4 and m["samples_seen"] == 4

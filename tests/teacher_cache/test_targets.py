@@ -76,3 +76,15 @@ def test_k_larger_than_the_vocabulary_keeps_every_token_through_the_codec():
     np.testing.assert_array_equal(ids, got.ids)
     near = got.logprobs >= got.logprobs[:, :1] - 10
     assert np.abs(lps - got.logprobs)[near].max() <= 0.02 + 1e-6 and np.isneginf(tail).all()
+
+
+def test_sampled_counts_follow_the_teacher_distribution():
+    """Over many positions sharing one distribution, each id's share of the draws matches its
+    softmax probability within 5 standard errors (uniform draws, or the wrong temperature, fail)."""
+    V, P, N = 12, 400, 50
+    logits = torch.linspace(3.0, -3.0, V).repeat(P, 1)  # [P, V] one distribution, probabilities 0.3 .. 0.0008
+    got = sampled_from_logits(logits, N, torch.Generator().manual_seed(0))
+    freq = np.bincount(got.ids, weights=got.counts, minlength=V) / (P * N)  # [V]
+    p = torch.softmax(logits[0].double(), -1).numpy()  # [V]
+    se = np.sqrt(p * (1 - p) / (P * N))
+    assert np.all(np.abs(freq - p) <= 5 * se + 1e-12), np.abs(freq - p) / se
