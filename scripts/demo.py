@@ -52,8 +52,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     args = ap.parse_args()
     out = Path(args.out)
+    marker = out / ".teacher-cache-demo"  # only a folder this script made is ever deleted
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        sys.exit(f"error: {out} exists and was not made by this demo; choose another --out")
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    marker.touch()
     train_data, held_data = split(DATA, out / "data", heldout_every=8)
     tc, st = BIN / "teacher-cache", BIN / "student-train"
     common = ["--teacher", args.teacher, "--top-k", args.top_k, "--max-length", 384]

@@ -114,9 +114,18 @@ def train(**kw) -> None:
     kw["attention_layer_map"] = _parse_map(kw["attention_layer_map"])
     kw["progress"] = not kw.pop("no_progress")
     try:
-        result = run_training(TrainConfig(**kw))
+        cfg = TrainConfig(**kw)
+    except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
+        raise click.UsageError(_one_line(e)) from None
+    try:
+        result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(_one_line(e)) from None
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: checkpoints are kept; the same command with --resume continues from the latest", err=True
+        )
+        sys.exit(130)
     click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
 
 

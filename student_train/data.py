@@ -67,8 +67,10 @@ class Plan:
             if (domain_ratio > 0 and not self.domain_caches) or (domain_ratio < 1 and not general):
                 raise ValueError("--domain-ratio needs a domain cache (made with --only-domain) and a general one")
             self.streams = [stream(self.domain_caches, 1), stream(general, 2)]
-        if any(len(s) == 0 for s in self.streams):
-            raise ValueError("a cache stream holds no samples")
+        for s in self.streams:
+            if len(s) == 0:
+                names = sorted({str(caches[c].where) for c, _ in s.shard_rows} or {str(c.where) for c in caches})
+                raise ValueError(f"no samples to train on in {', '.join(names)}")
         self._epochs: dict[tuple[int, int], list[Item]] = {}
 
     def _route(self, i: int) -> tuple[int, int]:

@@ -110,9 +110,16 @@ def run(**kw) -> None:
     kw["attention_layers"] = _parse_layers(kw["attention_layers"])
     kw["progress"] = not kw.pop("no_progress")
     try:
-        run_cache(RunConfig(**kw))
+        cfg = RunConfig(**kw)
+    except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
+        raise click.UsageError(_one_line(e)) from None
+    try:
+        run_cache(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(_one_line(e)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished shards are kept; the same command resumes after them", err=True)
+        sys.exit(130)
 
 
 @main.command()
@@ -181,13 +188,16 @@ def presets() -> None:
 @main.command()
 @click.argument("name")
 def build(name: str) -> None:
-    """Build a local preset (tiny, GGUF or derived) now and print its directory."""
+    """Build a local preset (tiny, GGUF or derived) now and print its directory (hub presets:
+    their hub id; they download on first use)."""
     from teacher_cache.models import resolve_model
 
     try:
         ref = resolve_model(name)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(_one_line(e)) from None
+    if not ref.is_local:
+        click.echo(f"{name} is a hub model: nothing to build; it downloads from the hub on first use", err=True)
     click.echo(ref.path)
 
 

@@ -110,12 +110,14 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
 
 
 def check_data_file(path: str) -> None:
-    """Fail early, in one line, on a file that does not exist."""
+    """Fail early, in one line, on a file that does not exist or is a directory."""
     import fsspec
 
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
     if not fs.exists(p):
         raise DataFileError(f"data file not found: {path}")
+    if fs.isdir(p):
+        raise DataFileError(f"{path} is a directory: --data takes JSONL or Parquet files (repeat --data for several)")
 
 
 def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = None) -> Iterator[Record]:

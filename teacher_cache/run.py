@@ -95,6 +95,7 @@ class RunConfig:
                 "--worker-index must be in [0, --num-workers)",
             ),
             (bool(self.data), "no data files given"),
+            (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
         ]
         for ok, why in checks:
@@ -108,6 +109,11 @@ class RunConfig:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _ours(name: str) -> bool:
+    """A name a cache directory may hold: worker parts, shards (also half-written), the manifest."""
+    return name in ("parts", "manifest.json") or name.startswith("shard-")
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -284,6 +290,9 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     out = Location(cfg.out)
     try:
+        foreign = [n for n in out.glob("*") if not _ours(n)]
+        if foreign:
+            raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
         out.check_writable()
     except StorageError as e:
         raise RunError(str(e)) from None
@@ -327,6 +336,9 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     dups: list[int] = []
     # a first, parse-only pass over the data gives the progress bar its total (cheap next to the teacher)
     total = sum(1 for _ in _my_records(cfg, [], []))
+    if total == 0 and (cfg.only_domain or cfg.exclude_domain):
+        kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {cfg.exclude_domain!r}"
+        _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
     shards = _chunks(_my_records(cfg, bad, dups), cfg.shard_size)
     remaining = max(0, -(-total // cfg.shard_size) - done)
     if done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -102,9 +103,37 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
             "2",
         ]
     )
-    assert one_line_error(done) == "Error: --worker-index must be in [0, --num-workers)"
+    assert done.returncode == 2 and one_line_error(done) == "Error: --worker-index must be in [0, --num-workers)"
     done = sh([*TC, "run", "--data", str(chats_file)])
     assert done.returncode == 2 and "--teacher" in done.stderr
+    run = [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(tmp_path / "c")]
+    done = sh([*run, "--only-domain", "math", "--exclude-domain", "code"])
+    assert done.returncode == 2 and "--only-domain and --exclude-domain exclude each other" in one_line_error(done)
+    done = sh([*run, "--logprob-error", "0.013"])
+    assert done.returncode == 2 and "--logprob-error: " in one_line_error(done)
+    done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
+               "--fsdp", "--lora-rank", "4"])  # fmt: skip
+    assert done.returncode == 2 and "--fsdp with --lora-rank" in one_line_error(done)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_data_folder_and_foreign_out_are_refused_before_anything_is_written(tmp_path, chats_file):
+    err = one_line_error(
+        sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(tmp_path), "--out", str(tmp_path / "c")])
+    )
+    assert "is a directory: --data takes JSONL or Parquet files" in err and not (tmp_path / "c").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    err = one_line_error(sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(mine)]))
+    assert "holds files that are not a cache's (notes.txt, ...)" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_build_says_a_hub_preset_has_nothing_to_build():
+    done = sh([*TC, "build", "mixtral"])
+    assert done.returncode == 0 and "hub model: nothing to build" in done.stderr
+    assert done.stdout.strip() == "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
 
 def test_inspect_and_verify_refuse_a_non_cache(tmp_path):
@@ -117,3 +146,38 @@ def test_presets_command_lists_the_registry():
     assert done.returncode == 0
     for name in ("mixtral", "mistral-7b", "tiny-mixtral", "tiny-mistral", "smollm2-135m", "smollm2-135m-half"):
         assert name in done.stdout
+
+
+def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file):
+    import signal
+    import time
+
+    out = tmp_path / "c"
+    args = [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend", "hf",
+            "--shard-size", "1", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shard-*.arrow")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: finished shards are kept")
+    kept = len(list(out.glob("shard-*.arrow")))
+    assert 1 <= kept < 12, "interrupted mid-run"
+    again = sh(args)
+    durable = re.search(r"resuming: (\d+) shards already durable", again.stderr)
+    # a shard published just before the signal, not yet in the worker's part file, is redone
+    assert again.returncode == 0 and durable and 1 <= int(durable[1]) <= kept, again.stderr
+    assert sh([*TC, "verify", str(out)]).returncode == 0
+
+
+def test_a_domain_filter_that_matches_nothing_is_reported(tmp_path, chats_file):
+    out = tmp_path / "c"
+    done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend",
+               "hf", "--only-domain", "maths", "--no-progress"])  # fmt: skip
+    assert done.returncode == 0 and "warning: no record of worker 0's share has domain 'maths'" in done.stderr
+    err = one_line_error(
+        sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(out), "--out", str(tmp_path / "r")])
+    )
+    assert f"no samples to train on in {out}" in err

@@ -84,6 +84,7 @@ class VllmBackend:
             # it every core this process may use (2.05x prefill on a 2-core machine, BENCHMARKS.md)
             cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our progress bar
         from vllm import LLM
 
         self.ref, self.mode, self.top_k = model, mode, top_k
