@@ -1,7 +1,7 @@
 """Codec benchmark: bytes per target position, log-prob error and single-thread speed.
 
     python bench/bench_codec.py --out bench/results/codec.json          # real: SmolLM2-135M on the bundled chats
-    python bench/bench_codec.py --samples 60 ...                         # the first 60 chats (make bench --quick)
+    python bench/bench_codec.py --samples 60 ...                         # the first 60 chats (bench/run_all.py --quick)
     python bench/bench_codec.py --data other.jsonl --out ...             # SmolLM2-135M on other records
     python bench/bench_codec.py --synthetic --out ...                    # synthetic distributions (no model)
     python bench/bench_codec.py --logprobs teacher.npy --out ...         # real [P, V] log-probs from elsewhere

@@ -12,10 +12,10 @@ with the model's own tokenizer and chat template; assistant tokens are the targe
 - caching   what teacher_cache.run does per batch with the vLLM backend in `hidden` mode:
             VllmBackend.forward(batch), then targets.topk_from_logits(k=32) and
             codec.encode_topk per sample;
-- proposed  the caching path with the change this benchmark recommends (bench-only prototype):
-            top-k + tail with one exp pass and no [P, V] copies (topk_from_logits_fused in
-            place of targets.topk_from_logits); --proposed-level / --proposed-chunk-rows add
-            the other candidates (codec zstd level, whole-batch projection) end to end;
+- proposed  a bench-only prototype: llm.encode called directly (not via VllmBackend.forward),
+            the script's copy of the fused top-k (the algorithm targets.topk_from_logits has
+            used since it landed); --proposed-level / --proposed-chunk-rows add the other
+            candidates (codec zstd level, whole-batch projection) end to end;
 - stock     VllmBackend(mode="prompt_logprobs") + codec, the reference path.
 
 All engines are alive at once (VLLM_CPU_KVCACHE_SPACE=1 GiB each); the arms run interleaved batch
@@ -201,8 +201,9 @@ def proposed_pass(backend, batch, k: int, vocab: int, level: int, chunk_rows: in
 
 
 def profile_caching(backend, batches, k: int, vocab: int, thread_counts: list[int], chunk_rows: int) -> dict:
-    """Split the caching path's time into its stages (the body of targets.topk_from_logits is
-    replicated op by op), and time alternatives on the same data: codec level 3, the fused
+    """Split the caching path's time into its stages (the stages replicate the pre-fusion top-k,
+    log_softmax + topk + scatter tail, op by op; targets.topk_from_logits is now the fused one,
+    timed beside it as reference_topk_from_logits), and time alternatives on the same data: codec level 3, the fused
     top-k, projection + fused top-k per sample vs over the whole batch in row chunks, and the
     projection + reference top-k under each torch thread count."""
     import torch

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one after the other, then one combined summary.
 
     .venv/bin/python bench/run_all.py            # full: about 10-15 minutes on 2 CPU cores
-    .venv/bin/python bench/run_all.py --quick    # smaller workloads: a few minutes
+    .venv/bin/python bench/run_all.py --quick    # smaller workloads: about 9 minutes
 
 Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
 benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:

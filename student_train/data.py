@@ -5,8 +5,9 @@ The order is a pure function of (seed, manifests): each cache is a list of
 of `window` consecutive shards (a shuffle buffer that holds `window` shards at a
 time). With `domain_ratio`, domain caches (made with --only-domain) and general
 caches are two streams interleaved at that ratio. Global index i goes to rank
-i % world and, within a rank, to dataloader worker (i // world) % num_workers;
-resuming is skipping the consumed count, with no decoding.
+i % world; within a rank, the n-th sample since the (resume) start goes to
+dataloader worker n % num_workers; resuming is skipping the consumed count, with
+no decoding.
 """
 
 from __future__ import annotations

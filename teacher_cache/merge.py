@@ -1,7 +1,8 @@
 """`teacher-cache merge A B ... --out C`: join compatible caches, or say exactly why not.
 
 Compatible means rows are interchangeable: same format version, tokenizer, chat template,
-teacher (config and dtype), target kind and k / num_draws, attention spec and source tag.
+teacher (config and dtype), targets (kind, k / num_draws, log-prob error bound), attention
+spec and source tag.
 Sample ids may overlap only with identical rows (kept once); the merged manifest lists
 each shard with the config hash of the run that wrote it, and each source cache with its
 backend (the manifest's `backend` is "mixed" when they differ).
@@ -31,7 +32,7 @@ def _compat(m: dict) -> dict:
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
         "chat template": m["tokenizer"]["chat_template_sha256"],
         "teacher": (t.get("config_sha256"), t.get("dtype"), t.get("hub_id"), t.get("revision")),
-        "targets (kind, k, draws)": m["targets"],
+        "targets (kind, k, draws, logprob_error)": m["targets"],
         "attention spec": m.get("attention"),
         "source tag": m["source"],
     }
