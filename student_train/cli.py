@@ -13,6 +13,12 @@ class UserError(click.ClickException):
     """Printed as one line, exit code 1."""
 
 
+class SettingsError(UserError):
+    """Options that contradict each other: one line, exit code 2 (a usage error)."""
+
+    exit_code = 2
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or e.__class__.__name__
 
@@ -116,7 +122,7 @@ def train(**kw) -> None:
     try:
         cfg = TrainConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
-        raise click.UsageError(_one_line(e)) from None
+        raise SettingsError(_one_line(e)) from None
     try:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:

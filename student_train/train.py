@@ -278,9 +278,25 @@ def _save(
     weights: dict[str, torch.Tensor] | None = None,
     fsdp_optimizer: dict | None = None,
 ) -> Path:
-    """Write checkpoint-STEP atomically: safetensors weights, tokenizer, optimizer, RNG, data position."""
-    final = out / f"checkpoint-{step}"
+    """Write checkpoint-STEP atomically: safetensors weights, tokenizer, optimizer, RNG, data position.
+    A failed write (a full disk) leaves the earlier checkpoints as they were and raises TrainError."""
     tmp = out / f".checkpoint-{step}.tmp"
+    try:
+        return _write_checkpoint(out, step, tmp, model, tok, optimizer, state, cfg, weights, fsdp_optimizer)
+    except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = shutil.disk_usage(out).free < (64 << 20)
+        why = "no space left on the device" if full else " ".join(str(e).split())
+        raise TrainError(
+            f"could not write checkpoint-{step} in {out} ({why}); the checkpoints before it are kept: "
+            "free space, then rerun with --resume"
+        ) from None
+
+
+def _write_checkpoint(
+    out: Path, step: int, tmp: Path, model, tok, optimizer, state: dict, cfg: TrainConfig, weights, fsdp_optimizer
+) -> Path:
+    final = out / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
         base, merged = _merged_lora_state(model)

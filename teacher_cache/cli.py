@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -12,6 +13,12 @@ from teacher_cache import __version__
 
 class UserError(click.ClickException):
     """Printed as one line, exit code 1."""
+
+
+class SettingsError(UserError):
+    """Options that contradict each other: one line, exit code 2 (a usage error)."""
+
+    exit_code = 2
 
 
 def _one_line(e: BaseException) -> str:
@@ -112,10 +119,17 @@ def run(**kw) -> None:
     try:
         cfg = RunConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
-        raise click.UsageError(_one_line(e)) from None
+        raise SettingsError(_one_line(e)) from None
     try:
         run_cache(cfg)
-    except (ValueError, RuntimeError, OSError, KeyError) as e:
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(
+                f"no space left on the device of {cfg.out}: finished shards are kept; free space and run the "
+                "same command again to resume"
+            ) from None
+        raise UserError(_one_line(e)) from None
+    except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(_one_line(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: finished shards are kept; the same command resumes after them", err=True)

@@ -85,9 +85,42 @@ def read_part(where: Location, worker: int, num_workers: int) -> dict | None:
     if not where.exists(name):
         return None
     try:
-        return where.read_json(name, MAX_MANIFEST_BYTES)
+        part = where.read_json(name, MAX_MANIFEST_BYTES)
     except ValueError as e:
-        raise ManifestError(str(e)) from None
+        raise ManifestError(f"{e}; delete it to redo this worker's shards") from None
+    why = _part_problem(part)
+    if why:
+        raise ManifestError(
+            f"{where.describe(name)}: malformed worker part ({why}); delete it to redo this worker's shards"
+        )
+    return part
+
+
+def _part_problem(part: object) -> str | None:
+    """What is wrong with a worker part's types (what run and assemble read), or None."""
+    if not isinstance(part, dict):
+        return "not an object"
+    if not isinstance(part.get("config_hash"), str):
+        return "config_hash must be a string"
+    shards = part.get("shards")
+    if not isinstance(shards, list):
+        return "shards must be a list"
+    for s in shards:
+        if not (
+            isinstance(s, dict) and isinstance(s.get("name"), str) and _int(s.get("rows")) and _int(s.get("bytes"))
+        ):
+            return "each shard needs a name, rows and bytes"
+    if part.get("complete"):
+        if any(k not in part for k in _HEADER_KEYS):
+            return "it lacks the run's header keys"
+        counts, timing = part.get("counts"), part.get("timing")
+        if not (isinstance(counts, dict) and all(_int(counts.get(k)) for k in COUNT_KEYS)):
+            return f"counts must hold {COUNT_KEYS}"
+        if not (isinstance(timing, dict) and isinstance(timing.get("wall_s"), (int, float))):
+            return "timing.wall_s must be a number"
+        if not all(isinstance(part.get(k), dict) for k in ("backend", "config")):
+            return "backend and config must be objects"
+    return None
 
 
 def assemble(where: Location, num_workers: int) -> dict | None:

@@ -111,9 +111,23 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
+    """The listed shards up to the first whose file is missing or of another size than listed
+    (deleted, truncated or lost by the store): a resume trusts only those and redoes the rest."""
+    for i, entry in enumerate(shards):
+        try:
+            ok = out.exists(entry["name"]) and out.size(entry["name"]) == entry["bytes"]
+        except OSError:
+            ok = False
+        if not ok:
+            return shards[:i]
+    return shards
+
+
 def _ours(name: str) -> bool:
-    """A name a cache directory may hold: worker parts, shards (also half-written), the manifest."""
-    return name in ("parts", "manifest.json") or name.startswith("shard-")
+    """A name a cache directory may hold: worker parts, shards, the manifest, and what a killed
+    writer leaves (half-written *.tmp files, dot-files)."""
+    return name in ("parts", "manifest.json") or name.startswith(("shard-", ".")) or name.endswith(".tmp")
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -290,8 +304,9 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     out = Location(cfg.out)
     try:
-        foreign = [n for n in out.glob("*") if not _ours(n)]
-        if foreign:
+        names = out.glob("*")
+        foreign = [n for n in names if not _ours(n)]
+        if foreign and not {"parts", "manifest.json"} & set(names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
         out.check_writable()
     except StorageError as e:
@@ -317,6 +332,11 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
                 f"(vllm mode {was.get('vllm_mode')}); resume with the same --backend / --vllm-mode "
                 f"(got {now['backend']}, {now['vllm_mode']}) or use another --out"
             )
+        kept = _durable_prefix(out, previous["shards"])
+        if len(kept) < len(previous["shards"]):
+            lost = previous["shards"][len(kept)]["name"]
+            _log(f"{lost} is missing or not the size its part file says: redoing worker {cfg.worker_index} from there")
+            previous = {**previous, "shards": kept, "complete": False}
         if previous.get("complete"):
             _log(
                 f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "

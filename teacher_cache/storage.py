@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,11 @@ class Location:
         size = self.size(name)
         if size > max_bytes:
             raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
+        data = self.read_bytes(name, 0, max_bytes + 1)  # never more, whatever the size said (a device file)
+        if len(data) > max_bytes:
+            raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
         try:
-            return json.loads(self.read_bytes(name))
+            return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.describe(name)}: not valid JSON ({e})") from None
 
@@ -163,7 +167,7 @@ class Location:
         try:
             self.makedirs()
             self.makedirs("parts")
-            probe = ".write-probe"
+            probe = f"parts/.write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # workers may start together
             self.fs.pipe_file(self.path(probe), b"")
             self.fs.rm_file(self.path(probe))
         except Exception as e:  # any backend's error: permissions, credentials, bucket missing
@@ -177,12 +181,15 @@ class Location:
             return
         path = self.local_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
 
     def spool_path(self, name: str, tmp_suffix: str) -> Path:
         """Where a file is written before `publish`: beside its final name locally, else in $TMPDIR."""

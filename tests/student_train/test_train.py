@@ -737,3 +737,21 @@ def test_gradient_accumulation_averages_its_micro_batches(tmp_path, kd_cache, ti
     assert m["loss"] == pytest.approx(float(parts[0]["loss"] + parts[1]["loss"]) / 2, rel=1e-5)
     (seen,) = [json.loads(line) for line in (tmp_path / "r" / "samples.rank0.jsonl").read_text().splitlines()]
     assert len(seen["samples"]) == 4 and m["samples_seen"] == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_ones(tmp_path, kd_cache):
+    """A write failure while saving (here: a file where checkpoint-2's staging folder goes; a full
+    disk takes the same path) stops the run with one line; checkpoint-1 survives and resumes."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".checkpoint-2.tmp").write_text("in the way")
+    args = [*train_args(kd_cache, out), "--save-every", "1", "--max-steps", "3"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: could not write checkpoint-2 in ") and "the checkpoints before it are kept" in line
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and not (out / "checkpoint-2").exists()
+    (out / ".checkpoint-2.tmp").unlink()
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]

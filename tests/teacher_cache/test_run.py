@@ -393,3 +393,49 @@ def without_topk(got: dict) -> dict:
     for r in got.values():
         del r["topk_logprobs"], r["topk_ids"]
     return got
+
+
+def test_resume_redoes_shards_its_part_lists_but_the_store_lost(tmp_path, chats_file):
+    """A finished cache whose shard file went missing (or was truncated) is not 'nothing to do':
+    the rerun redoes the shards from the first bad one, and the result equals a clean run. What
+    a killed writer leaves (temp files, dot-files) does not block it."""
+    out = tmp_path / "c"
+    run(cfg(chats_file, out))
+    clean = rows(out)
+    manifest = open_cache(out).manifest
+    names = [s["name"] for s in manifest["shards"]]
+    (out / names[1]).unlink()
+    (out / names[2]).write_bytes((out / names[2]).read_bytes()[:-10])
+    (out / "manifest.json").unlink()
+    (out / "manifest.json.tmp").write_text("{")  # an older writer's leftover
+    (out / ".manifest.json.123-abcd.tmp").write_text("{")
+    done = subprocess.run(
+        [*CLI, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend", "hf",
+         "--top-k", "8", "--shard-size", "3", "--batch-size", "2", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"{names[1]} is missing or not the size its part file says: redoing worker 0 from there" in done.stderr
+    assert_same_rows(clean, rows(out))
+    assert [s["sha256"] for s in open_cache(out).manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "part,why",
+    [
+        ("[]", "not an object"),
+        ('{"config_hash": "x", "shards": [{"name": "shard-w00000-000000.arrow"}]}', "each shard needs a name, rows"),
+    ],
+)
+def test_malformed_worker_part_is_one_line_naming_the_fix(tmp_path, chats_file, part, why):
+    out = tmp_path / "c"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "worker-00000-of-00001.json").write_text(part)
+    done = subprocess.run(
+        [*CLI, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend", "hf"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"malformed worker part ({why}" in line and "delete it to redo this worker's shards" in line
