@@ -67,7 +67,10 @@ def merge(paths: list[str], out: str) -> dict:
     if len(paths) < 2:
         raise MergeError("merge needs at least two caches")
     dest = Location(out)
-    if dest.glob("*"):
+    names = dest.glob("*")
+    if names and MANIFEST not in names and all(n.startswith(("shard-", ".")) or n.endswith(".tmp") for n in names):
+        raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")
+    if names:
         raise MergeError(f"{dest} exists and is not empty")
     caches = [open_cache(p) for p in paths]
     check_compatible(caches)

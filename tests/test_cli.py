@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -156,9 +157,10 @@ def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_fil
     args = [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend", "hf",
             "--shard-size", "1", "--batch-size", "1", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = out / "parts" / "worker-00000-of-00001.json"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shard-*.arrow")):
-        time.sleep(0.05)
+    while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
+        time.sleep(0.05)  # until a shard is durable (listed in the part file), not merely on disk
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err

@@ -378,3 +378,14 @@ def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
         text=True,
     )
     assert done.returncode == 1 and "sample id 'geo-1'" in done.stderr and "different content" in done.stderr
+
+
+def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_cache):
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "shard-w00000-000000.arrow").write_bytes(b"half")  # a merge killed before its manifest
+    with pytest.raises(MergeError, match="holds an unfinished merge .*delete it and merge again"):
+        merge([str(good_cache), str(good_cache)], str(dest))
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(MergeError, match="exists and is not empty"):
+        merge([str(good_cache), str(good_cache)], str(dest))
