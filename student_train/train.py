@@ -22,6 +22,7 @@ from torch import nn
 from student_train import losses
 from student_train.checks import check_student_matches
 from student_train.data import Batch, Plan, SampleStream, collate
+from teacher_cache.storage import fsync_dir
 
 
 class TrainError(RuntimeError):
@@ -307,8 +308,13 @@ def _write_checkpoint(
     opt = {"fsdp_optimizer": fsdp_optimizer} if fsdp_optimizer is not None else {"optimizer": optimizer.state_dict()}
     torch.save({**opt, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
+    for f in (p for p in tmp.iterdir() if p.is_file()):  # on disk before the rename shows the checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(out)
     return final
 
 

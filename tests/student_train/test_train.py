@@ -411,6 +411,11 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
     with pytest.raises(IncompatibleCacheError, match="sampled targets mixed with topk"):
         train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache), str(sampled_cache)), out=str(tmp_path / "e")))
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    failed = tmp_path / "g"  # what a run that failed before its first step leaves: no run to resume
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text("")
+    assert train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(failed), max_steps=1,
+                             progress=False))["step"] == 1  # fmt: skip
     with pytest.raises(ValueError, match="--domain-ratio needs a domain cache"):
         train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "c"), domain_ratio=0.5))
     assert not (tmp_path / "c").exists(), "a refused run leaves no --out behind"
