@@ -187,55 +187,31 @@ class Batch:
 
 def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], attention: bool) -> Batch:
     """Stack samples into a padded batch with flattened sparse targets (host tensors, no vocab dim)."""
-    from student_train.losses import sampled_to_padded
-
     B = len(samples)
     T = max(len(s.input_ids) for _, s in samples)
-    ids = torch.zeros((B, T), dtype=torch.long)  # [B, T]
-    mask = torch.zeros((B, T), dtype=torch.long)  # [B, T]
+    ids = torch.zeros((B, T), dtype=torch.long)  # int64 [B, T]
+    mask = torch.zeros((B, T), dtype=torch.long)  # int64 [B, T]
     rows, pos, dom = [], [], []
     for b, (c, s) in enumerate(samples):
         n = len(s.input_ids)
         ids[b, :n] = torch.from_numpy(s.input_ids)
         mask[b, :n] = 1
-        rows.append(np.full(len(s.target_positions), b))
-        pos.append(s.target_positions)
-        dom.append(np.full(len(s.target_positions), c in domain_caches))
-    row = torch.from_numpy(np.concatenate(rows))  # [P]
-    p = torch.from_numpy(np.concatenate(pos))  # [P]
-    first = samples[0][1]
-    topk = sampled = attn = (None,) * 3
-    if first.topk_ids is not None:
-        ids_k, lps_k = _pad_entries([(s.topk_ids, s.topk_logprobs) for _, s in samples], axis=0)  # [P, k] each
-        tail = np.concatenate([s.tail_logprob for _, s in samples])  # [P]
-        topk = (torch.from_numpy(ids_k), torch.from_numpy(lps_k), torch.from_numpy(tail))
-    else:
-        offsets, sids, counts, draws = [], [], [], []
-        base = 0
-        for _, s in samples:
-            offsets.append(s.sampled_offsets[:-1] + base)
-            sids.append(s.sampled_ids)
-            counts.append(s.sampled_counts)
-            draws.append(np.full(len(s.target_positions), s.num_draws))
-            base += len(s.sampled_ids)
-        off = torch.from_numpy(np.concatenate([*offsets, [base]]))  # [P + 1]
-        n_draws = {s.num_draws for _, s in samples}  # caches of one run may differ (DAE)
-        per_row = first.num_draws if len(n_draws) == 1 else torch.from_numpy(np.concatenate(draws))  # int or [P]
-        padded_ids, weights = sampled_to_padded(
-            off, torch.from_numpy(np.concatenate(sids)), torch.from_numpy(np.concatenate(counts)), per_row
-        )  # [P, m] each
-        sampled = (padded_ids, weights, None)
-    if attention and first.attention_ids is not None:
-        a_ids, a_lps = _pad_entries([(s.attention_ids, s.attention_logprobs) for _, s in samples], axis=1)
-        a_tail = np.concatenate([s.attention_tail_logprob for _, s in samples], axis=1)  # [L, P]
-        attn = (torch.from_numpy(a_ids), torch.from_numpy(a_lps), torch.from_numpy(a_tail))  # [L, P, ka] ...
+        rows.append(np.full(len(s.target_positions), b, np.int64))  # int64 [P_s]
+        pos.append(s.target_positions)  # int64 [P_s]
+        dom.append(np.full(len(s.target_positions), c in domain_caches))  # bool [P_s]
+    row = torch.from_numpy(np.concatenate(rows))  # int64 [P]
+    p = torch.from_numpy(np.concatenate(pos))  # int64 [P]
+    just = [s for _, s in samples]
+    topk = _collate_topk(just) if just[0].topk_ids is not None else (None, None, None)
+    sampled = _collate_sampled(just) if just[0].topk_ids is None else (None, None)
+    attn = _collate_attention(just) if attention and just[0].attention_ids is not None else (None, None, None)
     return Batch(
         input_ids=ids,
         attention_mask=mask,
         row=row,
         pos=p,
-        labels=ids[row, p + 1],
-        is_domain=torch.from_numpy(np.concatenate(dom)),
+        labels=ids[row, p + 1],  # int64 [P]: the token each target position predicts
+        is_domain=torch.from_numpy(np.concatenate(dom)),  # bool [P]
         topk_ids=topk[0],
         topk_logprobs=topk[1],
         tail_logprob=topk[2],
@@ -244,9 +220,43 @@ def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], a
         attn_ids=attn[0],
         attn_logprobs=attn[1],
         attn_tail=attn[2],
-        sample_ids=[s.sample_id for _, s in samples],
+        sample_ids=[s.sample_id for s in just],
         tokens=int(mask.sum()),
     )
+
+
+def _collate_topk(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ids int64 [P, k], logprobs float32 [P, k], tail float32 [P]; k the batch's largest."""
+    ids, lps = _pad_entries([(s.topk_ids, s.topk_logprobs) for s in samples], axis=0)  # [P, k] each
+    tail = np.concatenate([s.tail_logprob for s in samples])  # float32 [P]
+    return torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail)
+
+
+def _collate_sampled(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged draws -> ids int64 [P, m], weights float32 [P, m] (counts over each row's num_draws)."""
+    from student_train.losses import sampled_to_padded
+
+    offsets, ids, counts, draws = [], [], [], []
+    base = 0
+    for s in samples:
+        offsets.append(s.sampled_offsets[:-1] + base)  # int64 [P_s]
+        ids.append(s.sampled_ids)  # int64 [N_s]
+        counts.append(s.sampled_counts)  # int32 [N_s]
+        draws.append(np.full(len(s.target_positions), s.num_draws, np.int64))  # int64 [P_s]
+        base += len(s.sampled_ids)
+    off = torch.from_numpy(np.concatenate([*offsets, [base]]))  # int64 [P + 1]
+    same = len({s.num_draws for s in samples}) == 1  # caches of one run may differ (DAE)
+    per_row = samples[0].num_draws if same else torch.from_numpy(np.concatenate(draws))  # int or int64 [P]
+    return sampled_to_padded(
+        off, torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(counts)), per_row
+    )
+
+
+def _collate_attention(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> key ids int64 [L, P, ka], logprobs float32 [L, P, ka], tail float32 [L, P]."""
+    ids, lps = _pad_entries([(s.attention_ids, s.attention_logprobs) for s in samples], axis=1)  # [L, P, ka]
+    tail = np.concatenate([s.attention_tail_logprob for s in samples], axis=1)  # float32 [L, P]
+    return torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail)
 
 
 def _pad_entries(parts: list[tuple[np.ndarray, np.ndarray]], axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ loaded: only `teacher_cache.open_cache` and the student are.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,8 +30,13 @@ class TrainError(RuntimeError):
     """A training run that cannot start or continue; one line for the user."""
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint (a resume must match it)."""
+
     student: str  # preset name or checkpoint directory
     caches: tuple[str, ...]
     out: str  # run directory: checkpoints, metrics.jsonl
@@ -73,9 +79,6 @@ class TrainConfig:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
 def autocast_for(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context of the forward pass: weights, gradients and optimizer state stay
     float32 and the losses upcast to float32; bf16 runs the matmuls in bfloat16 (CPU or CUDA)."""
@@ -104,7 +107,7 @@ class DistillStep(nn.Module):
         super().__init__()
         self.model, self.cfg, self.kind, self.layer_map = model, cfg, kind, layer_map
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         from teacher_cache import attention
 
         cfg = self.cfg
@@ -122,7 +125,7 @@ class DistillStep(nn.Module):
         ).last_hidden_state  # [B, T, D]
         h = hidden[batch.row, batch.pos]  # [P, D] at target positions
         weight = self.model.get_output_embeddings().weight  # [V, D]
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor | None] = {}
         out["ce"] = losses.chunked_ce(h, weight, batch.labels, cfg.chunk_size) if cfg.lam < 1 else None
         kd_parts = {}
         if cfg.lam > 0:
@@ -196,8 +199,6 @@ _RESUMABLE |= {"precision", "trust_remote_code", "caches"}  # caches may move: t
 
 def _cache_digest(cache) -> str:
     """sha256 of a cache's manifest (it lists every shard's sha256): the identity of its data."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
 
 
@@ -231,7 +232,13 @@ def _check_window(layer_map: list[tuple[int, int]], window: int | None, caches: 
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[11:].isdigit() else -1)
+    """The highest-numbered complete checkpoint-N in `out` (one with its trainer_state.json), or None."""
+
+    def step(p: Path) -> int:
+        n = p.name.removeprefix("checkpoint-")
+        return int(n) if n.isdigit() else -1
+
+    ckpts = sorted(out.glob("checkpoint-*"), key=step)
     ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
     return ckpts[-1] if ckpts else None
 
@@ -500,8 +507,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's bytes, in name order: equal across ranks."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(state.items()):
         h.update(name.encode())

@@ -147,7 +147,7 @@ class Cache:
             k = self.manifest["targets"]["k"]
             ids, lps, tail = codec.decode_topk(blob, vocab_size=self.vocab_size, max_positions=P, max_k=k)
             if ids.shape != (P, min(k, self.vocab_size)):
-                raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {k})")
+                raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {min(k, self.vocab_size)})")
             s.topk_ids, s.topk_logprobs, s.tail_logprob = ids, lps, tail
         else:
             offsets, ids, counts, n = codec.decode_sampled(blob, vocab_size=self.vocab_size, max_positions=P)
