@@ -7,7 +7,7 @@ import numpy as np
 from teacher_cache.cache import open_cache
 from teacher_cache.codec import MAX_ERROR
 from teacher_cache.manifest import codec_version
-from teacher_cache.shards import ShardError
+from teacher_cache.shards import SHARD_GLOB, ShardError
 
 
 def summary(path: str) -> dict:
@@ -25,6 +25,7 @@ def summary(path: str) -> dict:
         "teacher_config_sha256": teacher.get("config_sha256"),
         "source_tag": m["source"],
         "backend": m.get("backend"),
+        "engines": m.get("engines") or [],  # backend, device and library versions that ran the teacher
         "tokenizer_fingerprint": m["tokenizer"]["fingerprint"],
         "vocab_size": m["tokenizer"]["vocab_size"],
         "targets": m["targets"],
@@ -53,7 +54,7 @@ def verify(path: str) -> tuple[list[str], int]:
     listed = set(cache.shard_names)
     # each stored log-prob is within the cache's bound, so is the total top-k + tail log-mass
     mass_tol = 0.03 + cache.manifest["targets"].get("logprob_error", MAX_ERROR)
-    for extra in (n for n in cache.where.glob("shard-*.arrow") if n not in listed):
+    for extra in (n for n in cache.where.glob(SHARD_GLOB) if n not in listed):
         problems.append(f"{extra}: shard file not listed in the manifest")
     for name in cache.shard_names:
         try:

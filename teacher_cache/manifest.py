@@ -14,14 +14,13 @@ import re
 
 from teacher_cache.codec import READ_VERSIONS as CODEC_READ_VERSIONS
 from teacher_cache.codec import step_units
-from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES
+from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES, SHARD_RE
 from teacher_cache.storage import Location
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 FORMAT_NAME = "teacher-cache"
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest or part file claiming more is refused unread
-SHARD_RE = re.compile(r"^shard-w\d{5}-\d{6}\.arrow$")
 COUNT_KEYS = ("samples", "tokens", "target_positions", "truncated", "skipped_bad", "duplicates")
 # fields whose equality makes two caches' rows interchangeable (see `compatibility_key`)
 _HEADER_KEYS = ("format", "format_version", "teacher", "tokenizer", "targets", "attention", "data", "source")
@@ -110,6 +109,9 @@ def _part_problem(part: object) -> str | None:
             isinstance(s, dict) and isinstance(s.get("name"), str) and _int(s.get("rows")) and _int(s.get("bytes"))
         ):
             return "each shard needs a name, rows and bytes"
+    engines = part.get("engines", [])
+    if not (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)):
+        return "engines must be a list of objects"
     if part.get("complete"):
         if any(k not in part for k in _HEADER_KEYS):
             return "it lacks the run's header keys"
@@ -121,6 +123,15 @@ def _part_problem(part: object) -> str | None:
         if not all(isinstance(part.get(k), dict) for k in ("backend", "config")):
             return "backend and config must be objects"
     return None
+
+
+def union_engines(lists: list[list[dict]]) -> list[dict]:
+    """Each distinct engine description (backend, device, library versions) once, in order."""
+    out: list[dict] = []
+    for e in (e for engines in lists for e in engines):
+        if e not in out:
+            out.append(e)
+    return out
 
 
 def assemble(where: Location, num_workers: int) -> dict | None:
@@ -139,6 +150,7 @@ def assemble(where: Location, num_workers: int) -> dict | None:
     manifest["codec_version"] = codec_version(parts)  # a resumed run may span versions
     manifest["config"] = {k: v for k, v in head["config"].items() if k != "worker_index"}
     manifest["shards"] = [s for p in parts for s in p["shards"]]
+    manifest["engines"] = union_engines([p.get("engines") or [] for p in parts])
     manifest["counts"] = {k: sum(p["counts"][k] for p in parts) for k in COUNT_KEYS}
     manifest["bad_records"] = [b for p in parts for b in p.get("bad_records", [])]
     wall = max(p["timing"]["wall_s"] for p in parts)
@@ -245,6 +257,8 @@ def _check_types(m: dict, where: str) -> None:
     counts = m["counts"]
     need(isinstance(counts, dict) and all(_int(counts.get(k)) for k in COUNT_KEYS), f"counts must hold {COUNT_KEYS}")
     need(isinstance(m["shards"], list), "shards must be a list")
+    engines = m.get("engines")
+    need(engines is None or (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)), "bad engines")
     for key, typ in (("backend", dict), ("timing", dict), ("bad_records", list), ("tool_version", str)):
         need(m.get(key) is None or isinstance(m[key], typ), f"{key} must be a {typ.__name__}")
 

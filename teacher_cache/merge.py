@@ -16,8 +16,8 @@ import json
 import numpy as np
 
 from teacher_cache.cache import Cache, open_cache
-from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends
-from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, shard_metadata, shard_name
+from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends, union_engines
+from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, is_cache_file, shard_metadata, shard_name
 from teacher_cache.storage import Location
 
 
@@ -68,7 +68,7 @@ def merge(paths: list[str], out: str) -> dict:
         raise MergeError("merge needs at least two caches")
     dest = Location(out)
     names = dest.glob("*")
-    if names and MANIFEST not in names and all(n.startswith(("shard-", ".")) or n.endswith(".tmp") for n in names):
+    if names and MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names):
         raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")
     if names:
         raise MergeError(f"{dest} exists and is not empty")
@@ -139,7 +139,9 @@ def merge(paths: list[str], out: str) -> dict:
             }
         )
     first = caches[0].manifest
-    manifest = {k: v for k, v in first.items() if k not in ("shards", "counts", "timing", "bad_records", "config")}
+    drop = ("shards", "counts", "timing", "bad_records", "config", "engines")
+    manifest = {k: v for k, v in first.items() if k not in drop}
+    manifest["engines"] = union_engines([c.manifest.get("engines") or [] for c in caches])
     manifest["data"] = {**first["data"], "files": [f for c in caches for f in c.manifest["data"]["files"]]}
     manifest["merged_from"] = [
         {

@@ -52,9 +52,6 @@ class ModelRef:
     dtype: str  # "float32" | "bfloat16" | "float16"
     is_local: bool
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def models_home() -> Path:
     """Where built presets live: $TEACHER_CACHE_HOME/models or ~/.cache/teacher-cache/models."""

@@ -33,10 +33,11 @@ from teacher_cache.shards import (
     CHUNK_BYTES,
     FORMAT_VERSION,
     MAX_CHUNK_BYTES,
-    TMP_SUFFIX,
     Row,
     ShardWriter,
+    is_cache_file,
     shard_name,
+    spool_glob,
 )
 from teacher_cache.storage import Location, StorageError
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
@@ -122,12 +123,6 @@ def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
         if not ok:
             return shards[:i]
     return shards
-
-
-def _ours(name: str) -> bool:
-    """A name a cache directory may hold: worker parts, shards, the manifest, and what a killed
-    writer leaves (half-written *.tmp files, dot-files)."""
-    return name in ("parts", "manifest.json") or name.startswith(("shard-", ".")) or name.endswith(".tmp")
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -305,7 +300,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     out = Location(cfg.out)
     try:
         names = out.glob("*")
-        foreign = [n for n in names if not _ours(n)]
+        foreign = [n for n in names if not is_cache_file(n)]
         if foreign and not {"parts", "manifest.json"} & set(names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
         out.check_writable()
@@ -314,7 +309,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
     part_file = part_path(cfg.worker_index, cfg.num_workers)
-    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": []}
+    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": [], "engines": []}
     previous = read_part(out, cfg.worker_index, cfg.num_workers)
     if previous is not None and not previous.get("shards") and not previous.get("complete"):
         previous = None  # an attempt that failed before its first shard: nothing to keep or match
@@ -345,9 +340,10 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             assemble(out, cfg.num_workers)
             return previous
         part["shards"] = previous["shards"]
+        part["engines"] = [e for e in previous.get("engines", []) if isinstance(e, dict)]
         part["elapsed_before_s"] = previous.get("elapsed_before_s", 0.0) + previous.get("timing", {}).get("wall_s", 0)
     if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
-        for stale in out.local_path().glob(f"shard-w{cfg.worker_index:05d}-*{TMP_SUFFIX}"):
+        for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
             stale.unlink()
     done = len(part["shards"])
     out.write_json(part_file, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
@@ -377,6 +373,9 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             if backend is None:
                 backend, attn_backend = _make_backend(cfg, ref)
                 bar.reset_clock()
+            for engine in (b.describe() for b in (backend, attn_backend) if b is not None):
+                if engine not in part["engines"]:  # library versions and device: a resume may differ
+                    part["engines"].append(engine)
             name = shard_name(cfg.worker_index, index)
             metadata = {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}
             tokenized: list[tuple[Record, Tokenized]] = []

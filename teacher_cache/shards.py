@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -42,9 +43,24 @@ class ShardError(ValueError):
     """A shard that does not match what the manifest and schema promise."""
 
 
+SHARD_RE = re.compile(r"^shard-w\d{5}-\d{6}\.arrow$")  # what shard_name makes; manifests may name nothing else
+SHARD_GLOB = "shard-*.arrow"
+
+
 def shard_name(worker: int, index: int) -> str:
     """The one place shard file names are made."""
     return f"shard-w{worker:05d}-{index:06d}.arrow"
+
+
+def spool_glob(worker: int) -> str:
+    """Half-written shards of one worker (shard_name + TMP_SUFFIX), as a killed run leaves them."""
+    return f"shard-w{worker:05d}-*{TMP_SUFFIX}"
+
+
+def is_cache_file(name: str) -> bool:
+    """A name a cache folder may hold: parts/, manifest.json, shards, and what a killed writer
+    leaves (half-written *.tmp files, dot-files)."""
+    return name in ("parts", "manifest.json") or name.startswith(("shard-", ".")) or name.endswith(".tmp")
 
 
 @dataclass(frozen=True)

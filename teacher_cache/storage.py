@@ -229,9 +229,6 @@ class Location:
         src.fs.get_file(src.path(src_name), str(spool))
         self.publish(spool, name)
 
-    def remove(self, name: str) -> None:
-        self.fs.rm_file(self.path(name))
-
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

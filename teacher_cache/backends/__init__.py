@@ -30,7 +30,8 @@ class TeacherBackend(Protocol):
     name: str
 
     def describe(self) -> dict:
-        """What the manifest records about the engine (mode, dtype, versions)."""
+        """Backend, mode, dtype, device and library versions: the manifest's `engines` entry
+        (provenance only: not part of the config hash, so a resume may run other versions)."""
         ...
 
     def forward(self, batch: list[Tokenized]) -> Iterator[TeacherOutput]:

@@ -418,6 +418,12 @@ def test_resume_redoes_shards_its_part_lists_but_the_store_lost(tmp_path, chats_
     assert f"{names[1]} is missing or not the size its part file says: redoing worker 0 from there" in done.stderr
     assert_same_rows(clean, rows(out))
     assert [s["sha256"] for s in open_cache(out).manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    import torch
+    import transformers
+
+    (engine,) = open_cache(out).manifest["engines"]  # both runs: the same engine, listed once
+    assert engine["backend"] == "hf" and engine["device"] == "cpu" and engine["dtype"] == "float32"
+    assert engine["torch"] == torch.__version__ and engine["transformers"] == transformers.__version__
     assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
 
 
