@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -146,18 +147,27 @@ def evaluate_cmd(
 ) -> None:
     """Held-out KL to the teacher, NLL of the labels, top-1 agreement; by domain; JSON."""
     import json
+    from pathlib import Path
 
     from student_train.evaluate import evaluate
 
+    if out and not Path(out).resolve().parent.is_dir():  # before the work, not after it
+        raise UserError(f"--out {out}: folder {Path(out).resolve().parent} does not exist")
     try:
         report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(_one_line(e)) from None
     text = json.dumps(report, indent=2)
+    click.echo(text)  # the report reaches stdout even if writing --out fails
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
-    click.echo(text)
+        tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, out)
+        except OSError as e:
+            raise UserError(f"--out {out}: {_one_line(e)} (the report is on stdout above)") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @main.command()

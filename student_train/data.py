@@ -67,9 +67,13 @@ class Plan:
                 raise ValueError("--domain-ratio must be within [0, 1]")
             if (domain_ratio > 0 and not self.domain_caches) or (domain_ratio < 1 and not general):
                 raise ValueError("--domain-ratio needs a domain cache (made with --only-domain) and a general one")
-            self.streams = [stream(self.domain_caches, 1), stream(general, 2)]
+            # a ratio of 0 or 1 draws from one kind only; the other may be absent
+            self.streams = [
+                stream(self.domain_caches, 1) if domain_ratio > 0 else None,
+                stream(general, 2) if domain_ratio < 1 else None,
+            ]
         for s in self.streams:
-            if len(s) == 0:
+            if s is not None and len(s) == 0:
                 names = sorted({str(caches[c].where) for c, _ in s.shard_rows} or {str(c.where) for c in caches})
                 raise ValueError(f"no samples to train on in {', '.join(names)}")
         self._epochs: dict[tuple[int, int], list[Item]] = {}
@@ -152,7 +156,7 @@ class SampleStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, CachedSample]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)
+        shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)  # both streams' windows
         for n, i in enumerate(rank_indices(self.start, self.rank, self.world)):
             if n % nw == wid:
                 item = self.plan.item(i)

@@ -31,9 +31,12 @@ def evaluate(
     caches = [open_cache(c) for c in cache_paths]
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=True).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=True).eval()
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
+        raise ValueError(f"{ref.path}: cannot load the model ({' '.join(str(e).split())[:300]})") from None
     plan = Plan(caches, seed=0, window=1)
-    items = [it for s in plan.streams for it in s.items]
+    items = [it for s in plan.streams if s is not None for it in s.items]
     if max_samples is not None:
         items = items[:max_samples]
     kind = caches[0].kind

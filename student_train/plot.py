@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -15,7 +16,14 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run directory?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # a torn last line is what a killed run leaves; anything else is not ours
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
     if not rows:
         raise ValueError(f"{path}: empty")
     keys = [k for k in ("loss", "ce", "kd", "kd_domain", "kd_general", "attn") if any(k in r for r in rows)]
@@ -32,6 +40,11 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         ax.set_xlabel("step")
     fig.tight_layout()
     target = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")  # an old plot survives a failed save
+    try:
+        fig.savefig(tmp, dpi=100, format=target.suffix.lstrip(".") or "png")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return target

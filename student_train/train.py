@@ -75,6 +75,10 @@ class TrainConfig:
             raise TrainError("--temperature must be > 0")
         if self.fsdp and self.lora_rank:
             raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
+        floats = ("lr", "min_lr_ratio", "weight_decay", "clip", "lam", "temperature", "attn_weight")
+        bad = [f"--{k.replace('_', '-')}" for k in floats if not math.isfinite(getattr(self, k))]
+        if bad or (self.domain_ratio is not None and not math.isfinite(self.domain_ratio)):
+            raise TrainError(f"{', '.join(bad) or '--domain-ratio'} must be a finite number")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -200,6 +204,43 @@ _RESUMABLE |= {"precision", "trust_remote_code", "caches"}  # caches may move: t
 def _cache_digest(cache) -> str:
     """sha256 of a cache's manifest (it lists every shard's sha256): the identity of its data."""
     return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _aside(ckpt: Path | None) -> str:
+    """How to go on past a damaged checkpoint: resume from the one before it."""
+    return f"; move {ckpt} aside to resume from the checkpoint before it" if ckpt else ""
+
+
+def _read_trainer_state(ckpt: Path, cfg: TrainConfig) -> dict:
+    """A checkpoint's trainer_state.json, its types checked (the resume trusts its step and data position)."""
+    path = ckpt / "trainer_state.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({_why(e)}){_aside(ckpt)}") from None
+    try:
+        ok = _valid_trainer_state(saved, ckpt, cfg)
+    except TypeError:  # a field of another type than the checks compare
+        ok = False
+    if not ok:
+        raise TrainError(f"{path}: not a trainer state this run can resume (step, data position, config){_aside(ckpt)}")
+    return saved
+
+
+def _valid_trainer_state(saved: object, ckpt: Path, cfg: TrainConfig) -> bool:
+    return bool(
+        isinstance(saved, dict)
+        and all(isinstance(saved.get(k), int) and not isinstance(saved[k], bool) for k in ("step", "samples_per_rank"))
+        and isinstance(saved.get("elapsed_s", 0.0), (int, float))
+        and isinstance(saved.get("config", {}), dict)
+        and 0 <= saved["step"] <= saved.get("config", {}).get("max_steps", cfg.max_steps)
+        and saved["samples_per_rank"] >= 0
+        and ckpt.name == f"checkpoint-{saved['step']}"
+    )
 
 
 def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str]) -> None:
@@ -347,7 +388,11 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- resume point
-    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": [_cache_digest(c) for c in caches]}
+    digests = [_cache_digest(c) for c in caches]
+    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
+    if twice:  # every sample would come twice per epoch
+        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests}
     ckpt = latest_checkpoint(out) if cfg.resume else None
     metrics_path = out / "metrics.jsonl"
     holds_run = latest_checkpoint(out) is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
@@ -355,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     load_from = str(ckpt) if ckpt else ref.path
     if ckpt:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        saved = _read_trainer_state(ckpt, cfg)
         _check_resume(ckpt, saved, cfg, state["caches_sha256"])
         state.update({k: v for k, v in saved.items() if k in state})
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
@@ -366,13 +411,16 @@ def train(cfg: TrainConfig) -> dict:
         torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
     )
     cache_layers = caches[0].attention_layers
-    model = AutoModelForCausalLM.from_pretrained(
-        load_from,
-        dtype=torch.float32,
-        attn_implementation=attention.register() if wants_attention else "sdpa",
-        trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,
-    ).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            load_from,
+            dtype=torch.float32,
+            attn_implementation=attention.register() if wants_attention else "sdpa",
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        ).to(device)
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
+        raise TrainError(f"{load_from}: cannot load the student's weights ({_why(e)}){_aside(ckpt)}") from None
     layer_map = _layer_map(cfg, cache_layers, model.config.num_hidden_layers)
     _check_window(layer_map, attention.sliding_window_of(model.config), caches)
     if cfg.gradient_checkpointing:
@@ -393,7 +441,12 @@ def train(cfg: TrainConfig) -> dict:
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=None if sharded else True
     )
     if ckpt:
-        saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        try:
+            saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        except Exception as e:  # missing, truncated or foreign bytes
+            raise TrainError(f"{ckpt / 'optimizer.pt'}: cannot load ({_why(e)}){_aside(ckpt)}") from None
+        if not isinstance(saved, dict) or "rng" not in saved or not {"optimizer", "fsdp_optimizer"} & set(saved):
+            raise TrainError(f"{ckpt / 'optimizer.pt'}: not a checkpoint's optimizer state{_aside(ckpt)}")
         if ("fsdp_optimizer" in saved) != sharded:
             written = "with" if "fsdp_optimizer" in saved else "without"
             raise TrainError(f"{ckpt} was written {written} --fsdp across ranks; resume the same way")
@@ -452,6 +505,16 @@ def train(cfg: TrainConfig) -> dict:
                 for k, v in parts.items():
                     if v is not None:
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            finite = math.isfinite(sums.get("loss", 0.0))
+            if world > 1:  # every rank stops together, or none does
+                flag = torch.tensor([float(finite)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if not finite:  # before the step: no non-finite weights are saved
+                raise TrainError(
+                    f"step {state['step'] + 1}: the loss is not finite ({sums.get('loss')}); the checkpoints before "
+                    "it are kept (lower --lr, or check --temperature and the caches)"
+                )
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
             optimizer.step()
@@ -515,9 +578,20 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of steps <= max_step; a torn last line (a kill or full disk mid-write) is dropped."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                break
+            raise TrainError(f"{path}:{i + 1}: not a JSON line with a step; fix or delete that line") from None
+        if isinstance(step, int) and step <= max_step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -87,19 +87,19 @@ class Cache:
         except FileNotFoundError:
             raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
         if size != entry["bytes"] or size > MAX_SHARD_BYTES:
-            raise ShardError(f"{name}: {size} bytes stored, manifest says {entry['bytes']}")
+            raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
         stream = ShardStream(self.where, entry)
         meta = shard_metadata(stream.schema, name)
         # a merged cache lists each shard with the hash of the run that wrote it
         if meta.get("config_hash") != entry.get("config_hash", self.manifest.get("config_hash")):
-            raise ShardError(f"{name}: made by a different run than this manifest describes")
+            raise ShardError(f"{self.where.describe(name)}: made by a different run than this manifest describes")
         return stream
 
     def read_table(self, name: str) -> pa.Table:
         """A whole shard, checked (merge needs every row at once; training streams)."""
         table, expected = self.open_shard(name).read_all(), self.entry(name)["rows"]
         if table.num_rows != expected:
-            raise ShardError(f"{name}: {table.num_rows} rows, manifest says {expected}")
+            raise ShardError(f"{self.where.describe(name)}: {table.num_rows} rows, manifest says {expected}")
         return table
 
     def iter_shard(self, name: str) -> Iterator[CachedSample]:
@@ -108,7 +108,7 @@ class Cache:
         i = 0
         for batch in self.open_shard(name):
             if i + batch.num_rows > expected:
-                raise ShardError(f"{name}: more rows than the {expected} the manifest lists")
+                raise ShardError(f"{self.where.describe(name)}: more rows than the {expected} the manifest lists")
             cols = {
                 c: batch.column(c).to_pylist()
                 if c in ("sample_id", "source", "domain", "targets", "attention")
@@ -117,10 +117,10 @@ class Cache:
             }
             ids_col, pos_col = cols["input_ids"], cols["target_positions"]
             for j in range(batch.num_rows):
-                yield self._decode_row(f"{name} row {i}", cols, ids_col[j], pos_col[j], j)
+                yield self._decode_row(f"{self.where.describe(name)} row {i}", cols, ids_col[j], pos_col[j], j)
                 i += 1
         if i != expected:
-            raise ShardError(f"{name}: {i} rows, manifest says {expected}")
+            raise ShardError(f"{self.where.describe(name)}: {i} rows, manifest says {expected}")
 
     def _decode_row(self, where: str, cols: dict, ids: pa.ListScalar, pos: pa.ListScalar, j: int) -> CachedSample:
         input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # [T]

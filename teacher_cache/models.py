@@ -80,7 +80,12 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelBuildError(f"{local} is a directory but holds no config.json checkpoint")
-        cfg = json.loads((local / "config.json").read_text())
+        try:
+            cfg = json.loads((local / "config.json").read_text())
+        except ValueError as e:
+            raise ModelBuildError(f"{local / 'config.json'}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ModelBuildError(f"{local / 'config.json'}: not a model config (a JSON object)")
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
         return ModelRef(name_or_path, str(local.resolve()), None, dtype, True)
     preset = get_preset(name_or_path)

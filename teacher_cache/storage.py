@@ -11,6 +11,7 @@ AWS_ENDPOINT_URL, ~/.aws/...; fsspec's FSSPEC_<PROTOCOL>_<OPTION> variables also
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -67,6 +68,26 @@ def sweep_spools(directory: str | None = None) -> list[Path]:
     return removed
 
 
+S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+
+
+def _storage_errors(method):
+    """Let OSError and ValueError through (callers act on FileNotFoundError and friends) and turn
+    any other failure of the store's client (botocore's EndpointConnectionError, NoCredentialsError,
+    ...) into one StorageError line naming the location."""
+
+    @functools.wraps(method)
+    def wrapper(self: Location, name: str = "", *args: Any, **kwargs: Any):
+        try:
+            return method(self, name, *args, **kwargs)
+        except (OSError, ValueError):
+            raise
+        except Exception as e:
+            raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+    return wrapper
+
+
 class Location:
     """A directory: a local path or an fsspec URL, with the few operations a cache needs."""
 
@@ -79,8 +100,12 @@ class Location:
         self._pid = os.getpid()
 
     def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        options = dict(self._options)
+        if self.url.startswith(("s3://", "s3a://")) and "FSSPEC_S3_CONFIG_KWARGS" not in os.environ:
+            # botocore's defaults retry an unreachable endpoint for minutes and wait on a silent one forever
+            options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
         try:
-            return fsspec.core.url_to_fs(self.url, **self._options)
+            return fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:
             raise StorageError(f"{self.url}: cannot open this location ({_why(e)})") from None
 
@@ -111,19 +136,23 @@ class Location:
         return Path(self.path(name)) if name else Path(self.root)
 
     # -- reading ------------------------------------------------------------------------
+    @_storage_errors
     def exists(self, name: str) -> bool:
         self.fs.invalidate_cache()  # another process may have written it since we last listed
         return self.fs.exists(self.path(name))
 
+    @_storage_errors
     def size(self, name: str) -> int:
         return int(self.fs.size(self.path(name)))
 
+    @_storage_errors
     def glob(self, pattern: str) -> list[str]:
         """Names (relative to this location) matching a glob such as 'parts/*.json', sorted."""
         self.fs.invalidate_cache()
         base = self.root.rstrip("/") + "/"
         return sorted(p[len(base) :] if p.startswith(base) else p for p in self.fs.glob(self.path(pattern)))
 
+    @_storage_errors
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.fs.cat_file(self.path(name), start=start, end=end)
 
@@ -149,7 +178,7 @@ class Location:
             for i in range(len(ranges)):
                 try:
                     data = pending.pop(0).result()
-                except OSError as e:
+                except Exception as e:  # OSError, or the store client's own (botocore) errors
                     raise StorageError(f"{self.describe(name)}: read failed ({_why(e)})") from None
                 if i + prefetch < len(ranges):
                     s, e = ranges[i + prefetch]

@@ -230,3 +230,21 @@ def test_spools_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
         p.write_bytes(b"x")
     assert sweep_spools(str(tmp_path)) == [stale]
     assert mine.exists() and parent.exists() and other.exists() and not stale.exists()
+
+
+def test_an_unreachable_or_credential_less_store_is_one_line(tmp_path):
+    """botocore's own errors (not OSError) become one line naming the object; an endpoint that
+    refuses connections fails after the client's bounded retries instead of retrying for minutes."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for cmd in (["inspect", "s3://bucket/cache"], ["verify", "s3://bucket/cache"]):
+        done = subprocess.run([*TC, *cmd], capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("Error: s3://bucket/cache/manifest.json: EndpointConnectionError"), line

@@ -760,3 +760,59 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_path, kd_cache):
+    """--resume on what a kill or full disk leaves: a torn last metrics line is dropped; a
+    truncated weights file, an unreadable or lying trainer state, a foreign optimizer file each
+    stop in one line that names it and says to move the checkpoint aside; then it resumes."""
+    out = tmp_path / "r"
+    args = [*train_args(kd_cache, out), "--max-steps", "6"]
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    clean = metrics(out)
+    shutil.rmtree(out / "checkpoint-6")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "kd": 2')  # torn mid-write
+    ckpt = out / "checkpoint-4"
+    state = (ckpt / "trainer_state.json").read_text()
+    weights = (ckpt / "model.safetensors").read_bytes()
+    damage = [
+        (ckpt / "model.safetensors", weights[:1000], "cannot load the student's weights"),
+        (ckpt / "trainer_state.json", "{", "trainer_state.json: unreadable"),
+        (ckpt / "trainer_state.json", state.replace('"step": 4', '"step": -3'), "not a trainer state this run can"),
+        (ckpt / "optimizer.pt", b"\x00" * 64, "optimizer.pt: cannot load"),
+    ]
+    for path, bad, why in damage:
+        good = path.read_bytes()
+        path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        done = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("Error")]
+        assert why in line and f"move {ckpt} aside to resume from the checkpoint before it" in line, line
+        path.write_bytes(good)
+    plot = subprocess.run([*ST, "plot", str(out)], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr  # the torn line does not stop the plot either
+    shutil.move(ckpt, tmp_path / "aside")  # as the message says: resume from checkpoint-2
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in clean]
+
+
+def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
+    with pytest.raises(TrainError, match="--temperature must be a finite number"):
+        TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "a"), temperature=math.inf)
+    with pytest.raises(TrainError, match="the same cache is given twice"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache), str(kd_cache) + "/"), out=str(tmp_path / "b")))
+    # a ratio of 0 draws general samples only: no domain cache needed
+    cfg = TrainConfig(student="tiny-mistral", caches=(str(k4_cache),), out=str(tmp_path / "c"), max_steps=1,
+                      domain_ratio=0.0, progress=False)  # fmt: skip
+    assert train(cfg)["step"] == 1
+    eval_out = tmp_path / "missing" / "report.json"
+    done = subprocess.run([*ST, "eval", "--model", "tiny-mistral", "--cache", str(kd_cache), "--out", str(eval_out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "does not exist" in done.stderr.strip().splitlines()[-1]
+    odd = tmp_path / "odd"
+    shutil.copytree(resolve_model("tiny-mistral").path, odd)
+    (odd / "config.json").write_text("[1, 2]")
+    with pytest.raises(RuntimeError, match="not a model config"):
+        resolve_model(str(odd))
