@@ -366,10 +366,67 @@ def _write_checkpoint(
     return final
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
+def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path | None]:
+    """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
+    after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
+    digests = [_cache_digest(c) for c in caches]
+    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
+    if twice:  # every sample would come twice per epoch
+        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    metrics_path = out / "metrics.jsonl"
+    holds_run = latest_checkpoint(out) is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
+    if not cfg.resume and holds_run:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if ckpt:
+        saved = _read_trainer_state(ckpt, cfg)
+        _check_resume(ckpt, saved, cfg, digests)
+        state.update({k: v for k, v in saved.items() if k in state})
+    return state, ckpt
+
+
+def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attention_rows: bool, ckpt: Path | None):
+    """The student in float32 on `device`, with the capturing attention when the attention loss is on."""
     from transformers import AutoModelForCausalLM
 
+    from teacher_cache import attention
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            load_from,
+            dtype=torch.float32,
+            attn_implementation=attention.register() if attention_rows else "sdpa",
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        ).to(device)
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
+        raise TrainError(f"{load_from}: cannot load the student's weights ({_why(e)}){_aside(ckpt)}") from None
+
+
+def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
+    """AdamW state and the RNG from ckpt/optimizer.pt (gathered by parameter name under FSDP)."""
+    try:
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    except Exception as e:  # missing, truncated or foreign bytes
+        raise TrainError(f"{ckpt / 'optimizer.pt'}: cannot load ({_why(e)}){_aside(ckpt)}") from None
+    if not isinstance(saved, dict) or "rng" not in saved or not {"optimizer", "fsdp_optimizer"} & set(saved):
+        raise TrainError(f"{ckpt / 'optimizer.pt'}: not a checkpoint's optimizer state{_aside(ckpt)}")
+    if ("fsdp_optimizer" in saved) != sharded:
+        written = "with" if "fsdp_optimizer" in saved else "without"
+        raise TrainError(f"{ckpt} was written {written} --fsdp across ranks; resume the same way")
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["fsdp_optimizer"], options=full)
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
     from teacher_cache import attention, open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
@@ -388,21 +445,8 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- resume point
-    digests = [_cache_digest(c) for c in caches]
-    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
-    if twice:  # every sample would come twice per epoch
-        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
-    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    metrics_path = out / "metrics.jsonl"
-    holds_run = latest_checkpoint(out) is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
-    if not cfg.resume and holds_run:
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    state, ckpt = _resume_point(cfg, out, caches)
     load_from = str(ckpt) if ckpt else ref.path
-    if ckpt:
-        saved = _read_trainer_state(ckpt, cfg)
-        _check_resume(ckpt, saved, cfg, state["caches_sha256"])
-        state.update({k: v for k, v in saved.items() if k in state})
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()
 
@@ -410,18 +454,8 @@ def train(cfg: TrainConfig) -> dict:
     device = (
         torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
     )
-    cache_layers = caches[0].attention_layers
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            load_from,
-            dtype=torch.float32,
-            attn_implementation=attention.register() if wants_attention else "sdpa",
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-        ).to(device)
-    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
-        raise TrainError(f"{load_from}: cannot load the student's weights ({_why(e)}){_aside(ckpt)}") from None
-    layer_map = _layer_map(cfg, cache_layers, model.config.num_hidden_layers)
+    model = _load_student(load_from, cfg, device, wants_attention, ckpt)
+    layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
     _check_window(layer_map, attention.sliding_window_of(model.config), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -441,23 +475,7 @@ def train(cfg: TrainConfig) -> dict:
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=None if sharded else True
     )
     if ckpt:
-        try:
-            saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        except Exception as e:  # missing, truncated or foreign bytes
-            raise TrainError(f"{ckpt / 'optimizer.pt'}: cannot load ({_why(e)}){_aside(ckpt)}") from None
-        if not isinstance(saved, dict) or "rng" not in saved or not {"optimizer", "fsdp_optimizer"} & set(saved):
-            raise TrainError(f"{ckpt / 'optimizer.pt'}: not a checkpoint's optimizer state{_aside(ckpt)}")
-        if ("fsdp_optimizer" in saved) != sharded:
-            written = "with" if "fsdp_optimizer" in saved else "without"
-            raise TrainError(f"{ckpt} was written {written} --fsdp across ranks; resume the same way")
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            full = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["fsdp_optimizer"], options=full)
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
+        _restore_optimizer(ckpt, model, optimizer, sharded)
 
     # ---- data, from the exact position the last run stopped at
     stream = SampleStream(
