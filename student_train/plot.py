@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def plot_run(run_dir: str, out: str | None = None) -> Path:
+    """Loss, lr and grad-norm curves of a run's metrics.jsonl -> a PNG (default RUN_DIR/curves.png)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -35,6 +35,7 @@ def part_name(worker: int, num_workers: int) -> str:
 
 
 def config_hash(header: dict) -> str:
+    """sha256 over the header keys that decide a cache's content (every shard's metadata carries it)."""
     blob = json.dumps({k: header[k] for k in _HEADER_KEYS}, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 

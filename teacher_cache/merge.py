@@ -39,6 +39,7 @@ def _compat(m: dict) -> dict:
 
 
 def check_compatible(caches: list[Cache]) -> None:
+    """Raise MergeError naming the first field in which a cache's rows differ from the first's."""
     first = _compat(caches[0].manifest)
     for cache in caches[1:]:
         other = _compat(cache.manifest)

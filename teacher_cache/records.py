@@ -30,6 +30,8 @@ class DataFileError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
+    """One validated chat sample: id, messages (system/user/assistant turns), optional domain."""
+
     sample_id: str
     messages: list[dict[str, str]]
     domain: str | None
@@ -143,6 +145,7 @@ def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = No
 
 
 def file_sha256(path: str) -> str:
+    """sha256 of a data file (local or fsspec URL), as the manifest records it."""
     h = hashlib.sha256()
     with _open(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -56,6 +56,8 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Everything a cache run depends on (the CLI's options); recorded in the manifest."""
+
     teacher: str  # preset name or checkpoint directory
     data: tuple[str, ...]  # JSONL / Parquet files or fsspec URLs
     out: str  # cache directory or fsspec URL (s3://bucket/prefix, ...)
@@ -222,12 +224,20 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
     }
 
 
-def _make_backend(cfg: RunConfig, ref: ModelRef):
+def _backend_name(cfg: RunConfig) -> str:
+    """--backend with "auto" resolved: vllm where installed, else hf."""
     from teacher_cache.backends import vllm_available
 
-    name = cfg.backend
-    if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "vllm" if vllm_available() else "hf"
+
+
+def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, TeacherBackend | None]:
+    """The engine for the targets, and an hf engine beside vLLM for attention summaries (or None)."""
+    from teacher_cache.backends import vllm_available
+
+    name = _backend_name(cfg)
     if name == "vllm":
         if not vllm_available():
             raise RunError("backend vllm requested but vLLM is not installed (make install, or --backend hf)")
@@ -258,9 +268,7 @@ def _make_backend(cfg: RunConfig, ref: ModelRef):
 
 def _backend_info(cfg: RunConfig) -> dict:
     """Backend identity for the header, known before the (expensive) engine is built."""
-    from teacher_cache.backends import vllm_available
-
-    name = cfg.backend if cfg.backend != "auto" else ("vllm" if vllm_available() else "hf")
+    name = _backend_name(cfg)
     return {"backend": name, "vllm_mode": cfg.vllm_mode if name == "vllm" else None}
 
 

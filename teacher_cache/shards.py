@@ -65,6 +65,8 @@ def is_cache_file(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """What finalize() returns for the manifest: a shard's name, counts, size and checksums."""
+
     name: str
     rows: int
     bytes: int
@@ -80,6 +82,8 @@ class ShardInfo:
 
 @dataclass
 class Row:
+    """One sample as a shard stores it: ids, target positions and the codec blobs."""
+
     sample_id: str
     source: str
     domain: str | None
@@ -281,6 +285,7 @@ def _unreadable(name: str, e: BaseException) -> ShardError:
 
 
 def check_schema(schema: pa.Schema, name: str) -> None:
+    """Raise ShardError unless `schema` (metadata aside) is the one shard schema."""
     got = schema.remove_metadata()
     if got.equals(SCHEMA):
         return
@@ -294,6 +299,7 @@ def check_schema(schema: pa.Schema, name: str) -> None:
 
 
 def shard_metadata(schema: pa.Schema, name: str) -> dict:
+    """The shard's teacher_cache metadata object (format version, config hash); ShardError if absent."""
     raw = (schema.metadata or {}).get(b"teacher_cache")
     if raw is None:
         raise ShardError(f"{name}: no teacher_cache metadata in the schema")

@@ -22,6 +22,8 @@ from teacher_cache.records import BadRecordError, Record
 
 @dataclass(frozen=True)
 class Tokenized:
+    """A record tokenised with the chat template: ids and the positions that predict assistant tokens."""
+
     input_ids: np.ndarray  # int64 [T]
     target_positions: np.ndarray  # int64 [P], sorted; input_ids[t + 1] is an assistant token
     truncated: bool
@@ -48,6 +50,7 @@ def tokenizer_fingerprint(tok: Any) -> str:
 
 
 def chat_template_hash(tok: Any) -> str:
+    """sha256 of the tokenizer's chat template: the target positions depend on it."""
     return "sha256:" + hashlib.sha256(str(tok.chat_template).encode()).hexdigest()
 
 

@@ -21,12 +21,16 @@ from teacher_cache.tokenize import Tokenized
 
 @dataclass
 class TeacherOutput:
+    """One sample's teacher output: full logits at the target positions, or engine top-k; attention rows."""
+
     logits: torch.Tensor | None  # float32 [P, V] at the sample's target positions
     topk: TopKTargets | None  # when the engine returns top-k itself
     attention: dict[int, torch.Tensor] | None  # layer -> float32 [P, T] head-averaged rows
 
 
 class TeacherBackend(Protocol):
+    """A teacher engine (hf or vLLM): same numpy/torch outputs whichever runs."""
+
     name: str
 
     def describe(self) -> dict:

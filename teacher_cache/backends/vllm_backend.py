@@ -34,7 +34,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 class VllmBackendError(RuntimeError):
-    pass
+    """vLLM could not be used or returned something unexpected."""
 
 
 def _local_dir(model: ModelRef) -> Path:
@@ -62,6 +62,9 @@ def load_output_projection(model_dir: Path) -> torch.Tensor:
 
 
 class VllmBackend:
+    """The teacher under vLLM: `hidden` mode (final hidden states; our fp32 projection at the target
+    positions) or `prompt_logprobs` (vLLM's stock top-k, the reference path)."""
+
     name = "vllm"
 
     def __init__(
