@@ -374,9 +374,10 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path
     if twice:  # every sample would come twice per epoch
         raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
     state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    latest = latest_checkpoint(out)
+    ckpt = latest if cfg.resume else None
     metrics_path = out / "metrics.jsonl"
-    holds_run = latest_checkpoint(out) is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
+    holds_run = latest is not None or (metrics_path.is_file() and metrics_path.stat().st_size > 0)
     if not cfg.resume and holds_run:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if ckpt:

@@ -21,11 +21,14 @@ from teacher_cache import __version__, codec
 from teacher_cache.backends import TeacherBackend, TeacherOutput
 from teacher_cache.manifest import (
     FORMAT_NAME,
+    MANIFEST,
+    PARTS_DIR,
     assemble,
     config_hash,
     header_differences,
     part_path,
     read_part,
+    union_engines,
 )
 from teacher_cache.models import ModelRef, resolve_model
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
@@ -309,7 +312,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     try:
         names = out.glob("*")
         foreign = [n for n in names if not is_cache_file(n)]
-        if foreign and not {"parts", "manifest.json"} & set(names):  # a cache's own folder always resumes
+        if foreign and not {PARTS_DIR, MANIFEST} & set(names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
         out.check_writable()
     except StorageError as e:
@@ -374,6 +377,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     vocab = len(tok)
     source = header["source"]
     bar = _Progress(cfg.progress, total, done * cfg.shard_size)
+    described = False
     try:
         for index, records in enumerate(shards):
             if index < done:
@@ -381,9 +385,10 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             if backend is None:
                 backend, attn_backend = _make_backend(cfg, ref)
                 bar.reset_clock()
-            for engine in (b.describe() for b in (backend, attn_backend) if b is not None):
-                if engine not in part["engines"]:  # library versions and device: a resume may differ
-                    part["engines"].append(engine)
+            if not described:  # once per run: its engines do not change (a resume's may)
+                engines = [b.describe() for b in (backend, attn_backend) if b is not None]
+                part["engines"] = union_engines([part["engines"], engines])
+                described = True
             name = shard_name(cfg.worker_index, index)
             metadata = {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}
             tokenized: list[tuple[Record, Tokenized]] = []
