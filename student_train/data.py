@@ -87,6 +87,14 @@ class Plan:
         n_domain = math.floor(i * r)
         return (0, n_domain) if took_domain else (1, i - n_domain)
 
+    def short_stream(self, n: int) -> int | None:
+        """Size of a stream that n consecutive samples draw from more often than it holds samples, else None."""
+        taken = [0] * len(self.streams)
+        for i in range(n):
+            taken[self._route(i)[0]] += 1
+        short = [len(s) for s, t in zip(self.streams, taken, strict=True) if s is not None and t > len(s)]
+        return min(short) if short else None
+
     def item(self, i: int) -> Item:
         s, j = self._route(i)
         stream = self.streams[s]

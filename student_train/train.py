@@ -442,6 +442,16 @@ def train(cfg: TrainConfig) -> dict:
     check_student_matches(tok, caches, attention=wants_attention)
     kind = caches[0].kind
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    held = plan.short_stream(per_step)
+    if rank == 0 and held is not None:  # legal (the stream cycles), but rarely what was meant
+        what = "the caches hold" if cfg.domain_ratio is None else "one kind of cache (domain or general) holds"
+        print(
+            f"warning: a step takes {per_step} samples (batch size x ranks x grad accum) but {what} only "
+            f"{held}: a step sees some samples twice",
+            file=sys.stderr,
+            flush=True,
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 

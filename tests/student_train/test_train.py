@@ -182,6 +182,8 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file)
     stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=2))
     drawn = [next(stream) for _ in range(40)]
     assert sum(c == 1 for c, _ in drawn) == 10  # exactly the ratio
+    n_domain = len(plan.streams[0])
+    assert plan.short_stream(4 * n_domain) is None and plan.short_stream(4 * n_domain + 4) == n_domain
     for c, s in drawn:
         assert (s.domain == "math") == (c == 1) == (s.source == "math-expert")
         src = own[s.source][s.sample_id]
@@ -419,6 +421,17 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
     with pytest.raises(ValueError, match="--domain-ratio needs a domain cache"):
         train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "c"), domain_ratio=0.5))
     assert not (tmp_path / "c").exists(), "a refused run leaves no --out behind"
+
+
+def test_a_step_larger_than_the_cache_warns(tmp_path, kd_cache, capsys):
+    """12 samples, 2 micro-batches of 7: the step repeats samples, legal but said once on stderr."""
+    common = dict(student="tiny-mistral", caches=(str(kd_cache),), max_steps=1, progress=False)
+    train(TrainConfig(out=str(tmp_path / "big"), batch_size=7, grad_accum=2, **common))
+    assert "warning: a step takes 14 samples (batch size x ranks x grad accum) but the caches hold only 12" in (
+        capsys.readouterr().err
+    )
+    train(TrainConfig(out=str(tmp_path / "fits"), batch_size=6, grad_accum=2, **common))
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -706,6 +719,7 @@ def test_dataloader_workers_keep_the_ranks_order(kd_cache):
     expect = [at[(s, r)] for _, s, r in (plan.item(i) for i in range(3 * 2 + 1, 3 * 2 + 1 + 36, 2))]  # rank 1 of 2
     assert orders[0] == orders[1] == expect
     assert len(set(orders[0])) > 6
+    assert plan.short_stream(12) is None and plan.short_stream(13) == 12  # the cache holds 12 samples
 
 
 def test_learning_rate_schedule():
