@@ -79,7 +79,7 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ModelBuildError(f"{local} is a directory but holds no config.json checkpoint")
+            raise ModelBuildError(f"{local} is a directory but holds no config.json checkpoint{_run_hint(local)}")
         try:
             cfg = json.loads((local / "config.json").read_text())
         except ValueError as e:
@@ -97,6 +97,16 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
             raise ModelBuildError(f"preset {preset.name} is not built yet (expected {target})")
         _build_atomically(preset, target)
     return ModelRef(preset.name, str(target), None, preset.dtype, True)
+
+
+def _run_hint(folder: Path) -> str:
+    """A pointer to the newest checkpoint-N inside a training run's folder, or ""."""
+    steps = [
+        (int(p.name.removeprefix("checkpoint-")), p)
+        for p in folder.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit() and (p / "config.json").is_file()
+    ]
+    return f" (a training run? its latest checkpoint is {max(steps)[1]})" if steps else ""
 
 
 def _build_atomically(preset: Preset, target: Path) -> None:

@@ -36,7 +36,14 @@ def test_hub_presets_resolve_without_touching_the_hub():
 
 
 def test_directory_without_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ModelBuildError, match="no config.json"):
+    with pytest.raises(ModelBuildError, match=r"no config.json checkpoint$"):
+        resolve_model(str(tmp_path))
+    # a training run's folder (`eval --model runs/x`): the newest complete checkpoint is named
+    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-11", False)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "config.json").write_text("{}")
+    with pytest.raises(ModelBuildError, match=r"a training run\? its latest checkpoint is .*/checkpoint-10\)$"):
         resolve_model(str(tmp_path))
 
 
