@@ -184,9 +184,11 @@ class Cache:
 def open_cache(path: str | Path | Location) -> Cache:
     """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it."""
     where = as_location(path)
-    if where.is_local and not where.local_path().exists():
-        raise ManifestError(f"{where}: does not exist")
     if not where.exists(MANIFEST):
+        if not where.exists(""):
+            bucket = where.bucket()
+            missing = f" (no bucket {bucket})" if bucket and not as_location(bucket).exists("") else ""
+            raise ManifestError(f"{where}: does not exist{missing}")
         parts = where.glob(f"{PARTS_DIR}/*.json")
         if parts:
             raise ManifestError(

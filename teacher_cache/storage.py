@@ -131,6 +131,13 @@ class Location:
         """`name` as the user would write it, for messages."""
         return f"{self.url}/{name}"
 
+    def bucket(self) -> str | None:
+        """URL of the bucket (container) an object-store location lives in; None for local paths."""
+        if self.is_local or "://" not in self.url:
+            return None
+        scheme, rest = self.url.split("://", 1)
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+
     def local_path(self, name: str = "") -> Path:
         assert self.is_local, "only local locations have a filesystem path"
         return Path(self.path(name)) if name else Path(self.root)

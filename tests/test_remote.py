@@ -165,11 +165,15 @@ def test_reader_streams_checked_chunks_without_downloading_the_shard_first(s3_se
     assert done.returncode == 1 and f"sha256 mismatch in chunk {n_chunks - 1}" in done.stderr
 
 
-def test_unreachable_or_foreign_locations_fail_in_one_line(s3_server, chats_file, tmp_path):
+def test_unreachable_or_foreign_locations_fail_in_one_line(s3_server, s3_data, chats_file, tmp_path):
     err = one_line_error(sh([*TC, *RUN, "--data", str(chats_file), "--out", "s3://no-such-bucket/cache"]))
     assert "cannot write to s3://no-such-bucket/cache" in err
     err = one_line_error(sh([*TC, "inspect", f"{s3_server}/nothing-here"]))
-    assert "no manifest.json (not a teacher cache)" in err
+    assert err.endswith(f"{s3_server}/nothing-here: does not exist"), err
+    err = one_line_error(sh([*TC, "inspect", "s3://no-such-bucket/cache"]))
+    assert err.endswith("s3://no-such-bucket/cache: does not exist (no bucket s3://no-such-bucket)"), err
+    err = one_line_error(sh([*TC, "verify", f"{s3_server}/data"]))  # a folder of other things
+    assert err.endswith(f"{s3_server}/data: no manifest.json (not a teacher cache)"), err
     err = one_line_error(sh([*TC, *RUN, "--data", f"{s3_server}/data/missing.jsonl", "--out", str(tmp_path / "c")]))
     assert "missing.jsonl" in err
     assert not Path(tmp_path / "c" / "manifest.json").exists()
