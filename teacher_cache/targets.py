@@ -1,8 +1,12 @@
 """Teacher logits at target positions -> what the cache keeps (pure torch math).
 
 Top-k: the k most likely ids with their log-probs at temperature 1, plus the log of
-the mass outside them (the tail). Sampled (Anshumann et al., 2025): N draws with
-replacement from the teacher distribution, kept as distinct ids with counts.
+the mass outside them (the tail). Sampled (Anshumann et al., 2025): num_draws draws
+with replacement from the teacher distribution, kept as distinct ids with counts.
+
+Notation: P target positions, V vocab, k top-k, T keys (attention), n draws per
+position (num_draws), N distinct sampled ids over all positions (ragged: each
+position holds between 1 and min(n, V) of them).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class SampledTargets:
     offsets: np.ndarray  # int64 [P + 1]; position p owns ids[offsets[p]:offsets[p + 1]]
     ids: np.ndarray  # int64 [N], ascending within a position
     counts: np.ndarray  # int32 [N], summing to num_draws at every position
-    num_draws: int
+    num_draws: int  # n, the same at every position
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +78,17 @@ def sampled_from_logits(logits: torch.Tensor, num_draws: int, generator: torch.G
     """logits float [P, V] -> num_draws draws per position, as distinct ids with counts."""
     probs = torch.softmax(logits.float(), dim=-1)  # float32 [P, V]
     P = probs.shape[0]
-    draws = torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=generator)  # int64 [P, N]
-    draws, _ = torch.sort(draws, dim=-1)
-    new = torch.ones_like(draws, dtype=torch.bool)  # [P, N] first of a run of equal ids
+    draws = torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=generator)  # int64 [P, n]
+    draws, _ = torch.sort(draws, dim=-1)  # int64 [P, n], ascending within a position
+    new = torch.ones_like(draws, dtype=torch.bool)  # bool [P, n] first of a run of equal ids
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    flat_new = new.reshape(-1)
-    ids = draws.reshape(-1)[flat_new]  # [M] distinct per position, ascending
-    starts = torch.nonzero(flat_new).squeeze(1)  # [M] flat index of each run start
-    ends = torch.cat([starts[1:], torch.tensor([P * num_draws])])
-    counts = (ends - starts).to(torch.int32)  # [M]
-    per_pos = new.sum(dim=-1)  # [P] distinct ids per position
-    offsets = torch.zeros(P + 1, dtype=torch.int64)
+    flat_new = new.reshape(-1)  # bool [P * n]
+    ids = draws.reshape(-1)[flat_new]  # int64 [N] distinct per position, ascending
+    starts = torch.nonzero(flat_new).squeeze(1)  # int64 [N] flat index of each run start
+    ends = torch.cat([starts[1:], torch.tensor([P * num_draws])])  # int64 [N] flat index past each run
+    counts = (ends - starts).to(torch.int32)  # int32 [N]
+    per_pos = new.sum(dim=-1)  # int64 [P] distinct ids per position
+    offsets = torch.zeros(P + 1, dtype=torch.int64)  # int64 [P + 1]
     offsets[1:] = torch.cumsum(per_pos, 0)
     return SampledTargets(offsets.numpy(), ids.numpy(), counts.numpy(), num_draws)
 
