@@ -246,8 +246,6 @@ def _collate_topk(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tens
 
 def _collate_sampled(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged draws -> ids int64 [P, m], weights float32 [P, m] (counts over each row's num_draws)."""
-    from student_train.losses import sampled_to_padded
-
     offsets, ids, counts, draws = [], [], [], []
     base = 0
     for s in samples:
@@ -262,6 +260,62 @@ def _collate_sampled(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.T
     return sampled_to_padded(
         off, torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(counts)), per_row
     )
+
+
+def sampled_to_padded(
+    offsets: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    num_draws: int | torch.Tensor,
+    *,
+    teacher_logprobs: torch.Tensor | None = None,
+    proposal_logprobs: torch.Tensor | None = None,
+    self_normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged sampled targets -> padded ``(ids int64 [P, m], weights float32 [P, m])``.
+
+    Args:
+        offsets: int64 [P+1], row p owns entries ``offsets[p]:offsets[p+1]``;
+            ``offsets[0] == 0`` and ``offsets[-1] == N``.
+        ids: int64 [N] distinct sampled ids per row, N over all rows (ragged).
+        counts: int32 [N] times each id was drawn; each row's draws total num_draws.
+        num_draws: draws per position: an int, or int [P] per row (a batch that mixes
+            caches made with different ``--num-draws``).
+        teacher_logprobs, proposal_logprobs: float32 [N] log p(id) and log q(id),
+            given together when the draws came from a proposal q other than the
+            teacher p; the weights are then importance weights
+            ``counts / num_draws * p / q``. Without them q = p and the weights
+            are ``counts / num_draws``. Either way ``E[weights] = p`` per id.
+        self_normalize: divide each row's weights by their sum (biased but lower
+            variance; rows then sum to 1).
+
+    Returns:
+        ids int64 [P, m] and weights float32 [P, m] with m the longest row;
+        padding is id 0 with weight 0.
+    """
+    if (teacher_logprobs is None) != (proposal_logprobs is None):
+        raise ValueError("pass teacher_logprobs and proposal_logprobs together")
+    offsets = offsets.long()
+    n, num_rows = ids.numel(), offsets.numel() - 1
+    if num_rows < 0 or int(offsets[0]) != 0 or int(offsets[-1]) != n:
+        raise ValueError(f"offsets must run from 0 to len(ids)={n}")
+    lengths = offsets[1:] - offsets[:-1]  # [P]
+    m = int(lengths.max()) if num_rows > 0 else 0
+    row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), lengths)  # [N]
+    col = torch.arange(n, device=ids.device) - offsets[row]  # [N]
+
+    draws = num_draws[row].float() if isinstance(num_draws, torch.Tensor) else num_draws  # [N] or scalar
+    flat_w = counts.float() / draws  # [N]
+    if teacher_logprobs is not None:
+        flat_w = flat_w * (teacher_logprobs.float() - proposal_logprobs.float()).exp()  # [N]
+
+    padded_ids = torch.zeros(num_rows, m, dtype=torch.int64, device=ids.device)  # [P, m]
+    weights = torch.zeros(num_rows, m, dtype=torch.float32, device=ids.device)  # [P, m]
+    padded_ids[row, col] = ids.long()
+    weights[row, col] = flat_w
+    if self_normalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return padded_ids, weights
 
 
 def _collate_attention(samples: list[CachedSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -46,14 +46,16 @@ def evaluate(
         chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
         b = collate(chunk, plan.domain_caches, attention=False)
         hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()  # [P, V]
-        nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # [P]
+        # hidden float32 [B, T, D] -> the target positions' rows [P, D] -> logits float32 [P, V]
+        logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()
+        nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # float32 [P]
         if kind == "topk":
-            teacher_top1 = b.topk_ids[:, 0]
+            teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
         else:
-            teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]
-        agree = (logits.argmax(-1) == teacher_top1).float()  # [P]
-        for group, sel in (("domain", b.is_domain), ("general", ~b.is_domain)):
+            # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
+            teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
+        agree = (logits.argmax(-1) == teacher_top1).float()  # float32 [P]
+        for group, sel in (("domain", b.is_domain), ("general", ~b.is_domain)):  # sel bool [P]
             n = int(sel.sum())
             if n == 0:
                 continue

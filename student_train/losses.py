@@ -6,7 +6,7 @@ attached to the graph, so ``backward()`` works) when every position is masked.
 Inputs of any float dtype are upcast to float32 before any exp/log.
 
 Notation: P target positions, V vocab, k top-k, m sampled ids per position
-(padded), N sampled ids in total (ragged), T keys (tokens), D hidden size.
+(padded), T keys (tokens), D hidden size.
 ``mask bool [P]`` is True where a position counts.
 
 Top-k and attention targets are compared as distributions over k+1 outcomes:
@@ -201,11 +201,11 @@ def sampled_kl(
     """Sparse Logit Sampling loss: ``sum_i w_i * -log_softmax(student / temperature)[ids_i]``.
 
     If ``E[w]`` over the draws is the teacher distribution p (weights from
-    ``sampled_to_padded``: counts / num_draws for draws from p, times p/q for
-    draws from a proposal q), this is an unbiased estimate of the cross-entropy
-    H(p, q_student) = KL(p || q_student) + H(p). H(p) does not depend on the
-    student, so its gradient is an unbiased estimate of the KL gradient, but its
-    value is not a KL (not 0 at the optimum). With exact teacher probabilities
+    ``student_train.data.sampled_to_padded``: counts / num_draws for draws from p,
+    times p/q for draws from a proposal q), this is an unbiased estimate of the
+    cross-entropy H(p, q_student) = KL(p || q_student) + H(p). H(p) does not depend
+    on the student, so its gradient is an unbiased estimate of the KL gradient, but
+    its value is not a KL (not 0 at the optimum). With exact teacher probabilities
     over all ids as weights it equals the cross-entropy exactly.
 
     Args:
@@ -278,65 +278,6 @@ def total_loss(ce: Tensor, kd: Tensor, attn: Tensor | None, *, lam: float, attn_
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     distill = kd if attn is None else kd + attn_weight * attn
     return (1.0 - lam) * ce + lam * distill
-
-
-# ------------------------------------------------------ sampled targets
-
-
-def sampled_to_padded(
-    offsets: Tensor,
-    ids: Tensor,
-    counts: Tensor,
-    num_draws: int | Tensor,
-    *,
-    teacher_logprobs: Tensor | None = None,
-    proposal_logprobs: Tensor | None = None,
-    self_normalize: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Ragged sampled targets -> padded ``(ids int64 [P, m], weights float32 [P, m])``.
-
-    Args:
-        offsets: int64 [P+1], row p owns entries ``offsets[p]:offsets[p+1]``;
-            ``offsets[0] == 0`` and ``offsets[-1] == N``.
-        ids: int64 [N] distinct sampled ids per row.
-        counts: int32 [N] times each id was drawn; each row's draws total num_draws.
-        num_draws: draws per position: an int, or int [P] per row (a batch that mixes
-            caches made with different ``--num-draws``).
-        teacher_logprobs, proposal_logprobs: float32 [N] log p(id) and log q(id),
-            given together when the draws came from a proposal q other than the
-            teacher p; the weights are then importance weights
-            ``counts / num_draws * p / q``. Without them q = p and the weights
-            are ``counts / num_draws``. Either way ``E[weights] = p`` per id.
-        self_normalize: divide each row's weights by their sum (biased but lower
-            variance; rows then sum to 1).
-
-    Returns:
-        ids int64 [P, m] and weights float32 [P, m] with m the longest row;
-        padding is id 0 with weight 0.
-    """
-    if (teacher_logprobs is None) != (proposal_logprobs is None):
-        raise ValueError("pass teacher_logprobs and proposal_logprobs together")
-    offsets = offsets.long()
-    n, num_rows = ids.numel(), offsets.numel() - 1
-    if num_rows < 0 or int(offsets[0]) != 0 or int(offsets[-1]) != n:
-        raise ValueError(f"offsets must run from 0 to len(ids)={n}")
-    lengths = offsets[1:] - offsets[:-1]  # [P]
-    m = int(lengths.max()) if num_rows > 0 else 0
-    row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), lengths)  # [N]
-    col = torch.arange(n, device=ids.device) - offsets[row]  # [N]
-
-    draws = num_draws[row].float() if isinstance(num_draws, Tensor) else num_draws  # [N] or scalar
-    flat_w = counts.float() / draws  # [N]
-    if teacher_logprobs is not None:
-        flat_w = flat_w * (teacher_logprobs.float() - proposal_logprobs.float()).exp()  # [N]
-
-    padded_ids = torch.zeros(num_rows, m, dtype=torch.int64, device=ids.device)  # [P, m]
-    weights = torch.zeros(num_rows, m, dtype=torch.float32, device=ids.device)  # [P, m]
-    padded_ids[row, col] = ids.long()
-    weights[row, col] = flat_w
-    if self_normalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return padded_ids, weights
 
 
 # ------------------------------------------------------------- chunked

@@ -28,7 +28,8 @@ MAX_SHARD_BYTES = 4 << 30  # refuse a shard that claims more than this
 
 @dataclass
 class CachedSample:
-    """One cached sample; P target positions, k top-k, L attention layers."""
+    """One cached sample; T tokens, P target positions, k top-k, N sampled ids over all positions,
+    L attention layers, ka attention top-k."""
 
     sample_id: str
     source: str  # the model whose distribution these targets are
@@ -123,8 +124,8 @@ class Cache:
             raise ShardError(f"{self.where.describe(name)}: {i} rows, manifest says {expected}")
 
     def _decode_row(self, where: str, cols: dict, ids: pa.ListScalar, pos: pa.ListScalar, j: int) -> CachedSample:
-        input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # [T]
-        positions = pos.values.to_numpy(zero_copy_only=False).astype(np.int64)  # [P]
+        input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
+        positions = pos.values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [P]
         self._check_row(where, input_ids, positions)
         sample = CachedSample(cols["sample_id"][j], cols["source"][j], cols["domain"][j], input_ids, positions)
         try:
@@ -145,11 +146,13 @@ class Cache:
         P = len(s.target_positions)
         if self.kind == "topk":
             k = self.manifest["targets"]["k"]
+            # ids int64 [P, k], lps float32 [P, k], tail float32 [P]
             ids, lps, tail = codec.decode_topk(blob, vocab_size=self.vocab_size, max_positions=P, max_k=k)
             if ids.shape != (P, min(k, self.vocab_size)):
                 raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {min(k, self.vocab_size)})")
             s.topk_ids, s.topk_logprobs, s.tail_logprob = ids, lps, tail
         else:
+            # offsets int64 [P + 1], ids int64 [N], counts int32 [N], n draws per position
             offsets, ids, counts, n = codec.decode_sampled(blob, vocab_size=self.vocab_size, max_positions=P)
             if len(offsets) != P + 1 or n != self.manifest["targets"]["num_draws"]:
                 raise ShardError(
@@ -167,18 +170,19 @@ class Cache:
             raise ShardError(f"{where}: expected {len(self.attention_layers)} attention blocks")
         T, P = len(s.input_ids), len(s.target_positions)
         ka = self.manifest["attention"]["top_k"]
+        # per layer: key ids int64 [P, ka], logprobs float32 [P, ka], tail float32 [P]
         decoded = [codec.decode_topk(b, vocab_size=T, max_positions=P, max_k=ka) for b in blobs]
         shapes = {d[0].shape for d in decoded}
         if shapes != {(P, min(ka, T))}:
             raise ShardError(f"{where}: attention blocks hold {shapes}, expected ({P}, {min(ka, T)})")
         # a query at position t attends to keys <= t only (entries past t pad short rows, weight 0)
         for ids, lps, _ in decoded:
-            if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):
+            if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):  # [P, ka] vs queries [P, 1]
                 raise ShardError(f"{where}: attention key after its query")
         s.attention_layers = self.attention_layers
-        s.attention_ids = np.stack([d[0] for d in decoded])  # [L, P, ka]
-        s.attention_logprobs = np.stack([d[1] for d in decoded])  # [L, P, ka]
-        s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # [L, P]
+        s.attention_ids = np.stack([d[0] for d in decoded])  # int64 [L, P, ka]
+        s.attention_logprobs = np.stack([d[1] for d in decoded])  # float32 [L, P, ka]
+        s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # float32 [L, P]
 
 
 def open_cache(path: str | Path | Location) -> Cache:

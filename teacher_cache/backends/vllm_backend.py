@@ -57,7 +57,7 @@ def load_output_projection(model_dir: Path) -> torch.Tensor:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 if name in st.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    return st.get_tensor(name).float()
+                    return st.get_tensor(name).float()  # float32 [V, D], whatever the checkpoint dtype
     raise VllmBackendError(f"{model_dir}: none of {wanted} found in the checkpoint")
 
 
@@ -144,9 +144,9 @@ class VllmBackend:
             outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
             for s, out in zip(batch, outputs, strict=True):
                 hidden = out.outputs.data  # [T, D] final hidden states
-                pos = torch.from_numpy(s.target_positions)
-                h = hidden[pos].to(self.device, torch.float32)  # [P, D]
-                yield TeacherOutput(logits=h @ self.weight.T, topk=None, attention=None)  # [P, V]
+                pos = torch.from_numpy(s.target_positions)  # int64 [P]
+                h = hidden[pos].to(self.device, torch.float32)  # float32 [P, D]
+                yield TeacherOutput(logits=h @ self.weight.T, topk=None, attention=None)  # float32 [P, V]
         else:
             from vllm import SamplingParams
 
@@ -163,11 +163,11 @@ class VllmBackend:
         top-k by rank plus the actual token when it ranks below k.
         """
         k = self.top_k
-        starts = np.asarray(flat.start_indices, dtype=np.int64)  # [T]
-        ids_all = np.asarray(flat.token_ids, dtype=np.int64)
-        lps_all = np.asarray(flat.logprobs, dtype=np.float32)
-        ranks_all = np.asarray([r if r is not None else 1 << 30 for r in flat.ranks], dtype=np.int64)
-        entry = sample.target_positions + 1  # [P]
+        starts = np.asarray(flat.start_indices, dtype=np.int64)  # int64 [T]; entry e is [starts[e], end_indices[e])
+        ids_all = np.asarray(flat.token_ids, dtype=np.int64)  # int64 [E], E entries over all positions
+        lps_all = np.asarray(flat.logprobs, dtype=np.float32)  # float32 [E]
+        ranks_all = np.asarray([r if r is not None else 1 << 30 for r in flat.ranks], dtype=np.int64)  # int64 [E]
+        entry = sample.target_positions + 1  # int64 [P]
         P = len(entry)
         ids = np.empty((P, k), dtype=np.int64)
         lps = np.empty((P, k), dtype=np.float32)
@@ -181,7 +181,7 @@ class VllmBackend:
             if len(order) != k:
                 raise VllmBackendError(f"vLLM returned {len(order)} ranked log-probs at a position, expected {k}")
             ids[j], lps[j] = ids_all[lo:hi][order], lps_all[lo:hi][order]
-        tail = tail_from_topk(torch.from_numpy(lps)).numpy()
+        tail = tail_from_topk(torch.from_numpy(lps)).numpy()  # float32 [P]
         return TopKTargets(ids=ids, logprobs=lps, tail_logprob=tail)
 
     def close(self) -> None:

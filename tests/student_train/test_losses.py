@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from student_train.data import sampled_to_padded
 from student_train.losses import (
     attention_kl,
     chunked_ce,
@@ -21,7 +22,6 @@ from student_train.losses import (
     chunked_topk_kl,
     cross_entropy,
     sampled_kl,
-    sampled_to_padded,
     topk_kl,
     total_loss,
 )
