@@ -333,8 +333,8 @@ def _save(
     try:
         return _write_checkpoint(out, step, tmp, model, tok, optimizer, state, cfg, weights, fsdp_optimizer)
     except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
+        full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        full = shutil.disk_usage(out).free < (64 << 20)
         why = "no space left on the device" if full else " ".join(str(e).split())
         raise TrainError(
             f"could not write checkpoint-{step} in {out} ({why}); the checkpoints before it are kept: "
