@@ -251,19 +251,23 @@ class Location:
             spool.unlink(missing_ok=True)
 
     def copy_from(self, src: Location, src_name: str, name: str) -> None:
-        """Copy one file between locations: hard link or server-side copy when possible."""
+        """Copy one file between locations: a hard link or a server-side copy when possible, else a
+        spooled copy published whole (so a killed copy never leaves a partial file under `name`)."""
         if self.is_local and src.is_local:
             try:
                 os.link(src.local_path(src_name), self.local_path(name))
                 return
-            except OSError:
+            except OSError:  # another filesystem (EXDEV), or links not supported
                 pass
-        if type(self.fs) is type(src.fs) and self.fs.storage_options == src.fs.storage_options:
+        elif not self.is_local and type(self.fs) is type(src.fs) and self.fs.storage_options == src.fs.storage_options:
             self.fs.copy(src.path(src_name), self.path(name))
             return
         spool = self.spool_path(name, ".tmp")
-        src.fs.get_file(src.path(src_name), str(spool))
-        self.publish(spool, name)
+        try:
+            src.fs.get_file(src.path(src_name), str(spool))
+            self.publish(spool, name)
+        finally:
+            spool.unlink(missing_ok=True)  # a failed copy (full disk) leaves nothing behind
 
 
 def fsync_dir(path: Path) -> None:

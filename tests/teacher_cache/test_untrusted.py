@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +365,64 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
     assert merged.manifest["codec_version"] == codec.CODEC_VERSION
     assert sorted(s.sample_id for s in merged) == sorted(s.sample_id for s in [*open_cache(a), *open_cache(b)])
     assert subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True).returncode == 0
+
+
+def test_merge_from_another_filesystem_copies_whole_files(tmp_path, good_cache):
+    """A source on another device (/dev/shm) cannot be hard-linked: its shards are copied to a spool
+    beside the destination and renamed, never written in place under their final names."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no /dev/shm on a filesystem of its own here")
+    src = Path(tempfile.mkdtemp(prefix="tc-merge-", dir=shm)) / "cache"
+    try:
+        shutil.copytree(good_cache, src)
+        merge([str(src), str(good_cache)], str(tmp_path / "m"))
+    finally:
+        shutil.rmtree(src.parent)
+    dest = tmp_path / "m"
+    assert not [p.name for p in dest.rglob("*") if p.name.endswith(".tmp")]
+    shards = sorted(dest.glob("shard-*.arrow"))
+    assert shards and all(p.stat().st_nlink == 1 for p in shards)  # copies, not links to the source
+    assert [(s.sample_id, s.topk_ids.tolist()) for s in open_cache(dest)] == [
+        (s.sample_id, s.topk_ids.tolist()) for s in open_cache(good_cache)
+    ]
+    assert subprocess.run([*CLI, "verify", str(dest)], capture_output=True).returncode == 0
+
+
+MERGE_ONTO_A_FULL_DISK = """
+mount -t tmpfs -o size="$ROOM" tmpfs "$DISK" || exit 97
+"$@" 2> "$OUTSIDE/merge.err"; echo $? > "$OUTSIDE/merge.rc"
+cp -a "$DISK/m" "$OUTSIDE/left"
+"$@" 2> "$OUTSIDE/again.err"; echo $? > "$OUTSIDE/again.rc"
+"""
+
+
+@pytest.mark.slow
+def test_merge_onto_a_full_disk_leaves_no_partial_shard(tmp_path, good_cache):
+    """A real full device (a tmpfs in a user + mount namespace, no root) with room for about half the
+    shards: one line, every shard left under its name whole, no spool, and a retry names the leftovers."""
+    disk, outside = tmp_path / "disk", tmp_path / "outside"
+    disk.mkdir()
+    outside.mkdir()
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs in a user + mount namespace (unshare -rm) is not permitted here")
+    shards = sorted(good_cache.glob("shard-*.arrow"))
+    pages = [-(-p.stat().st_size // 4096) for p in shards]  # tmpfs allocates whole 4 KiB pages
+    room = 4096 * sum(pages[: len(pages) // 2])
+    env = {**os.environ, "DISK": str(disk), "OUTSIDE": str(outside), "ROOM": str(room)}
+    args = [*CLI, "merge", str(good_cache), str(good_cache), "--out", str(disk / "m")]
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", MERGE_ONTO_A_FULL_DISK, "-", *args], env=env, timeout=600)
+    assert done.returncode == 0, f"the namespace script failed ({done.returncode})"
+    err = (outside / "merge.err").read_text()
+    assert (outside / "merge.rc").read_text().strip() == "1" and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert "No space left on device" in line, line
+    whole = {hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    left = sorted((outside / "left").iterdir())
+    assert left and all(p.name.startswith("shard-") and p.name.endswith(".arrow") for p in left), left
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() in whole for p in left), "a partial shard was left"
+    assert "holds an unfinished merge" in (outside / "again.err").read_text()
 
 
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
