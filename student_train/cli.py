@@ -8,6 +8,7 @@ import sys
 import click
 
 from student_train import __version__
+from teacher_cache.errors import one_line
 
 
 class UserError(click.ClickException):
@@ -18,10 +19,6 @@ class SettingsError(UserError):
     """Options that contradict each other: one line, exit code 2 (a usage error)."""
 
     exit_code = 2
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +42,7 @@ def check(student: str, caches: tuple[str, ...]) -> None:
         opened = [open_cache(c) for c in caches]
         check_student_matches(load_tokenizer(ref.path, ref.revision), opened)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     click.echo(f"ok: {student} can train from {', '.join(caches)}")
 
 
@@ -123,11 +120,11 @@ def train(**kw) -> None:
     try:
         cfg = TrainConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
-        raise SettingsError(_one_line(e)) from None
+        raise SettingsError(one_line(e)) from None
     try:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     except KeyboardInterrupt:
         click.echo(
             "interrupted: checkpoints are kept; the same command with --resume continues from the latest", err=True
@@ -156,7 +153,7 @@ def evaluate_cmd(
     try:
         report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     text = json.dumps(report, indent=2)
     click.echo(text)  # the report reaches stdout even if writing --out fails
     if out:
@@ -165,7 +162,7 @@ def evaluate_cmd(
             tmp.write_text(text + "\n")
             os.replace(tmp, out)
         except OSError as e:
-            raise UserError(f"--out {out}: {_one_line(e)} (the report is on stdout above)") from None
+            raise UserError(f"--out {out}: {one_line(e)} (the report is on stdout above)") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -180,7 +177,7 @@ def plot(run_dir: str, out: str | None) -> None:
     try:
         click.echo(str(plot_run(run_dir, out)))
     except (ValueError, OSError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from student_train import losses
 from student_train.checks import check_student_matches
 from student_train.data import Plan, ShardCache, collate
+from teacher_cache.errors import one_line
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def evaluate(
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=True).eval()
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
-        raise ValueError(f"{ref.path}: cannot load the model ({' '.join(str(e).split())[:300]})") from None
+        raise ValueError(f"{ref.path}: cannot load the model ({one_line(e, 300)})") from None
     plan = Plan(caches, seed=0, window=1)
     items = [it for s in plan.streams if s is not None for it in s.items]
     if max_samples is not None:

@@ -23,6 +23,7 @@ from torch import nn
 from student_train import losses
 from student_train.checks import check_student_matches
 from student_train.data import Batch, Plan, SampleStream, collate
+from teacher_cache.errors import one_line
 from teacher_cache.storage import fsync_dir
 
 
@@ -206,10 +207,6 @@ def _cache_digest(cache) -> str:
     return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
 
 
-def _why(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
-
-
 def _aside(ckpt: Path | None) -> str:
     """How to go on past a damaged checkpoint: resume from the one before it."""
     return f"; move {ckpt} aside to resume from the checkpoint before it" if ckpt else ""
@@ -221,7 +218,7 @@ def _read_trainer_state(ckpt: Path, cfg: TrainConfig) -> dict:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TrainError(f"{path}: unreadable ({_why(e)}){_aside(ckpt)}") from None
+        raise TrainError(f"{path}: unreadable ({one_line(e, 300)}){_aside(ckpt)}") from None
     try:
         ok = _valid_trainer_state(saved, ckpt, cfg)
     except TypeError:  # a field of another type than the checks compare
@@ -335,7 +332,7 @@ def _save(
     except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
         full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "no space left on the device" if full else " ".join(str(e).split())
+        why = "no space left on the device" if full else one_line(e)
         raise TrainError(
             f"could not write checkpoint-{step} in {out} ({why}); the checkpoints before it are kept: "
             "free space, then rerun with --resume"
@@ -402,7 +399,7 @@ def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attent
             use_safetensors=True,
         ).to(device)
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
-        raise TrainError(f"{load_from}: cannot load the student's weights ({_why(e)}){_aside(ckpt)}") from None
+        raise TrainError(f"{load_from}: cannot load the student's weights ({one_line(e, 300)}){_aside(ckpt)}") from None
 
 
 def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
@@ -410,7 +407,7 @@ def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opti
     try:
         saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     except Exception as e:  # missing, truncated or foreign bytes
-        raise TrainError(f"{ckpt / 'optimizer.pt'}: cannot load ({_why(e)}){_aside(ckpt)}") from None
+        raise TrainError(f"{ckpt / 'optimizer.pt'}: cannot load ({one_line(e, 300)}){_aside(ckpt)}") from None
     if not isinstance(saved, dict) or "rng" not in saved or not {"optimizer", "fsdp_optimizer"} & set(saved):
         raise TrainError(f"{ckpt / 'optimizer.pt'}: not a checkpoint's optimizer state{_aside(ckpt)}")
     if ("fsdp_optimizer" in saved) != sharded:

@@ -9,6 +9,7 @@ import sys
 import click
 
 from teacher_cache import __version__
+from teacher_cache.errors import one_line
 
 
 class UserError(click.ClickException):
@@ -19,10 +20,6 @@ class SettingsError(UserError):
     """Options that contradict each other: one line, exit code 2 (a usage error)."""
 
     exit_code = 2
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...]:
@@ -119,7 +116,7 @@ def run(**kw) -> None:
     try:
         cfg = RunConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
-        raise SettingsError(_one_line(e)) from None
+        raise SettingsError(one_line(e)) from None
     try:
         run_cache(cfg)
     except OSError as e:
@@ -128,9 +125,9 @@ def run(**kw) -> None:
                 f"no space left on the device of {cfg.out}: finished shards are kept; free space and run the "
                 "same command again to resume"
             ) from None
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     except (ValueError, RuntimeError, KeyError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: finished shards are kept; the same command resumes after them", err=True)
         sys.exit(130)
@@ -146,7 +143,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
     try:
         info = summary(cache_dir)
     except (ValueError, OSError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -163,7 +160,7 @@ def verify(cache_dir: str) -> None:
     try:
         problems, checked = verify_cache(cache_dir)
     except (ValueError, OSError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     for p in problems:
         click.echo(f"PROBLEM: {p}", err=True)
     if problems:
@@ -181,7 +178,7 @@ def merge(caches: tuple[str, ...], out: str) -> None:
     try:
         m = merge_caches(list(caches), out)
     except (ValueError, OSError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     c = m["counts"]
     click.echo(
         f"merged {len(caches)} caches into {out}: {c['samples']} samples in {len(m['shards'])} shards"
@@ -209,7 +206,7 @@ def build(name: str) -> None:
     try:
         ref = resolve_model(name)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     if not ref.is_local:
         click.echo(f"{name} is a hub model: nothing to build; it downloads from the hub on first use", err=True)
     click.echo(ref.path)

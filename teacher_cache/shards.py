@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.errors import one_line
 from teacher_cache.storage import Location, StorageError
 
 FORMAT_VERSION = 1
@@ -281,7 +282,7 @@ class ShardStream:
 
 def _unreadable(name: str, e: BaseException) -> ShardError:
     """Undecodable bytes that passed the checksums (a writer bug, or a crafted shard)."""
-    return ShardError(f"{name}: not a readable Arrow shard ({' '.join(str(e).split())[:200]})")
+    return ShardError(f"{name}: not a readable Arrow shard ({one_line(e, 200)})")
 
 
 def check_schema(schema: pa.Schema, name: str) -> None:

@@ -24,13 +24,16 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from teacher_cache.errors import one_line
+
 
 class StorageError(OSError):
     """A location that cannot be read or written; the message is one line for the user."""
 
 
 def _why(e: BaseException) -> str:
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+    """The OS's reason alone when there is one (the message already names the location), else one_line."""
+    return getattr(e, "strerror", None) or one_line(e)
 
 
 SPOOL_PREFIX = "teacher-cache-spool-"  # + "<pid>-": remote uploads spooled in $TMPDIR
@@ -83,7 +86,7 @@ def _storage_errors(method):
         except (OSError, ValueError):
             raise
         except Exception as e:
-            raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+            raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
 
     return wrapper
 

@@ -1,0 +1,30 @@
+"""teacher_cache/errors.py: exceptions as one-line messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from teacher_cache.errors import one_line
+
+
+def test_a_multi_line_message_becomes_one_line():
+    e = ValueError("line one\n  line two\r\n\tline three  ")
+    assert one_line(e) == "line one line two line three"
+
+
+@pytest.mark.parametrize("e", [RuntimeError(), RuntimeError(""), RuntimeError(" \n ")])
+def test_an_empty_message_falls_back_to_the_class_name(e):
+    assert one_line(e) == "RuntimeError"
+    assert one_line(e, 3) == "RuntimeError"  # the name is never cut
+
+
+def test_limit_cuts_the_joined_message():
+    e = OSError("abc\ndef " + "x" * 500)
+    assert one_line(e) == "abc def " + "x" * 500
+    assert one_line(e, 5) == "abc d"
+    assert one_line(e, 300) == ("abc def " + "x" * 500)[:300]
+    assert one_line(ValueError("short"), 300) == "short"
+
+
+def test_key_errors_keep_their_repr_quotes():
+    assert one_line(KeyError("missing")) == "'missing'"  # what str(e) gives: the CLIs always printed that
