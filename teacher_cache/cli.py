@@ -11,6 +11,8 @@ import click
 from teacher_cache import __version__
 from teacher_cache.errors import one_line
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over a disk quota
+
 
 class UserError(click.ClickException):
     """Printed as one line, exit code 1."""
@@ -120,7 +122,7 @@ def run(**kw) -> None:
     try:
         run_cache(cfg)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in DISK_FULL:
             raise UserError(
                 f"no space left on the device of {cfg.out}: finished shards are kept; free space and run the "
                 "same command again to resume"
@@ -177,7 +179,14 @@ def merge(caches: tuple[str, ...], out: str) -> None:
 
     try:
         m = merge_caches(list(caches), out)
-    except (ValueError, OSError) as e:
+    except OSError as e:
+        if e.errno in DISK_FULL:  # merges do not resume: the shards copied so far are whole, but start over
+            raise UserError(
+                f"no space left on the device of {out}: the merge is unfinished; free space, delete {out} "
+                "and merge again"
+            ) from None
+        raise UserError(one_line(e)) from None
+    except ValueError as e:
         raise UserError(one_line(e)) from None
     c = m["counts"]
     click.echo(
