@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 
 from teacher_cache.cache import Cache, open_cache
 from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends, union_engines
-from teacher_cache.shards import FORMAT_VERSION, Row, ShardWriter, is_cache_file, shard_metadata, shard_name
+from teacher_cache.shards import (
+    FORMAT_VERSION,
+    Row,
+    ShardInfo,
+    ShardWriter,
+    is_cache_file,
+    shard_metadata,
+    shard_name,
+)
 from teacher_cache.storage import Location
 
 
@@ -63,44 +73,82 @@ def _row_digest(row: dict) -> str:
     return h.hexdigest()
 
 
+class _ShardPlan(NamedTuple):
+    """One source shard and what the merge keeps of it."""
+
+    cache: Cache
+    entry: dict  # the shard's entry in its cache's manifest
+    table: pa.Table  # its rows, read and checked
+    keep: list[int] | None  # indices of the rows to keep; None: all, the shard is copied as it is
+
+
 def merge(paths: list[str], out: str) -> dict:
     """Merge caches into `out` (a new directory or URL); returns the merged manifest."""
     if len(paths) < 2:
         raise MergeError("merge needs at least two caches")
     dest = Location(out)
+    _check_dest(dest)
+    caches = [open_cache(p) for p in paths]
+    check_compatible(caches)
+    plans, duplicates = _plan(caches)
+    dest.makedirs()
+    shards = _write_shards(dest, plans)
+    manifest = _merged_manifest(caches, shards, duplicates)
+    dest.write_json(MANIFEST, manifest)
+    open_cache(dest)  # the result must pass the same checks as any cache
+    return manifest
+
+
+def _check_dest(dest: Location) -> None:
+    """Raise MergeError unless `dest` is new or empty, naming an unfinished merge as one."""
     names = dest.glob("*")
     if names and MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names):
         raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")
     if names:
         raise MergeError(f"{dest} exists and is not empty")
-    caches = [open_cache(p) for p in paths]
-    check_compatible(caches)
+
+
+def _plan(caches: list[Cache]) -> tuple[list[_ShardPlan], int]:
+    """Every source shard in order with the rows it keeps, and how many rows repeat a sample
+    id seen before with identical content (dropped); a repeat with other content raises."""
     seen: dict[str, tuple[str, str, dict]] = {}  # sample id -> (row digest, where, backend)
-    plans = []  # (cache, shard entry, table, rows to keep or None for all)
+    plans: list[_ShardPlan] = []
     duplicates = 0
     for cache in caches:
-        backend = cache.manifest.get("backend")
         for entry in cache.manifest["shards"]:
             table = cache.read_table(entry["name"])
-            keep, dropped = [], 0
-            for i, row in enumerate(table.to_pylist()):
-                digest, where = _row_digest(row), f"{cache.where.describe(entry['name'])} row {i}"
-                sid = row["sample_id"]
-                if sid in seen:
-                    if seen[sid][0] != digest:
-                        hint = ""
-                        if seen[sid][2] != backend:  # same teacher, other engine: other numerics
-                            hint = f" (made with different backends: {_short(seen[sid][2])} vs {_short(backend)})"
-                        raise MergeError(
-                            f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content{hint}"
-                        )
-                    dropped += 1
-                    continue
-                seen[sid] = (digest, where, backend)
-                keep.append(i)
-            plans.append((cache, entry, table, None if not dropped else keep))
+            keep, dropped = _new_rows(cache, entry, table, seen)
+            plans.append(_ShardPlan(cache, entry, table, None if not dropped else keep))
             duplicates += dropped
-    dest.makedirs()
+    return plans, duplicates
+
+
+def _new_rows(
+    cache: Cache, entry: dict, table: pa.Table, seen: dict[str, tuple[str, str, dict]]
+) -> tuple[list[int], int]:
+    """Indices of the shard's rows whose sample id is new (added to `seen`), and how many rows
+    were identical repeats; a repeated id with different content raises MergeError."""
+    backend = cache.manifest.get("backend")
+    keep, dropped = [], 0
+    for i, row in enumerate(table.to_pylist()):
+        digest, where = _row_digest(row), f"{cache.where.describe(entry['name'])} row {i}"
+        sid = row["sample_id"]
+        if sid in seen:
+            if seen[sid][0] != digest:
+                hint = ""
+                if seen[sid][2] != backend:  # same teacher, other engine: other numerics
+                    hint = f" (made with different backends: {_short(seen[sid][2])} vs {_short(backend)})"
+                raise MergeError(f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content{hint}")
+            dropped += 1
+            continue
+        seen[sid] = (digest, where, backend)
+        keep.append(i)
+    return keep, dropped
+
+
+def _write_shards(dest: Location, plans: list[_ShardPlan]) -> list[dict]:
+    """Copy or rewrite each planned shard into `dest` as worker 0's shard of the same index
+    (a shard that keeps no row leaves a gap); returns their manifest entries."""
     shards = []
     for index, (cache, entry, table, keep) in enumerate(plans):
         name = shard_name(0, index)
@@ -112,22 +160,7 @@ def merge(paths: list[str], out: str) -> dict:
             continue
         if not keep:
             continue
-        rows = table.to_pylist()
-        with ShardWriter(dest, name, {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}) as w:
-            for i in keep:
-                r = rows[i]
-                w.write(
-                    Row(
-                        r["sample_id"],
-                        r["source"],
-                        r["domain"],
-                        np.asarray(r["input_ids"], dtype=np.int64),
-                        np.asarray(r["target_positions"], dtype=np.int64),
-                        r["targets"],
-                        r["attention"],
-                    )
-                )
-            info = w.finalize()
+        info = _rewrite_shard(dest, name, chash, table, keep)
         # rows carry no truncation flag: a rewritten shard keeps its source's count as an upper bound
         shards.append(
             {
@@ -139,6 +172,33 @@ def merge(paths: list[str], out: str) -> dict:
                 "from": origin,
             }
         )
+    return shards
+
+
+def _rewrite_shard(dest: Location, name: str, chash: str, table: pa.Table, keep: list[int]) -> ShardInfo:
+    """Write the `keep` rows of `table` as shard `name` of `dest`, its blobs as they are."""
+    rows = table.to_pylist()
+    with ShardWriter(dest, name, {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}) as w:
+        for i in keep:
+            r = rows[i]
+            w.write(
+                Row(
+                    r["sample_id"],
+                    r["source"],
+                    r["domain"],
+                    np.asarray(r["input_ids"], dtype=np.int64),  # int64 [T]
+                    np.asarray(r["target_positions"], dtype=np.int64),  # int64 [P]
+                    r["targets"],
+                    r["attention"],
+                )
+            )
+        info = w.finalize()
+    return info
+
+
+def _merged_manifest(caches: list[Cache], shards: list[dict], duplicates: int) -> dict:
+    """The first cache's manifest with the merged shards, counts, engines, data files, backend
+    and codec version, and where each part came from."""
     first = caches[0].manifest
     drop = ("shards", "counts", "timing", "bad_records", "config", "engines")
     manifest = {k: v for k, v in first.items() if k not in drop}
@@ -167,6 +227,4 @@ def merge(paths: list[str], out: str) -> dict:
     counts["duplicates"] += duplicates
     manifest["counts"] = counts
     manifest["bad_records"] = [b for c in caches for b in c.manifest.get("bad_records", [])]
-    dest.write_json(MANIFEST, manifest)
-    open_cache(dest)  # the result must pass the same checks as any cache
     return manifest

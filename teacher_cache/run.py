@@ -308,6 +308,36 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         check_data_file(path)
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
+    out = _open_out(cfg)
+    header = _header(cfg, ref, tok, _backend_info(cfg))
+    chash = config_hash(header)
+    previous = _previous_part(cfg, out, header, chash)
+    if previous is not None and previous.get("complete"):
+        _log(
+            f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
+            f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
+        )
+        assemble(out, cfg.num_workers)
+        return previous
+    part = _new_part(cfg, header, chash, previous)
+    if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
+        for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
+            stale.unlink()
+    _write_part(cfg, out, part, [], [], 0.0)
+
+    total = _share_size(cfg)
+    done = len(part["shards"])
+    if done:
+        remaining = max(0, -(-total // cfg.shard_size) - done)
+        _log(f"resuming: {done} shards already durable, {remaining} to go")
+    if backend is not None and cfg.attention_layers and backend.name != "hf":
+        raise RunError("an injected non-hf backend cannot provide attention summaries")
+    bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
+    return _finish(cfg, out, part, bad, dups, t0)
+
+
+def _open_out(cfg: RunConfig) -> Location:
+    """--out, refused if it holds files that are not a cache's or cannot be written."""
     out = Location(cfg.out)
     try:
         names = out.glob("*")
@@ -317,65 +347,83 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         out.check_writable()
     except StorageError as e:
         raise RunError(str(e)) from None
-    header = _header(cfg, ref, tok, _backend_info(cfg))
-    chash = config_hash(header)
-    part_file = part_path(cfg.worker_index, cfg.num_workers)
-    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": [], "engines": []}
+    return out
+
+
+def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> dict | None:
+    """This worker's part from an earlier attempt, cut to its durable shards; None if there is
+    nothing to resume. Raises RunError if it was made with other settings or another engine."""
     previous = read_part(out, cfg.worker_index, cfg.num_workers)
-    if previous is not None and not previous.get("shards") and not previous.get("complete"):
-        previous = None  # an attempt that failed before its first shard: nothing to keep or match
+    if previous is None or (not previous.get("shards") and not previous.get("complete")):
+        return None  # none, or an attempt that failed before its first shard: nothing to keep or match
+    if previous.get("config_hash") != chash:
+        what = ", ".join(header_differences(previous, header)) or "the settings"
+        raise RunError(
+            f"{out} holds {len(previous.get('shards', []))} shards made with different settings ({what} "
+            "differ); use another --out, or the same arguments and data"
+        )
+    if previous.get("backend") != header["backend"]:
+        was, now = previous.get("backend") or {}, header["backend"]
+        raise RunError(
+            f"{out}: worker {cfg.worker_index}'s shards were made with backend {was.get('backend')} "
+            f"(vllm mode {was.get('vllm_mode')}); resume with the same --backend / --vllm-mode "
+            f"(got {now['backend']}, {now['vllm_mode']}) or use another --out"
+        )
+    kept = _durable_prefix(out, previous["shards"])
+    if len(kept) < len(previous["shards"]):
+        lost = previous["shards"][len(kept)]["name"]
+        _log(f"{lost} is missing or not the size its part file says: redoing worker {cfg.worker_index} from there")
+        previous = {**previous, "shards": kept, "complete": False}
+    return previous
+
+
+def _new_part(cfg: RunConfig, header: dict, chash: str, previous: dict | None) -> dict:
+    """This worker's part, not complete, going on from `previous` (its shards, engines and time)."""
+    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": [], "engines": []}
     if previous is not None:
-        if previous.get("config_hash") != chash:
-            what = ", ".join(header_differences(previous, header)) or "the settings"
-            raise RunError(
-                f"{out} holds {len(previous.get('shards', []))} shards made with different settings ({what} "
-                "differ); use another --out, or the same arguments and data"
-            )
-        if previous.get("backend") != header["backend"]:
-            was, now = previous.get("backend") or {}, header["backend"]
-            raise RunError(
-                f"{out}: worker {cfg.worker_index}'s shards were made with backend {was.get('backend')} "
-                f"(vllm mode {was.get('vllm_mode')}); resume with the same --backend / --vllm-mode "
-                f"(got {now['backend']}, {now['vllm_mode']}) or use another --out"
-            )
-        kept = _durable_prefix(out, previous["shards"])
-        if len(kept) < len(previous["shards"]):
-            lost = previous["shards"][len(kept)]["name"]
-            _log(f"{lost} is missing or not the size its part file says: redoing worker {cfg.worker_index} from there")
-            previous = {**previous, "shards": kept, "complete": False}
-        if previous.get("complete"):
-            _log(
-                f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
-                f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
-            )
-            assemble(out, cfg.num_workers)
-            return previous
         part["shards"] = previous["shards"]
         part["engines"] = [e for e in previous.get("engines", []) if isinstance(e, dict)]
         part["elapsed_before_s"] = previous.get("elapsed_before_s", 0.0) + previous.get("timing", {}).get("wall_s", 0)
-    if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
-        for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
-            stale.unlink()
-    done = len(part["shards"])
-    out.write_json(part_file, {**part, "counts": _counts(part, [], []), "timing": {"wall_s": 0.0}})
+    return part
 
-    bad: list[str] = []
-    dups: list[int] = []
-    # a first, parse-only pass over the data gives the progress bar its total (cheap next to the teacher)
+
+def _write_part(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: list[int], wall_s: float) -> None:
+    """The part file of a run in progress: its durable shards and the counts so far."""
+    out.write_json(
+        part_path(cfg.worker_index, cfg.num_workers),
+        {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": wall_s}},
+    )
+
+
+def _share_size(cfg: RunConfig) -> int:
+    """How many records are this worker's: a parse-only pass over the data that gives the
+    progress bar its total (cheap next to the teacher)."""
     total = sum(1 for _ in _my_records(cfg, [], []))
     if total == 0 and (cfg.only_domain or cfg.exclude_domain):
         kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {cfg.exclude_domain!r}"
         _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
+    return total
+
+
+def _cache_shards(
+    cfg: RunConfig,
+    ref: ModelRef,
+    tok,
+    out: Location,
+    part: dict,
+    backend: TeacherBackend | None,
+    total: int,
+    t0: float,
+) -> tuple[list[str], list[int]]:
+    """Write the shards after part's durable ones, adding each to the part file as it lands;
+    returns the bad records and duplicates met. Closes the engines it built (not `backend`)."""
+    bad: list[str] = []
+    dups: list[int] = []
+    done = len(part["shards"])
     shards = _chunks(_my_records(cfg, bad, dups), cfg.shard_size)
-    remaining = max(0, -(-total // cfg.shard_size) - done)
-    if done:
-        _log(f"resuming: {done} shards already durable, {remaining} to go")
     owned = backend is None
     attn_backend = None
-    if not owned and cfg.attention_layers and backend.name != "hf":
-        raise RunError("an injected non-hf backend cannot provide attention summaries")
     vocab = len(tok)
-    source = header["source"]
     bar = _Progress(cfg.progress, total, done * cfg.shard_size)
     described = False
     try:
@@ -390,38 +438,66 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
                 part["engines"] = union_engines([part["engines"], engines])
                 described = True
             name = shard_name(cfg.worker_index, index)
-            metadata = {"format_version": FORMAT_VERSION, "config_hash": chash, "shard": name}
-            tokenized: list[tuple[Record, Tokenized]] = []
-            shard_bad: list[str] = []
-            for rec in records:
-                try:
-                    tokenized.append((rec, tokenize_record(tok, rec, cfg.max_length)))
-                except BadRecordError as e:
-                    if not cfg.skip_bad:
-                        raise
-                    shard_bad.append(str(e))
-            with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
-                for start in range(0, len(tokenized), cfg.batch_size):
-                    batch = tokenized[start : start + cfg.batch_size]
-                    # one sample's [P, V] logits at a time: consumed as the backend yields them
-                    outputs = backend.forward([tk for _, tk in batch])
-                    attns = attn_backend.forward([tk for _, tk in batch]) if attn_backend else None
-                    for (rec, tk), o in zip(batch, outputs, strict=True):
-                        if attns is not None:
-                            o.attention = next(attns).attention
-                        writer.write(_encode_row(cfg, rec, tk, o, vocab, source))
-                    bar.update(len(batch), sum(len(tk.input_ids) for _, tk in batch))
-                bar.update(len(records) - len(tokenized), 0)
-                info = writer.finalize()
-            part["shards"].append({**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad})
-            out.write_json(
-                part_file, {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": time.time() - t0}}
-            )
+            entry = _cache_shard(cfg, tok, out, part, name, records, backend, attn_backend, vocab, bar)
+            part["shards"].append(entry)
+            _write_part(cfg, out, part, bad, dups, time.time() - t0)
     finally:
         bar.close()
         for b in (backend if owned else None, attn_backend):
             if b is not None:
                 b.close()
+    return bad, dups
+
+
+def _cache_shard(
+    cfg: RunConfig,
+    tok,
+    out: Location,
+    part: dict,
+    name: str,
+    records: list[Record],
+    backend: TeacherBackend,
+    attn_backend: TeacherBackend | None,
+    vocab: int,
+    bar: _Progress,
+) -> dict:
+    """Tokenize one shard's records, run the teacher over them batch by batch and write the
+    shard (tagged with part's config hash and source); returns its entry for the part file."""
+    tokenized, shard_bad = _tokenize_shard(cfg, tok, records)
+    metadata = {"format_version": FORMAT_VERSION, "config_hash": part["config_hash"], "shard": name}
+    with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
+        for start in range(0, len(tokenized), cfg.batch_size):
+            batch = tokenized[start : start + cfg.batch_size]
+            # one sample's [P, V] logits at a time: consumed as the backend yields them
+            outputs = backend.forward([tk for _, tk in batch])
+            attns = attn_backend.forward([tk for _, tk in batch]) if attn_backend else None
+            for (rec, tk), o in zip(batch, outputs, strict=True):
+                if attns is not None:
+                    o.attention = next(attns).attention
+                writer.write(_encode_row(cfg, rec, tk, o, vocab, part["source"]))
+            bar.update(len(batch), sum(len(tk.input_ids) for _, tk in batch))
+        bar.update(len(records) - len(tokenized), 0)
+        info = writer.finalize()
+    return {**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad}
+
+
+def _tokenize_shard(cfg: RunConfig, tok, records: list[Record]) -> tuple[list[tuple[Record, Tokenized]], list[str]]:
+    """The shard's records with their tokens, and the bad ones skipped (raises unless --skip-bad)."""
+    tokenized: list[tuple[Record, Tokenized]] = []
+    shard_bad: list[str] = []
+    for rec in records:
+        try:
+            tokenized.append((rec, tokenize_record(tok, rec, cfg.max_length)))
+        except BadRecordError as e:
+            if not cfg.skip_bad:
+                raise
+            shard_bad.append(str(e))
+    return tokenized, shard_bad
+
+
+def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: list[int], t0: float) -> dict:
+    """Mark the part complete with its counts and timing, assemble the manifest if every worker
+    is done, and log the worker's summary; returns the part."""
     wall = time.time() - t0
     part["complete"] = True
     part["counts"] = _counts(part, bad, dups)
@@ -430,7 +506,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         "wall_s": wall + part.get("elapsed_before_s", 0.0),
         "tokens_per_s": part["counts"]["tokens"] / wall if wall > 0 else None,
     }
-    out.write_json(part_file, part)
+    out.write_json(part_path(cfg.worker_index, cfg.num_workers), part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
     _log(
