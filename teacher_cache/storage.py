@@ -171,9 +171,10 @@ class Location:
         size = self.size(name)
         if size > max_bytes:
             raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
-        data = self.read_bytes(name, 0, max_bytes + 1)  # never more, whatever the size said (a device file)
-        if len(data) > max_bytes:
-            raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
+        # one byte past the stated size, never more: a read asks for (and allocates) what it may get
+        data = self.read_bytes(name, 0, size + 1)
+        if len(data) > size:  # a device file, or one still being written
+            raise ValueError(f"{self.describe(name)}: holds more than its stated size of {size} bytes")
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
