@@ -139,8 +139,9 @@ def train(**kw) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
 @click.option("--out", default=None, help="Also write the JSON report here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate_cmd(
-    model: str, caches: tuple[str, ...], batch_size: int, max_samples: int | None, out: str | None
+    model: str, caches: tuple[str, ...], batch_size: int, max_samples: int | None, out: str | None, no_progress: bool
 ) -> None:
     """Held-out KL to the teacher, NLL of the labels, top-1 agreement; by domain; JSON."""
     import json
@@ -151,7 +152,7 @@ def evaluate_cmd(
     if out and not Path(out).resolve().parent.is_dir():  # before the work, not after it
         raise UserError(f"--out {out}: folder {Path(out).resolve().parent} does not exist")
     try:
-        report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples)
+        report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples, progress=not no_progress)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
     text = json.dumps(report, indent=2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm import tqdm
 
 from student_train import losses
 from student_train.checks import check_student_matches
@@ -18,6 +21,7 @@ def evaluate(
     batch_size: int = 8,
     max_samples: int | None = None,
     temperature: float = 1.0,
+    progress: bool = False,
 ) -> dict:
     """Held-out KL to the teacher (over the cached k+1 outcomes), NLL of the labels, top-1 agreement.
 
@@ -43,8 +47,10 @@ def evaluate(
     kind = caches[0].kind
     sums = {g: {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0} for g in ("domain", "general")}
     shards = ShardCache(caches, size=1)  # items run shard by shard
+    bar = tqdm(total=len(items), desc="evaluating", unit="sample", file=sys.stderr, disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
+        bar.update(len(chunk))
         b = collate(chunk, plan.domain_caches, attention=False)
         hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
         # hidden float32 [B, T, D] -> the target positions' rows [P, D] -> logits float32 [P, V]
@@ -73,6 +79,7 @@ def evaluate(
             g["positions"] += n
         for c, _ in chunk:
             sums["domain" if c in plan.domain_caches else "general"]["samples"] += 1
+    bar.close()
     report = {}
     total = {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
     for group, g in sums.items():

@@ -155,12 +155,13 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("cache_dir")
-def verify(cache_dir: str) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def verify(cache_dir: str, no_progress: bool) -> None:
     """Check every shard's checksum, schema and value bounds; exit 1 on any problem."""
     from teacher_cache.inspection import verify as verify_cache
 
     try:
-        problems, checked = verify_cache(cache_dir)
+        problems, checked = verify_cache(cache_dir, progress=not no_progress)
     except (ValueError, OSError) as e:
         raise UserError(one_line(e)) from None
     for p in problems:
@@ -173,12 +174,13 @@ def verify(cache_dir: str) -> None:
 @main.command()
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--out", required=True, help="New directory for the merged cache.")
-def merge(caches: tuple[str, ...], out: str) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     """Join compatible caches (workers, days) into OUT; explain exactly why when they are not."""
     from teacher_cache.merge import merge as merge_caches
 
     try:
-        m = merge_caches(list(caches), out)
+        m = merge_caches(list(caches), out, progress=not no_progress)
     except OSError as e:
         if e.errno in DISK_FULL:  # merges do not resume: the shards copied so far are whole, but start over
             raise UserError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from teacher_cache.cache import open_cache
@@ -46,8 +48,10 @@ def summary(path: str) -> dict:
     }
 
 
-def verify(path: str) -> tuple[list[str], int]:
+def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     """Decode every row of every shard; return (problems, samples checked)."""
+    from tqdm import tqdm
+
     cache = open_cache(path)
     problems: list[str] = []
     checked = 0
@@ -56,13 +60,16 @@ def verify(path: str) -> tuple[list[str], int]:
     mass_tol = 0.03 + cache.manifest["targets"].get("logprob_error", MAX_ERROR)
     for extra in (n for n in cache.where.glob(SHARD_GLOB) if n not in listed):
         problems.append(f"{extra}: shard file not listed in the manifest")
-    for name in cache.shard_names:
-        try:
-            for s in cache.iter_shard(name):
-                problems.extend(_bounds(s, name, mass_tol))
-                checked += 1
-        except ShardError as e:
-            problems.append(str(e))
+    total = cache.manifest["counts"]["samples"]
+    with tqdm(total=total, desc="verifying", unit="sample", file=sys.stderr, disable=not progress) as bar:
+        for name in cache.shard_names:
+            try:
+                for s in cache.iter_shard(name):
+                    problems.extend(_bounds(s, name, mass_tol))
+                    checked += 1
+                    bar.update(1)
+            except ShardError as e:
+                problems.append(str(e))
     return problems, checked
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -78,21 +79,27 @@ class _ShardPlan(NamedTuple):
 
     cache: Cache
     entry: dict  # the shard's entry in its cache's manifest
-    table: pa.Table  # its rows, read and checked
+    config_hash: str  # from the shard's own schema metadata
     keep: list[int] | None  # indices of the rows to keep; None: all, the shard is copied as it is
 
 
-def merge(paths: list[str], out: str) -> dict:
-    """Merge caches into `out` (a new directory or URL); returns the merged manifest."""
+def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
+    """Merge caches into `out` (a new directory or URL); returns the merged manifest.
+
+    Shards are read one at a time (memory: one shard and a digest per sample id), twice for a
+    shard that loses duplicate rows: once to plan, once to rewrite it."""
     if len(paths) < 2:
         raise MergeError("merge needs at least two caches")
     dest = Location(out)
     _check_dest(dest)
     caches = [open_cache(p) for p in paths]
     check_compatible(caches)
-    plans, duplicates = _plan(caches)
+    n_shards = sum(len(c.manifest["shards"]) for c in caches)
+    with _bar(progress, n_shards, "checking") as bar:
+        plans, duplicates = _plan(caches, bar)
     dest.makedirs()
-    shards = _write_shards(dest, plans)
+    with _bar(progress, len(plans), "writing") as bar:
+        shards = _write_shards(dest, plans, bar)
     manifest = _merged_manifest(caches, shards, duplicates)
     dest.write_json(MANIFEST, manifest)
     open_cache(dest)  # the result must pass the same checks as any cache
@@ -108,7 +115,14 @@ def _check_dest(dest: Location) -> None:
         raise MergeError(f"{dest} exists and is not empty")
 
 
-def _plan(caches: list[Cache]) -> tuple[list[_ShardPlan], int]:
+def _bar(enabled: bool, total: int, desc: str):
+    """A progress bar over shards on stderr (a no-op when disabled)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=not enabled)
+
+
+def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], int]:
     """Every source shard in order with the rows it keeps, and how many rows repeat a sample
     id seen before with identical content (dropped); a repeat with other content raises."""
     seen: dict[str, tuple[str, str, dict]] = {}  # sample id -> (row digest, where, backend)
@@ -116,10 +130,12 @@ def _plan(caches: list[Cache]) -> tuple[list[_ShardPlan], int]:
     duplicates = 0
     for cache in caches:
         for entry in cache.manifest["shards"]:
-            table = cache.read_table(entry["name"])
+            table = cache.read_table(entry["name"])  # checked; dropped once planned
+            chash = shard_metadata(table.schema, entry["name"])["config_hash"]
             keep, dropped = _new_rows(cache, entry, table, seen)
-            plans.append(_ShardPlan(cache, entry, table, None if not dropped else keep))
+            plans.append(_ShardPlan(cache, entry, chash, None if not dropped else keep))
             duplicates += dropped
+            bar.update(1)
     return plans, duplicates
 
 
@@ -146,13 +162,13 @@ def _new_rows(
     return keep, dropped
 
 
-def _write_shards(dest: Location, plans: list[_ShardPlan]) -> list[dict]:
+def _write_shards(dest: Location, plans: list[_ShardPlan], bar) -> list[dict]:
     """Copy or rewrite each planned shard into `dest` as worker 0's shard of the same index
     (a shard that keeps no row leaves a gap); returns their manifest entries."""
     shards = []
-    for index, (cache, entry, table, keep) in enumerate(plans):
+    for index, (cache, entry, chash, keep) in enumerate(plans):
+        bar.update(1)
         name = shard_name(0, index)
-        chash = shard_metadata(table.schema, entry["name"])["config_hash"]
         origin = cache.where.describe(entry["name"])
         if keep is None:  # the shard's bytes are kept as they are (its metadata names its old name)
             dest.copy_from(cache.where, entry["name"], name)
@@ -160,7 +176,7 @@ def _write_shards(dest: Location, plans: list[_ShardPlan]) -> list[dict]:
             continue
         if not keep:
             continue
-        info = _rewrite_shard(dest, name, chash, table, keep)
+        info = _rewrite_shard(dest, name, chash, cache.read_table(entry["name"]), keep)  # read (and checked) again
         # rows carry no truncation flag: a rewritten shard keeps its source's count as an upper bound
         shards.append(
             {

@@ -667,7 +667,7 @@ def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path):
     assert result["step"] == 2 and all(np.isfinite(r["kd"]) for r in metrics(tmp_path / "r"))
 
 
-def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher):
+def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher, capsys):
     """`student-train eval` figures recomputed one sample at a time from the model's logits. The
     model is the teacher itself: it agrees with its own cached top-1, so a wrong column shows."""
     import torch.nn.functional as F
@@ -676,7 +676,9 @@ def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher):
     from student_train import losses
     from student_train.evaluate import evaluate
 
-    report = evaluate(str(kd_teacher), [str(kd_cache)], batch_size=5)
+    report = evaluate(str(kd_teacher), [str(kd_cache)], batch_size=5, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluating: 100%" in err and "12/12" in err  # progress, on stderr
     model = AutoModelForCausalLM.from_pretrained(kd_teacher, dtype=torch.float32).eval()
     kl = nll = agree = n = 0.0
     with torch.no_grad():

@@ -88,6 +88,9 @@ def refused(cache: Path, match: str) -> None:
 def test_verify_passes_an_untouched_cache(good_cache):
     done = subprocess.run([*CLI, "verify", str(good_cache)], capture_output=True, text=True)
     assert done.returncode == 0 and "ok: 12 samples" in done.stdout
+    assert "verifying: 100%" in done.stderr and "12/12" in done.stderr  # progress, on stderr
+    quiet = subprocess.run([*CLI, "verify", str(good_cache), "--no-progress"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == ""
 
 
 def test_flipped_byte_fails_the_checksum(cache):
@@ -361,6 +364,7 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
     )
     assert done.returncode == 0, done.stderr
     assert "12 samples" in done.stdout and "10 duplicate rows kept once" in done.stdout
+    assert "checking: 100%" in done.stderr and "writing: 100%" in done.stderr  # progress over shards
     merged = open_cache(tmp_path / "m")
     assert merged.manifest["codec_version"] == codec.CODEC_VERSION
     assert sorted(s.sample_id for s in merged) == sorted(s.sample_id for s in [*open_cache(a), *open_cache(b)])
@@ -411,7 +415,7 @@ def test_merge_onto_a_full_disk_leaves_no_partial_shard(tmp_path, good_cache):
     pages = [-(-p.stat().st_size // 4096) for p in shards]  # tmpfs allocates whole 4 KiB pages
     room = 4096 * sum(pages[: len(pages) // 2])
     env = {**os.environ, "DISK": str(disk), "OUTSIDE": str(outside), "ROOM": str(room)}
-    args = [*CLI, "merge", str(good_cache), str(good_cache), "--out", str(disk / "m")]
+    args = [*CLI, "merge", str(good_cache), str(good_cache), "--out", str(disk / "m"), "--no-progress"]
     done = subprocess.run(["unshare", "-rm", "bash", "-c", MERGE_ONTO_A_FULL_DISK, "-", *args], env=env, timeout=600)
     assert done.returncode == 0, f"the namespace script failed ({done.returncode})"
     err = (outside / "merge.err").read_text()
@@ -453,3 +457,24 @@ def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_
     (dest / "notes.txt").write_text("mine")
     with pytest.raises(MergeError, match="exists and is not empty"):
         merge([str(good_cache), str(good_cache)], str(dest))
+
+
+def test_reading_a_manifest_allocates_its_size_not_the_limit(good_cache, tmp_path):
+    """The read asks for the stated size + 1 byte (a read allocates what it asks for: 256 MiB per
+    open_cache before); more bytes than stated (a device file, a file being written) are refused."""
+    import tracemalloc
+
+    from teacher_cache.storage import Location
+
+    tracemalloc.start()
+    try:
+        open_cache(good_cache)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak} bytes at peak"
+    with pytest.raises(ValueError, match="holds more than its stated size of 0 bytes"):
+        Location("/dev").read_json("zero", 1 << 20)
+    (tmp_path / "m.json").write_text("[" + "1," * 100 + "1]")
+    with pytest.raises(ValueError, match=r"implausibly large \(203 bytes\)"):
+        Location(tmp_path).read_json("m.json", 100)
