@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,34 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+class SmallDisk:
+    """A real device that fills up: a tmpfs mounted at `disk` inside a private user + mount
+    namespace (`unshare -rm`, no root needed). The mount lives as long as one bash script, so each
+    test runs its commands in `run` and leaves what it wants to check in `outside`."""
+
+    def __init__(self, root: Path) -> None:
+        self.disk, self.outside = root / "disk", root / "outside"
+        self.disk.mkdir()
+        self.outside.mkdir()
+
+    def run(self, script: str, args: list[str], size: int | str) -> None:
+        """Mount a tmpfs of `size` bytes (or "4m") at $DISK, then run `script` with "$@" = args."""
+        mount = f'set -u\nmount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97\n'
+        env = {**os.environ, "DISK": str(self.disk), "OUTSIDE": str(self.outside)}
+        done = subprocess.run(["unshare", "-rm", "bash", "-c", mount + script, "-", *args], env=env, timeout=600)
+        assert done.returncode == 0, f"the namespace script failed ({done.returncode})"
+
+    def read(self, name: str) -> str:
+        return (self.outside / name).read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    """Skips where mounting a tmpfs in a user + mount namespace is not permitted."""
+    disk = SmallDisk(tmp_path)
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk.disk)]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs in a user + mount namespace (unshare -rm) is not permitted here")
+    return disk

@@ -448,9 +448,6 @@ def test_malformed_worker_part_is_one_line_naming_the_fix(tmp_path, chats_file, 
 
 
 FULL_DISK = """
-set -u
-mount -t tmpfs -o size=20k tmpfs "$1" || exit 97   # a device with room for ~2 shards
-shift
 "$@" 2> "$OUTSIDE/first.err"; echo $? > "$OUTSIDE/first.rc"
 cp -a "$DISK/c" "$OUTSIDE/after_first"
 mount -o remount,size=4m "$DISK"                   # space freed
@@ -460,21 +457,14 @@ cp -a "$DISK/c" "$OUTSIDE/final"
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, chats_file):
-    """A real full device: a 20 KiB tmpfs in a private mount namespace (`unshare`, no root needed)."""
-    disk, outside = tmp_path / "disk", tmp_path / "outside"
-    disk.mkdir()
-    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=20k", "tmpfs", str(disk)]
-    if subprocess.run(probe, capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs in a user + mount namespace (unshare -rm) is not permitted here")
-    outside.mkdir()
+def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, chats_file, small_disk):
+    """A real full device with room for ~2 shards: one line, finished shards kept, resume completes."""
+    disk, outside = small_disk.disk, small_disk.outside
     args = [*CLI, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(disk / "c"),
             "--backend", "hf", "--top-k", "8", "--shard-size", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
-    env = {**os.environ, "DISK": str(disk), "OUTSIDE": str(outside)}
-    done = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK, "-", str(disk), *args], env=env, timeout=600)
-    assert done.returncode == 0, f"the namespace script failed ({done.returncode})"
-    first_err = (outside / "first.err").read_text()
-    assert (outside / "first.rc").read_text().strip() == "1" and "Traceback" not in first_err, first_err
+    small_disk.run(FULL_DISK, args, size="20k")
+    first_err = small_disk.read("first.err")
+    assert small_disk.read("first.rc").strip() == "1" and "Traceback" not in first_err, first_err
     assert first_err.strip().splitlines()[-1] == (
         f"Error: no space left on the device of {disk / 'c'}: finished shards are kept; free space and run the same "
         "command again to resume"
@@ -486,8 +476,8 @@ def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, cha
     assert [s["sha256"] for s in kept] == [s["sha256"] for s in final[: len(kept)]]
     for s in kept:
         assert (outside / "after_first" / s["name"]).read_bytes() == (outside / "final" / s["name"]).read_bytes()
-    second_err = (outside / "second.err").read_text()
-    assert (outside / "second.rc").read_text().strip() == "0", second_err
+    second_err = small_disk.read("second.err")
+    assert small_disk.read("second.rc").strip() == "0", second_err
     assert f"resuming: {len(kept)} shards already durable" in second_err
     clean = tmp_path / "clean"
     run(cfg(chats_file, clean, shard_size=2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -394,7 +393,6 @@ def test_merge_from_another_filesystem_copies_whole_files(tmp_path, good_cache):
 
 
 MERGE_ONTO_A_FULL_DISK = """
-mount -t tmpfs -o size="$ROOM" tmpfs "$DISK" || exit 97
 "$@" 2> "$OUTSIDE/merge.err"; echo $? > "$OUTSIDE/merge.rc"
 cp -a "$DISK/m" "$OUTSIDE/left"
 "$@" 2> "$OUTSIDE/again.err"; echo $? > "$OUTSIDE/again.rc"
@@ -402,34 +400,26 @@ cp -a "$DISK/m" "$OUTSIDE/left"
 
 
 @pytest.mark.slow
-def test_merge_onto_a_full_disk_leaves_no_partial_shard(tmp_path, good_cache):
-    """A real full device (a tmpfs in a user + mount namespace, no root) with room for about half the
-    shards: one line, every shard left under its name whole, no spool, and a retry names the leftovers."""
-    disk, outside = tmp_path / "disk", tmp_path / "outside"
-    disk.mkdir()
-    outside.mkdir()
-    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
-    if subprocess.run(probe, capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs in a user + mount namespace (unshare -rm) is not permitted here")
+def test_merge_onto_a_full_disk_leaves_no_partial_shard(good_cache, small_disk):
+    """A real full device with room for about half the shards: one line, every shard left under its
+    name whole, no spool, and a retry names the leftovers."""
+    dest = small_disk.disk / "m"
     shards = sorted(good_cache.glob("shard-*.arrow"))
     pages = [-(-p.stat().st_size // 4096) for p in shards]  # tmpfs allocates whole 4 KiB pages
-    room = 4096 * sum(pages[: len(pages) // 2])
-    env = {**os.environ, "DISK": str(disk), "OUTSIDE": str(outside), "ROOM": str(room)}
-    args = [*CLI, "merge", str(good_cache), str(good_cache), "--out", str(disk / "m"), "--no-progress"]
-    done = subprocess.run(["unshare", "-rm", "bash", "-c", MERGE_ONTO_A_FULL_DISK, "-", *args], env=env, timeout=600)
-    assert done.returncode == 0, f"the namespace script failed ({done.returncode})"
-    err = (outside / "merge.err").read_text()
-    assert (outside / "merge.rc").read_text().strip() == "1" and "Traceback" not in err, err
+    args = [*CLI, "merge", str(good_cache), str(good_cache), "--out", str(dest), "--no-progress"]
+    small_disk.run(MERGE_ONTO_A_FULL_DISK, args, size=4096 * sum(pages[: len(pages) // 2]))
+    err = small_disk.read("merge.err")
+    assert small_disk.read("merge.rc").strip() == "1" and "Traceback" not in err, err
     (line,) = err.strip().splitlines()
     assert line == (
-        f"Error: no space left on the device of {disk / 'm'}: the merge is unfinished; free space, delete "
-        f"{disk / 'm'} and merge again"
+        f"Error: no space left on the device of {dest}: the merge is unfinished; free space, delete {dest} "
+        "and merge again"
     )
     whole = {hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
-    left = sorted((outside / "left").iterdir())
+    left = sorted((small_disk.outside / "left").iterdir())
     assert left and all(p.name.startswith("shard-") and p.name.endswith(".arrow") for p in left), left
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() in whole for p in left), "a partial shard was left"
-    assert "holds an unfinished merge" in (outside / "again.err").read_text()
+    assert "holds an unfinished merge" in small_disk.read("again.err")
 
 
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
