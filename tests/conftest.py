@@ -130,6 +130,56 @@ def s3_server():
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-protocol server (gcp-storage-emulator, its own process) on loopback, and a bucket.
+
+    gcsfs reaches it through STORAGE_EMULATOR_HOST, and fsspec's FSSPEC_GS_* variables give every
+    gs:// filesystem (here and in the CLI processes) anonymous access, as a user would configure it.
+    gcsfs's probe for hierarchical-namespace buckets (gRPC, which the emulator does not speak) is off.
+    """
+    import socket
+    import sys
+    import time
+
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen([*cmd, "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "FSSPEC_GS_TOKEN": "anon",
+        "FSSPEC_GS_PROJECT": "teacher-cache-tests",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf["gs"] = {"token": "anon", "project": "teacher-cache-tests"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("the GCS emulator did not start") from None
+            time.sleep(0.2)
+    fsspec.filesystem("gs").mkdir("tc-tests")
+    yield "gs://tc-tests"
+    server.kill()
+    server.wait()
+    fsspec.config.conf.pop("gs", None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 class SmallDisk:
     """A real device that fills up: a tmpfs mounted at `disk` inside a private user + mount
     namespace (`unshare -rm`, no root needed). The mount lives as long as one bash script, so each
