@@ -60,22 +60,39 @@ def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     mass_tol = 0.03 + cache.manifest["targets"].get("logprob_error", MAX_ERROR)
     for extra in (n for n in cache.where.glob(SHARD_GLOB) if n not in listed):
         problems.append(f"{extra}: shard file not listed in the manifest")
-    total = cache.manifest["counts"]["samples"]
-    with tqdm(total=total, desc="verifying", unit="sample", file=sys.stderr, disable=not progress) as bar:
+    m = cache.manifest
+    sums = {"tokens": 0, "target_positions": 0}  # over every row read, against the manifest's counts
+    read_all = True
+    with tqdm(
+        total=m["counts"]["samples"], desc="verifying", unit="sample", file=sys.stderr, disable=not progress
+    ) as bar:
         for name in cache.shard_names:
+            shard = {"tokens": 0, "target_positions": 0}
             try:
                 for s in cache.iter_shard(name):
-                    problems.extend(_bounds(s, name, mass_tol))
+                    problems.extend(_bounds(s, name, mass_tol, m["source"]))
+                    shard["tokens"] += len(s.input_ids)
+                    shard["target_positions"] += len(s.target_positions)
                     checked += 1
                     bar.update(1)
             except ShardError as e:
                 problems.append(str(e))
+                read_all = False
+                continue
+            entry = cache.entry(name)
+            for key, n in shard.items():
+                sums[key] += n
+                if key in entry and entry[key] != n:
+                    problems.append(f"{name}: rows hold {n} {key}, its entry says {entry[key]}")
+    for key, n in sums.items():
+        if read_all and m["counts"][key] != n:  # the totals are known only when every row was read
+            problems.append(f"counts.{key}: rows hold {n}, the manifest says {m['counts'][key]}")
     return problems, checked
 
 
-def _bounds(s, shard: str, mass_tol: float) -> list[str]:
+def _bounds(s, shard: str, mass_tol: float, source: str) -> list[str]:
     where = f"{shard} sample {s.sample_id}"
-    out = []
+    out = [] if s.source == source else [f"{where}: source tag {s.source!r}, the manifest's is {source!r}"]
     if s.topk_logprobs is not None:
         lp = s.topk_logprobs
         if np.any(lp > 1e-3) or np.any(np.isnan(lp)):

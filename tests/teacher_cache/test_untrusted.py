@@ -250,6 +250,26 @@ def test_sampled_rows_with_another_number_of_draws(tmp_path, chats_file):
     refused(out, r"row 0: sampled targets for .* positions / 7 draws, expected \d+ / 16")
 
 
+def test_verify_reports_counts_and_source_tags_the_rows_do_not_bear_out(cache):
+    """Recorded, not used to decide anything, so the reader passes them; verify reads every row."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    first = m["shards"][0]
+    first["tokens"] += 1
+    m["counts"]["target_positions"] -= 2
+    m["source"] = "someone-else"
+    mpath.write_text(json.dumps(m))
+    assert len(list(open_cache(cache))) == 12
+    done = subprocess.run([*CLI, "verify", str(cache), "--no-progress"], capture_output=True, text=True)
+    problems = [ln for ln in done.stderr.splitlines() if ln.startswith("PROBLEM")]
+    tokens, positions = first["tokens"] - 1, m["counts"]["target_positions"] + 2
+    assert done.returncode == 1 and len(problems) == 14
+    assert f"PROBLEM: {first['name']}: rows hold {tokens} tokens, its entry says {tokens + 1}" in problems
+    assert f"PROBLEM: counts.target_positions: rows hold {positions}, the manifest says {positions - 2}" in problems
+    tags = [p for p in problems if "source tag 'tiny-mixtral', the manifest's is 'someone-else'" in p]
+    assert len(tags) == 12  # one per row
+
+
 def test_shard_not_in_manifest_is_reported(cache):
     shutil.copy(first_shard(cache), cache / "shard-w00009-000000.arrow")
     done = subprocess.run([*CLI, "verify", str(cache)], capture_output=True, text=True)
