@@ -62,6 +62,18 @@ def topk_of(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return ids.astype(np.int64), lp, tail
 
 
+def zipf_topk(P: int, k: int = 16, V: int = 70000, U: int = 3000, seed: int = 0):
+    """Top-k rows whose ids follow a Zipf law over U ids scattered over [0, V), so frequent ids
+    are not the small ones: the encoder picks a dictionary id mode (1 at P = 64, 2 at P = 128).
+    -> ids int64 [P, k], logprobs float32 [P, k] descending, tail float32 [P]."""
+    rng = np.random.default_rng(seed)
+    vocab = rng.choice(V, U, replace=False)  # [U] in no particular order
+    w = 1 / np.arange(1, U + 1) ** 1.5  # [U]
+    ids = np.stack([vocab[rng.choice(U, k, replace=False, p=w / w.sum())] for _ in range(P)])  # [P, k]
+    lp = -np.cumsum(rng.exponential(1.0, (P, k)), axis=1).astype(np.float32)  # [P, k]
+    return ids.astype(np.int64), lp, np.full(P, -3.0, np.float32)
+
+
 def sample_counts(rng: np.random.Generator, logprobs: np.ndarray, n: int):
     """n draws with replacement per row -> offsets int64 [P+1], ids int64 [N], counts int64 [N]."""
     p = np.exp(logprobs.astype(np.float64))
@@ -203,6 +215,17 @@ def test_topk_all_neg_inf_rows_and_narrow_id_dtypes():
     tail = np.array([-np.inf, -2.4], np.float32)
     _, lp2, tail2 = check_topk(ids.astype(np.int64), lp, tail, encode_topk(ids, lp, tail, vocab_size=4), 4)
     assert np.isneginf(lp2[0]).all() and np.isneginf(tail2[0])
+
+
+def test_dictionary_ordered_by_count_roundtrips_with_tied_counts():
+    """Id mode 2 orders the dictionary by count with ties in id order, on both sides: an encoder
+    or decoder whose sort is not stable there would map indexes to the wrong ids."""
+    ids, lp, tail = zipf_topk(P=128)
+    blob = encode_topk(ids, lp, tail, vocab_size=70000)
+    assert blob[6] == codec.ID_DICT_BY_COUNT
+    _, counts = np.unique(ids, return_counts=True)
+    assert (np.diff(np.sort(counts)) == 0).sum() > 100  # many ids share a count
+    check_topk(ids, lp, tail, blob, 70000)
 
 
 @pytest.mark.parametrize(
@@ -393,12 +416,21 @@ def test_topk_header_lies_raise_named_error(offset, fmt, lie, match):
 
 
 def test_ids_out_of_vocab_are_rejected_even_with_valid_checksum():
-    for V in (5000, 70000):  # plain / dictionary ids, 2- and 3-byte planes
+    for V in (5000, 70000):  # plain ids, 2- and 3-byte planes
         ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(6), 30, 5000), 8)
         ids[0, 0] = V - 1  # the largest id sits at the top of the vocabulary
-        lied = reseal(encode_topk(ids, lp, tail, vocab_size=V), 16, "<I", V - 1)
+        blob = encode_topk(ids, lp, tail, vocab_size=V)
+        assert blob[6] == codec.ID_PLAIN
         with pytest.raises(CodecError, match="outside vocab_size"):
-            decode_topk(lied, vocab_size=V - 1)
+            decode_topk(reseal(blob, 16, "<I", V - 1), vocab_size=V - 1)
+    for P, mode in ((64, codec.ID_DICT), (128, codec.ID_DICT_BY_COUNT)):  # the dictionary's last entry
+        ids, lp, tail = zipf_topk(P)
+        blob = encode_topk(ids, lp, tail, vocab_size=70000)
+        assert blob[6] == mode
+        top = int(ids.max())
+        decode_topk(reseal(blob, 16, "<I", top + 1), vocab_size=top + 1)
+        with pytest.raises(CodecError, match="outside vocab_size"):
+            decode_topk(reseal(blob, 16, "<I", top), vocab_size=top)
     blob = small_sampled_blob()
     top = int(decode_sampled(blob, vocab_size=5000)[1].max())
     with pytest.raises(CodecError, match="outside vocab_size"):
