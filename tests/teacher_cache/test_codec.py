@@ -228,6 +228,44 @@ def test_dictionary_ordered_by_count_roundtrips_with_tied_counts():
     check_topk(ids, lp, tail, blob, 70000)
 
 
+def test_neg_inf_after_a_row_spanning_the_coarse_region_roundtrips():
+    """-inf entries repeat the last finite code (delta 0). Were their codes left at 0, the
+    negative delta would wrap in its byte planes and a valid row could decode past the code
+    limit."""
+    ids = np.array([[0, 1, 2], [3, 4, 5]])
+    lp = np.array([[-5000.0, -9999.0, -np.inf], [0.0, -300.0, -np.inf]], np.float32)
+    tail = np.array([-np.inf, -1.0], np.float32)
+    check_topk(ids, lp, tail, encode_topk(ids, lp, tail, vocab_size=6), 6)
+
+
+def test_logprobs_below_the_floor_are_clamped_to_it():
+    """The documented floor is -10000 nats: -5000 is kept (to the coarse step), -20000 reads
+    back as -10000, and so does a tail below it."""
+    ids = np.array([[0, 1, 2]])
+    lp = np.array([[0.0, -5000.0, -20000.0]], np.float32)
+    _, lp2, tail2 = decode_topk(encode_topk(ids, lp, np.array([-20000.0], np.float32), vocab_size=3), vocab_size=3)
+    np.testing.assert_allclose(lp2[0], [0.0, -5000.0, -10000.0], atol=BOUND["logprob_abs_err_below_fine_region"])
+    assert abs(tail2[0] + 10000.0) <= BOUND["tail_logprob_abs_err"] + 1e-3
+
+
+def test_rounding_noise_above_zero_reads_as_zero():
+    """float32 log-softmax can give a top-1 a hair above 0: up to 0.02 is accepted as 0."""
+    ids = np.array([[4, 2]])
+    lp = np.array([[1e-6, -1.0]], np.float32)
+    tail = np.array([0.019], np.float32)
+    _, lp2, tail2 = decode_topk(encode_topk(ids, lp, tail, vocab_size=5), vocab_size=5)
+    assert lp2[0, 0] == 0.0 and tail2[0] == 0.0 and abs(lp2[0, 1] + 1.0) <= BOUND["logprob_abs_err_within_10_nats"]
+
+
+@pytest.mark.parametrize("V", [0, True, 2**32, 5.0])
+def test_vocab_size_is_checked_even_for_an_empty_block(V):
+    """vocab_size must be an int in [1, 2**32), whatever the block holds (a bool is not an int)."""
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        encode_sampled(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), vocab_size=V, num_draws=1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        encode_topk(np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32), np.zeros(0, np.float32), vocab_size=V)
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [
@@ -318,6 +356,7 @@ def test_sampled_realistic_size():
         ([1, 2], [1, 2], [1, 1], 5, 2, "start at 0"),
         ([0, 3], [1, 2], [1, 1], 5, 2, "end at len"),
         ([0, 2], [1, 2], [1, 1], 5, 0, "num_draws"),
+        ([0, 1], [1], [2**31], 5, 2**31, "num_draws"),  # counts decode as int32
         ([0, 2], [1, 2], [1], 5, 2, r"\[N\]"),
     ],
 )
