@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 import zlib
@@ -523,8 +524,15 @@ def test_limits_are_enforced():
         decode_topk(blob, vocab_size=5000, max_k=7)
     with pytest.raises(CodecError, match="vocab_size"):
         decode_topk(blob, vocab_size=4999)
-    ids, _, _ = decode_topk(blob, vocab_size=5000, max_positions=24, max_k=8)
+    with pytest.raises(CodecError, match="max_entries"):
+        decode_topk(blob, vocab_size=5000, max_entries=24 * 8 - 1)
+    ids, _, _ = decode_topk(blob, vocab_size=5000, max_positions=24, max_k=8, max_entries=24 * 8)
     assert ids.shape == (24, 8)
+    sampled = small_sampled_blob()
+    N = len(decode_sampled(sampled, vocab_size=5000)[1])
+    with pytest.raises(CodecError, match="max_entries"):
+        decode_sampled(sampled, vocab_size=5000, max_entries=N - 1)
+    assert len(decode_sampled(sampled, vocab_size=5000, max_positions=24, max_entries=N)[1]) == N
 
 
 def test_documented_error_bounds_hold_and_are_tight():
@@ -609,6 +617,168 @@ def test_sampled_blocks_gap_code_ids_within_a_position():
         decode_sampled(reseal(blob, 4, "<B", 1), vocab_size=5000)
     with pytest.raises(CodecError, match="id mode 3"):
         decode_topk(reseal(small_topk_blob(), 6, "<B", codec.ID_DICT_ROW_GAPS), vocab_size=5000)
+
+
+def forge(blob: bytes, header: struct.Struct, edit, keep_raw_len: bool = False) -> bytes:
+    """The blob with its header fields and payload rewritten by edit(fields: list, raw: uint8
+    array) -> raw, then frames, comp_len, raw_len (unless keep_raw_len) and checksum made
+    consistent again: only the edit lies."""
+    fields, frames = codec._open(blob, header, blob[5])
+    fields = list(fields)
+    raw = np.asarray(edit(fields, codec._decompress(frames, fields[-2]).copy()), np.uint8)
+    new = codec._compress([raw.tobytes()], codec.ZSTD_LEVEL)
+    fields[4], fields[-1] = len(new), sum(map(len, new))
+    if not keep_raw_len:
+        fields[-2] = raw.size
+    return codec._finish(header.pack(*fields), new)
+
+
+def streams_at(fields: list) -> dict[str, tuple[int, int, int]]:
+    """Where each payload stream of a blob with these header fields lies: name -> (first byte,
+    values n, width nb), in format order (docs/CODEC.md)."""
+    P, U = fields[5], fields[8]
+    if fields[2] == codec.KIND_TOPK:
+        k = fields[6]
+        nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx = fields[9:16]
+        spec = [("top1", P, nb_a), ("missing", P, nb_m), ("tail", P, nb_t), ("delta", P * (k - 1), nb_d)]
+        spec += [("gap", U, nb_gap), ("count", U, nb_cnt), ("index", P * k, nb_idx)]
+    else:
+        N = fields[6]
+        nb_len, nb_cnt, nb_gap, nb_dc, nb_idx = fields[10:15]
+        spec = [
+            ("len", P, nb_len),
+            ("cnt", N - P, nb_cnt),
+            ("gap", U, nb_gap),
+            ("count", U, nb_dc),
+            ("index", N, nb_idx),
+        ]
+    out, pos = {}, 0
+    for name, n, nb in spec:
+        out[name] = (pos, n, nb)
+        pos += n * nb
+    return out
+
+
+def put(fields: list, raw: np.ndarray, stream: str, i: int, value: int) -> np.ndarray:
+    """Set value i of a plane-coded payload stream (it must fit the stream's width)."""
+    start, n, nb = streams_at(fields)[stream]
+    assert 0 <= value < 1 << 8 * nb and i < n, (stream, value, nb)
+    for b in range(nb):
+        raw[start + b * n + i] = (value >> 8 * b) & 0xFF
+    return raw
+
+
+def widen_index(fields: list, raw: np.ndarray) -> np.ndarray:
+    """Plain ids stored 8 bytes wide, the first with its top bit set (a negative int64)."""
+    start, n, nb = streams_at(fields)["index"]
+    planes = np.zeros((8, n), np.uint8)
+    planes[:nb] = raw[start : start + n * nb].reshape(nb, n)
+    planes[7, 0] = 0x80
+    fields[TOPK_NB_INDEX] = 8
+    return np.concatenate([raw[:start], planes.reshape(-1)])
+
+
+@functools.cache
+def lie_blobs() -> dict[str, bytes]:
+    """Small blobs whose payload the lies below edit: plain (mode 0), dictionary (modes 1 and 2),
+    a block near the log-prob floor (3-byte codes, -inf entries), k = V, and sampled."""
+    lp = np.array([[-9000.0, -9000.0], [-0.5, -np.inf]], np.float32)
+    floor = encode_topk(np.array([[0, 1], [2, 3]]), lp, np.array([-9500.0, -np.inf], np.float32), vocab_size=10)
+    full = np.array([[3, 0, 7, 1, 6, 2, 5, 4]])
+    return {
+        "plain": small_topk_blob(),
+        "dict": encode_topk(*zipf_topk(64), vocab_size=70000),
+        "by_count": encode_topk(*zipf_topk(128), vocab_size=70000),
+        "floor": floor,
+        "k_is_V": encode_topk(
+            full, -np.arange(8, dtype=np.float32)[None], np.full(1, -np.inf, np.float32), vocab_size=8
+        ),
+        "sampled": small_sampled_blob(),
+        "one_draw_count": encode_sampled(
+            np.array([0, 1]), np.array([5]), np.array([2**31 - 1]), vocab_size=10, num_draws=2**31 - 1
+        ),
+    }
+
+
+def first_pair(fields: list, raw: np.ndarray) -> np.ndarray:
+    """Sampled plain ids: give a position's second entry the id of its first."""
+    start, n, nb = streams_at(fields)["index"]
+    ids = codec._from_planes(raw[start : start + n * nb], n, nb)
+    offsets = decode_sampled(lie_blobs()["sampled"], vocab_size=5000)[0]
+    p = int(np.flatnonzero(np.diff(offsets) >= 2)[0])
+    return put(fields, raw, "index", int(offsets[p]) + 1, int(ids[offsets[p]]))
+
+
+LIMIT = (1 << 20) // 4  # the largest code a blob at the default step may hold (docs/CODEC.md)
+# header field indexes as header.unpack gives them (see the offsets above test_topk_header_lies_...)
+MODE, VOCAB, NUM_DRAWS, TOPK_NB_INDEX, SAMPLED_PAD = 3, 7, 9, 15, 15
+
+
+def field(i: int, value: int):
+    """An edit that sets header field i."""
+
+    def edit(fields: list, raw: np.ndarray) -> np.ndarray:
+        fields[i] = value
+        return raw
+
+    return edit
+
+
+def entry(stream: str, i: int, value):
+    """An edit that sets value i of a payload stream; value may be a function of the fields."""
+    return lambda fields, raw: put(fields, raw, stream, i, value(fields) if callable(value) else value)
+
+
+def chain(*edits):
+    def edit(fields: list, raw: np.ndarray) -> np.ndarray:
+        for e in edits:
+            raw = e(fields, raw)
+        return raw
+
+    return edit
+
+
+U = operator.itemgetter(8)  # the dictionary size field
+
+# name, blob, vocab_size to decode with, edit, keep_raw_len, error
+PAYLOAD_LIES = [
+    ("short payload", "plain", 5000, lambda f, r: r[:-1], True, "raw_len"),
+    ("index width 8", "plain", 5000, widen_index, False, "width"),
+    ("dictionary gap 0", "dict", 70000, entry("gap", 1, 0), False, "strictly increasing"),
+    ("dictionary gap 0, by count", "by_count", 70000, entry("gap", 1, 0), False, "strictly increasing"),
+    ("index = U", "dict", 70000, entry("index", 5, U), False, "outside dictionary"),
+    ("index = U, by count", "by_count", 70000, entry("index", 5, U), False, "outside dictionary"),
+    ("count width in mode 1", "by_count", 70000, field(MODE, codec.ID_DICT), False, "count width"),
+    ("k > V", "k_is_V", 7, chain(field(VOCAB, 7), entry("index", 2, 3)), False, "exceeds vocab_size"),
+    ("missing = k + 1", "floor", 10, entry("missing", 1, 3), False, "-inf entries"),
+    ("top-1 code past the limit", "floor", 10, entry("top1", 0, LIMIT + 1), False, "beyond limit"),
+    ("tail code past the limit", "floor", 10, entry("tail", 0, LIMIT + 2), False, "tail code"),
+    ("sampled duplicate id", "sampled", 5000, first_pair, False, "strictly ascending"),
+    ("sampled padding", "sampled", 5000, field(SAMPLED_PAD, 1), False, "width"),
+    ("num_draws = 2**31", "one_draw_count", 10, field(NUM_DRAWS, 2**31), False, "num_draws"),
+]
+
+
+@pytest.mark.parametrize("name,blob,V,edit,keep_raw_len,match", PAYLOAD_LIES, ids=[c[0] for c in PAYLOAD_LIES])
+def test_each_documented_content_check_refuses_its_lie(name, blob, V, edit, keep_raw_len, match):
+    """One lie per check of docs/CODEC.md "Validation", at the edge of what is allowed, with
+    frames and checksum made valid: each is refused by name, not decoded into wrong data
+    (duplicate or negative ids, a count that wraps int32, codes past the floor) or another error."""
+    clean = lie_blobs()[blob]
+    header = codec._TOPK_HEADER if clean[5] == codec.KIND_TOPK else codec._SAMPLED_HEADER
+    decode = decode_topk if clean[5] == codec.KIND_TOPK else decode_sampled
+    decode(clean, vocab_size=header.unpack_from(clean)[VOCAB])  # the edit, not the blob, is what is refused
+    with pytest.raises(CodecError, match=match):
+        decode(forge(clean, header, edit, keep_raw_len), vocab_size=V)
+
+
+def test_codes_at_the_limit_still_decode():
+    """The limit itself is allowed: a top-1 code of 2**20 // s and a tail code one above it (the
+    tail's code 0 means -inf) decode to -LIMIT * step."""
+
+    at_limit = chain(entry("top1", 0, LIMIT), entry("tail", 0, LIMIT + 1))
+    _, lp, tail = decode_topk(forge(lie_blobs()["floor"], codec._TOPK_HEADER, at_limit), vocab_size=10)
+    assert lp[0, 0] == lp[0, 1] == tail[0] == np.float32(-LIMIT * codec.STEP)
 
 
 _DECODERS = functools.cache(decoders)  # the blobs are built once for the property test below
