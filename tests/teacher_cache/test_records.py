@@ -157,6 +157,21 @@ def test_a_file_of_only_bad_records_is_skipped_not_called_empty(tmp_path):
     assert list(iter_records([str(p)], skip_bad=True, bad=bad)) == [] and len(bad) == 2
 
 
+def test_an_empty_file_is_reported_even_after_another_files_bad_record(tmp_path):
+    """With --skip-bad a file whose records were all skipped is not "empty"; a file with no
+    record at all is, whatever earlier files skipped (the check is per file)."""
+    a, empty = tmp_path / "a.jsonl", tmp_path / "empty.jsonl"
+    a.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{bad\n")
+    empty.write_text("\n")
+    bad: list[str] = []
+    with pytest.raises(DataFileError, match="empty.jsonl: no records"):
+        list(iter_records([str(a), str(empty)], skip_bad=True, bad=bad))
+    assert len(bad) == 1
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("{bad\n")
+    assert list(iter_records([str(only_bad)], skip_bad=True)) == []  # skipped, not empty, with or without a list
+
+
 def test_json_extension_is_read_as_json_lines_and_a_directory_is_refused(tmp_path):
     p = tmp_path / "d.json"
     p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
