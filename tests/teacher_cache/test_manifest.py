@@ -163,3 +163,40 @@ def test_a_complete_part_missing_what_assemble_reads_is_refused_by_name(cache, e
         read_part(as_location(cache), 1, 2)
     with pytest.raises(ManifestError, match="malformed worker part"):
         assemble(as_location(cache), 2)
+
+
+def _duplicate_first_shard(m: dict) -> None:
+    m["shards"].append(dict(m["shards"][0]))
+    m["counts"]["samples"] += m["shards"][0]["rows"]
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(codec_version=True), "codec version True is not supported"),
+        (_duplicate_first_shard, "listed twice"),
+        (lambda m: m["shards"][0].update(name="shard-w00000-000000.arrow/../../../etc/passwd"), "bad shard name"),
+        (lambda m: m["shards"][0].update(name="sub/shard-w00000-000000.arrow"), "bad shard name"),
+        (lambda m: m["shards"][0].update(rows=-1), "has no valid 'rows'"),
+        (lambda m: m["shards"][0].update(sha256=m["shards"][0]["sha256"].removeprefix("sha256:")), "has no sha256"),
+        (lambda m: m["shards"][0]["chunks"].update(sha256=[h.upper() for h in m["shards"][0]["chunks"]["sha256"]]),
+         "chunk hashes do not cover"),
+        (lambda m: m["counts"].update(tokens=True), "counts must hold"),
+        (lambda m: m["tokenizer"].update(vocab_size=0), "tokenizer.vocab_size must be a positive integer"),
+        (lambda m: m["targets"].update(kind="dense"), "unknown target kind 'dense'"),
+        (lambda m: m["targets"].update(k=0), "targets.k must be a positive integer"),
+        (lambda m: m.update(targets={"kind": "sampled", "num_draws": 0}), "targets.num_draws must be a positive"),
+        (lambda m: m.update(attention={"layers": [1], "top_k": 0}), "attention.top_k must be a positive integer"),
+        (lambda m: m["teacher"].update(path=3), "bad teacher field"),
+        (lambda m: m.update(engines=["hf"]), "bad engines"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_each_bad_field_by_name_before_reading_a_shard(cache, edit, match):
+    """docs/FORMAT.md: every field is checked before use, so a bad one is a one-line manifest
+    error naming it, not a shard error (or a path outside the cache) further on."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=match):
+        open_cache(cache)
