@@ -123,10 +123,11 @@ def check_data_file(path: str) -> None:
 
 
 def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = None) -> Iterator[Record]:
-    """All records of all files in order; with skip_bad, bad ones are appended to `bad`."""
+    """All records of all files in order; with skip_bad, bad ones are appended to `bad`.
+    A file with no record at all is an error; one whose records were all skipped is not."""
     for path in paths:
         check_data_file(path)
-        n = 0
+        n = skipped = 0
         for row, where in _raw_rows(path):
             try:
                 if isinstance(row, BadRecordError):
@@ -135,12 +136,13 @@ def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = No
             except BadRecordError as e:
                 if not skip_bad:
                     raise
+                skipped += 1
                 if bad is not None:
                     bad.append(str(e))
                 continue
             n += 1
             yield rec
-        if n == 0 and not (skip_bad and bad):
+        if n == 0 and not skipped:  # this file's skips, not earlier files' (`bad` holds those too)
             raise DataFileError(f"{path}: no records (empty file)")
 
 

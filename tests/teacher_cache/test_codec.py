@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 import zlib
@@ -60,6 +61,18 @@ def topk_of(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     with np.errstate(divide="ignore"):
         tail = np.where(rest > 0, np.log(np.maximum(rest, 0)), -np.inf).astype(np.float32)
     return ids.astype(np.int64), lp, tail
+
+
+def zipf_topk(P: int, k: int = 16, V: int = 70000, U: int = 3000, seed: int = 0):
+    """Top-k rows whose ids follow a Zipf law over U ids scattered over [0, V), so frequent ids
+    are not the small ones: the encoder picks a dictionary id mode (1 at P = 64, 2 at P = 128).
+    -> ids int64 [P, k], logprobs float32 [P, k] descending, tail float32 [P]."""
+    rng = np.random.default_rng(seed)
+    vocab = rng.choice(V, U, replace=False)  # [U] in no particular order
+    w = 1 / np.arange(1, U + 1) ** 1.5  # [U]
+    ids = np.stack([vocab[rng.choice(U, k, replace=False, p=w / w.sum())] for _ in range(P)])  # [P, k]
+    lp = -np.cumsum(rng.exponential(1.0, (P, k)), axis=1).astype(np.float32)  # [P, k]
+    return ids.astype(np.int64), lp, np.full(P, -3.0, np.float32)
 
 
 def sample_counts(rng: np.random.Generator, logprobs: np.ndarray, n: int):
@@ -205,6 +218,55 @@ def test_topk_all_neg_inf_rows_and_narrow_id_dtypes():
     assert np.isneginf(lp2[0]).all() and np.isneginf(tail2[0])
 
 
+def test_dictionary_ordered_by_count_roundtrips_with_tied_counts():
+    """Id mode 2 orders the dictionary by count with ties in id order, on both sides: an encoder
+    or decoder whose sort is not stable there would map indexes to the wrong ids."""
+    ids, lp, tail = zipf_topk(P=128)
+    blob = encode_topk(ids, lp, tail, vocab_size=70000)
+    assert blob[6] == codec.ID_DICT_BY_COUNT
+    _, counts = np.unique(ids, return_counts=True)
+    assert (np.diff(np.sort(counts)) == 0).sum() > 100  # many ids share a count
+    check_topk(ids, lp, tail, blob, 70000)
+
+
+def test_neg_inf_after_a_row_spanning_the_coarse_region_roundtrips():
+    """-inf entries repeat the last finite code (delta 0). Were their codes left at 0, the
+    negative delta would wrap in its byte planes and a valid row could decode past the code
+    limit."""
+    ids = np.array([[0, 1, 2], [3, 4, 5]])
+    lp = np.array([[-5000.0, -9999.0, -np.inf], [0.0, -300.0, -np.inf]], np.float32)
+    tail = np.array([-np.inf, -1.0], np.float32)
+    check_topk(ids, lp, tail, encode_topk(ids, lp, tail, vocab_size=6), 6)
+
+
+def test_logprobs_below_the_floor_are_clamped_to_it():
+    """The documented floor is -10000 nats: -5000 is kept (to the coarse step), -20000 reads
+    back as -10000, and so does a tail below it."""
+    ids = np.array([[0, 1, 2]])
+    lp = np.array([[0.0, -5000.0, -20000.0]], np.float32)
+    _, lp2, tail2 = decode_topk(encode_topk(ids, lp, np.array([-20000.0], np.float32), vocab_size=3), vocab_size=3)
+    np.testing.assert_allclose(lp2[0], [0.0, -5000.0, -10000.0], atol=BOUND["logprob_abs_err_below_fine_region"])
+    assert abs(tail2[0] + 10000.0) <= BOUND["tail_logprob_abs_err"] + 1e-3
+
+
+def test_rounding_noise_above_zero_reads_as_zero():
+    """float32 log-softmax can give a top-1 a hair above 0: up to 0.02 is accepted as 0."""
+    ids = np.array([[4, 2]])
+    lp = np.array([[1e-6, -1.0]], np.float32)
+    tail = np.array([0.019], np.float32)
+    _, lp2, tail2 = decode_topk(encode_topk(ids, lp, tail, vocab_size=5), vocab_size=5)
+    assert lp2[0, 0] == 0.0 and tail2[0] == 0.0 and abs(lp2[0, 1] + 1.0) <= BOUND["logprob_abs_err_within_10_nats"]
+
+
+@pytest.mark.parametrize("V", [0, True, 2**32, 5.0])
+def test_vocab_size_is_checked_even_for_an_empty_block(V):
+    """vocab_size must be an int in [1, 2**32), whatever the block holds (a bool is not an int)."""
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        encode_sampled(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), vocab_size=V, num_draws=1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        encode_topk(np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32), np.zeros(0, np.float32), vocab_size=V)
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [
@@ -295,6 +357,7 @@ def test_sampled_realistic_size():
         ([1, 2], [1, 2], [1, 1], 5, 2, "start at 0"),
         ([0, 3], [1, 2], [1, 1], 5, 2, "end at len"),
         ([0, 2], [1, 2], [1, 1], 5, 0, "num_draws"),
+        ([0, 1], [1], [2**31], 5, 2**31, "num_draws"),  # counts decode as int32
         ([0, 2], [1, 2], [1], 5, 2, r"\[N\]"),
     ],
 )
@@ -393,12 +456,21 @@ def test_topk_header_lies_raise_named_error(offset, fmt, lie, match):
 
 
 def test_ids_out_of_vocab_are_rejected_even_with_valid_checksum():
-    for V in (5000, 70000):  # plain / dictionary ids, 2- and 3-byte planes
+    for V in (5000, 70000):  # plain ids, 2- and 3-byte planes
         ids, lp, tail = topk_of(realistic_logprobs(np.random.default_rng(6), 30, 5000), 8)
         ids[0, 0] = V - 1  # the largest id sits at the top of the vocabulary
-        lied = reseal(encode_topk(ids, lp, tail, vocab_size=V), 16, "<I", V - 1)
+        blob = encode_topk(ids, lp, tail, vocab_size=V)
+        assert blob[6] == codec.ID_PLAIN
         with pytest.raises(CodecError, match="outside vocab_size"):
-            decode_topk(lied, vocab_size=V - 1)
+            decode_topk(reseal(blob, 16, "<I", V - 1), vocab_size=V - 1)
+    for P, mode in ((64, codec.ID_DICT), (128, codec.ID_DICT_BY_COUNT)):  # the dictionary's last entry
+        ids, lp, tail = zipf_topk(P)
+        blob = encode_topk(ids, lp, tail, vocab_size=70000)
+        assert blob[6] == mode
+        top = int(ids.max())
+        decode_topk(reseal(blob, 16, "<I", top + 1), vocab_size=top + 1)
+        with pytest.raises(CodecError, match="outside vocab_size"):
+            decode_topk(reseal(blob, 16, "<I", top), vocab_size=top)
     blob = small_sampled_blob()
     top = int(decode_sampled(blob, vocab_size=5000)[1].max())
     with pytest.raises(CodecError, match="outside vocab_size"):
@@ -452,8 +524,15 @@ def test_limits_are_enforced():
         decode_topk(blob, vocab_size=5000, max_k=7)
     with pytest.raises(CodecError, match="vocab_size"):
         decode_topk(blob, vocab_size=4999)
-    ids, _, _ = decode_topk(blob, vocab_size=5000, max_positions=24, max_k=8)
+    with pytest.raises(CodecError, match="max_entries"):
+        decode_topk(blob, vocab_size=5000, max_entries=24 * 8 - 1)
+    ids, _, _ = decode_topk(blob, vocab_size=5000, max_positions=24, max_k=8, max_entries=24 * 8)
     assert ids.shape == (24, 8)
+    sampled = small_sampled_blob()
+    N = len(decode_sampled(sampled, vocab_size=5000)[1])
+    with pytest.raises(CodecError, match="max_entries"):
+        decode_sampled(sampled, vocab_size=5000, max_entries=N - 1)
+    assert len(decode_sampled(sampled, vocab_size=5000, max_positions=24, max_entries=N)[1]) == N
 
 
 def test_documented_error_bounds_hold_and_are_tight():
@@ -538,6 +617,168 @@ def test_sampled_blocks_gap_code_ids_within_a_position():
         decode_sampled(reseal(blob, 4, "<B", 1), vocab_size=5000)
     with pytest.raises(CodecError, match="id mode 3"):
         decode_topk(reseal(small_topk_blob(), 6, "<B", codec.ID_DICT_ROW_GAPS), vocab_size=5000)
+
+
+def forge(blob: bytes, header: struct.Struct, edit, keep_raw_len: bool = False) -> bytes:
+    """The blob with its header fields and payload rewritten by edit(fields: list, raw: uint8
+    array) -> raw, then frames, comp_len, raw_len (unless keep_raw_len) and checksum made
+    consistent again: only the edit lies."""
+    fields, frames = codec._open(blob, header, blob[5])
+    fields = list(fields)
+    raw = np.asarray(edit(fields, codec._decompress(frames, fields[-2]).copy()), np.uint8)
+    new = codec._compress([raw.tobytes()], codec.ZSTD_LEVEL)
+    fields[4], fields[-1] = len(new), sum(map(len, new))
+    if not keep_raw_len:
+        fields[-2] = raw.size
+    return codec._finish(header.pack(*fields), new)
+
+
+def streams_at(fields: list) -> dict[str, tuple[int, int, int]]:
+    """Where each payload stream of a blob with these header fields lies: name -> (first byte,
+    values n, width nb), in format order (docs/CODEC.md)."""
+    P, U = fields[5], fields[8]
+    if fields[2] == codec.KIND_TOPK:
+        k = fields[6]
+        nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx = fields[9:16]
+        spec = [("top1", P, nb_a), ("missing", P, nb_m), ("tail", P, nb_t), ("delta", P * (k - 1), nb_d)]
+        spec += [("gap", U, nb_gap), ("count", U, nb_cnt), ("index", P * k, nb_idx)]
+    else:
+        N = fields[6]
+        nb_len, nb_cnt, nb_gap, nb_dc, nb_idx = fields[10:15]
+        spec = [
+            ("len", P, nb_len),
+            ("cnt", N - P, nb_cnt),
+            ("gap", U, nb_gap),
+            ("count", U, nb_dc),
+            ("index", N, nb_idx),
+        ]
+    out, pos = {}, 0
+    for name, n, nb in spec:
+        out[name] = (pos, n, nb)
+        pos += n * nb
+    return out
+
+
+def put(fields: list, raw: np.ndarray, stream: str, i: int, value: int) -> np.ndarray:
+    """Set value i of a plane-coded payload stream (it must fit the stream's width)."""
+    start, n, nb = streams_at(fields)[stream]
+    assert 0 <= value < 1 << 8 * nb and i < n, (stream, value, nb)
+    for b in range(nb):
+        raw[start + b * n + i] = (value >> 8 * b) & 0xFF
+    return raw
+
+
+def widen_index(fields: list, raw: np.ndarray) -> np.ndarray:
+    """Plain ids stored 8 bytes wide, the first with its top bit set (a negative int64)."""
+    start, n, nb = streams_at(fields)["index"]
+    planes = np.zeros((8, n), np.uint8)
+    planes[:nb] = raw[start : start + n * nb].reshape(nb, n)
+    planes[7, 0] = 0x80
+    fields[TOPK_NB_INDEX] = 8
+    return np.concatenate([raw[:start], planes.reshape(-1)])
+
+
+@functools.cache
+def lie_blobs() -> dict[str, bytes]:
+    """Small blobs whose payload the lies below edit: plain (mode 0), dictionary (modes 1 and 2),
+    a block near the log-prob floor (3-byte codes, -inf entries), k = V, and sampled."""
+    lp = np.array([[-9000.0, -9000.0], [-0.5, -np.inf]], np.float32)
+    floor = encode_topk(np.array([[0, 1], [2, 3]]), lp, np.array([-9500.0, -np.inf], np.float32), vocab_size=10)
+    full = np.array([[3, 0, 7, 1, 6, 2, 5, 4]])
+    return {
+        "plain": small_topk_blob(),
+        "dict": encode_topk(*zipf_topk(64), vocab_size=70000),
+        "by_count": encode_topk(*zipf_topk(128), vocab_size=70000),
+        "floor": floor,
+        "k_is_V": encode_topk(
+            full, -np.arange(8, dtype=np.float32)[None], np.full(1, -np.inf, np.float32), vocab_size=8
+        ),
+        "sampled": small_sampled_blob(),
+        "one_draw_count": encode_sampled(
+            np.array([0, 1]), np.array([5]), np.array([2**31 - 1]), vocab_size=10, num_draws=2**31 - 1
+        ),
+    }
+
+
+def first_pair(fields: list, raw: np.ndarray) -> np.ndarray:
+    """Sampled plain ids: give a position's second entry the id of its first."""
+    start, n, nb = streams_at(fields)["index"]
+    ids = codec._from_planes(raw[start : start + n * nb], n, nb)
+    offsets = decode_sampled(lie_blobs()["sampled"], vocab_size=5000)[0]
+    p = int(np.flatnonzero(np.diff(offsets) >= 2)[0])
+    return put(fields, raw, "index", int(offsets[p]) + 1, int(ids[offsets[p]]))
+
+
+LIMIT = (1 << 20) // 4  # the largest code a blob at the default step may hold (docs/CODEC.md)
+# header field indexes as header.unpack gives them (see the offsets above test_topk_header_lies_...)
+MODE, VOCAB, NUM_DRAWS, TOPK_NB_INDEX, SAMPLED_PAD = 3, 7, 9, 15, 15
+
+
+def field(i: int, value: int):
+    """An edit that sets header field i."""
+
+    def edit(fields: list, raw: np.ndarray) -> np.ndarray:
+        fields[i] = value
+        return raw
+
+    return edit
+
+
+def entry(stream: str, i: int, value):
+    """An edit that sets value i of a payload stream; value may be a function of the fields."""
+    return lambda fields, raw: put(fields, raw, stream, i, value(fields) if callable(value) else value)
+
+
+def chain(*edits):
+    def edit(fields: list, raw: np.ndarray) -> np.ndarray:
+        for e in edits:
+            raw = e(fields, raw)
+        return raw
+
+    return edit
+
+
+U = operator.itemgetter(8)  # the dictionary size field
+
+# name, blob, vocab_size to decode with, edit, keep_raw_len, error
+PAYLOAD_LIES = [
+    ("short payload", "plain", 5000, lambda f, r: r[:-1], True, "raw_len"),
+    ("index width 8", "plain", 5000, widen_index, False, "width"),
+    ("dictionary gap 0", "dict", 70000, entry("gap", 1, 0), False, "strictly increasing"),
+    ("dictionary gap 0, by count", "by_count", 70000, entry("gap", 1, 0), False, "strictly increasing"),
+    ("index = U", "dict", 70000, entry("index", 5, U), False, "outside dictionary"),
+    ("index = U, by count", "by_count", 70000, entry("index", 5, U), False, "outside dictionary"),
+    ("count width in mode 1", "by_count", 70000, field(MODE, codec.ID_DICT), False, "count width"),
+    ("k > V", "k_is_V", 7, chain(field(VOCAB, 7), entry("index", 2, 3)), False, "exceeds vocab_size"),
+    ("missing = k + 1", "floor", 10, entry("missing", 1, 3), False, "-inf entries"),
+    ("top-1 code past the limit", "floor", 10, entry("top1", 0, LIMIT + 1), False, "beyond limit"),
+    ("tail code past the limit", "floor", 10, entry("tail", 0, LIMIT + 2), False, "tail code"),
+    ("sampled duplicate id", "sampled", 5000, first_pair, False, "strictly ascending"),
+    ("sampled padding", "sampled", 5000, field(SAMPLED_PAD, 1), False, "width"),
+    ("num_draws = 2**31", "one_draw_count", 10, field(NUM_DRAWS, 2**31), False, "num_draws"),
+]
+
+
+@pytest.mark.parametrize("name,blob,V,edit,keep_raw_len,match", PAYLOAD_LIES, ids=[c[0] for c in PAYLOAD_LIES])
+def test_each_documented_content_check_refuses_its_lie(name, blob, V, edit, keep_raw_len, match):
+    """One lie per check of docs/CODEC.md "Validation", at the edge of what is allowed, with
+    frames and checksum made valid: each is refused by name, not decoded into wrong data
+    (duplicate or negative ids, a count that wraps int32, codes past the floor) or another error."""
+    clean = lie_blobs()[blob]
+    header = codec._TOPK_HEADER if clean[5] == codec.KIND_TOPK else codec._SAMPLED_HEADER
+    decode = decode_topk if clean[5] == codec.KIND_TOPK else decode_sampled
+    decode(clean, vocab_size=header.unpack_from(clean)[VOCAB])  # the edit, not the blob, is what is refused
+    with pytest.raises(CodecError, match=match):
+        decode(forge(clean, header, edit, keep_raw_len), vocab_size=V)
+
+
+def test_codes_at_the_limit_still_decode():
+    """The limit itself is allowed: a top-1 code of 2**20 // s and a tail code one above it (the
+    tail's code 0 means -inf) decode to -LIMIT * step."""
+
+    at_limit = chain(entry("top1", 0, LIMIT), entry("tail", 0, LIMIT + 1))
+    _, lp, tail = decode_topk(forge(lie_blobs()["floor"], codec._TOPK_HEADER, at_limit), vocab_size=10)
+    assert lp[0, 0] == lp[0, 1] == tail[0] == np.float32(-LIMIT * codec.STEP)
 
 
 _DECODERS = functools.cache(decoders)  # the blobs are built once for the property test below

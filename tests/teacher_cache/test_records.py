@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from teacher_cache.records import BadRecordError, DataFileError, content_id, iter_records, parse_record
+from teacher_cache.records import BadRecordError, DataFileError, content_id, file_sha256, iter_records, parse_record
 from teacher_cache.tokenize import tokenize_record
 
 
@@ -17,6 +20,20 @@ def test_pair_and_chat_forms_are_the_same_record():
     )
     assert pair.messages == chat.messages and pair.sample_id == chat.sample_id == content_id(chat.messages)
     assert parse_record({"id": 7, "prompt": "a", "response": "b"}, "f:3").sample_id == "7"
+    assert parse_record({"id": 0, "prompt": "a", "response": "b"}, "f:4").sample_id == "0"  # a falsy id is an id
+
+
+def test_content_id_is_the_documented_hash_of_role_and_content_only():
+    """Ids of records without one are sha256 of the canonical JSON (sorted keys, UTF-8, no spaces),
+    20 hex digits: caches made by other versions must give a record the same id (merge and resume
+    compare ids). Keys other than role and content do not take part."""
+    canonical = '[{"content":"Grüße","role":"user"},{"content":"Hallo","role":"assistant"}]'
+    want = hashlib.sha256(canonical.encode()).hexdigest()[:20]
+    messages = [{"role": "user", "content": "Grüße"}, {"role": "assistant", "content": "Hallo"}]
+    assert content_id(messages) == want
+    extra = [{**messages[0], "name": "bob"}, {**messages[1], "tool_calls": []}]
+    rec = parse_record({"messages": extra}, "f:1")
+    assert rec.messages == messages and rec.sample_id == want
 
 
 @pytest.mark.parametrize(
@@ -29,6 +46,9 @@ def test_pair_and_chat_forms_are_the_same_record():
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "no non-empty"),
         ({"prompt": "x", "response": "y", "domain": 3}, "'domain' must be a string"),
         ({"prompt": "x", "response": "y", "id": True}, "'id' must be"),
+        ({"prompt": "x", "response": "y", "id": ""}, "'id' must be"),
+        ({"prompt": "x", "response": "y", "id": 1.5}, "'id' must be"),
+        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "messages[0]"),
         ({"prompt": "x", "response": "caf\ud800"}, "lone surrogate"),  # json.loads('"\\ud800"') gives one
         ({"prompt": "x", "response": "y", "domain": "\udfff"}, "lone surrogate"),
     ],
@@ -107,3 +127,61 @@ def test_skip_bad_reports_each_bad_line(tmp_path):
     got = list(iter_records([str(p)], skip_bad=True, bad=bad))
     assert len(got) == 1 and len(bad) == 2
     assert bad[0].startswith(f"{p}:2: invalid JSON") and bad[1].startswith(f"{p}:3: record has neither")
+
+
+def test_parquet_rows_mix_chats_and_pairs_and_are_named_from_1(tmp_path):
+    """In Parquet every row has every column: a pair row's `messages` is null, not a bad chat.
+    A bad row is named by its 1-based row number, as JSONL lines are."""
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    p = tmp_path / "d.parquet"
+    rows = [
+        {"messages": chat, "prompt": None, "response": None},
+        {"messages": None, "prompt": "a", "response": "b"},
+        {"messages": None, "prompt": "c", "response": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    bad: list[str] = []
+    got = list(iter_records([str(p)], skip_bad=True, bad=bad))
+    assert [r.messages for r in got] == [
+        chat,
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    ]
+    assert [r.where for r in got] == [f"{p}:1", f"{p}:2"]
+    assert len(bad) == 1 and bad[0].startswith(f"{p}:3: 'prompt' and 'response'")
+
+
+def test_a_file_of_only_bad_records_is_skipped_not_called_empty(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("{bad\n" + json.dumps({"x": 1}) + "\n")
+    bad: list[str] = []
+    assert list(iter_records([str(p)], skip_bad=True, bad=bad)) == [] and len(bad) == 2
+
+
+def test_an_empty_file_is_reported_even_after_another_files_bad_record(tmp_path):
+    """With --skip-bad a file whose records were all skipped is not "empty"; a file with no
+    record at all is, whatever earlier files skipped (the check is per file)."""
+    a, empty = tmp_path / "a.jsonl", tmp_path / "empty.jsonl"
+    a.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{bad\n")
+    empty.write_text("\n")
+    bad: list[str] = []
+    with pytest.raises(DataFileError, match="empty.jsonl: no records"):
+        list(iter_records([str(a), str(empty)], skip_bad=True, bad=bad))
+    assert len(bad) == 1
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("{bad\n")
+    assert list(iter_records([str(only_bad)], skip_bad=True)) == []  # skipped, not empty, with or without a list
+
+
+def test_json_extension_is_read_as_json_lines_and_a_directory_is_refused(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    assert len(list(iter_records([str(p)], skip_bad=False))) == 1
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataFileError, match="is a directory"):
+        list(iter_records([str(tmp_path / "folder.jsonl")], skip_bad=False))
+
+
+def test_file_sha256_is_the_prefixed_hex_digest_of_the_bytes(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "a", "response": "b"}\n')
+    assert file_sha256(str(p)) == "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()

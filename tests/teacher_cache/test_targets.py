@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import decimal
+from decimal import Decimal
+
 import numpy as np
 import pytest
 import torch
 
-from teacher_cache.targets import attention_summary, sampled_from_logits, topk_from_logits
+from teacher_cache.targets import attention_summary, log1mexp, sampled_from_logits, tail_from_topk, topk_from_logits
+
+
+def exact_log1m(kept: list[Decimal]) -> float:
+    """log(1 - sum(kept)) in 800-digit decimal arithmetic (1 - 1e-700 must not round to 1)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 800
+        return float((1 - sum(kept)).ln())
+
+
+def exact_exp(x: float) -> Decimal:
+    with decimal.localcontext() as ctx:
+        ctx.prec = 800
+        return Decimal(float(x)).exp()
 
 
 def reference(logits: torch.Tensor, k: int):
@@ -88,3 +104,50 @@ def test_sampled_counts_follow_the_teacher_distribution():
     p = torch.softmax(logits[0].double(), -1).numpy()  # [V]
     se = np.sqrt(p * (1 - p) / (P * N))
     assert np.all(np.abs(freq - p) <= 5 * se + 1e-12), np.abs(freq - p) / se
+
+
+@pytest.mark.parametrize("x", [-1e-300, -1e-20, -1e-12, -1e-6, -0.1, -0.6931, -0.7, -1.0, -5.0, -40.0, -700.0])
+def test_log1mexp_is_accurate_at_both_ends(x):
+    """log(1 - exp(x)) to float64 precision near 0 (where 1 - exp(x) cancels) and far below it
+    (where log(1 - tiny) must not round to 0)."""
+    got = log1mexp(torch.tensor([x], dtype=torch.float64)).item()
+    assert got == pytest.approx(exact_log1m([exact_exp(x)]), rel=1e-12, abs=0)
+
+
+def test_tail_from_topk_sums_the_kept_mass_in_float64():
+    """The stock vLLM path's tail: log(1 - sum exp(top-k)) of float32 log-probs. A row keeping all
+    but 1e-9 of the mass needs the sum in float64 (float32 would be off by ~6e-8); a row keeping
+    almost nothing gives a tail just below 0."""
+    rows = np.array(
+        [
+            [np.log(0.5), np.log(0.25), np.log(0.125)],
+            [-0.6931472, -0.69314724, -17.298777],  # 1 - kept = 1.00002e-9
+            [-20.0, -21.0, -np.inf],
+        ],
+        np.float32,
+    )  # [P, k]
+    got = tail_from_topk(torch.from_numpy(rows)).numpy()  # [P]
+    assert got.dtype == np.float32
+    want = [exact_log1m([exact_exp(v) for v in row if np.isfinite(v)]) for row in rows]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[1] == pytest.approx(-20.7232, abs=1e-4)
+
+
+def test_attention_summary_with_k_beyond_the_keys_keeps_them_all():
+    """Early queries of a short sample have fewer keys T than attention_top_k: all T are kept."""
+    rows = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), -1)  # [P, T]
+    a = attention_summary(rows, 8)
+    assert a.ids.shape == a.logprobs.shape == (3, 4)
+    np.testing.assert_array_equal(np.sort(a.ids, axis=1), np.tile(np.arange(4), (3, 1)))
+    np.testing.assert_allclose(np.exp(a.logprobs.astype(np.float64)).sum(1), 1.0, atol=1e-6)
+
+
+def test_attention_tail_sums_the_kept_weights_in_float64():
+    """62 of 64 keys hold all but ~1e-6 of the weight: the tail log(1 - kept) needs kept summed in
+    float64 (float32 rounding of the sum is ~1e-7, a tenth of what is left)."""
+    rng = np.random.default_rng(0)
+    big = rng.uniform(0.5, 1.5, (5, 62))  # [P, 62]
+    rows = np.concatenate([big / big.sum(1, keepdims=True) * (1 - 1e-6), np.full((5, 2), 5e-7)], 1).astype(np.float32)
+    a = attention_summary(torch.from_numpy(rows), 62)
+    want = [exact_log1m([Decimal(float(v)) for v in np.sort(row)[2:]]) for row in rows]
+    np.testing.assert_allclose(a.tail_logprob, want, atol=1e-3)
