@@ -77,6 +77,31 @@ def data_copy(tmp_path, chats_file) -> Path:
     return dst
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cmd: list[str], ready, what: str) -> subprocess.Popen:
+    """Start a server process; return once ready() stops raising OSError (60 s at most)."""
+    import time
+
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            ready()
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError(f"the {what} did not start") from None
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto) as a separate process on loopback, and a bucket on it.
@@ -84,50 +109,24 @@ def s3_server():
     The environment points every S3 client (s3fs in this process and in the CLI
     processes the tests start) at it, the way a user points them at their own endpoint.
     """
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
 
     import fsspec
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "teacher-cache-tests",
-        "AWS_SECRET_ACCESS_KEY": "teacher-cache-tests",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.filesystem("s3").mkdir("tc-tests")
-    yield "s3://tc-tests"
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = _serve(cmd, lambda: urllib.request.urlopen(endpoint + "/moto-api/", timeout=1), "moto S3 server")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "teacher-cache-tests")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "teacher-cache-tests")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        fsspec.filesystem("s3").mkdir("tc-tests")
+        yield "s3://tc-tests"
     server.kill()
     server.wait()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -140,44 +139,24 @@ def gcs_server():
     """
     import socket
     import sys
-    import time
 
     import fsspec
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen([*cmd, "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {
-        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        "FSSPEC_GS_TOKEN": "anon",
-        "FSSPEC_GS_PROJECT": "teacher-cache-tests",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.config.conf["gs"] = {"token": "anon", "project": "teacher-cache-tests"}
-    deadline = time.time() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                raise RuntimeError("the GCS emulator did not start") from None
-            time.sleep(0.2)
-    fsspec.filesystem("gs").mkdir("tc-tests")
-    yield "gs://tc-tests"
+    server = _serve(
+        [*cmd, "--in-memory"], lambda: socket.create_connection(("127.0.0.1", port), 1).close(), "GCS emulator"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        mp.setenv("FSSPEC_GS_TOKEN", "anon")
+        mp.setenv("FSSPEC_GS_PROJECT", "teacher-cache-tests")
+        mp.setitem(fsspec.config.conf, "gs", {"token": "anon", "project": "teacher-cache-tests"})
+        fsspec.filesystem("gs").mkdir("tc-tests")
+        yield "gs://tc-tests"
     server.kill()
     server.wait()
-    fsspec.config.conf.pop("gs", None)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class SmallDisk:
