@@ -195,7 +195,7 @@ def validate(manifest: object, where: str) -> dict:
             raise ManifestError(f"{where}: shard {name} listed twice")
         seen.add(name)
         for key in ("rows", "bytes"):
-            if not isinstance(s.get(key), int) or s[key] < 0:
+            if not _int(s.get(key)):  # a bool is an int to Python, not a count
                 raise ManifestError(f"{where}: shard {name} has no valid {key!r}")
         if not isinstance(s.get("sha256"), str) or not s["sha256"].startswith("sha256:"):
             raise ManifestError(f"{where}: shard {name} has no sha256")

@@ -178,6 +178,7 @@ def _duplicate_first_shard(m: dict) -> None:
         (lambda m: m["shards"][0].update(name="shard-w00000-000000.arrow/../../../etc/passwd"), "bad shard name"),
         (lambda m: m["shards"][0].update(name="sub/shard-w00000-000000.arrow"), "bad shard name"),
         (lambda m: m["shards"][0].update(rows=-1), "has no valid 'rows'"),
+        (lambda m: m["shards"][0].update(bytes=True), "has no valid 'bytes'"),
         (lambda m: m["shards"][0].update(sha256=m["shards"][0]["sha256"].removeprefix("sha256:")), "has no sha256"),
         (lambda m: m["shards"][0]["chunks"].update(sha256=[h.upper() for h in m["shards"][0]["chunks"]["sha256"]]),
          "chunk hashes do not cover"),
