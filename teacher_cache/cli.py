@@ -157,7 +157,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 @click.argument("cache_dir")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(cache_dir: str, no_progress: bool) -> None:
-    """Check every shard's checksum, schema and value bounds; exit 1 on any problem."""
+    """Check every shard's checksum, schema, value bounds and counts; exit 1 on any problem."""
     from teacher_cache.inspection import verify as verify_cache
 
     try:
