@@ -190,6 +190,17 @@ def _duplicate_first_shard(m: dict) -> None:
         (lambda m: m.update(attention={"layers": [1], "top_k": 0}), "attention.top_k must be a positive integer"),
         (lambda m: m["teacher"].update(path=3), "bad teacher field"),
         (lambda m: m.update(engines=["hf"]), "bad engines"),
+        (lambda m: m.update(format_version=2), "format version 2 is not supported"),
+        (lambda m: m.update(codec_version=4), "codec version 4 is not supported"),
+        (lambda m: m.update(codec_version="2"), "codec version '2' is not supported"),
+        (lambda m: m.update(format="something-else"), "not a teacher-cache manifest"),
+        (lambda m: m["shards"][0].update(name="../../etc/passwd"), "bad shard name"),
+        (lambda m: m["counts"].update(samples=99), "counts.samples"),
+        (lambda m: m.pop("tokenizer"), "lacks 'tokenizer'"),
+        (lambda m: m["shards"][0]["chunks"]["sha256"].append("0" * 64), "chunk hashes do not cover"),
+        (lambda m: m["shards"][0]["chunks"].update(size=1 << 40), "chunk size outside"),
+        (lambda m: m["targets"].update(logprob_error=-1), "targets.logprob_error: .*multiple of 0.005"),
+        (lambda m: m["targets"].update(logprob_error="0.02"), "targets.logprob_error: .*must be a number"),
     ],
 )  # fmt: skip
 def test_validate_refuses_each_bad_field_by_name_before_reading_a_shard(cache, edit, match):
