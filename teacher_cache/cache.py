@@ -62,6 +62,7 @@ class Cache:
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
         att = manifest.get("attention") or {}
         self.attention_layers = tuple(att.get("layers", ()))
+        self._entries = {s["name"]: s for s in manifest["shards"]}  # names are unique (validate)
 
     @property
     def shard_names(self) -> list[str]:
@@ -75,7 +76,7 @@ class Cache:
             yield from self.iter_shard(name)
 
     def entry(self, name: str) -> dict:
-        entry = next((s for s in self.manifest["shards"] if s["name"] == name), None)
+        entry = self._entries.get(name)
         if entry is None:
             raise ShardError(f"{name}: not listed in the manifest")
         return entry
@@ -97,7 +98,7 @@ class Cache:
         return stream
 
     def read_table(self, name: str) -> pa.Table:
-        """A whole shard, checked (merge needs every row at once; training streams)."""
+        """A whole shard, checked (merge needs all of a shard's rows at once; training streams)."""
         table, expected = self.open_shard(name).read_all(), self.entry(name)["rows"]
         if table.num_rows != expected:
             raise ShardError(f"{self.where.describe(name)}: {table.num_rows} rows, manifest says {expected}")
