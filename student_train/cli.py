@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -158,14 +157,12 @@ def evaluate_cmd(
     text = json.dumps(report, indent=2)
     click.echo(text)  # the report reaches stdout even if writing --out fails
     if out:
-        tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.tmp")
+        from teacher_cache.storage import write_atomic
+
         try:
-            tmp.write_text(text + "\n")
-            os.replace(tmp, out)
+            write_atomic(Path(out), (text + "\n").encode())
         except OSError as e:
             raise UserError(f"--out {out}: {one_line(e)} (the report is on stdout above)") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 @main.command()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
+
+from teacher_cache.storage import write_atomic
 
 
 def plot_run(run_dir: str, out: str | None = None) -> Path:
@@ -41,11 +43,10 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         ax.set_xlabel("step")
     fig.tight_layout()
     target = Path(out) if out else Path(run_dir) / "curves.png"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")  # an old plot survives a failed save
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100, format=target.suffix.lstrip(".") or "png")
-        os.replace(tmp, target)
+        fig.savefig(image, dpi=100, format=target.suffix.lstrip(".") or "png")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
+    write_atomic(target, image.getvalue())  # an old plot survives a failed save
     return target

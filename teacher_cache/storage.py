@@ -221,15 +221,7 @@ class Location:
             return
         path = self.local_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
+        write_atomic(path, data)
 
     def spool_path(self, name: str, tmp_suffix: str) -> Path:
         """Where a file is written before `publish`: beside its final name locally, else in $TMPDIR."""
@@ -272,6 +264,20 @@ class Location:
             self.publish(spool, name)
         finally:
             spool.unlink(missing_ok=True)  # a failed copy (full disk) leaves nothing behind
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace a local file whole: a temp name per writer, fsync, rename. A failed write (a full
+    disk) leaves nothing behind, and the file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:
