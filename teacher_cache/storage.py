@@ -168,17 +168,31 @@ class Location:
 
     def read_json(self, name: str, max_bytes: int) -> Any:
         """Parse a JSON file after checking it is not implausibly large; ValueError if malformed."""
-        size = self.size(name)
-        if size > max_bytes:
-            raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
-        # one byte past the stated size, never more: a read asks for (and allocates) what it may get
-        data = self.read_bytes(name, 0, size + 1)
-        if len(data) > size:  # a device file, or one still being written
-            raise ValueError(f"{self.describe(name)}: holds more than its stated size of {size} bytes")
+        data = self._read_capped(name, max_bytes)
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.describe(name)}: not valid JSON ({e})") from None
+
+    @_storage_errors
+    def _read_capped(self, name: str, max_bytes: int) -> bytes:
+        """A small file whole, in one read of one version of it: never more than max_bytes + 1
+        bytes asked for (a read allocates what it asks for), and no size taken from a separate,
+        earlier request (another writer may replace the file in between)."""
+        if not self.is_local:
+            # one ranged GET; the client allocates what arrives, not the range asked for
+            data = self.fs.cat_file(self.path(name), start=0, end=max_bytes + 1)
+            if len(data) > max_bytes:
+                raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
+            return data
+        with open(self.local_path(name), "rb") as f:
+            size = os.fstat(f.fileno()).st_size  # of the file opened, whatever replaces it later
+            if size > max_bytes:
+                raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
+            data = f.read(size + 1)
+        if len(data) > size:  # a device file, or one still being appended to
+            raise ValueError(f"{self.describe(name)}: holds more than its stated size of {size} bytes")
+        return data
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]], prefetch: int = 2):
         """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead.

@@ -16,6 +16,20 @@ DATA = Path(__file__).parent / "data"
 TEST_K = 16  # top-k used by the vLLM fixtures (the stock path fixes k when the engine is built)
 
 
+SUITE_PEAK_DISK = 3 << 30  # measured peak of the suite's temporary files: 1.7 GB (each test's are deleted as it passes)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Say up front when the temporary folder's disk is too full for the suite: every failure it
+    would cause later reads as a product bug ("no space left on the device")."""
+    tmp = config.option.basetemp or os.environ.get("TMPDIR") or "/tmp"
+    free = shutil.disk_usage(tmp if os.path.isdir(tmp) else "/").free
+    if free < SUITE_PEAK_DISK:
+        need = SUITE_PEAK_DISK / 2**30
+        return f"WARNING: {free / 2**30:.1f} GiB free under {tmp}; the suite needs about {need:.0f} GiB"
+    return None
+
+
 @pytest.fixture(scope="session")
 def chats_file() -> Path:
     return DATA / "chats.jsonl"

@@ -219,6 +219,23 @@ def test_worker_killed_while_writing_to_s3_resumes_to_the_same_shards(s3_server,
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
+def test_a_json_file_replaced_by_another_process_is_read_whole_and_new(s3_server):
+    """A worker's part file is rewritten (one PUT) by its worker while others read it. The read
+    takes no size from an earlier listing: s3fs answers size() from its listing cache, and a size
+    from before the rewrite made a reader refuse the new, longer file (a flaky two-worker run)."""
+    from teacher_cache.storage import Location
+
+    here = Location(f"{s3_server}/race")
+    here.write_json("parts/p.json", {"shards": []})
+    assert here.glob("parts/*.json") == ["parts/p.json"]  # the listing now sits in s3fs's cache
+    longer = {"shards": [f"shard-{i:05d}" for i in range(50)]}
+    writer = f"from teacher_cache.storage import Location; Location({here.url!r}).write_json('parts/p.json', {longer})"
+    ok(sh([sys.executable, "-c", writer]))
+    assert here.read_json("parts/p.json", 1 << 20) == longer
+    with pytest.raises(ValueError, match=r"implausibly large \(over 100 bytes\)"):
+        here.read_json("parts/p.json", 100)
+
+
 def test_spools_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     from teacher_cache.storage import SPOOL_PREFIX, sweep_spools
 
