@@ -153,6 +153,7 @@ class Location:
 
     @_storage_errors
     def size(self, name: str) -> int:
+        self.fs.invalidate_cache(self.path(name))  # s3fs/gcsfs answer from listings, maybe of an older version
         return int(self.fs.size(self.path(name)))
 
     @_storage_errors

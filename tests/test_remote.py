@@ -232,6 +232,7 @@ def test_a_json_file_replaced_by_another_process_is_read_whole_and_new(s3_server
     writer = f"from teacher_cache.storage import Location; Location({here.url!r}).write_json('parts/p.json', {longer})"
     ok(sh([sys.executable, "-c", writer]))
     assert here.read_json("parts/p.json", 1 << 20) == longer
+    assert here.size("parts/p.json") == len(fsspec.filesystem("s3").cat_file(here.path("parts/p.json")))
     with pytest.raises(ValueError, match=r"implausibly large \(over 100 bytes\)"):
         here.read_json("parts/p.json", 100)
 
