@@ -67,11 +67,37 @@ def _short(v: object) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _row_digest(row: dict) -> str:
-    h = hashlib.sha256()
-    for key in ("source", "domain", "input_ids", "target_positions", "targets", "attention"):
-        h.update(json.dumps(row[key], default=lambda b: b.hex() if isinstance(b, bytes) else str(b)).encode())
-    return h.hexdigest()
+def _int_lists(col: pa.ChunkedArray) -> list[bytes | None]:
+    """A list<int32> column -> each row's values as little-endian int32 bytes (None if null)."""
+    arr = col.combine_chunks()
+    data = arr.values.to_numpy().astype("<i4").tobytes()  # all rows' values, one copy
+    ends = (arr.offsets.to_numpy().astype(np.int64) * 4).tolist()  # [n + 1] byte offsets into data
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).tolist()  # [n]
+    return [data[ends[i] : ends[i + 1]] if ok else None for i, ok in enumerate(valid)]
+
+
+def _framed(value: bytes | str | None) -> bytes:
+    """One value, unambiguously: a null flag, then its length, then its bytes."""
+    if value is None:
+        return b"\0"
+    data = value.encode() if isinstance(value, str) else value
+    return b"\1" + len(data).to_bytes(8, "little") + data
+
+
+def row_digests(table: pa.Table) -> list[bytes]:
+    """sha256 of each row's content (every column but sample_id), from Arrow's buffers: the token
+    lists as their int32 bytes, never as Python ints. Equal digests <=> equal rows."""
+    cols = table.select(["source", "domain", "targets", "attention"]).to_pydict()  # strings and bytes
+    ids, positions = (_int_lists(table.column(name)) for name in ("input_ids", "target_positions"))
+    out = []
+    for src, dom, i, p, tgt, att in zip(
+        cols["source"], cols["domain"], ids, positions, cols["targets"], cols["attention"], strict=True
+    ):
+        parts = [_framed(src), _framed(dom), _framed(i), _framed(p), _framed(tgt)]
+        parts.append(b"\0" if att is None else b"\1" + len(att).to_bytes(8, "little"))
+        parts.extend(_framed(block) for block in att or ())
+        out.append(hashlib.sha256(b"".join(parts)).digest())
+    return out
 
 
 class _ShardPlan(NamedTuple):
@@ -125,7 +151,7 @@ def _bar(enabled: bool, total: int, desc: str):
 def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], int]:
     """Every source shard in order with the rows it keeps, and how many rows repeat a sample
     id seen before with identical content (dropped); a repeat with other content raises."""
-    seen: dict[str, tuple[str, str, dict]] = {}  # sample id -> (row digest, where, backend)
+    seen: dict[str, tuple[bytes, str, dict]] = {}  # sample id -> (row digest, where, backend)
     plans: list[_ShardPlan] = []
     duplicates = 0
     for cache in caches:
@@ -140,15 +166,15 @@ def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], int]:
 
 
 def _new_rows(
-    cache: Cache, entry: dict, table: pa.Table, seen: dict[str, tuple[str, str, dict]]
+    cache: Cache, entry: dict, table: pa.Table, seen: dict[str, tuple[bytes, str, dict]]
 ) -> tuple[list[int], int]:
     """Indices of the shard's rows whose sample id is new (added to `seen`), and how many rows
     were identical repeats; a repeated id with different content raises MergeError."""
     backend = cache.manifest.get("backend")
     keep, dropped = [], 0
-    for i, row in enumerate(table.to_pylist()):
-        digest, where = _row_digest(row), f"{cache.where.describe(entry['name'])} row {i}"
-        sid = row["sample_id"]
+    ids = table.column("sample_id").to_pylist()
+    for i, (sid, digest) in enumerate(zip(ids, row_digests(table), strict=True)):
+        where = f"{cache.where.describe(entry['name'])} row {i}"
         if sid in seen:
             if seen[sid][0] != digest:
                 hint = ""
