@@ -182,7 +182,7 @@ class Location:
         earlier request (another writer may replace the file in between)."""
         if not self.is_local:
             # one ranged GET; the client allocates what arrives, not the range asked for
-            data = self.fs.cat_file(self.path(name), start=0, end=max_bytes + 1)
+            data = self.read_bytes(name, 0, max_bytes + 1)
             if len(data) > max_bytes:
                 raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
             return data
