@@ -1,6 +1,6 @@
 """Lower bounds for the top-k codec on real distributions: what order-0 coders can reach.
 
-    python bench/codec_entropy.py [--k 32] [--samples N] [--data records.jsonl]
+    python bench/codec_entropy.py [--k 32] [--samples N] [--data records.jsonl] [--out report.txt]
 
 On the arrays of bench_codec_data.py (SmolLM2-135M over the bundled chats) it prints, in bytes
 per target position: the empirical order-0 entropy of the ids under one frequency table per
@@ -18,7 +18,8 @@ what naming each sample's distinct ids would cost under a free global prior, and
 into each row's set plus its rank order (how predictable the order is). Last, the entropy
 of the value deltas at coarser steps, to show what fidelity a 50 B/pos budget would leave, what
 the order of ids inside ties of equal quantised codes costs, and what a cache-wide zstd
-dictionary (trained on the first third of the samples) does to the rest.
+dictionary (trained on the first third of the samples) does to the rest; and for sampled
+targets, each stream's zstd bytes against its order-0 entropy.
 docs/CODEC.md quotes these figures.
 """
 
@@ -164,7 +165,7 @@ def delta_bits(lps: np.ndarray, step: float) -> float:
 def tie_bits(lps: np.ndarray) -> float:
     """Bits spent on the order of ids inside groups of equal quantised codes within a row
     (sum of log2(g!) over tie groups): what storing each tie group in id order could save."""
-    _, c, _ = codec._quantise_rows(lps)  # [P, k] relative codes, non-decreasing per row
+    _, c, _ = codec._quantise_rows(lps, codec._Grid(codec.STEP_UNITS))  # [P, k] relative codes, non-decreasing per row
     starts = np.ones_like(c, bool)  # [P, k] True where a run of equal codes begins
     starts[:, 1:] = c[:, 1:] != c[:, :-1]
     runs = np.diff(np.r_[np.flatnonzero(starts.reshape(-1)), c.size])  # run lengths, row-major
@@ -192,36 +193,69 @@ def zstd_dictionary_bytes(ids, lps, tail, starts, V: int, train: int, size: int)
     return a / n, b / n, n
 
 
+def sampled_stream_bytes(d: dict) -> tuple[int, dict[str, tuple[float, float]]]:
+    """Sampled targets, one block per sample, streams as encode_sampled lays them out in id mode 3
+    (row lengths, counts but each row's first, the dictionary's id gaps, the row-gapped dictionary
+    indexes) -> (positions, name -> (bytes through the codec's zstd framing, order-0 bytes with one
+    free table per sample)), summed over samples."""
+    so, sid, sc, starts = d["s_offsets"], d["s_ids"].astype(np.int64), d["s_counts"].astype(np.int64), d["starts"]
+    out = {name: [0.0, 0.0] for name in ("row lengths", "counts", "dictionary", "row-gapped indexes")}
+    for lo, hi in itertools.pairwise(starts):
+        off = so[lo : hi + 1] - so[lo]  # [P+1]
+        ids, counts = sid[so[lo] : so[hi]], sc[so[lo] : so[hi]]  # [N], per row ids ascending
+        first = np.zeros(len(ids), bool)
+        first[off[:-1]] = True
+        uniq, inv = np.unique(ids, return_inverse=True)
+        streams = {
+            "row lengths": np.diff(off) - 1,
+            "counts": counts[~first] - 1,
+            "dictionary": np.diff(uniq, prepend=0),
+            "row-gapped indexes": np.where(first, inv, np.diff(inv, prepend=0) - 1),
+        }
+        for name, v in streams.items():
+            out[name][0] += sum(map(len, codec._compress(codec._to_planes(v)[1], codec.ZSTD_LEVEL)))
+            out[name][1] += entropy_bits(v) / 8 if v.size else 0.0
+    return int(starts[-1]), {name: (a, b) for name, (a, b) in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--data", type=Path, default=DATA, help="records to run SmolLM2 on (default: bundled chats)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the report to this text file")
     args = ap.parse_args()
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     d = compute(args.samples, data=args.data)
     ids, lps, tail = topk_prefix(d["ids"], d["lps"], d["tail"], args.k)
     P, V, k = len(ids), int(d["vocab"]), args.k
-    print(f"P={P} V={V} k={k}; bytes per target position:")
+    say(f"P={P} V={V} k={k}; bytes per target position:")
     layouts = {"per sample": d["starts"]} | {
         f"{b} positions": np.r_[np.arange(0, P, b), P] for b in (512, 4096) if b < P
     }
     for name, bounds in layouts.items():
         idx, dic = id_bound(ids, bounds, V)
-        print(f"  ids, one table per block, {name:>15}: {idx / 8 / P:6.2f} + dictionary {dic / 8 / P:5.2f}")
-    print(f"  ids, one global table (free):                 {entropy_bits(ids.reshape(-1)) / 8 / P:6.2f}")
-    print(f"  log-prob deltas, one table per rank group:    {delta_bits(lps, codec.STEP) / 8 / P:6.2f}")
+        say(f"  ids, one table per block, {name:>15}: {idx / 8 / P:6.2f} + dictionary {dic / 8 / P:5.2f}")
+    say(f"  ids, one global table (free):                 {entropy_bits(ids.reshape(-1)) / 8 / P:6.2f}")
+    say(f"  log-prob deltas, one table per rank group:    {delta_bits(lps, codec.STEP) / 8 / P:6.2f}")
     top1 = np.rint(-np.maximum(lps[:, 0].astype(np.float64), codec.LOGPROB_FLOOR) / codec.STEP)  # [P]
-    print(f"  top-1 code:                                   {entropy_bits(top1) / 8 / P:6.2f}")
-    tail_sym = codec._tail_codes(tail) * (k + 1) + (~np.isfinite(lps)).sum(1)  # [P] tail and -inf count
-    print(f"  tail code and -inf count:                     {entropy_bits(tail_sym) / 8 / P:6.2f}")
+    say(f"  top-1 code:                                   {entropy_bits(top1) / 8 / P:6.2f}")
+    grid = codec._Grid(codec.STEP_UNITS)  # the default 0.04-nat step
+    tail_sym = codec._tail_codes(tail, grid) * (k + 1) + (~np.isfinite(lps)).sum(1)  # [P] tail and -inf count
+    say(f"  tail code and -inf count:                     {entropy_bits(tail_sym) / 8 / P:6.2f}")
     if d.get("next") is not None:
         hit = ids == d["next"][:, None].astype(np.int64)
-        print(
+        say(
             f"next token is the top-1 at {hit[:, 0].mean():.1%} of positions, in the top-{k} at {hit.any(1).mean():.1%}"
         )
         saved = next_token_hint(ids, hit, d["starts"])
-        print(f"naming it by its rank instead of storing its id saves {saved:.2f} B/pos (one block per sample)")
-    print("ids under an adaptive PPM-C model over all positions as one stream, by context:")
+        say(f"naming it by its rank instead of storing its id saves {saved:.2f} B/pos (one block per sample)")
+    say("ids under an adaptive PPM-C model over all positions as one stream, by context:")
     cur, nxt = input_tokens(args.samples, data=args.data), d["next"].astype(np.int64)  # [P] each
     sym = ids.reshape(-1)  # row-major, rank order within a row
     for name, ctx in {
@@ -233,25 +267,34 @@ def main() -> None:
         ctx = None if ctx is None else np.repeat(ctx, k)
         per_pos = ppm_bits(sym, ctx, V).reshape(P, k).sum(1) / 8  # [P] bytes
         eighths = " ".join(f"{q.mean():.1f}" for q in np.array_split(per_pos, 8))
-        print(f"  {name:<24} {per_pos.mean():6.2f}   by eighth of the stream: {eighths}")
+        say(f"  {name:<24} {per_pos.mean():6.2f}   by eighth of the stream: {eighths}")
     sets, orders = set_and_order_bits(ids, d["starts"], V)
     guessed = ", ".join(f"{name} {bits / 8 / P:.2f}" for name, bits in orders.items())
-    print(
+    say(
         f"ids as a set per row {sets / 8 / P:.2f} + its rank order, guessed from {guessed} "
         f"(a uniformly random order: {math.lgamma(k + 1) / math.log(2) / 8:.2f})"
     )
     prior = prior_dictionary_bits(ids, d["starts"], V) / 8 / P
-    print(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
+    say(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
     steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))
-    print(f"log-prob deltas by step in nats (max error step/2): {steps}")
-    print(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f}")
+    say(f"log-prob deltas by step in nats (max error step/2): {steps}")
+    say(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f}")
+    P_s, streams = sampled_stream_bytes(d)
+    n = len(d["s_ids"]) / P_s
+    say(f"sampled targets ({n:.1f} distinct ids per position), zstd as the codec frames it vs order-0:")
+    for name, (z, h) in streams.items():
+        say(f"  {name:<20} {z / P_s:6.2f}  {h / P_s:6.2f}")
+    z, h = (sum(v[i] for v in streams.values()) / P_s for i in (0, 1))
+    say(f"  {'all':<20} {z:6.2f}  {h:6.2f}   (order-0: one free table per stream and sample)")
     train = len(d["starts"]) // 3
     for size in (16384, 65536):
         a, b, n = zstd_dictionary_bytes(ids, lps, tail, d["starts"], V, train, size)
-        print(
+        say(
             f"zstd dictionary of {size} B trained on the first {train} samples: the other {n} positions "
             f"{a:.2f} -> {b:.2f} B/pos (one frame per plane, dictionary not counted)"
         )
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

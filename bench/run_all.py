@@ -6,7 +6,8 @@
 Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
 benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:
 codec.json (bench_codec.py on the bundled chats), codec_prose.json (bench_codec.py on prose
-paragraphs from the installed packages' descriptions, metadata_prose.py), throughput.json
+paragraphs from the installed packages' descriptions, metadata_prose.py), codec_entropy.txt and
+codec_entropy_prose.txt (codec_entropy.py: the lower bounds docs/CODEC.md quotes), throughput.json
 (bench_throughput.py) and train.json (bench_train.py). Their progress and tables stream
 through; the summary at the end reads the JSON files back.
 """
@@ -108,6 +109,10 @@ def main() -> None:
     prose = cache_dir() / "metadata_prose.jsonl"  # depends on the installed packages, kept out of the repo
     prose_args = ["--data", str(prose), "--blocks", "sample", "--out", str(prose_json)]
     prose_args += ["--samples", "20"] if args.quick else ["--readme", readme, "--readme-marker", "CODEC-PROSE"]
+    # the lower bounds docs/CODEC.md quotes, on the same arrays as bench_codec.py (cached by then)
+    entropy_args = ["--out", str(RESULTS / "codec_entropy.txt")] + (["--samples", "60"] if args.quick else [])
+    entropy_prose_args = ["--data", str(prose), "--out", str(RESULTS / "codec_entropy_prose.txt")]
+    entropy_prose_args += ["--samples", "20"] if args.quick else []
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
     train_json = RESULTS / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
@@ -117,6 +122,8 @@ def main() -> None:
         ("bench_codec.py (chats)", "bench_codec.py", codec_args),
         ("metadata_prose.py", "metadata_prose.py", ["--out", str(prose)]),
         ("bench_codec.py (prose)", "bench_codec.py", prose_args),
+        ("codec_entropy.py (chats)", "codec_entropy.py", entropy_args),
+        ("codec_entropy.py (prose)", "codec_entropy.py", entropy_prose_args),
         ("bench_throughput.py", "bench_throughput.py", tp_args),
         ("bench_train.py", "bench_train.py", train_args),
     ):
