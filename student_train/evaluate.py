@@ -27,17 +27,15 @@ def evaluate(
 
     Reported overall and split into domain (samples from --only-domain caches) and general.
     """
-    from transformers import AutoModelForCausalLM
-
     from teacher_cache import open_cache
-    from teacher_cache.models import resolve_model
+    from teacher_cache.models import load_causal_lm, resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
     caches = [open_cache(c) for c in cache_paths]
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, use_safetensors=True).eval()
+        model = load_causal_lm(ref.path, dtype=torch.float32, use_safetensors=True).eval()
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
         raise ValueError(f"{ref.path}: cannot load the model ({one_line(e, 300)})") from None
     plan = Plan(caches, seed=0, window=1)

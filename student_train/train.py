@@ -68,18 +68,28 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise TrainError("--lam must be within [0, 1]")
-        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
-        if self.temperature <= 0:
-            raise TrainError("--temperature must be > 0")
-        if self.fsdp and self.lora_rank:
-            raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
         floats = ("lr", "min_lr_ratio", "weight_decay", "clip", "lam", "temperature", "attn_weight")
         bad = [f"--{k.replace('_', '-')}" for k in floats if not math.isfinite(getattr(self, k))]
         if bad or (self.domain_ratio is not None and not math.isfinite(self.domain_ratio)):
             raise TrainError(f"{', '.join(bad) or '--domain-ratio'} must be a finite number")
+        ratio = self.domain_ratio
+        rules = (  # option, value, whether it holds, what it must be
+            ("--lr", self.lr, self.lr > 0, "> 0"),
+            ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "within [0, 1]"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("--clip", self.clip, self.clip > 0, "> 0 (the gradient-norm threshold)"),
+            ("--lam", self.lam, 0 <= self.lam <= 1, "within [0, 1]"),
+            ("--temperature", self.temperature, self.temperature > 0, "> 0"),
+            ("--attn-weight", self.attn_weight, self.attn_weight >= 0, ">= 0"),
+            ("--domain-ratio", ratio, ratio is None or 0 <= ratio <= 1, "within [0, 1]"),
+        )
+        for option, value, holds, want in rules:
+            if not holds:
+                raise TrainError(f"{option} must be {want}, got {value:g}")
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
+        if self.fsdp and self.lora_rank:
+            raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -386,12 +396,11 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path
 
 def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attention_rows: bool, ckpt: Path | None):
     """The student in float32 on `device`, with the capturing attention when the attention loss is on."""
-    from transformers import AutoModelForCausalLM
-
     from teacher_cache import attention
+    from teacher_cache.models import load_causal_lm
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return load_causal_lm(
             load_from,
             dtype=torch.float32,
             attn_implementation=attention.register() if attention_rows else "sdpa",

@@ -99,6 +99,34 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
     return ModelRef(preset.name, str(target), None, preset.dtype, True)
 
 
+def load_causal_lm(path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs), refusing weights that do not fit the
+    config: transformers would initialise a missing or misshapen tensor at random and go on (a
+    damaged checkpoint, or a config.json of another architecture). Raises ValueError naming
+    them; tensors the config has no place for only get a one-line warning."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+
+    def listed(key: str) -> str:
+        names = sorted(str(n) for n in info.get(key) or ())
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    for key, what in (("missing_keys", "lacks"), ("mismatched_keys", "has misshapen"), ("error_msgs", "failed on")):
+        if info.get(key):
+            raise ValueError(f"{path}: the checkpoint {what} weights its config needs: {listed(key)}")
+    if info.get("unexpected_keys"):
+        print(f"warning: {path}: tensors its config has no place for, ignored: {listed('unexpected_keys')}",
+              file=sys.stderr)  # fmt: skip
+    return model
+
+
 def _run_hint(folder: Path) -> str:
     """A pointer to the newest checkpoint-N inside a training run's folder, or ""."""
     steps = [

@@ -115,6 +115,9 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--fsdp", "--lora-rank", "4"])  # fmt: skip
     assert done.returncode == 2 and "--fsdp with --lora-rank" in one_line_error(done)
+    done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
+               "--clip=-1"])  # fmt: skip
+    assert done.returncode == 2 and "--clip must be > 0 (the gradient-norm threshold), got -1" in one_line_error(done)
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 

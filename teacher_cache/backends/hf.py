@@ -28,7 +28,7 @@ class HfBackend:
         device: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoModelForCausalLM
+        from teacher_cache.models import load_causal_lm
 
         self.ref = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -36,7 +36,7 @@ class HfBackend:
         self.attention_layers = tuple(attention_layers)
         self.want_logits = logits
         impl = attention.register() if self.attention_layers else "sdpa"
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.model = load_causal_lm(
             model.path,
             revision=model.revision,
             dtype=self.dtype,

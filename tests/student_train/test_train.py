@@ -842,6 +842,58 @@ def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in clean]
 
 
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("lr", -1e-3, "--lr must be > 0, got -0.001"),
+        ("lr", 0.0, "--lr must be > 0, got 0"),
+        ("min_lr_ratio", -1.0, "--min-lr-ratio must be within [0, 1], got -1"),
+        ("min_lr_ratio", 5.0, "--min-lr-ratio must be within [0, 1], got 5"),
+        ("weight_decay", -0.1, "--weight-decay must be >= 0, got -0.1"),
+        ("clip", 0.0, "--clip must be > 0 (the gradient-norm threshold), got 0"),
+        ("attn_weight", -5.0, "--attn-weight must be >= 0, got -5"),
+        ("domain_ratio", 1.5, "--domain-ratio must be within [0, 1], got 1.5"),
+        ("lam", 3.0, "--lam must be within [0, 1], got 3"),
+    ],
+)
+def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, setting, value, message):
+    """A negative clip threshold or lr floor would train backwards, a negative attention weight
+    would silently drop the attention loss: each is refused by name instead."""
+    with pytest.raises(TrainError) as err:
+        TrainConfig(student="tiny-mistral", caches=("c",), out=str(tmp_path / "r"), **{setting: value})
+    assert str(err.value) == message
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tmp_path, kd_cache, capsys):
+    """transformers would initialise a missing tensor at random, print a report and go on: eval
+    and train refuse such a checkpoint in one line naming the tensor; an extra tensor only warns."""
+    from safetensors.torch import load_file, save_file
+
+    from teacher_cache.models import load_causal_lm
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(resolve_model("tiny-mistral").path, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    lacks = "lacks weights its config needs: model.layers.1.mlp.down_proj.weight"
+    done = subprocess.run([*ST, "eval", "--model", str(damaged), "--cache", str(kd_cache), "--no-progress"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "LOAD REPORT" not in done.stderr
+    assert lacks in done.stderr.strip().splitlines()[-1]
+    out = tmp_path / "run"
+    done = subprocess.run([*ST, "train", "--student", str(damaged), "--cache", str(kd_cache), "--out", str(out),
+                           "--max-steps", "1", "--no-progress"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and lacks in done.stderr.strip().splitlines()[-1]
+    assert not list(out.glob("checkpoint-*"))
+
+    weights = load_file(resolve_model("tiny-mistral").path + "/model.safetensors")
+    save_file({**weights, "extra.weight": torch.zeros(2)}, damaged / "model.safetensors", metadata={"format": "pt"})
+    load_causal_lm(str(damaged))  # loads: every tensor the config needs is there
+    assert "tensors its config has no place for, ignored: extra.weight" in capsys.readouterr().err
+
+
 def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
     with pytest.raises(TrainError, match="--temperature must be a finite number"):
         TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "a"), temperature=math.inf)
