@@ -23,7 +23,7 @@ from torch import nn
 from student_train import losses
 from student_train.checks import check_student_matches
 from student_train.data import Batch, Plan, SampleStream, collate
-from teacher_cache.errors import one_line
+from teacher_cache.errors import one_line, parse_json
 from teacher_cache.storage import fsync_dir
 
 
@@ -226,7 +226,7 @@ def _read_trainer_state(ckpt: Path, cfg: TrainConfig) -> dict:
     """A checkpoint's trainer_state.json, its types checked (the resume trusts its step and data position)."""
     path = ckpt / "trainer_state.json"
     try:
-        saved = json.loads(path.read_text())
+        saved = parse_json(path.read_text())
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({one_line(e, 300)}){_aside(ckpt)}") from None
     try:
@@ -620,7 +620,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     keep = []
     for i, line in enumerate(lines):
         try:
-            step = json.loads(line)["step"]
+            step = parse_json(line)["step"]
         except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:
                 break

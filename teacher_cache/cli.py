@@ -67,7 +67,7 @@ def main() -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True, help="Top-k targets: k.")
 @click.option(
     "--num-draws",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 1 << 16),  # run.MAX_NUM_DRAWS
     default=50,
     show_default=True,
     help="Sampled targets: draws per position.",
@@ -150,7 +150,8 @@ def inspect(cache_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     for key, value in info.items():
-        click.echo(f"{key:>26}: {value}")
+        line = f"{key:>26}: {value}"
+        click.echo(line.encode("utf-8", "backslashreplace").decode())  # a foreign manifest's lone surrogates
 
 
 @main.command()

@@ -1,6 +1,18 @@
-"""Exceptions as the one-line messages the CLIs print (pure: no I/O, no package imports)."""
+"""Exceptions as the one-line messages the CLIs print, and JSON parsing that fails only with
+ValueError (pure: no I/O, no package imports)."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def parse_json(data: str | bytes) -> Any:
+    """json.loads, where nesting too deep for the parser (a RecursionError) is a ValueError too."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def one_line(e: BaseException, limit: int | None = None) -> str:

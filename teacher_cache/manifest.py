@@ -110,6 +110,8 @@ def _part_problem(part: object) -> str | None:
             isinstance(s, dict) and isinstance(s.get("name"), str) and _int(s.get("rows")) and _int(s.get("bytes"))
         ):
             return "each shard needs a name, rows and bytes"
+        if not SHARD_RE.match(s["name"]):
+            return f"bad shard name {s['name']!r}"
     engines = part.get("engines", [])
     if not (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)):
         return "engines must be a list of objects"

@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from teacher_cache.errors import parse_json
 from teacher_cache.presets import Preset, get_preset
 
 # The Mistral instruct format ([INST] ... [/INST] answer</s>), as in Mistral-7B-Instruct
@@ -81,7 +82,7 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
         if not (local / "config.json").is_file():
             raise ModelBuildError(f"{local} is a directory but holds no config.json checkpoint{_run_hint(local)}")
         try:
-            cfg = json.loads((local / "config.json").read_text())
+            cfg = parse_json((local / "config.json").read_text())
         except ValueError as e:
             raise ModelBuildError(f"{local / 'config.json'}: not valid JSON ({e})") from None
         if not isinstance(cfg, dict):

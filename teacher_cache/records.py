@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from teacher_cache.errors import parse_json
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -104,8 +106,8 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    yield json.loads(line), where
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield parse_json(line), where
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
                     yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e})"), where
     else:
         raise DataFileError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")

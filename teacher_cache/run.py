@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from teacher_cache.backends import TeacherBackend, TeacherOutput
 from teacher_cache.manifest import (
     FORMAT_NAME,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
     PARTS_DIR,
     assemble,
     config_hash,
@@ -55,6 +57,9 @@ from teacher_cache.tokenize import (
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message is one line for the user."""
+
+
+MAX_NUM_DRAWS = 1 << 16  # sampled targets: the sampler holds a few int64 [P, draws] arrays per sample
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class RunConfig:
             (self.backend in ("auto", "vllm", "hf"), f"unknown backend {self.backend!r} (auto, vllm, hf)"),
             (self.targets in ("topk", "sampled"), f"unknown target kind {self.targets!r} (topk, sampled)"),
             (self.top_k >= 1, "--top-k must be >= 1"),
-            (self.num_draws >= 1, "--num-draws must be >= 1"),
+            (1 <= self.num_draws <= MAX_NUM_DRAWS, f"--num-draws must be in [1, {MAX_NUM_DRAWS}]"),
             (self.attention_top_k >= 1, "--attention-top-k must be >= 1"),
             (self.max_length >= 2, "--max-length must be >= 2"),
             (self.batch_size >= 1 and self.shard_size >= 1, "--batch-size and --shard-size must be >= 1"),
@@ -118,16 +123,52 @@ def _log(msg: str) -> None:
 
 
 def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
-    """The listed shards up to the first whose file is missing or of another size than listed
-    (deleted, truncated or lost by the store): a resume trusts only those and redoes the rest."""
+    """The listed shards up to the first whose file is missing, of another size than listed
+    (deleted, truncated or lost by the store) or, on a local disk, of another sha256 (damaged):
+    a resume trusts only those and redoes the rest. Object stores are trusted by size (their
+    objects are written whole; reading every shard back would download the cache)."""
     for i, entry in enumerate(shards):
+        name = entry["name"]
         try:
-            ok = out.exists(entry["name"]) and out.size(entry["name"]) == entry["bytes"]
+            ok = out.exists(name) and out.size(name) == entry["bytes"]
+            if ok and out.is_local:
+                with open(out.local_path() / name, "rb") as f:
+                    ok = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == entry.get("sha256")
         except OSError:
             ok = False
         if not ok:
             return shards[:i]
     return shards
+
+
+def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -> None:
+    """Refuse, before any work, an --out holding shards of a run with other settings: other
+    workers' parts (of this or another --num-workers, whose shards this run would overwrite or
+    never assemble with) or a finished manifest. Parts without shards are failed starts: ignored."""
+    for name in out.glob(f"{PARTS_DIR}/*.json"):
+        m = re.fullmatch(rf"{PARTS_DIR}/worker-(\d+)-of-(\d+)\.json", name)
+        if m is None or (int(m[1]), int(m[2])) == (cfg.worker_index, cfg.num_workers):
+            continue  # not a part file; or this worker's own, which _previous_part checks
+        part = read_part(out, int(m[1]), int(m[2]))
+        if part is None or (not part["shards"] and not part.get("complete")) or part["config_hash"] == chash:
+            continue
+        what = ", ".join(header_differences(part, header)) or "the settings"
+        raise RunError(
+            f"{out} holds {len(part['shards'])} shards of worker {m[1].lstrip('0') or 0} of "
+            f"{m[2].lstrip('0')}, made with different settings ({what} differ); use another --out, "
+            "or the arguments and data of that run"
+        )
+    if out.exists(MANIFEST):
+        try:
+            manifest = out.read_json(MANIFEST, MAX_MANIFEST_BYTES)
+        except ValueError as e:
+            raise RunError(f"{e}; use another --out") from None
+        if not isinstance(manifest, dict) or manifest.get("config_hash") != chash:
+            what = ", ".join(header_differences(manifest, header)) if isinstance(manifest, dict) else ""
+            raise RunError(
+                f"{out} holds a finished cache made with different settings ({what or 'the settings'} differ); "
+                "use another --out"
+            )
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -311,6 +352,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
+    _check_other_runs(cfg, out, header, chash)
     previous = _previous_part(cfg, out, header, chash)
     if previous is not None and previous.get("complete"):
         _log(
@@ -372,7 +414,10 @@ def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> d
     kept = _durable_prefix(out, previous["shards"])
     if len(kept) < len(previous["shards"]):
         lost = previous["shards"][len(kept)]["name"]
-        _log(f"{lost} is missing or not the size its part file says: redoing worker {cfg.worker_index} from there")
+        _log(
+            f"{lost} is missing, or not the size or sha256 its part file says: "
+            f"redoing worker {cfg.worker_index} from there"
+        )
         previous = {**previous, "shards": kept, "complete": False}
     return previous
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from teacher_cache.errors import one_line
+from teacher_cache.errors import one_line, parse_json
 from teacher_cache.storage import Location, StorageError
 
 FORMAT_VERSION = 1
@@ -305,8 +305,8 @@ def shard_metadata(schema: pa.Schema, name: str) -> dict:
     if raw is None:
         raise ShardError(f"{name}: no teacher_cache metadata in the schema")
     try:
-        meta = json.loads(raw)
-    except ValueError:  # not JSON, or not UTF-8
+        meta = parse_json(raw)
+    except ValueError:  # not JSON, not UTF-8, or nested too deeply
         meta = None
     if not isinstance(meta, dict):
         raise ShardError(f"{name}: unreadable teacher_cache metadata")

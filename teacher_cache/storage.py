@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from teacher_cache.errors import one_line
+from teacher_cache.errors import one_line, parse_json
 
 
 class StorageError(OSError):
@@ -171,8 +171,8 @@ class Location:
         """Parse a JSON file after checking it is not implausibly large; ValueError if malformed."""
         data = self._read_capped(name, max_bytes)
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return parse_json(data)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise ValueError(f"{self.describe(name)}: not valid JSON ({e})") from None
 
     @_storage_errors

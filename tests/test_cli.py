@@ -186,3 +186,14 @@ def test_a_domain_filter_that_matches_nothing_is_reported(tmp_path, chats_file):
         sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(out), "--out", str(tmp_path / "r")])
     )
     assert f"no samples to train on in {out}" in err
+
+
+def test_data_nested_too_deeply_and_too_many_draws_are_refused_in_one_line(tmp_path, chats_file):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(chats_file.read_text() + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    run = [*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--out", str(tmp_path / "c")]
+    done = sh([*run, "--data", str(deep)])
+    assert done.returncode == 1 and "invalid JSON (ValueError: nested too deeply)" in one_line_error(done)
+    run[-1] = str(tmp_path / "d")
+    done = sh([*run, "--data", str(chats_file), "--targets", "sampled", "--num-draws", "3000000000"])
+    assert done.returncode == 2 and "--num-draws" in done.stderr and not (tmp_path / "d").exists()

@@ -415,7 +415,7 @@ def test_resume_redoes_shards_its_part_lists_but_the_store_lost(tmp_path, chats_
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"{names[1]} is missing or not the size its part file says: redoing worker 0 from there" in done.stderr
+    assert f"{names[1]} is missing, or not the size or sha256 its part file says: redoing worker 0" in done.stderr
     assert_same_rows(clean, rows(out))
     assert [s["sha256"] for s in open_cache(out).manifest["shards"]] == [s["sha256"] for s in manifest["shards"]]
     import torch
@@ -427,10 +427,60 @@ def test_resume_redoes_shards_its_part_lists_but_the_store_lost(tmp_path, chats_
     assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
 
 
+def test_resume_rereads_local_shards_and_redoes_a_damaged_one(tmp_path, chats_file, capsys):
+    """A shard of the right size with one byte changed is not durable: its sha256 differs from
+    what the part file recorded, so the resume redoes it instead of finishing a cache that
+    verify would then refuse."""
+    out = tmp_path / "c"
+    run(cfg(chats_file, out))
+    clean = rows(out)
+    names = [s["name"] for s in open_cache(out).manifest["shards"]]
+    damaged = bytearray((out / names[1]).read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (out / names[1]).write_bytes(bytes(damaged))
+    part = out / "parts" / "worker-00000-of-00001.json"  # as if killed after its last shard
+    part.write_text(json.dumps({**json.loads(part.read_text()), "complete": False}))
+    (out / "manifest.json").unlink()
+    run(cfg(chats_file, out))
+    assert f"{names[1]} is missing, or not the size or sha256" in capsys.readouterr().err
+    assert_same_rows(clean, rows(out))
+    assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
+
+
+def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes(tmp_path, chats_file):
+    """Shard names do not hold the worker count: a rerun with another --num-workers would
+    overwrite a finished cache's shards, and a worker with other settings than the others would
+    run its whole share before assemble refused it. Both are refused first, naming the field."""
+    out = tmp_path / "c"
+    run(cfg(chats_file, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunError, match=r"holds 4 shards of worker 0 of 1, made with different settings "
+                                       r"\(data.num_workers differ\)"):  # fmt: skip
+        run(cfg(chats_file, out, num_workers=2))
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["worker-00000-of-00001.json"]
+    (out / "parts" / "worker-00000-of-00001.json").unlink()  # parts gone, the manifest still says
+    with pytest.raises(RunError, match=r"holds a finished cache made with different settings \(data.num_workers"):
+        run(cfg(chats_file, out, num_workers=2))
+
+    two = tmp_path / "two"
+    run(cfg(chats_file, two, worker_index=0, num_workers=2))
+    shards = sorted(p.name for p in two.glob("shard-*"))
+    with pytest.raises(RunError, match=r"shards of worker 0 of 2, made with different settings \(targets.k differ"):
+        run(cfg(chats_file, two, worker_index=1, num_workers=2, top_k=4))
+    assert sorted(p.name for p in two.glob("shard-*")) == shards  # refused before its teacher ran
+    run(cfg(chats_file, two, worker_index=1, num_workers=2))
+    assert len(open_cache(two)) == 12
+
+
 @pytest.mark.parametrize(
     "part,why",
     [
         ("[]", "not an object"),
+        (
+            '{"config_hash": "x", "shards": [{"name": "../../x.arrow", "rows": 1, "bytes": 1}]}',
+            "bad shard name '../../x.arrow'",
+        ),
         ('{"config_hash": "x", "shards": [{"name": "shard-w00000-000000.arrow"}]}', "each shard needs a name, rows"),
     ],
 )

@@ -463,3 +463,18 @@ def test_reading_a_manifest_allocates_its_size_not_the_limit(good_cache, tmp_pat
     (tmp_path / "m.json").write_text("[" + "1," * 100 + "1]")
     with pytest.raises(ValueError, match=r"implausibly large \(203 bytes\)"):
         Location(tmp_path).read_json("m.json", 100)
+
+
+def test_a_manifest_nested_too_deeply_or_with_lone_surrogates_is_one_line(cache):
+    """json's parser raises RecursionError (neither ValueError nor OSError) on deep nesting, and
+    a lone surrogate in a string cannot be printed as UTF-8: neither may become a traceback."""
+    manifest = cache / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**good, "source": "\ud800"}))  # json.dumps escapes it as \ud800
+    shown = subprocess.run([*CLI, "inspect", str(cache)], capture_output=True)
+    assert shown.returncode == 0 and b"\\ud800" in shown.stdout, shown.stderr
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    for command in ("inspect", "verify"):
+        done = subprocess.run([*CLI, command, str(cache)], capture_output=True, text=True)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].endswith("manifest.json: not valid JSON (nested too deeply)")
