@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
+from teacher_cache.errors import parse_json
 from teacher_cache.storage import write_atomic
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def plot_run(run_dir: str, out: str | None = None) -> Path:
@@ -23,12 +27,16 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = parse_json(line)
         except ValueError:
             if i < len(lines) - 1:  # a torn last line is what a killed run leaves; anything else is not ours
                 raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+            continue
+        if not (isinstance(row, dict) and all(_number(row.get(k)) for k in ("step", "lr", "grad_norm"))):
+            raise ValueError(f"{path}:{i + 1}: not a metrics line (an object with step, lr and grad_norm)")
+        rows.append({k: v for k, v in row.items() if _number(v)})
     if not rows:
-        raise ValueError(f"{path}: empty")
+        raise ValueError(f"{path}: {'no complete line' if lines else 'empty'}")
     keys = [k for k in ("loss", "ce", "kd", "kd_domain", "kd_general", "attn") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k in keys:

@@ -7,6 +7,7 @@ loaded: only `teacher_cache.open_cache` and the student are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -342,10 +344,10 @@ def _save(
     except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
         full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "no space left on the device" if full else one_line(e)
+        why, fix = ("no space left on the device", "free space") if full else (one_line(e), "fix that")
         raise TrainError(
             f"could not write checkpoint-{step} in {out} ({why}); the checkpoints before it are kept: "
-            "free space, then rerun with --resume"
+            f"{fix}, then rerun with --resume"
         ) from None
 
 
@@ -434,6 +436,33 @@ def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def train(cfg: TrainConfig) -> dict:
     """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
+    with contextlib.ExitStack() as locks:  # --out's lock, released however the run ends
+        return _train(cfg, locks)
+
+
+@contextlib.contextmanager
+def _hold_run_dir(out: Path) -> Iterator[None]:
+    """An exclusive lock on a run directory (flock, which the OS drops when the process dies,
+    kill -9 included): two trainings in one --out would interleave metrics and checkpoints."""
+    import fcntl
+
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise TrainError(
+                f"{out} is in use by another training (pid {f.read().strip() or '?'}); "
+                "wait for it to end or use another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     from teacher_cache import attention, open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
@@ -460,6 +489,8 @@ def train(cfg: TrainConfig) -> dict:
         )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
+        locks.enter_context(_hold_run_dir(out))
 
     # ---- resume point
     state, ckpt = _resume_point(cfg, out, caches)

@@ -169,6 +169,35 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     assert drawn.returncode == 0 and (killed / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_path, kd_cache):
+    """Two trainings in one --out would interleave metrics.jsonl and checkpoints: the second is
+    refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL."""
+    out = tmp_path / "busy"
+    args = train_args(kd_cache, out)
+    for option in ("--max-steps", "--save-every"):  # still running when the second starts, no checkpoint
+        args[args.index(option) + 1] = "100000"
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        second = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
+        assert first.poll() is None, "the first run must still be training"
+        assert second.returncode == 1, second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert (
+            line
+            == f"Error: {out} is in use by another training (pid {first.pid}); wait for it to end or use another --out"
+        )
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    steps = len(metrics(out))
+    resumed = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr  # no checkpoint yet: it starts over, into the freed --out
+    assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and steps >= 1
+
+
 def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file):
     from student_train.data import Plan, SampleStream
 

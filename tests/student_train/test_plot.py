@@ -1,0 +1,44 @@
+"""`student-train plot` on metrics.jsonl files it did not write: one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from student_train.plot import plot_run
+
+ST = [sys.executable, "-m", "student_train.cli"]
+GOOD = {"step": 1, "loss": 2.5, "kd": 2.5, "lr": 1e-4, "grad_norm": 0.7}
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (
+            ['{"step": 1}', json.dumps(GOOD)],
+            "metrics.jsonl:1: not a metrics line (an object with step, lr and grad_norm)",
+        ),
+        (["[1, 2]", json.dumps(GOOD)], "metrics.jsonl:1: not a metrics line"),
+        ([json.dumps({**GOOD, "lr": "high"})], "metrics.jsonl:1: not a metrics line"),
+        (["garbage"], "metrics.jsonl: no complete line"),
+        ([], "metrics.jsonl: empty"),
+        (["{", json.dumps(GOOD)], "metrics.jsonl:1: not a JSON line"),
+    ],
+)
+def test_foreign_metrics_lines_are_refused_by_line(tmp_path, lines, message):
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError) as err:
+        plot_run(str(tmp_path))
+    assert message in str(err.value) and not (tmp_path / "curves.png").exists()
+
+
+def test_metrics_with_nulls_and_a_torn_last_line_plot(tmp_path):
+    rows = [GOOD, {**GOOD, "step": 2, "kd": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert plot_run(str(tmp_path)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    done = subprocess.run([*ST, "plot", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "not a metrics line" in done.stderr
