@@ -7,6 +7,7 @@ import sys
 import click
 
 from student_train import __version__
+from teacher_cache.cli import PATH
 from teacher_cache.errors import one_line
 
 
@@ -27,8 +28,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--student", required=True, help="Preset name or checkpoint directory.")
-@click.option("--cache", "caches", multiple=True, required=True, help="Cache directory; repeatable.")
+@click.option("--student", type=PATH, required=True, help="Preset name or checkpoint directory.")
+@click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable.")
 def check(student: str, caches: tuple[str, ...]) -> None:
     """Check that STUDENT can train from the caches (same tokenizer, same format)."""
     from student_train.checks import check_student_matches
@@ -58,9 +59,11 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 
 
 @main.command()
-@click.option("--student", required=True, help="Preset name or checkpoint directory.")
-@click.option("--cache", "caches", multiple=True, required=True, help="Cache directory; repeatable (DAE: mix caches).")
-@click.option("--out", required=True, help="Run directory (checkpoints, metrics.jsonl).")
+@click.option("--student", type=PATH, required=True, help="Preset name or checkpoint directory.")
+@click.option(
+    "--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable (DAE: mix caches)."
+)
+@click.option("--out", type=PATH, required=True, help="Run directory (checkpoints, metrics.jsonl).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
@@ -133,11 +136,11 @@ def train(**kw) -> None:
 
 
 @main.command("eval")
-@click.option("--model", required=True, help="Checkpoint directory or preset.")
-@click.option("--cache", "caches", multiple=True, required=True, help="Held-out cache; repeatable.")
+@click.option("--model", type=PATH, required=True, help="Checkpoint directory or preset.")
+@click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Held-out cache; repeatable.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
-@click.option("--out", default=None, help="Also write the JSON report here.")
+@click.option("--out", type=PATH, default=None, help="Also write the JSON report here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate_cmd(
     model: str, caches: tuple[str, ...], batch_size: int, max_samples: int | None, out: str | None, no_progress: bool
@@ -166,8 +169,8 @@ def evaluate_cmd(
 
 
 @main.command()
-@click.argument("run_dir")
-@click.option("--out", default=None, help="PNG path (default RUN_DIR/curves.png).")
+@click.argument("run_dir", type=PATH)
+@click.option("--out", type=PATH, default=None, help="PNG path (default RUN_DIR/curves.png).")
 def plot(run_dir: str, out: str | None) -> None:
     """Draw a run's loss, lr and grad-norm curves to PNG."""
     from student_train.plot import plot_run

@@ -24,6 +24,20 @@ class SettingsError(UserError):
     exit_code = 2
 
 
+class NonBlankPath(click.ParamType):
+    """A path or fsspec URL: any non-blank string ("" would resolve to the working directory or /)."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("must not be empty", param, ctx)
+        return value
+
+
+PATH = NonBlankPath()
+
+
 def _parse_layers(value: str | None) -> tuple[int, ...]:
     if not value:
         return ()
@@ -40,9 +54,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--teacher", required=True, help="Preset name (see `teacher-cache presets`) or checkpoint directory.")
-@click.option("--data", "data", multiple=True, required=True, help="JSONL/Parquet file or fsspec URL; repeatable.")
-@click.option("--out", required=True, help="Cache directory or fsspec URL (s3://bucket/prefix) to write.")
+@click.option(
+    "--teacher", type=PATH, required=True, help="Preset name (see `teacher-cache presets`) or checkpoint directory."
+)
+@click.option(
+    "--data", "data", type=PATH, multiple=True, required=True, help="JSONL/Parquet file or fsspec URL; repeatable."
+)
+@click.option("--out", type=PATH, required=True, help="Cache directory or fsspec URL (s3://bucket/prefix) to write.")
 @click.option(
     "--backend",
     type=click.Choice(["auto", "vllm", "hf"]),
@@ -136,7 +154,7 @@ def run(**kw) -> None:
 
 
 @main.command()
-@click.argument("cache_dir")
+@click.argument("cache_dir", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def inspect(cache_dir: str, as_json: bool) -> None:
     """Show who made a cache and how, with its size and counts."""
@@ -155,7 +173,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("cache_dir")
+@click.argument("cache_dir", type=PATH)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(cache_dir: str, no_progress: bool) -> None:
     """Check every shard's checksum, schema, value bounds and counts; exit 1 on any problem."""
@@ -173,8 +191,8 @@ def verify(cache_dir: str, no_progress: bool) -> None:
 
 
 @main.command()
-@click.argument("caches", nargs=-1, required=True)
-@click.option("--out", required=True, help="New directory for the merged cache.")
+@click.argument("caches", type=PATH, nargs=-1, required=True)
+@click.option("--out", type=PATH, required=True, help="New directory for the merged cache.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     """Join compatible caches (workers, days) into OUT; explain exactly why when they are not."""

@@ -119,6 +119,12 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
     dest = Location(out)
     _check_dest(dest)
     caches = [open_cache(p) for p in paths]
+    digests = [hashlib.sha256(json.dumps(c.manifest, sort_keys=True).encode()).hexdigest() for c in caches]
+    for i, d in enumerate(digests):
+        if d in digests[:i]:  # legal (its rows are kept once), but rarely what was meant
+            first = paths[digests.index(d)]
+            print(f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
+                  "duplicate, kept once", file=sys.stderr, flush=True)  # fmt: skip
     check_compatible(caches)
     n_shards = sum(len(c.manifest["shards"]) for c in caches)
     with _bar(progress, n_shards, "checking") as bar:

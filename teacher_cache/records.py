@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from teacher_cache.errors import parse_json
+from teacher_cache.errors import one_line, parse_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -92,10 +92,14 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
     """(decoded row or BadRecordError, where) for every line/row of one file."""
     name = path.rsplit("/", 1)[-1]
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with _open(path) as f:
-            table = pq.read_table(f)
+            try:
+                table = pq.read_table(f)
+            except (pa.ArrowInvalid, OSError) as e:  # not Parquet, truncated, damaged
+                raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
         for i, row in enumerate(table.to_pylist()):
             yield row, f"{path}:{i + 1}"
     elif name.endswith((".jsonl", ".json")):
@@ -114,7 +118,8 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
 
 
 def check_data_file(path: str) -> None:
-    """Fail early, in one line, on a file that does not exist or is a directory."""
+    """Fail early, in one line, on a file that does not exist, is a directory, or is a Parquet
+    file whose footer cannot be read."""
     import fsspec
 
     fs, _, (p,) = fsspec.get_fs_token_paths(path)
@@ -122,6 +127,15 @@ def check_data_file(path: str) -> None:
         raise DataFileError(f"data file not found: {path}")
     if fs.isdir(p):
         raise DataFileError(f"{path} is a directory: --data takes JSONL or Parquet files (repeat --data for several)")
+    if path.rsplit("/", 1)[-1].endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with _open(path) as f:
+            try:
+                pq.read_metadata(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
 
 
 def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = None) -> Iterator[Record]:

@@ -108,6 +108,15 @@ class RunConfig:
             (bool(self.data), "no data files given"),
             (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
+            (len(set(self.attention_layers)) == len(self.attention_layers), "--attention-layers lists a layer twice"),
+            *(
+                (value is None or bool(value.strip()), f"{option} must not be empty")
+                for option, value in (
+                    ("--only-domain", self.only_domain),
+                    ("--exclude-domain", self.exclude_domain),
+                    ("--source", self.source),
+                )
+            ),
         ]
         for ok, why in checks:
             if not ok:
@@ -443,8 +452,14 @@ def _write_part(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups:
 def _share_size(cfg: RunConfig) -> int:
     """How many records are this worker's: a parse-only pass over the data that gives the
     progress bar its total (cheap next to the teacher)."""
-    total = sum(1 for _ in _my_records(cfg, [], []))
-    if total == 0 and (cfg.only_domain or cfg.exclude_domain):
+    bad: list[str] = []
+    total = sum(1 for _ in _my_records(cfg, bad, []))
+    if total == 0 and bad:
+        _log(
+            f"warning: every record of worker {cfg.worker_index}'s share is malformed ({len(bad)} skipped by "
+            f"--skip-bad, the first: {bad[0]}): this part of the cache is empty"
+        )
+    elif total == 0 and (cfg.only_domain or cfg.exclude_domain):
         kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {cfg.exclude_domain!r}"
         _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
     return total

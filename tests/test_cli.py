@@ -112,6 +112,19 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
     assert done.returncode == 2 and "--only-domain and --exclude-domain exclude each other" in one_line_error(done)
     done = sh([*run, "--logprob-error", "0.013"])
     assert done.returncode == 2 and "--logprob-error: " in one_line_error(done)
+    for extra, message in (
+        (["--attention-layers", "1,1"], "--attention-layers lists a layer twice"),
+        (["--only-domain", ""], "--only-domain must not be empty"),
+        (["--out", " "], "Invalid value for '--out': must not be empty"),
+    ):
+        done = sh([*run, *extra])
+        assert done.returncode == 2 and message in one_line_error(done), done.stderr
+    done = sh([*TC, "inspect", ""])
+    assert done.returncode == 2 and "Invalid value for 'CACHE_DIR': must not be empty" in one_line_error(done)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(bad), "--out", str(tmp_path / "c")])
+    assert done.returncode == 1 and f"{bad}: not a readable Parquet file" in one_line_error(done)
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--fsdp", "--lora-rank", "4"])  # fmt: skip
     assert done.returncode == 2 and "--fsdp with --lora-rank" in one_line_error(done)

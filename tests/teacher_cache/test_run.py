@@ -303,7 +303,7 @@ def test_bad_input_fails_clearly_and_leaves_no_half_shard(tmp_path, case):
     assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()
 
 
-def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file):
+def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file, capsys):
     data = tmp_path / "mixed.jsonl"
     data.write_text(chats_file.read_text() + "{oops\n" + '{"messages": [{"role": "user", "content": "x"}]}\n')
     out = tmp_path / "cache"
@@ -311,6 +311,11 @@ def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file):
     m = open_cache(out).manifest
     assert m["counts"]["skipped_bad"] == 2 and m["counts"]["samples"] == 12
     assert any(":13: invalid JSON" in b for b in m["bad_records"])
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("{oops\n")
+    run(cfg(only_bad, tmp_path / "empty", skip_bad=True))
+    assert open_cache(tmp_path / "empty").manifest["counts"]["samples"] == 0
+    assert "warning: every record of worker 0's share is malformed (1 skipped by --skip-bad" in capsys.readouterr().err
 
 
 def test_parquet_input(tmp_path, chats_file):

@@ -405,7 +405,11 @@ def test_merge_onto_a_full_disk_leaves_no_partial_shard(good_cache, small_disk):
     small_disk.run(MERGE_ONTO_A_FULL_DISK, args, size=4096 * sum(pages[: len(pages) // 2]))
     err = small_disk.read("merge.err")
     assert small_disk.read("merge.rc").strip() == "1" and "Traceback" not in err, err
-    (line,) = err.strip().splitlines()
+    *warned, line = err.strip().splitlines()
+    assert warned == [
+        f"warning: {good_cache} is the same cache as {good_cache} (same manifest): every row of it is a duplicate, "
+        "kept once"
+    ]
     assert line == (
         f"Error: no space left on the device of {dest}: the merge is unfinished; free space, delete {dest} "
         "and merge again"
