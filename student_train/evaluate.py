@@ -35,7 +35,7 @@ def evaluate(
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
     try:
-        model = load_causal_lm(ref.path, dtype=torch.float32, use_safetensors=True).eval()
+        model = load_causal_lm(ref.path, progress=progress, dtype=torch.float32, use_safetensors=True).eval()
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
         raise ValueError(f"{ref.path}: cannot load the model ({one_line(e, 300)})") from None
     plan = Plan(caches, seed=0, window=1)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -404,6 +405,7 @@ def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attent
     try:
         return load_causal_lm(
             load_from,
+            progress=cfg.progress,
             dtype=torch.float32,
             attn_implementation=attention.register() if attention_rows else "sdpa",
             trust_remote_code=cfg.trust_remote_code,
@@ -438,6 +440,39 @@ def train(cfg: TrainConfig) -> dict:
     """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
     with contextlib.ExitStack() as locks:  # --out's lock, released however the run ends
         return _train(cfg, locks)
+
+
+RUN_FILE = re.compile(r"checkpoint-\d+|metrics\.jsonl|samples\.rank\d+\.jsonl|rank\d+\.json")  # what marks a run
+
+
+def _check_run_dir(out: Path) -> None:
+    """Refuse an --out that is a file, a teacher cache or inside one, or a folder of other files
+    (a folder that already holds a run may hold anything else too: eval reports, plots)."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a run directory")
+    cache = next((p for p in (out.resolve(), *out.resolve().parents) if _is_cache(p)), None)
+    if cache is not None:
+        raise TrainError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")
+    names = sorted(os.listdir(out)) if out.is_dir() else []
+    if names and not any(RUN_FILE.fullmatch(n) for n in names) and set(names) != {".lock"}:
+        raise TrainError(
+            f"--out {out} holds files that are not a training run's ({names[0]}, ...): use an empty or new one"
+        )
+
+
+def _is_cache(folder: Path) -> bool:
+    """A teacher cache's folder: its manifest beside its shards or worker parts."""
+    if not (folder / "manifest.json").is_file():
+        return False
+    return (folder / "parts").is_dir() or next(folder.glob("shard-w*.arrow"), None) is not None
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Remove a run directory this run made if nothing but its lock file is in it."""
+    names = set(os.listdir(out)) if out.is_dir() else {"?"}
+    if names <= {".lock"}:
+        (out / ".lock").unlink(missing_ok=True)
+        out.rmdir()
 
 
 @contextlib.contextmanager
@@ -488,6 +523,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             flush=True,
         )
     out = Path(cfg.out)
+    _check_run_dir(out)
+    if not out.exists():  # a run that fails before its first file leaves no empty --out behind
+        locks.callback(_remove_if_unused, out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
         locks.enter_context(_hold_run_dir(out))

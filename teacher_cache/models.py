@@ -100,20 +100,25 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
     return ModelRef(preset.name, str(target), None, preset.dtype, True)
 
 
-def load_causal_lm(path: str, **kwargs):
+def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     """AutoModelForCausalLM.from_pretrained(path, **kwargs), refusing weights that do not fit the
     config: transformers would initialise a missing or misshapen tensor at random and go on (a
     damaged checkpoint, or a config.json of another architecture). Raises ValueError naming
-    them; tensors the config has no place for only get a one-line warning."""
+    them; tensors the config has no place for only get a one-line warning. progress=False hides
+    its "Loading weights" bar."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
     def listed(key: str) -> str:
         names = sorted(str(n) for n in info.get(key) or ())

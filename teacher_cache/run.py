@@ -311,12 +311,19 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
             from teacher_cache.backends.hf import HfBackend
 
             attn = HfBackend(
-                ref, attention_layers=cfg.attention_layers, logits=False, trust_remote_code=cfg.trust_remote_code
+                ref,
+                attention_layers=cfg.attention_layers,
+                logits=False,
+                trust_remote_code=cfg.trust_remote_code,
+                progress=cfg.progress,
             )
         return main, attn
     from teacher_cache.backends.hf import HfBackend
 
-    return HfBackend(ref, attention_layers=cfg.attention_layers, trust_remote_code=cfg.trust_remote_code), None
+    hf = HfBackend(
+        ref, attention_layers=cfg.attention_layers, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress
+    )
+    return hf, None
 
 
 def _backend_info(cfg: RunConfig) -> dict:

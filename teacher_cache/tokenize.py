@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from teacher_cache.errors import one_line
 from teacher_cache.records import BadRecordError, Record
 
 
@@ -33,7 +34,10 @@ def load_tokenizer(path: str, revision: str | None = None, *, trust_remote_code:
     """The model's own tokenizer (a transformers fast tokenizer with a chat template)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot build
+        raise ValueError(f"{path}: cannot load its tokenizer ({one_line(e, 300)})") from None
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{path}: a fast tokenizer is needed (offsets map assistant spans to tokens)")
     if not tok.chat_template:

@@ -27,6 +27,7 @@ class HfBackend:
         logits: bool = True,
         device: str | None = None,
         trust_remote_code: bool = False,
+        progress: bool = True,
     ) -> None:
         from teacher_cache.models import load_causal_lm
 
@@ -38,6 +39,7 @@ class HfBackend:
         impl = attention.register() if self.attention_layers else "sdpa"
         self.model = load_causal_lm(
             model.path,
+            progress=progress,
             revision=model.revision,
             dtype=self.dtype,
             attn_implementation=impl,

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -915,12 +916,36 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tmp_path,
     done = subprocess.run([*ST, "train", "--student", str(damaged), "--cache", str(kd_cache), "--out", str(out),
                            "--max-steps", "1", "--no-progress"], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 1 and lacks in done.stderr.strip().splitlines()[-1]
-    assert not list(out.glob("checkpoint-*"))
+    assert not out.exists()  # the --out it made is removed again: nothing was written into it
 
     weights = load_file(resolve_model("tiny-mistral").path + "/model.safetensors")
     save_file({**weights, "extra.weight": torch.zeros(2)}, damaged / "model.safetensors", metadata={"format": "pt"})
     load_causal_lm(str(damaged))  # loads: every tensor the config needs is there
     assert "tensors its config has no place for, ignored: extra.weight" in capsys.readouterr().err
+
+
+def test_out_must_be_a_run_directory_of_its_own(tmp_path, kd_cache):
+    """--out may not be a file, a teacher cache or a folder inside one, or a folder of other
+    files; a folder that already holds a run keeps its other files (eval reports) on resume."""
+    afile, foreign = tmp_path / "afile", tmp_path / "mine"
+    afile.write_text("x")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for out, message in (
+        (afile, "is a file, not a run directory"),
+        (kd_cache, f"is inside the teacher cache {kd_cache.resolve()}"),
+        (kd_cache / "run", f"is inside the teacher cache {kd_cache.resolve()}"),
+        (foreign, "holds files that are not a training run's (notes.txt, ...)"),
+    ):
+        with pytest.raises(TrainError, match=re.escape(message)):
+            train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(out), max_steps=1))
+    assert not (kd_cache / "run").exists() and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    run = tmp_path / "run"
+    train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(run), max_steps=2, progress=False))
+    (run / "eval.json").write_text("{}")
+    done = train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(run), max_steps=2,
+                             resume=True, progress=False))  # fmt: skip
+    assert done["step"] == 2
 
 
 def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
