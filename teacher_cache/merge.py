@@ -140,6 +140,8 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
 
 def _check_dest(dest: Location) -> None:
     """Raise MergeError unless `dest` is new or empty, naming an unfinished merge as one."""
+    if dest.is_local and dest.local_path().exists() and not dest.local_path().is_dir():
+        raise MergeError(f"--out {dest} is a file, not a directory for the merged cache")
     names = dest.glob("*")
     if names and MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names):
         raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")

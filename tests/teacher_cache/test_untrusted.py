@@ -446,6 +446,8 @@ def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_
     (dest / "notes.txt").write_text("mine")
     with pytest.raises(MergeError, match="exists and is not empty"):
         merge([str(good_cache), str(good_cache)], str(dest))
+    with pytest.raises(MergeError, match="is a file, not a directory for the merged cache"):
+        merge([str(good_cache), str(good_cache)], str(dest / "notes.txt"))
 
 
 def test_reading_a_manifest_allocates_its_size_not_the_limit(good_cache, tmp_path):
