@@ -278,7 +278,9 @@ def main() -> None:
     say(f"naming each sample's distinct ids under a free global prior: {prior:.2f}")
     steps = ", ".join(f"{s:g}: {delta_bits(lps, s) / 8 / P:.1f}" for s in (0.04, 0.08, 0.16, 0.32, 0.64))
     say(f"log-prob deltas by step in nats (max error step/2): {steps}")
-    say(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f}")
+    _, codes, _ = codec._quantise_rows(lps, grid)  # [P, k] relative codes
+    zero = float((np.diff(codes, axis=1) == 0).mean())
+    say(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f} ({zero:.0%} of deltas are 0)")
     P_s, streams = sampled_stream_bytes(d)
     n = len(d["s_ids"]) / P_s
     say(f"sampled targets ({n:.1f} distinct ids per position), zstd as the codec frames it vs order-0:")

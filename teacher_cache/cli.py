@@ -209,10 +209,11 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
         raise UserError(one_line(e)) from None
     except ValueError as e:
         raise UserError(one_line(e)) from None
-    c = m["counts"]
+    c, other = m["counts"], m["duplicates_with_other_targets"]
+    numerics = f"; {other} of them with other target values, from another batch or engine" if other else ""
     click.echo(
         f"merged {len(caches)} caches into {out}: {c['samples']} samples in {len(m['shards'])} shards"
-        f" ({c['duplicates']} duplicate rows kept once)"
+        f" ({c['duplicates']} duplicate rows kept once{numerics})"
     )
 
 

@@ -3,7 +3,9 @@
 Compatible means rows are interchangeable: same format version, tokenizer, chat template,
 teacher (config and dtype), targets (kind, k / num_draws, log-prob error bound), attention
 spec and source tag.
-Sample ids may overlap only with identical rows (kept once); the merged manifest lists
+Sample ids may overlap only with the same input (tokens, target positions, domain, source): the
+first row is kept. Its targets may differ from a repeat's by numerics (another batch
+composition or engine computed them) and the manifest counts such repeats; the merged manifest lists
 each shard with the config hash of the run that wrote it, and each source cache with its
 backend (the manifest's `backend` is "mixed" when they differ).
 """
@@ -84,19 +86,22 @@ def _framed(value: bytes | str | None) -> bytes:
     return b"\1" + len(data).to_bytes(8, "little") + data
 
 
-def row_digests(table: pa.Table) -> list[bytes]:
-    """sha256 of each row's content (every column but sample_id), from Arrow's buffers: the token
-    lists as their int32 bytes, never as Python ints. Equal digests <=> equal rows."""
+def row_digests(table: pa.Table) -> list[tuple[bytes, bytes]]:
+    """Per row (sha256 of its input: source, domain, token ids, target positions; sha256 of that
+    input and its teacher outputs: targets, attention), from Arrow's buffers: the token lists as
+    their int32 bytes, never as Python ints. Equal digests <=> equal rows (or inputs)."""
     cols = table.select(["source", "domain", "targets", "attention"]).to_pydict()  # strings and bytes
     ids, positions = (_int_lists(table.column(name)) for name in ("input_ids", "target_positions"))
     out = []
     for src, dom, i, p, tgt, att in zip(
         cols["source"], cols["domain"], ids, positions, cols["targets"], cols["attention"], strict=True
     ):
-        parts = [_framed(src), _framed(dom), _framed(i), _framed(p), _framed(tgt)]
-        parts.append(b"\0" if att is None else b"\1" + len(att).to_bytes(8, "little"))
-        parts.extend(_framed(block) for block in att or ())
-        out.append(hashlib.sha256(b"".join(parts)).digest())
+        given = hashlib.sha256(b"".join([_framed(src), _framed(dom), _framed(i), _framed(p)]))
+        outputs = [_framed(tgt), b"\0" if att is None else b"\1" + len(att).to_bytes(8, "little")]
+        outputs.extend(_framed(block) for block in att or ())
+        whole = given.copy()
+        whole.update(b"".join(outputs))
+        out.append((given.digest(), whole.digest()))
     return out
 
 
@@ -128,11 +133,11 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
     check_compatible(caches)
     n_shards = sum(len(c.manifest["shards"]) for c in caches)
     with _bar(progress, n_shards, "checking") as bar:
-        plans, duplicates = _plan(caches, bar)
+        plans, repeats = _plan(caches, bar)
     dest.makedirs()
     with _bar(progress, len(plans), "writing") as bar:
         shards = _write_shards(dest, plans, bar)
-    manifest = _merged_manifest(caches, shards, duplicates)
+    manifest = _merged_manifest(caches, shards, repeats)
     dest.write_json(MANIFEST, manifest)
     open_cache(dest)  # the result must pass the same checks as any cache
     return manifest
@@ -156,44 +161,54 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=not enabled)
 
 
-def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], int]:
-    """Every source shard in order with the rows it keeps, and how many rows repeat a sample
-    id seen before with identical content (dropped); a repeat with other content raises."""
-    seen: dict[str, tuple[bytes, str, dict]] = {}  # sample id -> (row digest, where, backend)
+class _Repeats(NamedTuple):
+    """Rows a merge dropped as repeats of a sample id seen before (the first row is kept)."""
+
+    dropped: int
+    other_targets: int  # of those, with targets that differ from the kept row's (numerics)
+
+
+def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], _Repeats]:
+    """Every source shard in order with the rows it keeps, and the repeats it drops: rows whose
+    sample id was seen before with the same input; a repeat with another input raises."""
+    seen: dict[str, tuple[tuple[bytes, bytes], str]] = {}  # sample id -> (digests, where)
     plans: list[_ShardPlan] = []
-    duplicates = 0
+    dropped = other = 0
     for cache in caches:
         for entry in cache.manifest["shards"]:
             table = cache.read_table(entry["name"])  # checked; dropped once planned
             chash = shard_metadata(table.schema, entry["name"])["config_hash"]
-            keep, dropped = _new_rows(cache, entry, table, seen)
-            plans.append(_ShardPlan(cache, entry, chash, None if not dropped else keep))
-            duplicates += dropped
+            keep, repeats = _new_rows(cache, entry, table, seen)
+            plans.append(_ShardPlan(cache, entry, chash, None if not repeats.dropped else keep))
+            dropped, other = dropped + repeats.dropped, other + repeats.other_targets
             bar.update(1)
-    return plans, duplicates
+    return plans, _Repeats(dropped, other)
 
 
 def _new_rows(
-    cache: Cache, entry: dict, table: pa.Table, seen: dict[str, tuple[bytes, str, dict]]
-) -> tuple[list[int], int]:
-    """Indices of the shard's rows whose sample id is new (added to `seen`), and how many rows
-    were identical repeats; a repeated id with different content raises MergeError."""
-    backend = cache.manifest.get("backend")
-    keep, dropped = [], 0
+    cache: Cache, entry: dict, table: pa.Table, seen: dict[str, tuple[tuple[bytes, bytes], str]]
+) -> tuple[list[int], _Repeats]:
+    """Indices of the shard's rows whose sample id is new (added to `seen`), and its repeats;
+    a repeated id with another input (tokens, positions, domain or source) raises MergeError.
+    The same input with other targets is a repeat: the same teacher (check_compatible) in another
+    batch composition or engine, whose numerics differ by a quantisation step or so."""
+    keep, dropped, other = [], 0, 0
     ids = table.column("sample_id").to_pylist()
-    for i, (sid, digest) in enumerate(zip(ids, row_digests(table), strict=True)):
+    for i, (sid, digests) in enumerate(zip(ids, row_digests(table), strict=True)):
         where = f"{cache.where.describe(entry['name'])} row {i}"
         if sid in seen:
-            if seen[sid][0] != digest:
-                hint = ""
-                if seen[sid][2] != backend:  # same teacher, other engine: other numerics
-                    hint = f" (made with different backends: {_short(seen[sid][2])} vs {_short(backend)})"
-                raise MergeError(f"sample id {sid!r} is in {seen[sid][1]} and {where} with different content{hint}")
+            (given, whole), first = seen[sid]
+            if given != digests[0]:
+                raise MergeError(
+                    f"sample id {sid!r} is in {first} and {where} with different content "
+                    "(tokens, target positions, domain or source)"
+                )
             dropped += 1
+            other += whole != digests[1]
             continue
-        seen[sid] = (digest, where, backend)
+        seen[sid] = (digests, where)
         keep.append(i)
-    return keep, dropped
+    return keep, _Repeats(dropped, other)
 
 
 def _write_shards(dest: Location, plans: list[_ShardPlan], bar) -> list[dict]:
@@ -246,7 +261,7 @@ def _rewrite_shard(dest: Location, name: str, chash: str, table: pa.Table, keep:
     return info
 
 
-def _merged_manifest(caches: list[Cache], shards: list[dict], duplicates: int) -> dict:
+def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats) -> dict:
     """The first cache's manifest with the merged shards, counts, engines, data files, backend
     and codec version, and where each part came from."""
     first = caches[0].manifest
@@ -274,7 +289,11 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], duplicates: int) -
     counts["samples"] = sum(s["rows"] for s in shards)
     counts["tokens"] = sum(s["tokens"] for s in shards)
     counts["target_positions"] = sum(s["target_positions"] for s in shards)
-    counts["duplicates"] += duplicates
+    counts["duplicates"] += repeats.dropped
     manifest["counts"] = counts
+    # repeats kept from the first cache whose dropped copy had other targets (numerics)
+    manifest["duplicates_with_other_targets"] = repeats.other_targets + sum(
+        c.manifest.get("duplicates_with_other_targets", 0) for c in caches
+    )
     manifest["bad_records"] = [b for c in caches for b in c.manifest.get("bad_records", [])]
     return manifest

@@ -421,6 +421,29 @@ def test_merge_onto_a_full_disk_leaves_no_partial_shard(good_cache, small_disk):
     assert "holds an unfinished merge" in small_disk.read("again.err")
 
 
+def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, chats_file):
+    """Caches of overlapping data whose shared samples ran in other batches (other padding, so
+    other float rounding) merge: the same input is the same sample, the first row is kept and
+    the manifest counts the repeats whose targets differ."""
+    common = dict(teacher="tiny-mixtral", backend="hf", top_k=8, progress=False)
+    head = tmp_path / "head.jsonl"
+    head.write_text("".join(chats_file.read_text().splitlines(keepends=True)[:3]))
+    run(RunConfig(out=str(tmp_path / "a"), data=(str(chats_file),), batch_size=12, **common))
+    run(RunConfig(out=str(tmp_path / "b"), data=(str(head),), batch_size=1, **common))
+    done = subprocess.run(
+        [*CLI, "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    merged = open_cache(tmp_path / "m")
+    other = merged.manifest["duplicates_with_other_targets"]
+    assert merged.manifest["counts"]["duplicates"] == 3 and 0 <= other <= 3
+    assert ("with other target values" in done.stdout) == (other > 0)
+    first = {s.sample_id: s.topk_logprobs for s in open_cache(tmp_path / "a")}
+    assert all(np.array_equal(s.topk_logprobs, first[s.sample_id]) for s in merged)
+
+
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
     other = tmp_path / "other.jsonl"
     rec = json.loads(chats_file.read_text().splitlines()[0])
@@ -434,7 +457,8 @@ def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 1 and "sample id 'geo-1'" in done.stderr and "different content" in done.stderr
+    assert done.returncode == 1 and "sample id 'geo-1'" in done.stderr
+    assert "different content (tokens, target positions, domain or source)" in done.stderr
 
 
 def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_cache):
