@@ -20,6 +20,7 @@ import torch
 
 from teacher_cache import __version__, codec
 from teacher_cache.backends import TeacherBackend, TeacherOutput
+from teacher_cache.errors import parse_json
 from teacher_cache.manifest import (
     FORMAT_NAME,
     MANIFEST,
@@ -109,6 +110,10 @@ class RunConfig:
             (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
             (len(set(self.attention_layers)) == len(self.attention_layers), "--attention-layers lists a layer twice"),
+            (
+                self.backend != "hf" or self.vllm_mode == "hidden",
+                "--vllm-mode applies to the vllm backend only, not --backend hf",
+            ),
             *(
                 (value is None or bool(value.strip()), f"{option} must not be empty")
                 for option, value in (
@@ -364,6 +369,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     for path in cfg.data:
         check_data_file(path)
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
+    _check_attention_layers(cfg, ref)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
@@ -392,6 +398,17 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         raise RunError("an injected non-hf backend cannot provide attention summaries")
     bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
     return _finish(cfg, out, part, bad, dups, t0)
+
+
+def _check_attention_layers(cfg: RunConfig, ref: ModelRef) -> None:
+    """Attention layers past the teacher's last, refused before --out is made (local checkpoints:
+    their config.json is at hand; a hub teacher's layers are checked when it loads)."""
+    config = Path(ref.path) / "config.json"
+    if not (cfg.attention_layers and ref.is_local and config.is_file()):
+        return
+    layers = parse_json(config.read_text()).get("num_hidden_layers")
+    if isinstance(layers, int) and max(cfg.attention_layers) >= layers:
+        raise RunError(f"attention layer {max(cfg.attention_layers)} out of range: {cfg.teacher} has {layers} layers")
 
 
 def _open_out(cfg: RunConfig) -> Location:

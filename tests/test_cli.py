@@ -116,9 +116,13 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
         (["--attention-layers", "1,1"], "--attention-layers lists a layer twice"),
         (["--only-domain", ""], "--only-domain must not be empty"),
         (["--out", " "], "Invalid value for '--out': must not be empty"),
+        (["--backend", "hf", "--vllm-mode", "prompt_logprobs"], "--vllm-mode applies to the vllm backend only"),
     ):
         done = sh([*run, *extra])
         assert done.returncode == 2 and message in one_line_error(done), done.stderr
+    done = sh([*run, "--backend", "hf", "--attention-layers", "0,5"])  # the tiny teacher has 2 layers
+    assert done.returncode == 1 and "attention layer 5 out of range: tiny-mixtral has 2 layers" in one_line_error(done)
+    assert not (tmp_path / "c").exists()
     done = sh([*TC, "inspect", ""])
     assert done.returncode == 2 and "Invalid value for 'CACHE_DIR': must not be empty" in one_line_error(done)
     bad = tmp_path / "bad.parquet"
