@@ -454,9 +454,10 @@ def _check_run_dir(out: Path) -> None:
     if cache is not None:
         raise TrainError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")
     names = sorted(os.listdir(out)) if out.is_dir() else []
-    if names and not any(RUN_FILE.fullmatch(n) for n in names) and set(names) != {".lock"}:
+    foreign = [n for n in names if not (RUN_FILE.fullmatch(n) or n.startswith("."))]  # .lock, .checkpoint-N.tmp
+    if foreign and not any(RUN_FILE.fullmatch(n) for n in names):
         raise TrainError(
-            f"--out {out} holds files that are not a training run's ({names[0]}, ...): use an empty or new one"
+            f"--out {out} holds files that are not a training run's ({foreign[0]}, ...): use an empty or new one"
         )
 
 
