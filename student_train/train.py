@@ -215,11 +215,6 @@ _RESUMABLE = {"out", "resume", "save_every", "num_workers", "progress", "chunk_s
 _RESUMABLE |= {"precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
 
 
-def _cache_digest(cache) -> str:
-    """sha256 of a cache's manifest (it lists every shard's sha256): the identity of its data."""
-    return hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
-
-
 def _aside(ckpt: Path | None) -> str:
     """How to go on past a damaged checkpoint: resume from the one before it."""
     return f"; move {ckpt} aside to resume from the checkpoint before it" if ckpt else ""
@@ -379,7 +374,7 @@ def _write_checkpoint(
 def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path | None]:
     """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
-    digests = [_cache_digest(c) for c in caches]
+    digests = [c.digest for c in caches]
     twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
     if twice:  # every sample would come twice per epoch
         raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")

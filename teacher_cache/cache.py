@@ -11,6 +11,8 @@ ids while decoding.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,11 @@ class Cache:
         att = manifest.get("attention") or {}
         self.attention_layers = tuple(att.get("layers", ()))
         self._entries = {s["name"]: s for s in manifest["shards"]}  # names are unique (validate)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest (it lists every shard's sha256): the identity of the cache's data."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     @property
     def shard_names(self) -> list[str]:

@@ -124,7 +124,7 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
     dest = Location(out)
     _check_dest(dest)
     caches = [open_cache(p) for p in paths]
-    digests = [hashlib.sha256(json.dumps(c.manifest, sort_keys=True).encode()).hexdigest() for c in caches]
+    digests = [c.digest for c in caches]
     for i, d in enumerate(digests):
         if d in digests[:i]:  # legal (its rows are kept once), but rarely what was meant
             first = paths[digests.index(d)]

@@ -146,8 +146,7 @@ def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
         try:
             ok = out.exists(name) and out.size(name) == entry["bytes"]
             if ok and out.is_local:
-                with open(out.local_path() / name, "rb") as f:
-                    ok = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == entry.get("sha256")
+                ok = file_sha256(str(out.local_path(name))) == entry.get("sha256")
         except OSError:
             ok = False
         if not ok:
