@@ -34,6 +34,12 @@ def part_name(worker: int, num_workers: int) -> str:
     return f"worker-{worker:05d}-of-{num_workers:05d}.json"
 
 
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    """(worker, num_workers) of a part file's name (as part_name makes it), else None."""
+    m = re.fullmatch(r"worker-(\d{5})-of-(\d{5})\.json", name)
+    return (int(m[1]), int(m[2])) if m else None
+
+
 def config_hash(header: dict) -> str:
     """sha256 over the header keys that decide a cache's content (every shard's metadata carries it)."""
     blob = json.dumps({k: header[k] for k in _HEADER_KEYS}, sort_keys=True).encode()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from teacher_cache.errors import one_line, parse_json
 
@@ -88,18 +89,25 @@ def _open(path: str, mode: str = "rb"):
     return fsspec.open(path, mode).open()
 
 
+def _read_parquet(path: str, read: Callable[[Any], Any]):
+    """read(file) on a Parquet file (pq.read_table, pq.read_metadata); a file that is not
+    Parquet, or truncated or damaged, is one DataFileError naming it."""
+    import pyarrow as pa
+
+    with _open(path) as f:
+        try:
+            return read(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+
+
 def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
     """(decoded row or BadRecordError, where) for every line/row of one file."""
     name = path.rsplit("/", 1)[-1]
     if name.endswith(".parquet"):
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with _open(path) as f:
-            try:
-                table = pq.read_table(f)
-            except (pa.ArrowInvalid, OSError) as e:  # not Parquet, truncated, damaged
-                raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+        table = _read_parquet(path, pq.read_table)
         for i, row in enumerate(table.to_pylist()):
             yield row, f"{path}:{i + 1}"
     elif name.endswith((".jsonl", ".json")):
@@ -128,14 +136,9 @@ def check_data_file(path: str) -> None:
     if fs.isdir(p):
         raise DataFileError(f"{path} is a directory: --data takes JSONL or Parquet files (repeat --data for several)")
     if path.rsplit("/", 1)[-1].endswith(".parquet"):
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with _open(path) as f:
-            try:
-                pq.read_metadata(f)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+        _read_parquet(path, pq.read_metadata)
 
 
 def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = None) -> Iterator[Record]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from teacher_cache.manifest import (
     assemble,
     config_hash,
     header_differences,
+    parse_part_name,
     part_path,
     read_part,
     union_engines,
@@ -159,17 +159,16 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
     workers' parts (of this or another --num-workers, whose shards this run would overwrite or
     never assemble with) or a finished manifest. Parts without shards are failed starts: ignored."""
     for name in out.glob(f"{PARTS_DIR}/*.json"):
-        m = re.fullmatch(rf"{PARTS_DIR}/worker-(\d+)-of-(\d+)\.json", name)
-        if m is None or (int(m[1]), int(m[2])) == (cfg.worker_index, cfg.num_workers):
+        owner = parse_part_name(name.removeprefix(f"{PARTS_DIR}/"))
+        if owner is None or owner == (cfg.worker_index, cfg.num_workers):
             continue  # not a part file; or this worker's own, which _previous_part checks
-        part = read_part(out, int(m[1]), int(m[2]))
+        part = read_part(out, *owner)
         if part is None or (not part["shards"] and not part.get("complete")) or part["config_hash"] == chash:
             continue
         what = ", ".join(header_differences(part, header)) or "the settings"
         raise RunError(
-            f"{out} holds {len(part['shards'])} shards of worker {m[1].lstrip('0') or 0} of "
-            f"{m[2].lstrip('0')}, made with different settings ({what} differ); use another --out, "
-            "or the arguments and data of that run"
+            f"{out} holds {len(part['shards'])} shards of worker {owner[0]} of {owner[1]}, made with "
+            f"different settings ({what} differ); use another --out, or the arguments and data of that run"
         )
     if out.exists(MANIFEST):
         try:
