@@ -21,6 +21,7 @@ MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 FORMAT_NAME = "teacher-cache"
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest or part file claiming more is refused unread
+LOGPROB_SCALE = "natural log, raw"  # targets.logprobs: raw teacher log-probs at temperature 1
 COUNT_KEYS = ("samples", "tokens", "target_positions", "truncated", "skipped_bad", "duplicates")
 # fields whose equality makes two caches' rows interchangeable (see `compatibility_key`)
 _HEADER_KEYS = ("format", "format_version", "teacher", "tokenizer", "targets", "attention", "data", "source")
@@ -245,6 +246,13 @@ def _check_types(m: dict, where: str) -> None:
         need(_int(targets.get("k"), 1), "targets.k must be a positive integer")
     else:
         need(_int(targets.get("num_draws"), 1), "targets.num_draws must be a positive integer")
+        # counts / num_draws estimate the teacher's probabilities only for draws from the teacher
+        need(targets.get("proposal") == "teacher", f"targets.proposal {targets.get('proposal')!r} is not 'teacher'")
+    # the losses apply the student's --temperature to raw teacher log-probs, so any other scale is refused
+    temp = targets.get("temperature")
+    need(not isinstance(temp, bool) and temp == 1.0, f"targets.temperature {temp!r} is not 1.0")
+    scale = targets.get("logprobs")
+    need(scale == LOGPROB_SCALE, f"targets.logprobs {scale!r} is not {LOGPROB_SCALE!r}")
     att = m["attention"]
     need(att is None or isinstance(att, dict), "attention must be an object or null")
     if att is not None:

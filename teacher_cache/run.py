@@ -22,6 +22,7 @@ from teacher_cache.backends import TeacherBackend, TeacherOutput
 from teacher_cache.errors import parse_json
 from teacher_cache.manifest import (
     FORMAT_NAME,
+    LOGPROB_SCALE,
     MANIFEST,
     MAX_MANIFEST_BYTES,
     PARTS_DIR,
@@ -239,7 +240,7 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
             "reduction": "mean over heads",
             "source": "hf" if backend_info["backend"] == "hf" else "hf pass beside vllm",
         }
-    targets = {"kind": cfg.targets, "temperature": 1.0, "logprobs": "natural log, raw"}
+    targets = {"kind": cfg.targets, "temperature": 1.0, "logprobs": LOGPROB_SCALE}
     if cfg.targets == "topk":
         targets.update(k=cfg.top_k, logprob_error=cfg.logprob_error)
     else:
