@@ -22,10 +22,8 @@ import pyarrow as pa
 
 from teacher_cache import codec
 from teacher_cache.manifest import MANIFEST, MAX_MANIFEST_BYTES, PARTS_DIR, ManifestError, validate
-from teacher_cache.shards import ShardError, ShardStream, shard_metadata
+from teacher_cache.shards import MAX_SHARD_BYTES, ShardError, ShardStream, shard_metadata
 from teacher_cache.storage import Location, as_location
-
-MAX_SHARD_BYTES = 4 << 30  # refuse a shard that claims more than this
 
 
 @dataclass
@@ -95,8 +93,10 @@ class Cache:
             size = self.where.size(name)
         except FileNotFoundError:
             raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
-        if size != entry["bytes"] or size > MAX_SHARD_BYTES:
+        if size != entry["bytes"]:
             raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
+        if size > MAX_SHARD_BYTES:
+            raise ShardError(f"{self.where.describe(name)}: {size} bytes, over the reader's limit of {MAX_SHARD_BYTES}")
         stream = ShardStream(self.where, entry)
         meta = shard_metadata(stream.schema, name)
         # a merged cache lists each shard with the hash of the run that wrote it
@@ -158,6 +158,9 @@ class Cache:
             ids, lps, tail = codec.decode_topk(blob, vocab_size=self.vocab_size, max_positions=P, max_k=k)
             if ids.shape != (P, min(k, self.vocab_size)):
                 raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {min(k, self.vocab_size)})")
+            ordered = np.sort(ids, axis=1)  # [P, k]: an id named twice in a row would count its mass twice
+            if P and np.any(ordered[:, 1:] == ordered[:, :-1]):
+                raise ShardError(f"{where}: a top-k row names the same id twice")
             s.topk_ids, s.topk_logprobs, s.tail_logprob = ids, lps, tail
         else:
             # offsets int64 [P + 1], ids int64 [N], counts int32 [N], n draws per position

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from teacher_cache.cache import Cache, open_cache
 from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends, union_engines
@@ -112,6 +113,7 @@ class _ShardPlan(NamedTuple):
     entry: dict  # the shard's entry in its cache's manifest
     config_hash: str  # from the shard's own schema metadata
     keep: list[int] | None  # indices of the rows to keep; None: all, the shard is copied as it is
+    sizes: dict[str, int]  # its tokens and target positions, counted from its rows (entries are not trusted)
 
 
 def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
@@ -148,7 +150,8 @@ def _check_dest(dest: Location) -> None:
     if dest.is_local and dest.local_path().exists() and not dest.local_path().is_dir():
         raise MergeError(f"--out {dest} is a file, not a directory for the merged cache")
     names = dest.glob("*")
-    if names and MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names):
+    leftovers = MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names)
+    if names and leftovers and any(n.startswith("shard-") for n in names):  # not a folder of dot-files alone
         raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")
     if names:
         raise MergeError(f"{dest} exists and is not empty")
@@ -179,7 +182,11 @@ def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], _Repeats]:
             table = cache.read_table(entry["name"])  # checked; dropped once planned
             chash = shard_metadata(table.schema, entry["name"])["config_hash"]
             keep, repeats = _new_rows(cache, entry, table, seen)
-            plans.append(_ShardPlan(cache, entry, chash, None if not repeats.dropped else keep))
+            sizes = {
+                key: int(pc.sum(pc.list_value_length(table.column(column))).as_py() or 0)
+                for key, column in (("tokens", "input_ids"), ("target_positions", "target_positions"))
+            }
+            plans.append(_ShardPlan(cache, entry, chash, None if not repeats.dropped else keep, sizes))
             dropped, other = dropped + repeats.dropped, other + repeats.other_targets
             bar.update(1)
     return plans, _Repeats(dropped, other)
@@ -215,13 +222,13 @@ def _write_shards(dest: Location, plans: list[_ShardPlan], bar) -> list[dict]:
     """Copy or rewrite each planned shard into `dest` as worker 0's shard of the same index
     (a shard that keeps no row leaves a gap); returns their manifest entries."""
     shards = []
-    for index, (cache, entry, chash, keep) in enumerate(plans):
+    for index, (cache, entry, chash, keep, sizes) in enumerate(plans):
         bar.update(1)
         name = shard_name(0, index)
         origin = cache.where.describe(entry["name"])
         if keep is None:  # the shard's bytes are kept as they are (its metadata names its old name)
             dest.copy_from(cache.where, entry["name"], name)
-            shards.append({**entry, "name": name, "config_hash": chash, "from": origin})
+            shards.append({**entry, **sizes, "name": name, "config_hash": chash, "from": origin})
             continue
         if not keep:
             continue
@@ -230,7 +237,7 @@ def _write_shards(dest: Location, plans: list[_ShardPlan], bar) -> list[dict]:
         shards.append(
             {
                 **info.to_dict(),
-                "truncated": entry["truncated"],
+                "truncated": _count(entry.get("truncated")),
                 "skipped_bad": 0,
                 "bad_records": [],
                 "config_hash": chash,
@@ -259,6 +266,11 @@ def _rewrite_shard(dest: Location, name: str, chash: str, table: pa.Table, keep:
             )
         info = w.finalize()
     return info
+
+
+def _count(value: object) -> int:
+    """A count a source manifest records but no reader checks (validate): a non-negative int, or 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats) -> dict:
@@ -293,7 +305,7 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
     manifest["counts"] = counts
     # repeats kept from the first cache whose dropped copy had other targets (numerics)
     manifest["duplicates_with_other_targets"] = repeats.other_targets + sum(
-        c.manifest.get("duplicates_with_other_targets", 0) for c in caches
+        _count(c.manifest.get("duplicates_with_other_targets")) for c in caches
     )
     manifest["bad_records"] = [b for c in caches for b in c.manifest.get("bad_records", [])]
     return manifest

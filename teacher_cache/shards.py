@@ -25,6 +25,7 @@ from teacher_cache.storage import Location, StorageError
 
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
+MAX_SHARD_BYTES = 4 << 30  # readers refuse a bigger shard; the writer stops before it
 CHUNK_BYTES = 1 << 20  # a reader checks (and can use) a shard one chunk of this many bytes at a time
 
 SCHEMA = pa.schema(
@@ -145,6 +146,10 @@ class ShardWriter:
             "attention": [r.attention for r in rows],
         }
         self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
+        if self._sink.tell() > MAX_SHARD_BYTES:  # raised inside `with`: the temp file is removed
+            raise ShardError(
+                f"{self.name}: over {MAX_SHARD_BYTES} bytes, more than a reader accepts: use a smaller --shard-size"
+            )
 
     def finalize(self) -> ShardInfo:
         """Flush, checksum, publish; the shard is durable (or uploaded) when this returns."""
@@ -267,6 +272,7 @@ class ShardStream:
         try:
             for batch in self._reader:
                 batch.validate(full=True)  # offsets in bounds, valid UTF-8: before any value is read
+                _check_nulls(batch, self.name)
                 yield batch
         except StorageError:
             raise
@@ -278,6 +284,15 @@ class ShardStream:
 
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self), schema=self.schema)
+
+
+def _check_nulls(batch: pa.RecordBatch, name: str) -> None:
+    """Arrow does not enforce a field's nullable=False: a null where the schema has none (a whole
+    value, or an element of a list of ids or blocks) is refused here, naming the column."""
+    for i, field in enumerate(SCHEMA):
+        col = batch.column(i)
+        if (not field.nullable and col.null_count) or (pa.types.is_list(field.type) and col.values.null_count):
+            raise ShardError(f"{name}: column {field.name} holds nulls, which the format has none of")
 
 
 def _unreadable(name: str, e: BaseException) -> ShardError:

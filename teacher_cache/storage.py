@@ -11,6 +11,7 @@ AWS_ENDPOINT_URL, ~/.aws/...; fsspec's FSSPEC_<PROTOCOL>_<OPTION> variables also
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import os
@@ -158,10 +159,17 @@ class Location:
 
     @_storage_errors
     def glob(self, pattern: str) -> list[str]:
-        """Names (relative to this location) matching a glob such as 'parts/*.json', sorted."""
+        """Names (relative to this location) matching a pattern such as 'parts/*.json', sorted.
+        Only the last part may hold wildcards; the folders are listed, not globbed, so a location
+        named like a pattern ('team[law]', 'a*') is not read as one."""
+        folder, _, name_pattern = pattern.rpartition("/")
         self.fs.invalidate_cache()
-        base = self.root.rstrip("/") + "/"
-        return sorted(p[len(base) :] if p.startswith(base) else p for p in self.fs.glob(self.path(pattern)))
+        path = self.path(folder) if folder else self.root
+        if not self.fs.isdir(path):
+            return []
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        prefix = folder + "/" if folder else ""
+        return sorted(prefix + n for n in names if fnmatch.fnmatchcase(n, name_pattern))
 
     @_storage_errors
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -267,6 +275,7 @@ class Location:
         if self.is_local and src.is_local:
             try:
                 os.link(src.local_path(src_name), self.local_path(name))
+                fsync_dir(self.local_path(name).parent)  # the new name survives a power loss
                 return
             except OSError:  # another filesystem (EXDEV), or links not supported
                 pass
@@ -291,6 +300,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from teacher_cache import codec, open_cache
-from teacher_cache.merge import merge
+from teacher_cache.merge import MergeError, merge
 from teacher_cache.records import BadRecordError
 from teacher_cache.run import RunConfig, RunError, run
 
@@ -450,6 +450,21 @@ def test_resume_rereads_local_shards_and_redoes_a_damaged_one(tmp_path, chats_fi
     assert f"{names[1]} is missing, or not the size or sha256" in capsys.readouterr().err
     assert_same_rows(clean, rows(out))
     assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
+
+
+def test_a_cache_folder_named_like_a_pattern_is_still_seen(tmp_path, chats_file):
+    """Folders are listed literally: in team[law] (a glob pattern to fsspec, which matched
+    nothing there) the checks before writing still see the cache, so a run with other settings
+    or a merge into it is refused instead of overwriting it."""
+    out = tmp_path / "team[law]"
+    run(cfg(chats_file, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunError, match=r"different settings \(data.num_workers differ\)"):
+        run(cfg(chats_file, out, num_workers=2))
+    with pytest.raises(MergeError, match="exists and is not empty"):
+        merge([str(out), str(out)], str(out))
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert open_cache(out).manifest["counts"]["samples"] == len(chats_file.read_text().splitlines())
 
 
 def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes(tmp_path, chats_file):

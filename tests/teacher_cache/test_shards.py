@@ -121,6 +121,18 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_writer_stops_before_a_shard_readers_would_refuse(tmp_path, monkeypatch):
+    """Readers refuse shards over MAX_SHARD_BYTES (4 GiB; 64 KiB here): the writer stops at that
+    size with a one-line error naming the fix, and leaves no file."""
+    import teacher_cache.shards
+
+    monkeypatch.setattr(teacher_cache.shards, "MAX_SHARD_BYTES", 64 << 10)
+    with pytest.raises(ShardError, match=f"{NAME}: over 65536 bytes, .*use a smaller --shard-size"):
+        write(tmp_path, [sized_row(i, targets=16 << 10) for i in range(8)], batch_rows=1)
+    assert list(tmp_path.iterdir()) == []
+    write(tmp_path, [sized_row(i, targets=16 << 10) for i in range(2)], batch_rows=1)  # under it: written
+
+
 def test_stream_reads_every_row_of_a_shard_in_many_chunks(tmp_path):
     """Chunks of 256 bytes: the footer lies in chunks the IPC stream never asks for, and the
     reader still fetches and checks them (the whole file's sha256 is checked at the end)."""

@@ -161,6 +161,29 @@ def test_target_id_outside_the_vocabulary(cache):
     refused(cache, "row 1: .*")
 
 
+def test_a_top_k_row_that_names_an_id_twice(cache):
+    """The encoder refuses repeated ids, but a crafted block with a valid CRC can hold them: the
+    reader refuses it (a repeated id would count its mass twice, and a KL could turn negative)."""
+
+    def edit(rows):
+        ids, lps, tail = codec.decode_topk(rows[1]["targets"], vocab_size=32000)
+        ids[0, 1] = ids[0, 0]
+        # encode_topk's body past its input checks: a block as a careless or hostile writer makes it
+        mode, n_uniq, widths, streams = codec._topk_streams(ids, lps, tail, codec.ZSTD_LEVEL)
+        chunks = [c for stream in streams.values() for c in stream]
+        frames = codec._compress(chunks, codec.ZSTD_LEVEL)
+        P, k = ids.shape
+        header = codec._TOPK_HEADER.pack(
+            codec.MAGIC, codec.CODEC_VERSION, codec.KIND_TOPK, mode, len(frames), P, k, 32000, n_uniq, *widths,
+            sum(map(len, chunks)), sum(map(len, frames)),
+        )  # fmt: skip
+        rows[1]["targets"] = codec._finish(header, frames)
+        assert (codec.decode_topk(rows[1]["targets"], vocab_size=32000)[0] == ids).all()  # the codec takes it
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 1: a top-k row names the same id twice")
+
+
 def test_block_that_lies_about_its_size(cache):
     def edit(rows):
         blob = bytearray(rows[0]["targets"])
@@ -218,6 +241,12 @@ def _with_config_hash(meta: dict) -> dict:
          ": no teacher_cache metadata in the schema"),
         (lambda rows: None, _metadata(lambda m: {**m, b"teacher_cache": b"[1, 2]"}),
          ": unreadable teacher_cache metadata"),
+        (lambda rows: rows[0].update(input_ids=None), None, ": column input_ids holds nulls"),
+        (lambda rows: rows[1].update(target_positions=None), None, ": column target_positions holds nulls"),
+        (lambda rows: rows[0]["input_ids"].__setitem__(3, None), None, ": column input_ids holds nulls"),
+        (lambda rows: rows[2].update(sample_id=None), None, ": column sample_id holds nulls"),
+        (lambda rows: rows[2].update(targets=None), None, ": column targets holds nulls"),
+        (lambda rows: rows[0]["attention"].__setitem__(0, None), None, ": column attention holds nulls"),
     ],
 )  # fmt: skip
 def test_rows_that_break_the_readers_checks_are_refused_by_name(cache, edit, schema, match):
@@ -229,6 +258,15 @@ def test_attention_rows_in_a_cache_that_declares_none(cache):
     mpath = cache / "manifest.json"
     mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "attention": None}))
     refused(cache, "row 0: attention present but the manifest declares none")
+
+
+def test_a_shard_over_the_readers_size_limit_says_so(cache, monkeypatch):
+    import teacher_cache.cache
+
+    monkeypatch.setattr(teacher_cache.cache, "MAX_SHARD_BYTES", 1000)  # 4 GiB in real use
+    size = first_shard(cache).stat().st_size
+    with pytest.raises(ShardError, match=f"{first_shard(cache).name}: {size} bytes, over the reader's limit of 1000"):
+        list(open_cache(cache))
 
 
 def test_missing_shard_file(cache):
@@ -461,6 +499,26 @@ def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
     assert "different content (tokens, target positions, domain or source)" in done.stderr
 
 
+def test_merge_counts_from_the_rows_not_from_fields_no_reader_checks(tmp_path, good_cache):
+    """A source manifest's per-shard token and position counts, `truncated` and
+    `duplicates_with_other_targets` are recorded, not validated: merge counts tokens and positions
+    from the rows it reads anyway, and takes a count that is not one as 0, instead of a traceback
+    after the shards were written."""
+    a = tmp_path / "a"
+    shutil.copytree(good_cache, a)
+    m = json.loads((a / "manifest.json").read_text())
+    true_tokens = m["counts"]["tokens"]
+    del m["shards"][0]["tokens"]
+    m["shards"][1]["target_positions"] = 10**9
+    m["shards"][1]["truncated"] = None
+    m["duplicates_with_other_targets"] = "3"
+    (a / "manifest.json").write_text(json.dumps(m))
+    merged = merge([str(a), str(good_cache)], str(tmp_path / "m"))
+    assert merged["counts"]["tokens"] == true_tokens and merged["duplicates_with_other_targets"] == 0
+    done = subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_cache):
     dest = tmp_path / "m"
     dest.mkdir()
@@ -470,6 +528,10 @@ def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_
     (dest / "notes.txt").write_text("mine")
     with pytest.raises(MergeError, match="exists and is not empty"):
         merge([str(good_cache), str(good_cache)], str(dest))
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)  # dot-files alone are not a merge's leftovers to delete
+    with pytest.raises(MergeError, match="exists and is not empty"):
+        merge([str(good_cache), str(good_cache)], str(repo))
     with pytest.raises(MergeError, match="is a file, not a directory for the merged cache"):
         merge([str(good_cache), str(good_cache)], str(dest / "notes.txt"))
 
