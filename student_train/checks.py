@@ -40,3 +40,15 @@ def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = Fal
                 f"{cache.where}: attention summaries of teacher layers {list(cache.attention_layers)}, "
                 f"{first.where} has {list(first.attention_layers)}: the attention loss needs the same layers"
             )
+
+
+def check_temperature(kind: str, temperature: float) -> None:
+    """Refuse a KD temperature other than 1 with sampled caches: their draws come from the
+    teacher at temperature 1 and estimate p, not p^(1/T), so the loss would train the student's
+    own distribution towards p^T (a sharper teacher). Top-k log-probs are re-tempered exactly."""
+    if kind == "sampled" and temperature != 1.0:
+        raise IncompatibleCacheError(
+            f"--temperature {temperature:g} with a sampled cache: its draws come from the teacher at temperature 1 "
+            "and cannot be re-tempered (the student would learn a sharpened teacher); use --temperature 1 or a "
+            "top-k cache"
+        )

@@ -139,7 +139,7 @@ def train(**kw) -> None:
 @click.option("--model", type=PATH, required=True, help="Checkpoint directory or preset.")
 @click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Held-out cache; repeatable.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-samples", type=click.IntRange(min=1), default=None)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="At most N samples of each cache.")
 @click.option("--out", type=PATH, default=None, help="Also write the JSON report here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def evaluate_cmd(

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from student_train import losses
-from student_train.checks import check_student_matches
+from student_train.checks import check_student_matches, check_temperature
 from student_train.data import Plan, ShardCache, collate
 from teacher_cache.errors import one_line
 
@@ -40,9 +40,16 @@ def evaluate(
         raise ValueError(f"{ref.path}: cannot load the model ({one_line(e, 300)})") from None
     plan = Plan(caches, seed=0, window=1)
     items = [it for s in plan.streams if s is not None for it in s.items]
-    if max_samples is not None:
-        items = items[:max_samples]
+    if max_samples is not None:  # the first N of each cache: a domain cache given last is still in the report
+        taken = dict.fromkeys(range(len(caches)), 0)
+        kept = []
+        for item in items:  # item = (cache index, shard, row)
+            if taken[item[0]] < max_samples:
+                taken[item[0]] += 1
+                kept.append(item)
+        items = kept
     kind = caches[0].kind
+    check_temperature(kind, temperature)
     sums = {g: {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0} for g in ("domain", "general")}
     shards = ShardCache(caches, size=1)  # items run shard by shard
     bar = tqdm(total=len(items), desc="evaluating", unit="sample", file=sys.stderr, disable=not progress)

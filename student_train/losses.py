@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+ROUNDING_TAIL = math.log(1e-3)  # attention_kl: a smaller tail beside a student rest of exactly 0 is rounding
 
 RowsFn = Callable[..., Tensor]  # (logits [c, V], *per-row args) -> per-row loss float32 [c]
 
@@ -143,7 +144,11 @@ def _attention_kl_rows(student_rows: Tensor, key_ids: Tensor, key_logprobs: Tens
     q_keys = q.gather(-1, key_ids)  # [P, k]
     q_rest = q.scatter(-1, key_ids, 0.0).sum(-1, keepdim=True)  # [P, 1], summed directly: no 1 - sum
     q_mass = torch.cat([q_keys, q_rest], dim=-1) / total  # [P, k+1]
-    t_raw = torch.cat([key_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1]
+    tail = tail_logprob.float()  # [P]
+    # a tiny teacher tail where the student's rest is exactly 0 (every key the query sees is kept)
+    # is rounding, which caches written before the tail was summed directly hold: dropped
+    tail = torch.where((q_rest[:, 0] == 0) & (tail < ROUNDING_TAIL), -math.inf, tail)
+    t_raw = torch.cat([key_logprobs.float(), tail[:, None]], dim=-1)  # [P, k+1]
     t_logp = _log_normalize(t_raw)  # [P, k+1]
     # log only where the teacher has mass and the student is nonzero, so that no
     # 0/0 reaches the gradient; teacher mass on a student zero is a true +inf
@@ -251,6 +256,8 @@ def attention_kl(
             row or point at a key where the student row is 0.
         key_logprobs: float32 [P, k] teacher log weights; may hold -inf.
         tail_logprob: float32 [P] log of the teacher mass on all other keys; may be -inf.
+            Below ROUNDING_TAIL (mass 1e-3) it is ignored on rows where the student's rest is
+            exactly 0: every key the query can see is kept, so it is float rounding.
         mask: bool [P], True where a position counts.
 
     Returns:

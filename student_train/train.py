@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from student_train import losses
-from student_train.checks import check_student_matches
+from student_train.checks import check_student_matches, check_temperature
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.errors import one_line, parse_json
+from teacher_cache.manifest import MANIFEST, PARTS_DIR
+from teacher_cache.shards import SHARD_RE
 from teacher_cache.storage import fsync_dir
 
 
@@ -150,8 +152,8 @@ class DistillStep(nn.Module):
             for name, sel in (("kd_domain", batch.is_domain), ("kd_general", ~batch.is_domain)):
                 if bool(sel.any()):
                     kd_parts[name] = (self._kd(h[sel], weight, batch, sel), int(sel.sum()))
-            n = sum(c for _, c in kd_parts.values())
-            out["kd"] = sum(v * c for v, c in kd_parts.values()) / n
+            n = sum(c for _, c in kd_parts.values())  # 0 for a micro-batch without target positions
+            out["kd"] = sum(v * c for v, c in kd_parts.values()) / n if n else h.sum() * 0.0
             out.update({k: v.detach() for k, (v, _) in kd_parts.items()})
         out["attn"] = self._attention(batch, capture) if capture is not None else None
         out["loss"] = losses.total_loss(
@@ -176,7 +178,7 @@ class DistillStep(nn.Module):
     def _attention(self, b: Batch, capture) -> torch.Tensor:
         T = b.input_ids.shape[1]
         per_layer = []
-        for li, (_, student_layer) in enumerate(self.layer_map):
+        for li, student_layer in self.layer_map:  # li: the layer's index in the cache's attention layers
             rows = capture.rows[student_layer]  # list of [P_b, T_b] per batch row
             padded = torch.cat([nn.functional.pad(r, (0, T - r.shape[1])) for r in rows])  # [P, T]
             per_layer.append(losses.attention_kl(padded, b.attn_ids[li], b.attn_logprobs[li], b.attn_tail[li]))
@@ -263,11 +265,14 @@ def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str])
         )
 
 
-def _check_window(layer_map: list[tuple[int, int]], window: int | None, caches: list) -> None:
-    """A student that attends within a sliding window cannot match teacher attention rows on
-    keys beyond it (the KL is +inf), so its caches' sequences must fit in the window."""
-    if not layer_map or window is None:
+def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], caches: list) -> None:
+    """A student layer that attends within a sliding window cannot match teacher attention rows
+    on keys beyond it (the KL is +inf), so if a mapped layer has one (windows[layer], None =
+    full attention), the caches' sequences must fit in it."""
+    mapped = [windows[s] for _, s in layer_map if windows[s] is not None]
+    if not mapped:
         return
+    window = min(mapped)
     for cache in caches:
         longest = cache.manifest["data"].get("max_length")
         if not isinstance(longest, int) or longest > window:
@@ -458,9 +463,9 @@ def _check_run_dir(out: Path) -> None:
 
 def _is_cache(folder: Path) -> bool:
     """A teacher cache's folder: its manifest beside its shards or worker parts."""
-    if not (folder / "manifest.json").is_file():
+    if not (folder / MANIFEST).is_file():
         return False
-    return (folder / "parts").is_dir() or next(folder.glob("shard-w*.arrow"), None) is not None
+    return (folder / PARTS_DIR).is_dir() or any(SHARD_RE.fullmatch(n) for n in os.listdir(folder))
 
 
 def _remove_if_unused(out: Path) -> None:
@@ -507,6 +512,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     wants_attention = cfg.attn_weight > 0 and cfg.lam > 0
     check_student_matches(tok, caches, attention=wants_attention)
     kind = caches[0].kind
+    if cfg.lam > 0:
+        check_temperature(kind, cfg.temperature)
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     per_step = cfg.batch_size * world * cfg.grad_accum
     held = plan.short_stream(per_step)
@@ -538,7 +545,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     )
     model = _load_student(load_from, cfg, device, wants_attention, ckpt)
     layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
-    _check_window(layer_map, attention.sliding_window_of(model.config), caches)
+    _check_window(layer_map, attention.layer_windows(model.config), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:

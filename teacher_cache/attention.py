@@ -31,6 +31,18 @@ def head_averaged_rows(
     query float [H, T, d], key float [Hkv, T, d] (one sample, unpadded keys), positions
     int64 [P] -> float32 [P, T], each row summing to 1 over keys <= its position.
     """
+    with torch.autocast(query.device.type, enabled=False):  # float32 scores under a bf16 autocast too
+        return _rows(query, key, positions, scaling, sliding_window, chunk)
+
+
+def _rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None,
+    chunk: int,
+) -> torch.Tensor:
     H, T, _ = query.shape
     rep = H // key.shape[0]
     k = key.repeat_interleave(rep, dim=0).float() if rep > 1 else key.float()  # [H, T, d]
@@ -60,13 +72,13 @@ class RowCapture:
 
     positions: list[torch.Tensor]
     lengths: list[int]
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # for layers whose attention call does not say its own
     rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
-    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        # query [B, H, T, d], key [B, Hkv, T, d]
+    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, window: int | None) -> None:
+        # query [B, H, T, d], key [B, Hkv, T, d]; window: this layer's sliding window (None: full)
         self.rows[layer] = [
-            head_averaged_rows(query[b, :, :n], key[b, :, :n], pos, scaling, sliding_window=self.sliding_window)
+            head_averaged_rows(query[b, :, :n], key[b, :, :n], pos, scaling, sliding_window=window)
             for b, (pos, n) in enumerate(zip(self.positions, self.lengths, strict=True))
         ]
 
@@ -78,6 +90,16 @@ def sliding_window_of(config) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+def layer_windows(config) -> list[int | None]:
+    """The sliding window of each decoder layer (None: full causal attention). Models that mix
+    layer types (Gemma 2/3, Qwen2 with use_sliding_window) window only "sliding_attention" layers."""
+    window, n = sliding_window_of(config), config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if window is None or not types:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -85,7 +107,9 @@ def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     capture: RowCapture | None = getattr(module, "_row_capture", None)
     if capture is not None:
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        capture.record(module.layer_idx, query, key, scaling)
+        # the layer's own window when its attention call passes one (per layer type in mixed models)
+        window = kwargs.get("sliding_window", capture.sliding_window)
+        capture.record(module.layer_idx, query, key, scaling, window)
     return out
 
 
@@ -110,6 +134,10 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def attach(model: torch.nn.Module, layers: list[int], capture: RowCapture | None) -> None:
     """Point the chosen layers at `capture` (None detaches)."""
+    if layers and getattr(model.config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            "its attention scores are soft-capped (attn_logit_softcapping), which the row capture does not do"
+        )
     mods = attention_modules(model)
     for layer in layers:
         if not 0 <= layer < len(mods):

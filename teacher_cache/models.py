@@ -21,6 +21,9 @@ from pathlib import Path
 from teacher_cache.errors import parse_json
 from teacher_cache.presets import Preset, get_preset
 
+# config keys that mean logits != lm_head(h): every logit path here computes exactly lm_head(h)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
 # The Mistral instruct format ([INST] ... [/INST] answer</s>), as in Mistral-7B-Instruct
 # and Mixtral-8x7B-Instruct; a leading system message is folded into the first user turn.
 MISTRAL_CHAT_TEMPLATE = (
@@ -130,7 +133,22 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     if info.get("unexpected_keys"):
         print(f"warning: {path}: tensors its config has no place for, ignored: {listed('unexpected_keys')}",
               file=sys.stderr)  # fmt: skip
+    problem = head_problem(model.config, model.get_output_embeddings())
+    if problem:
+        raise ValueError(f"{path}: {problem}; logits are computed here as h @ lm_head.weight^T, so it is not supported")
     return model
+
+
+def head_problem(config, head=None) -> str | None:
+    """Why logits != hidden @ head.weight^T for this model (a logit transform in its config, or a
+    bias on its output layer), or None. The trainer's chunked losses, eval, and the teachers' hf
+    backend and vLLM hidden mode all compute exactly that product."""
+    bad = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+    if bad:
+        return f"its logits are transformed ({', '.join(bad)})"
+    if head is not None and getattr(head, "bias", None) is not None:
+        return "its output layer has a bias"
+    return None
 
 
 def _run_hint(folder: Path) -> str:

@@ -97,8 +97,9 @@ def attention_summary(rows: torch.Tensor, k: int) -> TopKTargets:
     """Head-averaged attention rows float [P, T] (sum 1 over keys) -> top-k keys + tail mass."""
     k = min(k, rows.shape[-1])
     top = torch.topk(rows.float(), k, dim=-1, sorted=True)  # values float32, indices int64 [P, k]
-    kept = top.values.double().sum(-1)  # float64 [P]
-    rest = (1.0 - kept).clamp(min=0.0)  # float64 [P]
+    # the keys not kept, summed directly (not 1 - kept, whose rounding left a tail of ~1e-8 where
+    # every key a query can see is kept, and the student's rest there is exactly 0: an infinite KL)
+    rest = rows.double().scatter(-1, top.indices, 0.0).sum(-1)  # float64 [P]
     with torch.no_grad():
         tail = torch.where(rest > 0, torch.log(rest), torch.full_like(rest, -torch.inf)).float()  # float32 [P]
     return TopKTargets(

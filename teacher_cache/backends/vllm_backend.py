@@ -24,13 +24,11 @@ import numpy as np
 import torch
 
 from teacher_cache.backends import TeacherOutput
-from teacher_cache.models import ModelRef
+from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef
 from teacher_cache.targets import TopKTargets, tail_from_topk
 from teacher_cache.tokenize import Tokenized
 
 MODES = ("hidden", "prompt_logprobs")
-# config keys that mean logits != lm_head(h): the hidden mode would be wrong there
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class VllmBackendError(RuntimeError):
@@ -106,7 +104,7 @@ class VllmBackend:
         if torch.cuda.is_available():
             common["gpu_memory_utilization"] = gpu_memory_utilization
         if mode == "hidden":
-            bad = [k for k in _LOGIT_TRANSFORMS if config.get(k) not in (None, 1, 1.0)]
+            bad = [k for k in LOGIT_TRANSFORMS if config.get(k) not in (None, 1, 1.0)]
             if bad:
                 raise VllmBackendError(
                     f"{model.name}: logits are transformed ({', '.join(bad)}); use --vllm-mode prompt_logprobs"

@@ -618,3 +618,19 @@ def test_sampled_weights_use_each_rows_own_number_of_draws() -> None:
     offsets, ids, counts = torch.tensor([0, 2, 3]), torch.tensor([5, 7, 5]), torch.tensor([3, 7, 4])
     _, w = sampled_to_padded(offsets, ids, counts, torch.tensor([10, 4]))
     assert torch.allclose(w, torch.tensor([[0.3, 0.7], [1.0, 0.0]]))
+
+
+def test_attention_kl_drops_a_rounding_tail_where_the_student_rest_is_zero() -> None:
+    """Caches written before the summary summed its tail directly hold ~1e-8 of rounding as the
+    tail of queries whose every visible key is kept; the student's rest there is exactly 0, so
+    that tail is dropped instead of giving +inf. A real tail (1e-2) there is still +inf."""
+    g = torch.Generator().manual_seed(0)
+    T, k = 6, 6
+    scores = torch.randn(T, T, generator=g).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    rows = scores.softmax(-1)  # [T, T] causal: query t sees keys 0..t, all among the k = T kept
+    top = torch.topk(rows, k, dim=-1)
+    lp = top.values.log()  # [T, k], -inf on future keys
+    exact = attention_kl(rows, top.indices, lp, torch.full((T,), -math.inf))
+    rounding = attention_kl(rows, top.indices, lp, torch.full((T,), math.log(1e-8)))
+    assert math.isfinite(float(exact)) and float(rounding) == pytest.approx(float(exact), abs=1e-6)
+    assert float(attention_kl(rows, top.indices, lp, torch.full((T,), math.log(1e-2)))) == math.inf

@@ -368,6 +368,53 @@ def test_sampled_targets_train(tmp_path, sampled_cache):
     assert np.mean([r["kd"] for r in m[-3:]]) < np.mean([r["kd"] for r in m[:3]])
 
 
+def test_a_sampled_cache_refuses_another_temperature(tmp_path, sampled_cache):
+    """Draws from the teacher at temperature 1 estimate p: with --temperature T the sampled loss
+    would pull the student towards p^T, so train and eval refuse it before any work; CE alone
+    (--lam 0) has no teacher target to temper."""
+    from student_train.checks import IncompatibleCacheError
+    from student_train.evaluate import evaluate
+
+    common = dict(student="tiny-mistral", caches=(str(sampled_cache),), max_steps=1, progress=False)
+    with pytest.raises(IncompatibleCacheError, match="--temperature 2 with a sampled cache"):
+        train(TrainConfig(out=str(tmp_path / "t2"), temperature=2.0, **common))
+    assert not (tmp_path / "t2").exists()
+    with pytest.raises(IncompatibleCacheError, match="--temperature 0.5 with a sampled cache"):
+        evaluate("tiny-mistral", [str(sampled_cache)], temperature=0.5)
+    assert train(TrainConfig(out=str(tmp_path / "ce"), temperature=2.0, lam=0.0, **common))["step"] == 1
+
+
+def test_a_micro_batch_without_target_positions_has_a_zero_loss(kd_cache, tiny_student):
+    """Rows with no target positions (a foreign writer may store them) give a finite, zero loss
+    and no division by zero."""
+    import dataclasses
+
+    from student_train.data import collate
+    from student_train.train import DistillStep
+    from teacher_cache.models import load_causal_lm
+
+    def empty(s):
+        k = s.topk_ids.shape[1]
+        return dataclasses.replace(
+            s,
+            target_positions=np.zeros(0, np.int64),
+            topk_ids=np.zeros((0, k), np.int64),
+            topk_logprobs=np.zeros((0, k), np.float32),
+            tail_logprob=np.zeros(0, np.float32),
+            attention_ids=None,
+            attention_logprobs=None,
+            attention_tail_logprob=None,
+            attention_layers=(),
+        )
+
+    samples = [empty(s) for s in list(open_cache(kd_cache))[:2]]
+    batch = collate([(0, s) for s in samples], [], attention=False)
+    cfg = TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out="-", lam=0.5)
+    model = load_causal_lm(tiny_student.path, progress=False, dtype=torch.float32)
+    out = DistillStep(model, cfg, "topk", [])(batch)
+    assert float(out["kd"]) == 0.0 and math.isfinite(float(out["loss"]))
+
+
 def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
     from transformers import AutoModelForCausalLM
 
@@ -571,12 +618,17 @@ def test_trained_checkpoint_loads_in_vllm(tmp_path, kd_cache, chats_file):
     assert open_cache(out).manifest["teacher"]["path"] == str(Path(result["checkpoint"]).resolve())
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache, tiny_student, window):
+@pytest.mark.parametrize(
+    "window, layer_map",
+    [(None, [(0, 1), (1, 0)]), (3, [(0, 1), (1, 0)]), (None, [(1, 0)])],
+    ids=["crossed", "crossed-window-3", "second-cache-layer-only"],
+)
+def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache, tiny_student, window, layer_map):
     """What DistillStep trains on, recomputed by hand from the student's full logits and eager
     attention maps at each sample's own target positions: CE on the next token, the top-k KL
-    per source weighted by its positions, the attention KL of the mapped (crossed) layers,
-    also for a student whose layers attend within a sliding window of 3 keys."""
+    per source weighted by its positions, the attention KL of the mapped layers (crossed, or the
+    cache's second layer alone: read by its index in the cache, not its place in the map), also
+    for a student whose layers attend within a sliding window of 3 keys."""
     import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -598,7 +650,7 @@ def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache,
         temperature=2.0,
         chunk_size=7,
     )
-    layer_map = [(0, 1), (1, 0)]  # cache layer index -> student layer, crossed on purpose
+    # layer_map: (index of the teacher layer in the cache's attention layers, student layer)
     config = AutoConfig.from_pretrained(tiny_student.path)
     config.sliding_window = window
     model = AutoModelForCausalLM.from_pretrained(
@@ -612,7 +664,7 @@ def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache,
         tiny_student.path, config=config, dtype=torch.float32, attn_implementation="eager"
     )
     kd_sum = n_sum = 0.0
-    logits, labels, attn = [], [], {li: [] for li in range(2)}
+    logits, labels, attn, other = [], [], {li: [] for li, _ in layer_map}, []
     kd_by_group = {}
     with torch.no_grad():
         for s in samples:  # one sample at a time: no padding, no batching in the reference
@@ -621,17 +673,15 @@ def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache,
             pos = torch.from_numpy(s.target_positions)  # [P_s]
             logits.append(ref.logits[0, pos])  # [P_s, V]
             labels.append(torch.from_numpy(s.input_ids[s.target_positions + 1]))  # [P_s]
-            for li, student_layer in layer_map:
+
+            def kl(student_layer: int, li: int, s=s, pos=pos, ref=ref) -> torch.Tensor:  # summed over positions
                 rows = ref.attentions[student_layer][0].mean(0)[pos]  # [P_s, T_s], heads averaged
-                attn[li].append(
-                    losses.attention_kl(
-                        rows,
-                        torch.from_numpy(s.attention_ids[li]),
-                        torch.from_numpy(s.attention_logprobs[li]),
-                        torch.from_numpy(s.attention_tail_logprob[li]),
-                    )
-                    * len(pos)
-                )
+                ids, lps = torch.from_numpy(s.attention_ids[li]), torch.from_numpy(s.attention_logprobs[li])
+                return losses.attention_kl(rows, ids, lps, torch.from_numpy(s.attention_tail_logprob[li])) * len(pos)
+
+            for li, student_layer in layer_map:
+                attn[li].append(kl(student_layer, li))
+            other.append(kl(layer_map[0][1], 0))  # the first mapped student layer against cache layer 0
     n = [len(s.target_positions) for s in samples]
     for group, members in (("kd_domain", [0]), ("kd_general", [1, 2])):
         kd_by_group[group] = losses.topk_kl(
@@ -656,10 +706,12 @@ def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache,
     # the checks above can tell the alternatives apart on this batch
     assert abs(kd - (float(kd_by_group["kd_domain"]) + float(kd_by_group["kd_general"])) / 2) > 1e-3
     per_layer = [float(sum(v)) / sum(n) for v in attn.values()]
-    if window is None:
-        assert abs(per_layer[0] - per_layer[1]) > 1e-4
-    else:  # the teacher attends outside the student's window: no finite KL (train() refuses this)
+    if window is not None:  # the teacher attends outside the student's window: no finite KL (train() refuses this)
         assert per_layer[0] == per_layer[1] == float(out["attn"]) == math.inf
+    elif len(layer_map) == 2:
+        assert abs(per_layer[0] - per_layer[1]) > 1e-4
+    else:  # the cache's other layer (index 0, first in the cache) gives another loss here
+        assert abs(float(out["attn"]) - float(sum(other)) / sum(n)) > 1e-3
 
 
 def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path):
@@ -728,6 +780,15 @@ def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher, capsys):
     assert got["nll"] == pytest.approx(nll / n, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-9)
     assert agree > 0.9 * n and kl / n < 0.01, "the teacher against its own targets"
+
+
+def test_eval_max_samples_is_per_cache(kd_cache, k4_cache):
+    """--max-samples N takes the first N samples of each cache, so a cache given last (a domain
+    cache, say) is still in the report."""
+    from student_train.evaluate import evaluate
+
+    report = evaluate("tiny-mistral", [str(kd_cache), str(k4_cache)], max_samples=2)
+    assert report["all"]["samples"] == 4
 
 
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):
