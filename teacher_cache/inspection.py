@@ -25,6 +25,7 @@ def summary(path: str) -> dict:
         "teacher_location": teacher.get("hub_id") or teacher.get("path"),
         "revision": teacher.get("revision"),
         "teacher_config_sha256": teacher.get("config_sha256"),
+        "teacher_weights_sha256": teacher.get("weights_sha256"),
         "source_tag": m["source"],
         "backend": m.get("backend"),
         "engines": m.get("engines") or [],  # backend, device and library versions that ran the teacher

@@ -233,7 +233,8 @@ def _check_types(m: dict, where: str) -> None:
 
     t = m["teacher"]
     need(isinstance(t, dict) and isinstance(t.get("name"), str), "teacher must be an object with a name")
-    need(all(_opt_str(t.get(k)) for k in ("path", "hub_id", "revision", "dtype", "config_sha256")), "bad teacher field")
+    keys = ("path", "hub_id", "revision", "dtype", "config_sha256", "weights_sha256")
+    need(all(_opt_str(t.get(k)) for k in keys), "bad teacher field")
     tok = m["tokenizer"]
     need(isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str), "tokenizer must have a fingerprint")
     need(_opt_str(tok.get("chat_template_sha256")), "tokenizer.chat_template_sha256 must be a string")

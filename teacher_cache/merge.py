@@ -45,7 +45,7 @@ def _compat(m: dict) -> dict:
         "format version": m["format_version"],
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
         "chat template": m["tokenizer"]["chat_template_sha256"],
-        "teacher": (t.get("config_sha256"), t.get("dtype"), t.get("hub_id"), t.get("revision")),
+        "teacher": tuple(t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")),
         "targets (kind, k, draws, logprob_error)": m["targets"],
         "attention spec": m.get("attention"),
         "source tag": m["source"],

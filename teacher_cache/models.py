@@ -151,6 +151,23 @@ def head_problem(config, head=None) -> str | None:
     return None
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what weights_sha256 hashes
+
+
+def weights_sha256(folder: str) -> str | None:
+    """ "sha256:..." over a local checkpoint's weight files (each one's name, size and sha256, in
+    name order): what tells a fine-tune from its base, whose config.json is the same. None for a
+    folder without weight files."""
+    files = sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            h.update(f"{p.name}\0{p.stat().st_size}\0".encode() + hashlib.file_digest(f, "sha256").digest())
+    return "sha256:" + h.hexdigest()
+
+
 def _run_hint(folder: Path) -> str:
     """A pointer to the newest checkpoint-N inside a training run's folder, or ""."""
     steps = [

@@ -34,7 +34,7 @@ from teacher_cache.manifest import (
     read_part,
     union_engines,
 )
-from teacher_cache.models import ModelRef, resolve_model
+from teacher_cache.models import WEIGHT_FILES, ModelRef, resolve_model, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     CHUNK_BYTES,
@@ -228,6 +228,16 @@ def _chunks(items: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
+def _weights_sha256(ref: ModelRef) -> str | None:
+    """The local teacher's weights_sha256 (None for a hub teacher: hub_id + revision name it)."""
+    if not ref.is_local:
+        return None
+    size = sum(p.stat().st_size for pattern in WEIGHT_FILES for p in Path(ref.path).glob(pattern) if p.is_file())
+    if size > 1 << 30:  # ~1 s per GB: say why the start is slow
+        _log(f"hashing the teacher's weights ({size / 2**30:.1f} GiB) to record which ones made this cache")
+    return weights_sha256(ref.path)
+
+
 def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
     config_file = Path(ref.path) / "config.json" if ref.is_local else None
     teacher_cfg = config_file.read_bytes() if config_file and config_file.is_file() else b""
@@ -257,6 +267,7 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
             "revision": ref.revision,
             "dtype": ref.dtype,
             "config_sha256": "sha256:" + hashlib.sha256(teacher_cfg).hexdigest() if teacher_cfg else None,
+            "weights_sha256": _weights_sha256(ref),
         },
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tok),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,6 +466,28 @@ def test_a_cache_folder_named_like_a_pattern_is_still_seen(tmp_path, chats_file)
         merge([str(out), str(out)], str(out))
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert open_cache(out).manifest["counts"]["samples"] == len(chats_file.read_text().splitlines())
+
+
+def test_other_weights_with_the_same_config_are_another_teacher(tmp_path, chats_file, tiny_teacher):
+    """A fine-tune has its base's config.json: the manifest's teacher.weights_sha256 tells them
+    apart, so a rerun after the checkpoint's weights changed is refused, and so is merging a cache
+    of each (two teachers' rows are not interchangeable)."""
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher.path, teacher)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(cfg(chats_file, a, teacher=str(teacher), only_domain="math"))
+    assert open_cache(a).manifest["teacher"]["weights_sha256"].startswith("sha256:")
+    weights = load_file(teacher / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3  # "fine-tuned": same names, shapes and config
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RunError, match=r"different settings \(teacher.weights_sha256 differ\)"):
+        run(cfg(chats_file, a, teacher=str(teacher), only_domain="math"))
+    run(cfg(chats_file, b, teacher=str(teacher), exclude_domain="math"))
+    with pytest.raises(MergeError, match="teacher differs"):
+        merge([str(a), str(b)], str(tmp_path / "m"))
 
 
 def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes(tmp_path, chats_file):
