@@ -83,7 +83,9 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--attn-weight", type=float, default=0.0, show_default=True, help="Weight of the attention loss.")
 @click.option("--attention-layer-map", default=None, help="TEACHER:STUDENT layer pairs (default: identity).")
 @click.option("--domain-ratio", type=float, default=None, help="DAE: share of samples from --only-domain caches.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Data order and initialisation seed.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Data order and initialisation seed."
+)
 @click.option(
     "--shuffle-window", type=click.IntRange(min=1), default=4, show_default=True, help="Shards mixed at once."
 )

@@ -87,12 +87,16 @@ class TrainConfig:
             ("--temperature", self.temperature, self.temperature > 0, "> 0"),
             ("--attn-weight", self.attn_weight, self.attn_weight >= 0, ">= 0"),
             ("--domain-ratio", ratio, ratio is None or 0 <= ratio <= 1, "within [0, 1]"),
+            ("--seed", self.seed, self.seed >= 0, ">= 0"),
         )
         for option, value, holds, want in rules:
             if not holds:
                 raise TrainError(f"{option} must be {want}, got {value:g}")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
+        teachers = [t for t, _ in self.attention_layer_map]
+        if len(set(teachers)) != len(teachers):
+            raise TrainError(f"--attention-layer-map names a teacher layer twice: {list(self.attention_layer_map)}")
         if self.fsdp and self.lora_rank:
             raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
         if self.precision not in PRECISIONS:
@@ -190,9 +194,16 @@ def _dist() -> tuple[int, int, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started = world > 1 and not torch.distributed.is_initialized()
     if started:
+        if torch.cuda.is_available():  # before NCCL and FSDP look at the current device (else GPU 0 for all)
+            torch.cuda.set_device(_local_gpu(int(os.environ.get("RANK", "0"))))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
     return (torch.distributed.get_rank() if world > 1 else 0), world, started
+
+
+def _local_gpu(rank: int) -> int:
+    """This process's GPU: torchrun's LOCAL_RANK (one process per GPU on each node)."""
+    return int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
 
 
 def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers: int) -> list[tuple[int, int]]:
@@ -357,14 +368,24 @@ def _write_checkpoint(
 ) -> Path:
     final = out / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
-        base, merged = _merged_lora_state(model)
-        base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # its "Writing model shards" bar
+        hf_logging.disable_progress_bar()
+    try:
+        if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
+            base, merged = _merged_lora_state(model)
+            base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tok.save_pretrained(tmp)
     opt = {"fsdp_optimizer": fsdp_optimizer} if fsdp_optimizer is not None else {"optimizer": optimizer.state_dict()}
-    torch.save({**opt, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({**opt, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
     for f in (p for p in tmp.iterdir() if p.is_file()):  # on disk before the rename shows the checkpoint
         with open(f, "rb") as fh:
@@ -376,14 +397,14 @@ def _write_checkpoint(
     return final
 
 
-def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path | None]:
+def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int) -> tuple[dict, Path | None]:
     """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
     digests = [c.digest for c in caches]
     twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
     if twice:  # every sample would come twice per epoch
         raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
-    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests}
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests, "world_size": world}
     latest = latest_checkpoint(out)
     ckpt = latest if cfg.resume else None
     metrics_path = out / "metrics.jsonl"
@@ -393,6 +414,17 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list) -> tuple[dict, Path
     if ckpt:
         saved = _read_trainer_state(ckpt, cfg)
         _check_resume(ckpt, saved, cfg, digests)
+        if saved.get("world_size", world) != world:  # the data position is per rank (absent before it was saved)
+            raise TrainError(
+                f"{ckpt} was trained by {saved['world_size']} processes, this run has {world}: the data position "
+                f"is per process, so resume with {saved['world_size']}, or start a new run from it: "
+                f"--student {ckpt} --out NEW_DIR"
+            )
+        if cfg.lora_rank:
+            raise TrainError(
+                f"{ckpt} holds LoRA adapters merged into the weights: a resume would restart the adapters and mismatch "
+                f"their optimizer state; start a new LoRA run from it: --student {ckpt} --out NEW_DIR"
+            )
         state.update({k: v for k, v in saved.items() if k in state})
     return state, ckpt
 
@@ -434,6 +466,8 @@ def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opti
     else:
         optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
+    if torch.cuda.is_available() and len(saved.get("cuda_rng") or []) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -534,15 +568,13 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
         locks.enter_context(_hold_run_dir(out))
 
     # ---- resume point
-    state, ckpt = _resume_point(cfg, out, caches)
+    state, ckpt = _resume_point(cfg, out, caches, world)
     load_from = str(ckpt) if ckpt else ref.path
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()
 
     # ---- model
-    device = (
-        torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
-    )
+    device = torch.device("cuda", _local_gpu(rank)) if torch.cuda.is_available() else torch.device("cpu")
     model = _load_student(load_from, cfg, device, wants_attention, ckpt)
     layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
     _check_window(layer_map, attention.layer_windows(model.config), caches)
@@ -561,7 +593,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=None if sharded else True
+        _param_groups(model, params, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=None if sharded else True
     )
     if ckpt:
         _restore_optimizer(ckpt, model, optimizer, sharded)
@@ -571,7 +603,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
         caches, plan, rank=rank, world=world, start=state["samples_per_rank"], window=cfg.shuffle_window
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
-    samples = iter(loader)
+    rng = torch.get_rng_state()
+    samples = iter(loader)  # draws a base seed from the global RNG: put back, so a resume is exact
+    torch.set_rng_state(rng)
     autocast = autocast_for(device, cfg.precision)
 
     # ---- loop
@@ -597,12 +631,12 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # micro-batches that hold each value (kd_domain: those with domain rows)
             tokens = 0
             seen: list[str] = []
             for _ in range(cfg.grad_accum):
-                batch = collate(
-                    [next(samples) for _ in range(cfg.batch_size)], plan.domain_caches, attention=bool(layer_map)
-                ).to(device)
+                rows = [_next_sample(samples) for _ in range(cfg.batch_size)]
+                batch = collate(rows, plan.domain_caches, attention=bool(layer_map)).to(device)
                 state["samples_per_rank"] += cfg.batch_size
                 tokens += batch.tokens
                 seen += batch.sample_ids
@@ -611,7 +645,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 (parts["loss"] / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     if v is not None:
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                        counts[k] = counts.get(k, 0) + 1
+            sums = {k: v / counts[k] for k, v in sums.items()}  # the step's mean of each
             finite = math.isfinite(sums.get("loss", 0.0))
             if world > 1:  # every rank stops together, or none does
                 flag = torch.tensor([float(finite)], device=device)
@@ -624,6 +660,11 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 )
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+            if not math.isfinite(grad_norm):  # the same on every rank (gradients are reduced): all stop
+                raise TrainError(
+                    f"step {state['step'] + 1}: the gradient is not finite (norm {grad_norm}) though the loss is; "
+                    "the checkpoints before it are kept (lower --lr, or check the caches)"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -673,6 +714,30 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             torch.distributed.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps({**state, "weights_sha256": digest}) + "\n")
     return {**state, "last": last, "checkpoint": str(out / f"checkpoint-{state['step']}"), "weights_sha256": digest}
+
+
+def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups: --weight-decay on weight matrices, none on norms, biases and the embeddings
+    (decay would pull a norm's gain to 0, not to 1). One group when there is no decay, as before."""
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    rest = [p for p in params if not (p.ndim >= 2 and id(p) not in embeddings)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _next_sample(samples):
+    """The next sample; a DataLoader worker's error re-raised as its own last line (the loader
+    wraps it in 'Caught X in DataLoader worker process N. Original Traceback ...')."""
+    try:
+        return next(samples)
+    except Exception as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise TrainError(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:

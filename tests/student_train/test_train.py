@@ -241,6 +241,16 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file)
     ]
     assert sum(sid.startswith("math") for sid in seen) == 3 and result["step"] == 3
 
+    # one sample per micro-batch, 4 per step: each kind's loss is its mean over its own micro-batches
+    accum = tmp_path / "accum"
+    train(TrainConfig(student="tiny-mistral", caches=(str(reference), str(expert)), out=str(accum), max_steps=4,
+                      batch_size=1, grad_accum=4, domain_ratio=0.25, progress=False))  # fmt: skip
+    steps = [json.loads(line)["samples"] for line in (accum / "samples.rank0.jsonl").read_text().splitlines()]
+    for m, ids in zip(metrics(accum), steps, strict=True):
+        d = sum(sid.startswith("math") for sid in ids)
+        assert 0 < d < 4
+        assert m["kd"] == pytest.approx((d * m["kd_domain"] + (4 - d) * m["kd_general"]) / 4, rel=1e-5)
+
 
 def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_path, kd_cache):
     out = tmp_path / "ddp"
@@ -413,6 +423,82 @@ def test_a_micro_batch_without_target_positions_has_a_zero_loss(kd_cache, tiny_s
     model = load_causal_lm(tiny_student.path, progress=False, dtype=torch.float32)
     out = DistillStep(model, cfg, "topk", [])(batch)
     assert float(out["kd"]) == 0.0 and math.isfinite(float(out["loss"]))
+
+
+def test_resume_refuses_another_process_count_and_a_lora_run(tmp_path, kd_cache, capsys):
+    """The data position is saved per process: a resume with another number of processes would
+    skip or repeat samples. A LoRA checkpoint holds merged weights: a resume could not go on
+    with its adapters. Both are refused, naming the way on."""
+    common = dict(student="tiny-mistral", caches=(str(kd_cache),), save_every=1, progress=False)
+    out, lora = tmp_path / "r", tmp_path / "lora"
+    train(TrainConfig(out=str(out), max_steps=2, **common))
+    assert "Writing model shards" not in capsys.readouterr().err  # no progress bar when asked for none
+    shutil.rmtree(out / "checkpoint-2")  # as if killed before it: the resume starts from checkpoint-1
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    (out / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(TrainError, match="was trained by 2 processes, this run has 1: .*resume with 2"):
+        train(TrainConfig(out=str(out), max_steps=2, resume=True, **common))
+    train(TrainConfig(out=str(lora), max_steps=2, lora_rank=2, **common))
+    shutil.rmtree(lora / "checkpoint-2")
+    with pytest.raises(TrainError, match="holds LoRA adapters merged into the weights"):
+        train(TrainConfig(out=str(lora), max_steps=2, lora_rank=2, resume=True, **common))
+
+
+def test_resume_is_exact_for_a_student_with_dropout(tmp_path, kd_cache, tiny_student):
+    """Creating the data iterator draws from the global RNG: the RNG is put back after it, so a
+    resumed run draws the same dropout masks as an uninterrupted one."""
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student.path, student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    common = dict(student=str(student), caches=(str(kd_cache),), save_every=2, progress=False)
+    clean = train(TrainConfig(out=str(tmp_path / "clean"), max_steps=4, **common))
+    train(TrainConfig(out=str(tmp_path / "cut"), max_steps=4, **common))
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if killed after step 2's checkpoint
+    resumed = train(TrainConfig(out=str(tmp_path / "cut"), max_steps=4, resume=True, **common))
+    assert resumed["weights_sha256"] == clean["weights_sha256"]
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "clean")]
+
+
+def test_a_non_finite_gradient_stops_before_the_step(tmp_path, kd_cache, monkeypatch):
+    """A finite loss can still give an infinite gradient (a student attention weight underflowing
+    next to teacher mass): the run stops before the optimizer step, keeping the checkpoints."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(math.inf))
+    with pytest.raises(TrainError, match="step 1: the gradient is not finite"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=2,
+                          save_every=1, progress=False))  # fmt: skip
+    assert not list((tmp_path / "r").glob("checkpoint-*"))
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings(tiny_student):
+    from student_train.train import _param_groups
+    from teacher_cache.models import load_causal_lm
+
+    model = load_causal_lm(tiny_student.path, progress=False)
+    params = list(model.parameters())
+    assert _param_groups(model, params, 0.0) == [{"params": params, "weight_decay": 0.0}]
+    decay, rest = _param_groups(model, params, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(rest["params"]) == len(params)
+    assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert any("norm" in names[id(p)] for p in rest["params"]) and any("embed" in names[id(p)] for p in rest["params"])
+
+
+def test_a_data_loader_workers_error_is_its_own_line(tmp_path, kd_cache):
+    """With --num-workers the loader wraps a worker's error in its traceback; the user sees the
+    error's own line, as without workers."""
+    damaged = tmp_path / "cache"
+    shutil.copytree(kd_cache, damaged)
+    shard = sorted(damaged.glob("shard-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    done = subprocess.run(train_args(damaged, tmp_path / "r", "--num-workers", "1"), capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert shard.name in lines[0] and "Traceback" not in lines[0] and "DataLoader worker" not in lines[0]
 
 
 def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
@@ -945,6 +1031,12 @@ def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_
         ("attn_weight", -5.0, "--attn-weight must be >= 0, got -5"),
         ("domain_ratio", 1.5, "--domain-ratio must be within [0, 1], got 1.5"),
         ("lam", 3.0, "--lam must be within [0, 1], got 3"),
+        ("seed", -1, "--seed must be >= 0, got -1"),
+        (
+            "attention_layer_map",
+            ((0, 0), (0, 1)),
+            "--attention-layer-map names a teacher layer twice: [(0, 0), (0, 1)]",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, setting, value, message):
