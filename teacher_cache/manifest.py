@@ -153,8 +153,13 @@ def assemble(where: Location, num_workers: int) -> dict | None:
             return None
         parts.append(part)
     head = parts[0]
-    if any(p["config_hash"] != head["config_hash"] for p in parts):
-        raise ManifestError(f"{where}: worker parts were made with different settings")
+    for w, p in enumerate(parts):
+        if p["config_hash"] != head["config_hash"]:
+            differ = ", ".join(header_differences(head, p)) or "config_hash"  # a hash alone: parts edited by hand
+            raise ManifestError(
+                f"{where}: worker {w} of {num_workers} was run with other settings than worker 0 ({differ} differ): "
+                f"rerun it with worker 0's settings after deleting its part file {part_path(w, num_workers)}"
+            )
     manifest = {k: head[k] for k in (*_HEADER_KEYS, "config_hash", "tool_version", "config")}
     manifest["backend"] = combine_backends([p["backend"] for p in parts])  # workers may run other engines
     manifest["codec_version"] = codec_version(parts)  # a resumed run may span versions

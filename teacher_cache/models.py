@@ -22,7 +22,14 @@ from teacher_cache.errors import parse_json
 from teacher_cache.presets import Preset, get_preset
 
 # config keys that mean logits != lm_head(h): every logit path here computes exactly lm_head(h)
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+    "lm_head_multiplier",
+    "output_multiplier",
+)
 
 # The Mistral instruct format ([INST] ... [/INST] answer</s>), as in Mistral-7B-Instruct
 # and Mixtral-8x7B-Instruct; a leading system message is folded into the first user turn.

@@ -130,7 +130,10 @@ def check_data_file(path: str) -> None:
     file whose footer cannot be read."""
     import fsspec
 
-    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    try:
+        fs, p = fsspec.core.url_to_fs(path)  # no glob expansion: a name may hold '*'
+    except ImportError as e:  # a filesystem whose package is not installed (s3:// without the extra)
+        raise DataFileError(f"{path}: {one_line(e)}") from None
     if not fs.exists(p):
         raise DataFileError(f"data file not found: {path}")
     if fs.isdir(p):

@@ -19,7 +19,7 @@ import torch
 
 from teacher_cache import __version__, codec
 from teacher_cache.backends import TeacherBackend, TeacherOutput
-from teacher_cache.errors import parse_json
+from teacher_cache.errors import one_line, parse_json
 from teacher_cache.manifest import (
     FORMAT_NAME,
     LOGPROB_SCALE,
@@ -115,6 +115,10 @@ class RunConfig:
                 self.backend != "hf" or self.vllm_mode == "hidden",
                 "--vllm-mode applies to the vllm backend only, not --backend hf",
             ),
+            (
+                not (self.targets == "sampled" and self.vllm_mode == "prompt_logprobs"),
+                "sampled targets need full logits: use --vllm-mode hidden or --backend hf",
+            ),
             *(
                 (value is None or bool(value.strip()), f"{option} must not be empty")
                 for option, value in (
@@ -196,14 +200,16 @@ def _sample_seed(seed: int, sample_id: str) -> int:
 def _my_records(cfg: RunConfig, bad: list[str], dups: list[int]) -> Iterator[Record]:
     """This worker's records in data order: domain filter, worker split, duplicate check."""
     seen: dict[str, str] = {}
-    for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=bad):
+    # a record that does not parse has no id to place it: worker 0 alone lists it (the others skip it)
+    parse_bad = bad if cfg.worker_index == 0 else []
+    for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=parse_bad):
         if cfg.only_domain is not None and rec.domain != cfg.only_domain:
             continue
         if cfg.exclude_domain is not None and rec.domain == cfg.exclude_domain:
             continue
         if not _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers):
             continue
-        digest = hashlib.sha256(json.dumps(rec.messages, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([rec.domain, rec.messages], sort_keys=True).encode()).hexdigest()
         if rec.sample_id in seen:
             if seen[rec.sample_id] != digest:
                 err = BadRecordError(rec.where, f"id {rec.sample_id!r} reused for different content")
@@ -309,15 +315,14 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
     if name == "vllm":
         if not vllm_available():
             raise RunError("backend vllm requested but vLLM is not installed (make install, or --backend hf)")
-        if cfg.targets == "sampled" and cfg.vllm_mode == "prompt_logprobs":
-            raise RunError("sampled targets need full logits: use --vllm-mode hidden or --backend hf")
         from teacher_cache.backends.vllm_backend import VllmBackend
 
         main = VllmBackend(
             ref,
             mode=cfg.vllm_mode,
             top_k=cfg.top_k,
-            max_model_len=cfg.max_length,
+            # the generate runner needs room for one more token than the longest (truncated) prompt
+            max_model_len=cfg.max_length + (cfg.vllm_mode == "prompt_logprobs"),
             seed=cfg.seed,
             trust_remote_code=cfg.trust_remote_code,
         )
@@ -348,16 +353,31 @@ def _backend_info(cfg: RunConfig) -> dict:
 
 
 def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, vocab: int, source: str) -> Row:
+    try:
+        return _encoded(cfg, rec, tk, out, vocab, source)
+    except ValueError as e:  # the codec's input checks: name the record
+        raise RunError(f"{rec.where}: {one_line(e)}") from None
+
+
+def _vocab_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[P, V_out] -> [P, vocab]: an output layer padded past the tokenizer (Phi-3, Qwen2.5) has
+    columns no token id names; they are dropped (their mass, ~0, left out)."""
+    if logits.shape[-1] < vocab:
+        raise RunError(_vocab_message(logits.shape[-1], vocab))
+    return logits[:, :vocab]
+
+
+def _encoded(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, vocab: int, source: str) -> Row:
     err = cfg.logprob_error
     if out.topk is not None:
         top: TopKTargets = out.topk
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     elif cfg.targets == "topk":
-        top = topk_from_logits(out.logits, cfg.top_k, inplace=True)  # the logits are not used again
+        top = topk_from_logits(_vocab_logits(out.logits, vocab), cfg.top_k, inplace=True)  # not used again
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     else:
         gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, rec.sample_id))
-        s = sampled_from_logits(out.logits, cfg.num_draws, gen)
+        s = sampled_from_logits(_vocab_logits(out.logits, vocab), cfg.num_draws, gen)
         blob = codec.encode_sampled(s.offsets, s.ids, s.counts, vocab_size=vocab, num_draws=s.num_draws)
     attn_blobs = None
     if out.attention is not None:
@@ -381,6 +401,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
     _check_attention_layers(cfg, ref)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
+    _check_vocab(ref, len(tok))
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
@@ -408,6 +429,19 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         raise RunError("an injected non-hf backend cannot provide attention summaries")
     bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
     return _finish(cfg, out, part, bad, dups, t0)
+
+
+def _check_vocab(ref: ModelRef, vocab: int) -> None:
+    """A tokenizer with ids past the teacher's output layer, refused before --out is made (local
+    checkpoints; a hub teacher's logits are checked as they come, _vocab_logits)."""
+    config = Path(ref.path) / "config.json"
+    rows = parse_json(config.read_text()).get("vocab_size") if ref.is_local and config.is_file() else None
+    if isinstance(rows, int) and rows < vocab:
+        raise RunError(_vocab_message(rows, vocab))
+
+
+def _vocab_message(rows: int, vocab: int) -> str:
+    return f"the teacher's output layer has {rows} rows but its tokenizer {vocab} tokens: ids past it have no logits"
 
 
 def _check_attention_layers(cfg: RunConfig, ref: ModelRef) -> None:
@@ -641,8 +675,11 @@ class _Progress:
         self.t0 = time.time()
 
     def reset_clock(self) -> None:
-        """Start tokens/s after the engine is loaded."""
+        """Start tokens/s, and the bar's own rate and ETA, after the engine is loaded."""
         self.t0 = time.time()
+        if self.bar is not None:
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+            self.bar.last_print_n = self.bar.n
 
     def update(self, samples: int, tokens: int) -> None:
         self.tokens += tokens

@@ -88,6 +88,7 @@ def test_the_summary_tail_is_minus_inf_where_every_visible_key_is_kept():
     "arch, config, problem",
     [
         ("qwen2", {"final_logit_softcapping": 30.0}, r"its logits are transformed \(final_logit_softcapping\)"),
+        ("qwen2", {"lm_head_multiplier": 0.25}, r"its logits are transformed \(lm_head_multiplier\)"),
         ("phi", {}, "its output layer has a bias"),
     ],
 )

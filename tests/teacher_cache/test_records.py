@@ -185,3 +185,16 @@ def test_file_sha256_is_the_prefixed_hex_digest_of_the_bytes(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"prompt": "a", "response": "b"}\n')
     assert file_sha256(str(p)) == "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_data_url_of_a_missing_filesystem_or_a_name_with_a_star_is_handled(tmp_path):
+    """A URL whose filesystem package is not installed is one line, not a traceback; a local
+    name holding '*' is that file, not a pattern."""
+    from teacher_cache.records import check_data_file
+
+    with pytest.raises(DataFileError, match=r"adl://account/data.jsonl: .*"):
+        check_data_file("adl://account/data.jsonl")  # adlfs is not a dependency
+    star = tmp_path / "x*.jsonl"
+    star.write_text(json.dumps({"id": "a", "prompt": "q", "response": "r"}) + "\n")
+    check_data_file(str(star))
+    assert [r.sample_id for r in iter_records([str(star)], skip_bad=False)] == ["a"]

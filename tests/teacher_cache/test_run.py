@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from teacher_cache import codec, open_cache
+from teacher_cache.manifest import ManifestError, assemble
 from teacher_cache.merge import MergeError, merge
+from teacher_cache.models import resolve_model
 from teacher_cache.records import BadRecordError
 from teacher_cache.run import RunConfig, RunError, run
+from teacher_cache.storage import Location
 
 CLI = [sys.executable, "-m", "teacher_cache.cli"]
 
@@ -317,6 +321,68 @@ def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file, capsys):
     run(cfg(only_bad, tmp_path / "empty", skip_bad=True))
     assert open_cache(tmp_path / "empty").manifest["counts"]["samples"] == 0
     assert "warning: every record of worker 0's share is malformed (1 skipped by --skip-bad" in capsys.readouterr().err
+    two = tmp_path / "two"  # a line that does not parse belongs to no worker: counted once, by worker 0
+    for w in range(2):
+        run(cfg(data, two, skip_bad=True, worker_index=w, num_workers=2))
+    m = open_cache(two).manifest
+    assert m["counts"]["skipped_bad"] == 2 and len(m["bad_records"]) == 2 and m["counts"]["samples"] == 12
+
+
+def test_a_repeated_id_with_another_domain_is_not_a_duplicate(tmp_path, chats_file):
+    first = json.loads(chats_file.read_text().splitlines()[0])
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(first) + "\n" + json.dumps({**first, "domain": "law"}) + "\n")
+    with pytest.raises(BadRecordError, match="reused for different content"):
+        run(cfg(data, tmp_path / "c"))
+
+
+def test_workers_run_with_other_settings_are_named_when_they_meet(tmp_path, chats_file):
+    """Workers started together see no shard of each other's before they finish: the last one to
+    finish names the settings that differ and the part file to delete."""
+    out, other = tmp_path / "c", tmp_path / "other"
+    run(cfg(chats_file, out, worker_index=0, num_workers=2))
+    run(cfg(chats_file, other, worker_index=1, num_workers=2, top_k=4))
+    for f in (other / "parts").iterdir():
+        shutil.copy(f, out / "parts" / f.name)
+    for f in other.glob("shard-*"):
+        shutil.copy(f, out / f.name)
+    with pytest.raises(
+        ManifestError,
+        match=r"worker 1 of 2 was run with other settings than worker 0 \(targets.k "
+        r"differ\): .*deleting its part file parts/worker-00001-of-00002.json",
+    ):
+        assemble(Location(out), 2)  # fmt: skip
+
+
+def _padded_teacher(src: str, dst: Path, vocab: int) -> Path:
+    """tiny-mixtral with its embeddings and output layer resized to `vocab` rows; the new output
+    rows are made to win every position (the worst case of a padded vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight  # [vocab, D]
+        head[32000:] = head[:32000].mean(0) * 50
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_an_output_layer_padded_past_the_tokenizer_is_cut_to_it(tmp_path, chats_file):
+    """Phi-3 / Qwen2.5 pad the output layer past the tokenizer: those columns name no token, so
+    they are dropped before top-k and sampling (an id past the tokenizer used to stop the run);
+    a tokenizer larger than the output layer is one line naming both sizes."""
+    padded = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "padded", 32064)
+    for targets in ("topk", "sampled"):
+        out = tmp_path / targets
+        run(cfg(chats_file, out, teacher=str(padded), targets=targets))
+        for s in open_cache(out):
+            ids = s.topk_ids if targets == "topk" else s.sampled_ids
+            assert int(ids.max()) < 32000
+    small = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "small", 31990)
+    with pytest.raises(RunError, match="output layer has 31990 rows but its tokenizer 32000 tokens"):
+        run(cfg(chats_file, tmp_path / "s", teacher=str(small)))
 
 
 def test_parquet_input(tmp_path, chats_file):
@@ -350,6 +416,16 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_vllm_prompt_logprobs_takes_samples_truncated_to_max_length(tmp_path, chats_file):
+    """vLLM's generate runner refuses a prompt as long as its max_model_len; a truncated sample is
+    exactly --max-length long, so that mode's engine is built one token longer."""
+    out = tmp_path / "c"
+    run(cfg(chats_file, out, backend="vllm", vllm_mode="prompt_logprobs", max_length=48, shard_size=12))
+    m = open_cache(out).manifest
+    assert m["counts"]["truncated"] > 0 and m["counts"]["samples"] == 12
+
+
 def test_workers_on_different_engines_make_a_mixed_manifest(tmp_path, chats_file, vllm_hidden):
     out = tmp_path / "cache"
     run(cfg(chats_file, out, top_k=16, worker_index=0, num_workers=2))
