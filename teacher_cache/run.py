@@ -287,7 +287,6 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
             "only_domain": cfg.only_domain,
             "exclude_domain": cfg.exclude_domain,
             "max_length": cfg.max_length,
-            "skip_bad": cfg.skip_bad,
             "shard_size": cfg.shard_size,
             "num_workers": cfg.num_workers,
             "seed": cfg.seed,
@@ -617,8 +616,9 @@ def _tokenize_shard(cfg: RunConfig, tok, records: list[Record]) -> tuple[list[tu
         try:
             tokenized.append((rec, tokenize_record(tok, rec, cfg.max_length)))
         except BadRecordError as e:
-            if not cfg.skip_bad:
-                raise
+            if not cfg.skip_bad:  # found only now, when its shard is reached: say how to keep what is done
+                kept = "the finished shards are kept: rerun with --skip-bad to skip such records"
+                raise BadRecordError(e.where, f"{e.why}; {kept}") from None
             shard_bad.append(str(e))
     return tokenized, shard_bad
 

@@ -147,6 +147,25 @@ def test_a_run_that_failed_before_its_first_shard_runs_again_once_the_data_is_fi
     assert len(list(open_cache(out))) == 12
 
 
+def test_a_bad_record_found_mid_run_is_skipped_on_resume_keeping_the_finished_shards(tmp_path, chats_file):
+    """A record that parses but cannot be tokenised (roles that do not alternate) is found only
+    when its shard is reached: the run stops, says how to go on, and a rerun with --skip-bad (not
+    another setting: it decides no row's content) resumes after the finished shards."""
+    lines = chats_file.read_text().splitlines()
+    bad = {"id": "late", "messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    data, out = tmp_path / "d.jsonl", tmp_path / "c"
+    data.write_text("\n".join([*lines, json.dumps(bad)]) + "\n")
+    with pytest.raises(BadRecordError, match="d.jsonl:13: .*finished shards are kept: rerun with --skip-bad"):
+        run(cfg(data, out))
+    done = json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["shards"]
+    assert len(done) == 4
+    before = {d["name"]: (out / d["name"]).read_bytes() for d in done}
+    run(cfg(data, out, skip_bad=True))
+    m = open_cache(out).manifest
+    assert m["counts"]["samples"] == 12 and m["counts"]["skipped_bad"] == 1
+    assert all((out / name).read_bytes() == b for name, b in before.items())
+
+
 def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, chats_file):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     run(cfg(chats_file, clean, shard_size=2))
