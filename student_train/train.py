@@ -368,20 +368,14 @@ def _write_checkpoint(
 ) -> Path:
     final = out / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
+    from teacher_cache.models import hf_progress
 
-    bar = hf_logging.is_progress_bar_enabled()
-    if not cfg.progress:  # its "Writing model shards" bar
-        hf_logging.disable_progress_bar()
-    try:
+    with hf_progress(cfg.progress):  # its "Writing model shards" bar
         if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
             base, merged = _merged_lora_state(model)
             base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     tok.save_pretrained(tmp)
     opt = {"fsdp_optimizer": fsdp_optimizer} if fsdp_optimizer is not None else {"optimizer": optimizer.state_dict()}
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -722,9 +716,11 @@ def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: fl
     if weight_decay == 0:
         return [{"params": params, "weight_decay": 0.0}]
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
-    rest = [p for p in params if not (p.ndim >= 2 and id(p) not in embeddings)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    decayed = {id(p) for p in params if p.ndim >= 2 and id(p) not in embeddings}
+    return [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
 
 
 def _next_sample(samples):

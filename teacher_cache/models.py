@@ -7,6 +7,7 @@ place, so concurrent workers and killed builds never leave a half-written model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +112,22 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
     return ModelRef(preset.name, str(target), None, preset.dtype, True)
 
 
+@contextlib.contextmanager
+def hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") on or off for
+    the block; as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     """AutoModelForCausalLM.from_pretrained(path, **kwargs), refusing weights that do not fit the
     config: transformers would initialise a missing or misshapen tensor at random and go on (a
@@ -119,16 +137,13 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        with hf_progress(progress):
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
 
     def listed(key: str) -> str:
         names = sorted(str(n) for n in info.get(key) or ())
@@ -161,11 +176,16 @@ def head_problem(config, head=None) -> str | None:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what weights_sha256 hashes
 
 
+def weight_files(folder: str) -> list[Path]:
+    """A local checkpoint's weight files (WEIGHT_FILES), in name order."""
+    return sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
+
+
 def weights_sha256(folder: str) -> str | None:
     """ "sha256:..." over a local checkpoint's weight files (each one's name, size and sha256, in
     name order): what tells a fine-tune from its base, whose config.json is the same. None for a
     folder without weight files."""
-    files = sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
+    files = weight_files(folder)
     if not files:
         return None
     h = hashlib.sha256()

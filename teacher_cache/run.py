@@ -34,7 +34,7 @@ from teacher_cache.manifest import (
     read_part,
     union_engines,
 )
-from teacher_cache.models import WEIGHT_FILES, ModelRef, resolve_model, weights_sha256
+from teacher_cache.models import ModelRef, resolve_model, weight_files, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     CHUNK_BYTES,
@@ -238,7 +238,7 @@ def _weights_sha256(ref: ModelRef) -> str | None:
     """The local teacher's weights_sha256 (None for a hub teacher: hub_id + revision name it)."""
     if not ref.is_local:
         return None
-    size = sum(p.stat().st_size for pattern in WEIGHT_FILES for p in Path(ref.path).glob(pattern) if p.is_file())
+    size = sum(p.stat().st_size for p in weight_files(ref.path))
     if size > 1 << 30:  # ~1 s per GB: say why the start is slow
         _log(f"hashing the teacher's weights ({size / 2**30:.1f} GiB) to record which ones made this cache")
     return weights_sha256(ref.path)
@@ -398,9 +398,10 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     for path in cfg.data:
         check_data_file(path)
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
-    _check_attention_layers(cfg, ref)
+    teacher_config = _local_config(ref)
+    _check_attention_layers(cfg, teacher_config)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
-    _check_vocab(ref, len(tok))
+    _check_vocab(teacher_config, len(tok))
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
@@ -430,27 +431,32 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     return _finish(cfg, out, part, bad, dups, t0)
 
 
-def _check_vocab(ref: ModelRef, vocab: int) -> None:
+def _check_vocab(teacher_config: dict, vocab: int) -> None:
     """A tokenizer with ids past the teacher's output layer, refused before --out is made (local
     checkpoints; a hub teacher's logits are checked as they come, _vocab_logits)."""
-    config = Path(ref.path) / "config.json"
-    rows = parse_json(config.read_text()).get("vocab_size") if ref.is_local and config.is_file() else None
+    rows = teacher_config.get("vocab_size")
     if isinstance(rows, int) and rows < vocab:
         raise RunError(_vocab_message(rows, vocab))
+
+
+def _local_config(ref: ModelRef) -> dict:
+    """A local teacher's config.json ({} for a hub teacher, whose config comes when it loads)."""
+    config = Path(ref.path) / "config.json"
+    if not (ref.is_local and config.is_file()):
+        return {}
+    parsed = parse_json(config.read_text())
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _vocab_message(rows: int, vocab: int) -> str:
     return f"the teacher's output layer has {rows} rows but its tokenizer {vocab} tokens: ids past it have no logits"
 
 
-def _check_attention_layers(cfg: RunConfig, ref: ModelRef) -> None:
+def _check_attention_layers(cfg: RunConfig, teacher_config: dict) -> None:
     """Attention layers past the teacher's last, refused before --out is made (local checkpoints:
     their config.json is at hand; a hub teacher's layers are checked when it loads)."""
-    config = Path(ref.path) / "config.json"
-    if not (cfg.attention_layers and ref.is_local and config.is_file()):
-        return
-    layers = parse_json(config.read_text()).get("num_hidden_layers")
-    if isinstance(layers, int) and max(cfg.attention_layers) >= layers:
+    layers = teacher_config.get("num_hidden_layers")
+    if cfg.attention_layers and isinstance(layers, int) and max(cfg.attention_layers) >= layers:
         raise RunError(f"attention layer {max(cfg.attention_layers)} out of range: {cfg.teacher} has {layers} layers")
 
 
