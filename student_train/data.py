@@ -16,6 +16,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -27,25 +28,39 @@ Item = tuple[int, int, int]  # (cache index, shard index within that cache, row)
 
 @dataclass(frozen=True)
 class Stream:
-    """One source of samples: the items of some caches, cycled epoch after epoch."""
+    """One source of samples: the rows of some caches' shards, cycled epoch after epoch."""
 
-    items: list[Item]
-    shard_rows: dict[tuple[int, int], int]
+    shard_rows: dict[tuple[int, int], int]  # (cache, shard) -> rows, in cache order
     window: int
     seed: int
 
-    def epoch_order(self, epoch: int) -> list[Item]:
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """int64 [N, 3] (cache, shard, row): shards permuted, rows shuffled within each window."""
         rng = np.random.default_rng([self.seed, epoch])
         shards = list(self.shard_rows)
         order = [shards[i] for i in rng.permutation(len(shards))]
-        out: list[Item] = []
+        parts = [np.empty((0, 3), np.int64)]
         for start in range(0, len(order), self.window):
-            group = [(c, s, r) for (c, s) in order[start : start + self.window] for r in range(self.shard_rows[(c, s)])]
-            out.extend(group[i] for i in rng.permutation(len(group)))
-        return out
+            group = order[start : start + self.window]
+            sizes = [self.shard_rows[key] for key in group]
+            rows = np.empty((sum(sizes), 3), np.int64)  # the group's rows, shard after shard
+            rows[:, :2] = np.repeat(np.array(group, np.int64).reshape(-1, 2), sizes, axis=0)
+            rows[:, 2] = np.arange(len(rows)) - np.repeat(np.cumsum([0, *sizes[:-1]]), sizes)
+            parts.append(rows[rng.permutation(len(rows))])
+        return np.concatenate(parts)
+
+    def items(self) -> Iterator[Item]:
+        """Every (cache, shard, row) in cache order."""
+        for (c, s), n in self.shard_rows.items():
+            for r in range(n):
+                yield c, s, r
+
+    @cached_property
+    def size(self) -> int:
+        return sum(self.shard_rows.values())
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.size
 
 
 class Plan:
@@ -54,8 +69,7 @@ class Plan:
     def __init__(self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None) -> None:
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
-            items = [(c, s, r) for (c, s), n in shard_rows.items() for r in range(n)]
-            return Stream(items, shard_rows, window, seed * 1000 + salt)
+            return Stream(shard_rows, window, seed * 1000 + salt)
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
         general = [i for i in range(len(caches)) if i not in self.domain_caches]
@@ -76,7 +90,7 @@ class Plan:
             if s is not None and len(s) == 0:
                 names = sorted({str(caches[c].where) for c, _ in s.shard_rows} or {str(c.where) for c in caches})
                 raise ValueError(f"no samples to train on in {', '.join(names)}")
-        self._epochs: dict[tuple[int, int], list[Item]] = {}
+        self._epochs: dict[tuple[int, int], np.ndarray] = {}  # (stream, epoch) -> its order, int64 [N, 3]
 
     def _route(self, i: int) -> tuple[int, int]:
         """Global index -> (stream, index within that stream)."""
@@ -100,23 +114,25 @@ class Plan:
         stream = self.streams[s]
         epoch, k = divmod(j, len(stream))
         key = (s, epoch)
-        if key not in self._epochs:
-            if len(self._epochs) > 4:
-                self._epochs.pop(next(iter(self._epochs)))
+        if key not in self._epochs:  # indices mostly go forward: a stream's older epochs go (rebuilt if asked)
+            for old in [k for k in self._epochs if k[0] == s and k[1] < epoch - 1]:
+                del self._epochs[old]
             self._epochs[key] = stream.epoch_order(epoch)
-        return self._epochs[key][k]
+        c, shard, row = self._epochs[key][k].tolist()
+        return c, shard, row
 
 
 class _OpenShard:
-    """A shard decoded lazily: rows are decoded (and its chunks fetched) only as far as asked."""
+    """A shard read lazily: its rows are fetched (and its chunks checked) only as far as asked,
+    and only the rows asked for are decoded (a dataloader worker decodes its own rows only)."""
 
-    def __init__(self, rows: Iterator[CachedSample]) -> None:
-        self._rows, self.decoded = rows, []
+    def __init__(self, cache: Cache, name: str) -> None:
+        self._cache, self._rows, self._fetched = cache, cache.iter_rows(name), []
 
     def __getitem__(self, r: int) -> CachedSample:
-        while len(self.decoded) <= r:
-            self.decoded.append(next(self._rows))
-        return self.decoded[r]
+        while len(self._fetched) <= r:
+            self._fetched.append(next(self._rows))
+        return self._cache.decode(self._fetched[r])
 
 
 class ShardCache:
@@ -137,7 +153,7 @@ class ShardCache:
             if len(self._shards) >= self.size:
                 self._shards.popitem(last=False)
             cache = self.caches[c]
-            self._shards[key] = _OpenShard(cache.iter_shard(cache.shard_names[s]))
+            self._shards[key] = _OpenShard(cache, cache.shard_names[s])
         self._shards.move_to_end(key)
         return self._shards[key][r]
 

@@ -39,7 +39,7 @@ def evaluate(
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
         raise ValueError(f"{ref.path}: cannot load the model ({one_line(e, 300)})") from None
     plan = Plan(caches, seed=0, window=1)
-    items = [it for s in plan.streams if s is not None for it in s.items]
+    items = [it for s in plan.streams if s is not None for it in s.items()]
     if max_samples is not None:  # the first N of each cache: a domain cache given last is still in the report
         taken = dict.fromkeys(range(len(caches)), 0)
         kept = []

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +51,14 @@ class CachedSample:
     attention_ids: np.ndarray | None = None  # int64 [L, P, ka] key positions
     attention_logprobs: np.ndarray | None = None  # float32 [L, P, ka] log head-averaged weights
     attention_tail_logprob: np.ndarray | None = None  # float32 [L, P] log of the rest
+
+
+class RawRow(NamedTuple):
+    """One shard row before decoding: its record batch's columns and its index there."""
+
+    where: str  # "<shard> row <i>", for errors
+    cols: dict  # column name -> the batch's column (Python lists for the byte and string columns)
+    j: int  # the row within that batch
 
 
 class Cache:
@@ -113,6 +122,12 @@ class Cache:
 
     def iter_shard(self, name: str) -> Iterator[CachedSample]:
         """Decode one shard's rows in order, as its checked bytes stream in."""
+        for row in self.iter_rows(name):
+            yield self.decode(row)
+
+    def iter_rows(self, name: str) -> Iterator[RawRow]:
+        """One shard's rows in order, undecoded: its bytes and row counts are checked as they
+        stream in, no row's targets are decoded (`decode` does that, for the rows wanted)."""
         expected = self.entry(name)["rows"]
         i = 0
         for batch in self.open_shard(name):
@@ -124,16 +139,17 @@ class Cache:
                 else batch.column(c)
                 for c in batch.schema.names
             }
-            ids_col, pos_col = cols["input_ids"], cols["target_positions"]
             for j in range(batch.num_rows):
-                yield self._decode_row(f"{self.where.describe(name)} row {i}", cols, ids_col[j], pos_col[j], j)
+                yield RawRow(f"{self.where.describe(name)} row {i}", cols, j)
                 i += 1
         if i != expected:
             raise ShardError(f"{self.where.describe(name)}: {i} rows, manifest says {expected}")
 
-    def _decode_row(self, where: str, cols: dict, ids: pa.ListScalar, pos: pa.ListScalar, j: int) -> CachedSample:
-        input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
-        positions = pos.values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [P]
+    def decode(self, row: RawRow) -> CachedSample:
+        """A row from `iter_rows`, checked and decoded (ShardError naming shard and row if bad)."""
+        where, cols, j = row
+        input_ids = cols["input_ids"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
+        positions = cols["target_positions"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [P]
         self._check_row(where, input_ids, positions)
         sample = CachedSample(cols["sample_id"][j], cols["source"][j], cols["domain"][j], input_ids, positions)
         try:

@@ -199,8 +199,8 @@ def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_pa
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and steps >= 1
 
 
-def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file):
-    from student_train.data import Plan, SampleStream
+def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file, monkeypatch):
+    from student_train.data import Plan, SampleStream, Stream
 
     expert, reference = tmp_path / "expert", tmp_path / "reference"
     common = dict(data=(str(chats_file),), backend="hf", top_k=8, shard_size=3, progress=False)
@@ -213,6 +213,15 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file)
     drawn = [next(stream) for _ in range(40)]
     assert sum(c == 1 for c, _ in drawn) == 10  # exactly the ratio
     n_domain = len(plan.streams[0])
+    built = []  # (stream seed, epoch) of each epoch order a plan builds
+    real = Stream.epoch_order
+    monkeypatch.setattr(Stream, "epoch_order", lambda self, e: built.append((self.seed, e)) or real(self, e))
+    # at 0.9 the small domain stream goes through many epochs while the general one stays in its
+    # first: its epoch order (a permutation of the whole cache) is kept, least recently used goes
+    mostly_domain = Plan(caches, seed=3, window=2, domain_ratio=0.9)
+    for i in range(5 * len(mostly_domain.streams[1])):
+        mostly_domain.item(i)
+    assert len(built) == len(set(built)) >= 10
     assert plan.short_stream(4 * n_domain) is None and plan.short_stream(4 * n_domain + 4) == n_domain
     for c, s in drawn:
         assert (s.domain == "math") == (c == 1) == (s.source == "math-expert")
@@ -899,6 +908,23 @@ def test_dataloader_workers_keep_the_ranks_order(kd_cache):
     assert orders[0] == orders[1] == expect
     assert len(set(orders[0])) > 6
     assert plan.short_stream(12) is None and plan.short_stream(13) == 12  # the cache holds 12 samples
+
+
+def test_a_shard_decodes_only_the_rows_asked_for(kd_cache, monkeypatch):
+    """Rows are fetched in order, but only the rows asked for are decoded: a dataloader worker,
+    which takes every n-th sample of a shuffled window, decodes its own rows, not its peers'."""
+    from student_train.data import ShardCache
+    from teacher_cache.cache import Cache
+
+    decoded = []
+    real = Cache.decode
+    monkeypatch.setattr(Cache, "decode", lambda self, row: decoded.append(row.where) or real(self, row))
+    cache = open_cache(kd_cache)
+    shards = ShardCache([cache], size=2)
+    name = cache.shard_names[0]
+    sample = shards.get((0, 0, 3))
+    assert decoded == [f"{cache.where.describe(name)} row 3"]
+    assert sample.sample_id == list(cache.iter_shard(name))[3].sample_id
 
 
 def test_learning_rate_schedule():
