@@ -293,6 +293,18 @@ def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], c
             )
 
 
+def _check_positions(limit: int | None, caches: list) -> None:
+    """Caches with sequences longer than the student's trained positions (max_position_embeddings):
+    it would extrapolate there (rotary) or fail mid-run (learned position embeddings)."""
+    for cache in caches:
+        longest = cache.manifest["data"].get("max_length")
+        if limit is not None and isinstance(longest, int) and longest > limit:
+            raise TrainError(
+                f"{cache.where}: sequences up to {longest} tokens, past the {limit} positions the student "
+                f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
+            )
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The highest-numbered complete checkpoint-N in `out` (one with its trainer_state.json), or None."""
 
@@ -528,7 +540,7 @@ def _hold_run_dir(out: Path) -> Iterator[None]:
 
 def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     from teacher_cache import attention, open_cache
-    from teacher_cache.models import resolve_model
+    from teacher_cache.models import position_limit, resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
     # ---- setup: caches and the checks before the first step
@@ -572,6 +584,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     model = _load_student(load_from, cfg, device, wants_attention, ckpt)
     layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
     _check_window(layer_map, attention.layer_windows(model.config), caches)
+    _check_positions(position_limit(model.config.to_dict()), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:

@@ -173,6 +173,16 @@ def head_problem(config, head=None) -> str | None:
     return None
 
 
+def position_limit(config: dict) -> int | None:
+    """The most tokens a model was trained to attend over (max_position_embeddings, or GPT-2's
+    n_positions), or None when unknown or its config rescales positions (rope_scaling: whether
+    the limit already counts the scaling differs between model families)."""
+    if config.get("rope_scaling"):
+        return None
+    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what weights_sha256 hashes
 
 

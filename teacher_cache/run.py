@@ -34,7 +34,7 @@ from teacher_cache.manifest import (
     read_part,
     union_engines,
 )
-from teacher_cache.models import ModelRef, resolve_model, weight_files, weights_sha256
+from teacher_cache.models import ModelRef, position_limit, resolve_model, weight_files, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     CHUNK_BYTES,
@@ -400,6 +400,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
     teacher_config = _local_config(ref)
     _check_attention_layers(cfg, teacher_config)
+    _check_positions(cfg, teacher_config)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     _check_vocab(teacher_config, len(tok))
     out = _open_out(cfg)
@@ -437,6 +438,17 @@ def _check_vocab(teacher_config: dict, vocab: int) -> None:
     rows = teacher_config.get("vocab_size")
     if isinstance(rows, int) and rows < vocab:
         raise RunError(_vocab_message(rows, vocab))
+
+
+def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:
+    """--max-length past the positions a local teacher was trained on, refused before --out is made:
+    the hf backend would extrapolate there silently (targets of no value), vLLM refuses late."""
+    limit = position_limit(teacher_config)
+    if limit is not None and cfg.max_length > limit:
+        raise RunError(
+            f"--max-length {cfg.max_length} is past the {limit} positions {cfg.teacher} was trained on "
+            f"(max_position_embeddings): use --max-length {limit} or less"
+        )
 
 
 def _local_config(ref: ModelRef) -> dict:

@@ -577,6 +577,12 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
     (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
     with pytest.raises(TrainError, match="sliding window of 64: the attention loss needs caches made with"):
         train(TrainConfig(student=str(windowed), caches=(str(kd_cache),), out=str(tmp_path / "f"), attn_weight=1.0))
+    short = tmp_path / "short"  # tiny-mistral trained on 1024 positions; the cache allows 2048
+    shutil.copytree(resolve_model("tiny-mistral").path, short)
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    with pytest.raises(TrainError, match="up to 2048 tokens, past the 1024 positions the student was trained on"):
+        train(TrainConfig(student=str(short), caches=(str(kd_cache),), out=str(tmp_path / "p")))
+    assert not (tmp_path / "p").exists()
     from student_train.checks import IncompatibleCacheError
 
     mixed = (str(kd_cache), str(k4_cache))  # attention of layers (0, 1) and none at all

@@ -404,6 +404,14 @@ def test_an_output_layer_padded_past_the_tokenizer_is_cut_to_it(tmp_path, chats_
         run(cfg(chats_file, tmp_path / "s", teacher=str(small)))
 
 
+def test_max_length_past_the_teachers_positions_is_refused(tmp_path, chats_file):
+    """--max-length beyond a local teacher's max_position_embeddings is one line, before --out
+    exists (the hf backend would compute targets there by extrapolation, without a word)."""
+    with pytest.raises(RunError, match="--max-length 4096 is past the 2048 positions tiny-mixtral was trained on"):
+        run(cfg(chats_file, tmp_path / "long", max_length=4096))
+    assert not (tmp_path / "long").exists()
+
+
 def test_parquet_input(tmp_path, chats_file):
     import pyarrow as pa
     import pyarrow.parquet as pq
