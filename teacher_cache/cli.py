@@ -122,7 +122,9 @@ def main() -> None:
     "--num-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Workers splitting the data."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled targets' draws.")
-@click.option("--source", default=None, help="Tag stored on every row (default: the teacher's name).")
+@click.option(
+    "--source", default=None, help="Tag stored on every row (default: the preset's name, or the checkpoint folder's)."
+)
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run(**kw) -> None:

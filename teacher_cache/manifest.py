@@ -41,14 +41,30 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
+def content_settings(header: dict) -> dict:
+    """The header keys that decide a cache's rows, without where things were on the machine that
+    made it: the teacher's `name` / `path` and the data files' `path`s are provenance (its
+    config, weights and each file are identified by sha256), so the same checkpoint and data at
+    another path or from another working directory is the same run."""
+    view = {k: header.get(k) for k in _HEADER_KEYS}
+    if isinstance(view["teacher"], dict):
+        view["teacher"] = {k: v for k, v in view["teacher"].items() if k not in ("name", "path")}
+    data = view["data"]
+    if isinstance(data, dict) and isinstance(data.get("files"), list):
+        files = [{k: v for k, v in f.items() if k != "path"} if isinstance(f, dict) else f for f in data["files"]]
+        view["data"] = {**data, "files": files}
+    return view
+
+
 def config_hash(header: dict) -> str:
-    """sha256 over the header keys that decide a cache's content (every shard's metadata carries it)."""
-    blob = json.dumps({k: header[k] for k in _HEADER_KEYS}, sort_keys=True).encode()
+    """sha256 over the settings that decide a cache's content (`content_settings`); every shard's
+    metadata carries it."""
+    blob = json.dumps(content_settings(header), sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def header_differences(a: dict, b: dict, limit: int = 3) -> list[str]:
-    """Dotted paths of the settings (config-hash keys) where two run headers differ, e.g.
+    """Dotted paths of the settings (`content_settings`) where two run headers differ, e.g.
     ["data.files[0].sha256"]; at most `limit`."""
     out: list[str] = []
 
@@ -64,7 +80,7 @@ def header_differences(a: dict, b: dict, limit: int = 3) -> list[str]:
         else:
             out.append(path)
 
-    walk({k: a.get(k) for k in _HEADER_KEYS}, {k: b.get(k) for k in _HEADER_KEYS}, "")
+    walk(content_settings(a), content_settings(b), "")
     return out
 
 

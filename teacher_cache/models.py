@@ -64,6 +64,11 @@ class ModelRef:
     revision: str | None
     dtype: str  # "float32" | "bfloat16" | "float16"
     is_local: bool
+    tag: str = ""  # the default `source` tag: the preset name, or a checkpoint folder's own name
+
+    @property
+    def source(self) -> str:
+        return self.tag or self.name
 
 
 def models_home() -> Path:
@@ -100,7 +105,7 @@ def resolve_model(name_or_path: str, *, build: bool = True) -> ModelRef:
         if not isinstance(cfg, dict):
             raise ModelBuildError(f"{local / 'config.json'}: not a model config (a JSON object)")
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
-        return ModelRef(name_or_path, str(local.resolve()), None, dtype, True)
+        return ModelRef(name_or_path, str(local.resolve()), None, dtype, True, local.resolve().name)
     preset = get_preset(name_or_path)
     if preset.kind == "hub":
         return ModelRef(preset.name, preset.hub_id or "", preset.revision, preset.dtype, False)
@@ -220,7 +225,8 @@ def _build_atomically(preset: Preset, target: Path) -> None:
     print(f"building preset {preset.name} into {target} ...", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _BUILDERS[preset.kind](preset, tmp)
+        with hf_progress(False):  # our line above says what happens (builds take seconds); no bars
+            _BUILDERS[preset.kind](preset, tmp)
         (tmp / "teacher_cache_preset.json").write_text(json.dumps(asdict(preset), indent=2, default=str))
         try:
             os.rename(tmp, target)

@@ -170,10 +170,10 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
         part = read_part(out, *owner)
         if part is None or (not part["shards"] and not part.get("complete")) or part["config_hash"] == chash:
             continue
-        what = ", ".join(header_differences(part, header)) or "the settings"
         raise RunError(
             f"{out} holds {len(part['shards'])} shards of worker {owner[0]} of {owner[1]}, made with "
-            f"different settings ({what} differ); use another --out, or the arguments and data of that run"
+            f"different settings ({_differences(part, header)}); use another --out, or the arguments and data of "
+            "that run"
         )
     if out.exists(MANIFEST):
         try:
@@ -181,11 +181,17 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
         except ValueError as e:
             raise RunError(f"{e}; use another --out") from None
         if not isinstance(manifest, dict) or manifest.get("config_hash") != chash:
-            what = ", ".join(header_differences(manifest, header)) if isinstance(manifest, dict) else ""
-            raise RunError(
-                f"{out} holds a finished cache made with different settings ({what or 'the settings'} differ); "
-                "use another --out"
-            )
+            what = _differences(manifest, header) if isinstance(manifest, dict) else "the settings differ"
+            raise RunError(f"{out} holds a finished cache made with different settings ({what}); use another --out")
+
+
+def _differences(old: dict, header: dict) -> str:
+    """Why an earlier run's config hash is not this run's, for messages: the settings that differ,
+    or the older version that hashed the same settings another way."""
+    found = header_differences(old, header)
+    if found:
+        return ", ".join(found) + " differ"
+    return f"the same settings, hashed another way by teacher-cache {old.get('tool_version', 'of another version')}"
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -291,7 +297,7 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
             "num_workers": cfg.num_workers,
             "seed": cfg.seed,
         },
-        "source": cfg.source or ref.name,
+        "source": cfg.source or ref.source,  # a checkpoint's folder name, not the path typed
         "backend": backend_info,
         "config": asdict(cfg),
     }
@@ -493,10 +499,9 @@ def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> d
     if previous is None or (not previous.get("shards") and not previous.get("complete")):
         return None  # none, or an attempt that failed before its first shard: nothing to keep or match
     if previous.get("config_hash") != chash:
-        what = ", ".join(header_differences(previous, header)) or "the settings"
         raise RunError(
-            f"{out} holds {len(previous.get('shards', []))} shards made with different settings ({what} "
-            "differ); use another --out, or the same arguments and data"
+            f"{out} holds {len(previous.get('shards', []))} shards made with different settings "
+            f"({_differences(previous, header)}); use another --out, or the same arguments and data"
         )
     if previous.get("backend") != header["backend"]:
         was, now = previous.get("backend") or {}, header["backend"]

@@ -87,9 +87,15 @@ def test_config_hash_covers_every_setting_and_nothing_else(two_workers):
 def test_header_differences_name_at_most_three_paths(two_workers):
     a = json.loads(part_file(two_workers, 0).read_text())
     b = copy.deepcopy(a)
-    b["teacher"]["name"], b["tokenizer"]["vocab_size"], b["targets"]["k"], b["source"] = "t", 7, 9, "s"
-    assert header_differences(a, b) == ["source", "targets.k", "teacher.name"]  # sorted, the first three
-    assert header_differences(a, b, limit=4) == ["source", "targets.k", "teacher.name", "tokenizer.vocab_size"]
+    b["teacher"]["dtype"], b["tokenizer"]["vocab_size"], b["targets"]["k"], b["source"] = "t", 7, 9, "s"
+    assert header_differences(a, b) == ["source", "targets.k", "teacher.dtype"]  # sorted, the first three
+    assert header_differences(a, b, limit=4) == ["source", "targets.k", "teacher.dtype", "tokenizer.vocab_size"]
+    # where the teacher and the data were is provenance: their sha256s identify them
+    b = copy.deepcopy(a)
+    b["teacher"]["name"], b["teacher"]["path"], b["data"]["files"][0]["path"] = "t", "/elsewhere/t", "/x/d.jsonl"
+    assert header_differences(a, b) == [] and config_hash(a) == config_hash(b)
+    b["data"]["files"][0]["sha256"] = "sha256:00"
+    assert header_differences(a, b) == ["data.files[0].sha256"] and config_hash(a) != config_hash(b)
     b = copy.deepcopy(a)
     b["data"]["files"].append({"path": "more.jsonl", "sha256": "sha256:00"})  # lists of another length
     assert header_differences(a, b) == ["data.files"]

@@ -124,6 +124,27 @@ def test_other_settings_into_the_same_directory_are_refused(tmp_path, chats_file
         run(cfg(data, tmp_path / "c2"))
 
 
+def test_the_same_teacher_and_data_at_other_paths_are_the_same_run(tmp_path, chats_file, capsys, monkeypatch):
+    """A checkpoint and data moved (another machine, another working directory, a relative path)
+    are the same run: their sha256s identify them, and the default source tag is the checkpoint
+    folder's name, not the path typed. A teacher folder of another name is another tag."""
+    teacher = resolve_model("tiny-mixtral").path
+    for where in ("a", "b"):
+        shutil.copytree(teacher, tmp_path / where / "mixtral-tiny")
+        shutil.copy(chats_file, tmp_path / where / "chats.jsonl")
+    out = tmp_path / "cache"
+    run(cfg(tmp_path / "a" / "chats.jsonl", out, teacher=str(tmp_path / "a" / "mixtral-tiny")))
+    assert open_cache(out).manifest["source"] == "mixtral-tiny"
+    monkeypatch.chdir(tmp_path / "b")
+    run(cfg(Path("chats.jsonl"), out, teacher="mixtral-tiny"))
+    assert "nothing to do" in capsys.readouterr().err
+    (tmp_path / "b" / "mixtral-tiny").rename(tmp_path / "b" / "other")
+    with pytest.raises(RunError, match=r"different settings \(source differ\)"):
+        run(cfg(Path("chats.jsonl"), out, teacher="other"))
+    run(cfg(Path("chats.jsonl"), out, teacher="other", source="mixtral-tiny"))
+    assert "nothing to do" in capsys.readouterr().err
+
+
 def test_a_worker_resumes_only_with_its_own_backend(tmp_path, chats_file):
     out = tmp_path / "cache"
     run(cfg(chats_file, out))
