@@ -66,6 +66,26 @@ def id_bytes(ids: np.ndarray, extra: list[bytes]) -> int:
     return sum(map(len, codec._compress([*chunks, *extra], codec.ZSTD_LEVEL)))
 
 
+def previous_row_bits(ids: np.ndarray, starts: np.ndarray) -> tuple[float, float, float]:
+    """ids [P, k] -> (share of entries whose id is in the previous row of their sample, bits
+    order-0 per sample as now, bits when those are coded as a flag + their rank there instead),
+    dictionary not counted: what the previous row as context could save."""
+    k = ids.shape[1]
+    share = now = then = 0.0
+    for lo, hi in itertools.pairwise(starts):
+        x = ids[lo:hi]  # [p, k]
+        prev = np.vstack([np.full((1, k), -1), x[:-1]])  # [p, k], row 0 has none
+        eq = x[:, :, None] == prev[:, None, :]  # [p, k, k]
+        inside = eq.any(2)  # [p, k]
+        rank = np.broadcast_to(np.arange(k), x.shape)  # [p, k] each entry's own rank
+        flag = entropy_bits(rank * 2 + inside) - entropy_bits(rank)  # the flag given the rank
+        ref = entropy_bits(rank[inside] * k + eq.argmax(2)[inside]) - entropy_bits(rank[inside])
+        share += float(inside.sum())
+        now += entropy_bits(x.reshape(-1))
+        then += flag + ref + entropy_bits(x[~inside])
+    return share / ids.size, now, then
+
+
 def next_token_hint(ids: np.ndarray, hit: np.ndarray, starts: np.ndarray) -> float:
     """B/pos saved if, per sample, each row's id equal to the true next token (hit bool [P, k])
     were dropped and its rank (k when absent) stored as one extra byte stream."""
@@ -255,6 +275,11 @@ def main() -> None:
         )
         saved = next_token_hint(ids, hit, d["starts"])
         say(f"naming it by its rank instead of storing its id saves {saved:.2f} B/pos (one block per sample)")
+    share, now, then = previous_row_bits(ids, d["starts"])
+    say(
+        f"{share:.1%} of the ids are in the previous row; coding those as a flag + their rank there: "
+        f"{now / 8 / P:.2f} -> {then / 8 / P:.2f} B/pos (order-0 per sample, dictionary not counted)"
+    )
     say("ids under an adaptive PPM-C model over all positions as one stream, by context:")
     cur, nxt = input_tokens(args.samples, data=args.data), d["next"].astype(np.int64)  # [P] each
     sym = ids.reshape(-1)  # row-major, rank order within a row
@@ -281,6 +306,9 @@ def main() -> None:
     _, codes, _ = codec._quantise_rows(lps, grid)  # [P, k] relative codes
     zero = float((np.diff(codes, axis=1) == 0).mean())
     say(f"ordering ids inside ties of quantised codes costs {tie_bits(lps) / 8 / P:.2f} ({zero:.0%} of deltas are 0)")
+    gap = lps[:, :1] - lps  # [P, k] nats below the row's top-1
+    far = ", ".join(f"{g} nats {(gap > g).mean():.1%}" for g in (8, 10, 12))
+    say(f"top-{k} entries further below the top-1 than {far} (what folding them into the tail could drop)")
     P_s, streams = sampled_stream_bytes(d)
     n = len(d["s_ids"]) / P_s
     say(f"sampled targets ({n:.1f} distinct ids per position), zstd as the codec frames it vs order-0:")

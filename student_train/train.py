@@ -293,6 +293,26 @@ def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], c
             )
 
 
+METRICS = ("loss", "ce", "kd", "kd_domain", "kd_general", "attn")  # what DistillStep reports
+
+
+def _across_ranks(
+    sums: dict[str, float], counts: dict[str, int], tokens: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, int], int]:
+    """One rank's metric sums, micro-batch counts and tokens -> those of every rank (one all-reduce)."""
+    if unknown := sums.keys() - set(METRICS):
+        raise RuntimeError(f"metrics {sorted(unknown)} missing from train.METRICS")
+    # float64 [2, M + 1]: row 0 the sums then the tokens, row 1 the counts
+    t = torch.tensor(
+        [[sums.get(k, 0.0) for k in METRICS] + [float(tokens)], [float(counts.get(k, 0)) for k in METRICS] + [0.0]],
+        dtype=torch.float64,
+        device=device,
+    )
+    torch.distributed.all_reduce(t)
+    held = [(i, k) for i, k in enumerate(METRICS) if t[1, i] > 0]
+    return {k: float(t[0, i]) for i, k in held}, {k: int(t[1, i]) for i, k in held}, int(t[0, -1])
+
+
 def _check_positions(limit: int | None, caches: list) -> None:
     """Caches with sequences longer than the student's trained positions (max_position_embeddings):
     it would extrapolate there (rotary) or fail mid-run (learned position embeddings)."""
@@ -654,12 +674,10 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                     if v is not None:
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                         counts[k] = counts.get(k, 0) + 1
+            if world > 1:  # every rank's micro-batches: a non-finite loss on one stops them all together
+                sums, counts, tokens = _across_ranks(sums, counts, tokens, device)
             sums = {k: v / counts[k] for k, v in sums.items()}  # the step's mean of each
             finite = math.isfinite(sums.get("loss", 0.0))
-            if world > 1:  # every rank stops together, or none does
-                flag = torch.tensor([float(finite)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                finite = bool(flag.item())
             if not finite:  # before the step: no non-finite weights are saved
                 raise TrainError(
                     f"step {state['step'] + 1}: the loss is not finite ({sums.get('loss')}); the checkpoints before "
@@ -681,7 +699,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 **sums,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens * world / max(time.time() - t0, 1e-9),
+                "tokens_per_s": tokens / max(time.time() - t0, 1e-9),
                 "samples_seen": state["samples_per_rank"] * world,
                 "elapsed_s": state["elapsed_s"],
             }

@@ -527,7 +527,7 @@ def _new_part(cfg: RunConfig, header: dict, chash: str, previous: dict | None) -
     if previous is not None:
         part["shards"] = previous["shards"]
         part["engines"] = [e for e in previous.get("engines", []) if isinstance(e, dict)]
-        part["elapsed_before_s"] = previous.get("elapsed_before_s", 0.0) + previous.get("timing", {}).get("wall_s", 0)
+        part["elapsed_before_s"] = previous.get("timing", {}).get("wall_s", 0)  # every attempt's, so far
     return part
 
 
@@ -535,7 +535,7 @@ def _write_part(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups:
     """The part file of a run in progress: its durable shards and the counts so far."""
     out.write_json(
         part_path(cfg.worker_index, cfg.num_workers),
-        {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": wall_s}},
+        {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": wall_s + part.get("elapsed_before_s", 0.0)}},
     )
 
 
@@ -649,14 +649,12 @@ def _tokenize_shard(cfg: RunConfig, tok, records: list[Record]) -> tuple[list[tu
 def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: list[int], t0: float) -> dict:
     """Mark the part complete with its counts and timing, assemble the manifest if every worker
     is done, and log the worker's summary; returns the part."""
-    wall = time.time() - t0
+    wall = time.time() - t0  # this attempt's
+    total = wall + part.get("elapsed_before_s", 0.0)  # every attempt's, which made all the part's tokens
     part["complete"] = True
     part["counts"] = _counts(part, bad, dups)
     part["bad_records"] = bad + [b for s in part["shards"] for b in s["bad_records"]]
-    part["timing"] = {
-        "wall_s": wall + part.get("elapsed_before_s", 0.0),
-        "tokens_per_s": part["counts"]["tokens"] / wall if wall > 0 else None,
-    }
+    part["timing"] = {"wall_s": total, "tokens_per_s": part["counts"]["tokens"] / total if total > 0 else None}
     out.write_json(part_path(cfg.worker_index, cfg.num_workers), part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]

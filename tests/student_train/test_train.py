@@ -341,6 +341,19 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
     np.testing.assert_allclose(fsdp_loss, ddp_loss, rtol=1e-5)
     ranks = [json.loads((fsdp / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # metrics.jsonl is every rank's: step 1's loss is the mean of both ranks' micro-batch losses
+    # under the initial weights (each rank's batch is in its samples.rankN.jsonl)
+    from student_train.data import collate
+    from student_train.train import DistillStep
+
+    by_id = {s.sample_id: s for s in open_cache(kd_cache)}
+    start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path, dtype=torch.float32)
+    step = DistillStep(start.train(), TrainConfig(student="tiny-mistral", caches=(), out=""), "topk", [])
+    batches = [json.loads((ddp / f"samples.rank{r}.jsonl").read_text().splitlines()[0])["samples"] for r in (0, 1)]
+    with torch.no_grad():
+        per_rank = [float(step(collate([(0, by_id[i]) for i in ids], [], attention=False))["loss"]) for ids in batches]
+    assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)
+    assert ddp_loss[0] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
     AutoModelForCausalLM.from_pretrained(fsdp / "checkpoint-3")  # a plain transformers checkpoint
     # resume from checkpoint-2 (sharded optimizer state gathered by name): step 3 again, exactly
     shutil.rmtree(fsdp / "checkpoint-3")

@@ -145,6 +145,24 @@ def test_the_same_teacher_and_data_at_other_paths_are_the_same_run(tmp_path, cha
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_timing_counts_each_attempt_once(tmp_path, chats_file):
+    """A part's timing.wall_s is the time of every attempt so far; a redo (here of a lost shard of a
+    finished run that had been resumed once) adds only its own time."""
+    out = tmp_path / "cache"
+    run(cfg(chats_file, out))
+    part_file = out / "parts" / "worker-00000-of-00001.json"
+    part = json.loads(part_file.read_text())
+    part["elapsed_before_s"], part["timing"]["wall_s"] = 600.0, 1000.0  # 600 s, then 400 s more
+    part_file.write_text(json.dumps(part))
+    sorted(out.glob("shard-*"))[-1].unlink()
+    t0 = time.time()
+    run(cfg(chats_file, out))
+    took = time.time() - t0
+    timing = json.loads(part_file.read_text())["timing"]
+    assert 1000.0 < timing["wall_s"] <= 1000.0 + took
+    assert timing["tokens_per_s"] == pytest.approx(open_cache(out).manifest["counts"]["tokens"] / timing["wall_s"])
+
+
 def test_a_worker_resumes_only_with_its_own_backend(tmp_path, chats_file):
     out = tmp_path / "cache"
     run(cfg(chats_file, out))
