@@ -109,7 +109,8 @@ class Cache:
         stream = ShardStream(self.where, entry)
         meta = shard_metadata(stream.schema, name)
         # a merged cache lists each shard with the hash of the run that wrote it
-        if meta.get("config_hash") != entry.get("config_hash", self.manifest.get("config_hash")):
+        own = meta.get("config_hash")
+        if not isinstance(own, str) or own != entry.get("config_hash", self.manifest.get("config_hash")):
             raise ShardError(f"{self.where.describe(name)}: made by a different run than this manifest describes")
         return stream
 
@@ -148,6 +149,9 @@ class Cache:
     def decode(self, row: RawRow) -> CachedSample:
         """A row from `iter_rows`, checked and decoded (ShardError naming shard and row if bad)."""
         where, cols, j = row
+        n_tokens, longest = len(cols["input_ids"][j]), self.manifest["data"]["max_length"]  # from offsets, no copy
+        if n_tokens > longest:
+            raise ShardError(f"{where}: {n_tokens} tokens, past the cache's max_length {longest}")
         input_ids = cols["input_ids"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
         positions = cols["target_positions"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [P]
         self._check_row(where, input_ids, positions)
@@ -174,18 +178,18 @@ class Cache:
             ids, lps, tail = codec.decode_topk(blob, vocab_size=self.vocab_size, max_positions=P, max_k=k)
             if ids.shape != (P, min(k, self.vocab_size)):
                 raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {min(k, self.vocab_size)})")
-            ordered = np.sort(ids, axis=1)  # [P, k]: an id named twice in a row would count its mass twice
-            if P and np.any(ordered[:, 1:] == ordered[:, :-1]):
+            if _repeats_an_id(ids):  # an id named twice in a row would count its mass twice
                 raise ShardError(f"{where}: a top-k row names the same id twice")
             s.topk_ids, s.topk_logprobs, s.tail_logprob = ids, lps, tail
         else:
             # offsets int64 [P + 1], ids int64 [N], counts int32 [N], n draws per position
-            offsets, ids, counts, n = codec.decode_sampled(blob, vocab_size=self.vocab_size, max_positions=P)
-            if len(offsets) != P + 1 or n != self.manifest["targets"]["num_draws"]:
-                raise ShardError(
-                    f"{where}: sampled targets for {len(offsets) - 1} positions / {n} draws, "
-                    f"expected {P} / {self.manifest['targets']['num_draws']}"
-                )
+            draws = self.manifest["targets"]["num_draws"]
+            offsets, ids, counts, n = codec.decode_sampled(
+                blob, vocab_size=self.vocab_size, max_positions=P, max_entries=P * min(draws, self.vocab_size),
+                num_draws=draws,
+            )  # fmt: skip
+            if len(offsets) != P + 1:
+                raise ShardError(f"{where}: sampled targets for {len(offsets) - 1} positions, expected {P}")
             s.sampled_offsets, s.sampled_ids, s.sampled_counts, s.num_draws = offsets, ids, counts, n
 
     def _decode_attention(self, s: CachedSample, blobs: list[bytes] | None, where: str) -> None:
@@ -206,10 +210,18 @@ class Cache:
         for ids, lps, _ in decoded:
             if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):  # [P, ka] vs queries [P, 1]
                 raise ShardError(f"{where}: attention key after its query")
+            if _repeats_an_id(ids):  # a key named twice would count its weight twice
+                raise ShardError(f"{where}: an attention row names the same key twice")
         s.attention_layers = self.attention_layers
         s.attention_ids = np.stack([d[0] for d in decoded])  # int64 [L, P, ka]
         s.attention_logprobs = np.stack([d[1] for d in decoded])  # float32 [L, P, ka]
         s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # float32 [L, P]
+
+
+def _repeats_an_id(ids: np.ndarray) -> bool:
+    """Whether any row of ids [P, k] names an id twice."""
+    ordered = np.sort(ids, axis=1)  # [P, k]
+    return bool(np.any(ordered[:, 1:] == ordered[:, :-1]))
 
 
 def open_cache(path: str | Path | Location) -> Cache:

@@ -10,6 +10,7 @@ import click
 
 from teacher_cache import __version__
 from teacher_cache.errors import one_line
+from teacher_cache.manifest import MAX_NUM_DRAWS
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over a disk quota
 
@@ -85,7 +86,7 @@ def main() -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True, help="Top-k targets: k.")
 @click.option(
     "--num-draws",
-    type=click.IntRange(1, 1 << 16),  # run.MAX_NUM_DRAWS
+    type=click.IntRange(1, MAX_NUM_DRAWS),
     default=50,
     show_default=True,
     help="Sampled targets: draws per position.",

@@ -608,11 +608,13 @@ def decode_sampled(
     vocab_size: int,
     max_positions: int = 1 << 20,
     max_entries: int = 1 << 24,
+    num_draws: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Decode a sampled blob -> (offsets int64 [P+1], ids int64 [N], counts int32 [N],
-    num_draws); within a position ids are strictly ascending (checked)."""
+    num_draws); within a position ids are strictly ascending (checked). With `num_draws`, a blob
+    of another number of draws is refused before anything is decompressed."""
     fields, frames = _open(blob, _SAMPLED_HEADER, KIND_SAMPLED)
-    mode, P, N, V, n_uniq, num_draws = fields[3], *fields[5:10]
+    mode, P, N, V, n_uniq, draws = fields[3], *fields[5:10]
     nb_len, nb_cnt, nb_gap, nb_dc, nb_idx, *pad = fields[10:18]
     raw_len = fields[18]
     if vocab_size != V:
@@ -621,6 +623,9 @@ def decode_sampled(
         raise CodecError(f"P={P} exceeds max_positions={max_positions}")
     if max_entries < N:
         raise CodecError(f"N={N} exceeds max_entries={max_entries}")
+    if num_draws is not None and draws != num_draws:
+        raise CodecError(f"num_draws={draws}, expected {num_draws}")
+    num_draws = draws
     if not 1 <= num_draws < 1 << 31:
         raise CodecError(f"num_draws={num_draws} outside [1, 2**31)")
     if N < P or P * min(num_draws, V) < N:

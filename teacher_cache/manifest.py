@@ -14,7 +14,7 @@ import re
 
 from teacher_cache.codec import READ_VERSIONS as CODEC_READ_VERSIONS
 from teacher_cache.codec import step_units
-from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES, SHARD_RE
+from teacher_cache.shards import FORMAT_VERSION, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SHARD_RE
 from teacher_cache.storage import Location
 
 MANIFEST = "manifest.json"
@@ -22,6 +22,7 @@ PARTS_DIR = "parts"
 FORMAT_NAME = "teacher-cache"
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest or part file claiming more is refused unread
 LOGPROB_SCALE = "natural log, raw"  # targets.logprobs: raw teacher log-probs at temperature 1
+MAX_NUM_DRAWS = 1 << 16  # sampled targets: the most draws per position (the sampler holds int64 [P, draws] arrays)
 COUNT_KEYS = ("samples", "tokens", "target_positions", "truncated", "skipped_bad", "duplicates")
 # fields whose equality makes two caches' rows interchangeable (see `compatibility_key`)
 _HEADER_KEYS = ("format", "format_version", "teacher", "tokenizer", "targets", "attention", "data", "source")
@@ -229,6 +230,8 @@ def validate(manifest: object, where: str) -> dict:
                 raise ManifestError(f"{where}: shard {name} has no valid {key!r}")
         if not isinstance(s.get("sha256"), str) or not s["sha256"].startswith("sha256:"):
             raise ManifestError(f"{where}: shard {name} has no sha256")
+        if "config_hash" in s and not isinstance(s["config_hash"], str):  # merged caches: the run that wrote it
+            raise ManifestError(f"{where}: shard {name} has a config_hash that is not a string")
         _check_chunks(s, where)
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != manifest["counts"].get("samples"):
@@ -267,7 +270,8 @@ def _check_types(m: dict, where: str) -> None:
     if kind == "topk":
         need(_int(targets.get("k"), 1), "targets.k must be a positive integer")
     else:
-        need(_int(targets.get("num_draws"), 1), "targets.num_draws must be a positive integer")
+        draws = targets.get("num_draws")
+        need(_int(draws, 1) and draws <= MAX_NUM_DRAWS, f"targets.num_draws must be an integer in [1, {MAX_NUM_DRAWS}]")
         # counts / num_draws estimate the teacher's probabilities only for draws from the teacher
         need(targets.get("proposal") == "teacher", f"targets.proposal {targets.get('proposal')!r} is not 'teacher'")
     # the losses apply the student's --temperature to raw teacher log-probs, so any other scale is refused
@@ -291,6 +295,8 @@ def _check_types(m: dict, where: str) -> None:
     need(isinstance(data, dict) and isinstance(data.get("files"), list), "data must list its files")
     need(all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in data["files"]), "bad data.files entry")
     need(_opt_str(data.get("only_domain")) and _opt_str(data.get("exclude_domain")), "bad data domain filter")
+    # the reader refuses longer rows; the trainer sizes its checks by it
+    need(_int(data.get("max_length"), 2), "data.max_length must be an integer >= 2")
     need(isinstance(m["source"], str), "source must be a string")
     need(isinstance(m.get("config_hash"), str), "config_hash must be a string")
     counts = m["counts"]
@@ -299,7 +305,7 @@ def _check_types(m: dict, where: str) -> None:
     engines = m.get("engines")
     need(engines is None or (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)), "bad engines")
     for key, typ in (("backend", dict), ("timing", dict), ("bad_records", list), ("tool_version", str)):
-        need(m.get(key) is None or isinstance(m[key], typ), f"{key} must be a {typ.__name__}")
+        need(key not in m or isinstance(m[key], typ), f"{key} must be a {typ.__name__}")
 
 
 def _check_chunks(shard: dict, where: str) -> None:
@@ -308,8 +314,8 @@ def _check_chunks(shard: dict, where: str) -> None:
     if not chunks:
         return
     name, size = shard["name"], chunks.get("size") if isinstance(chunks, dict) else None
-    if not isinstance(size, int) or not 0 < size <= MAX_CHUNK_BYTES:
-        raise ManifestError(f"{where}: shard {name} has a chunk size outside (0, {MAX_CHUNK_BYTES}]")
+    if not _int(size, MIN_CHUNK_BYTES) or size > MAX_CHUNK_BYTES:
+        raise ManifestError(f"{where}: shard {name} has a chunk size outside [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     hashes = chunks.get("sha256")
     if (
         not isinstance(hashes, list)

@@ -44,7 +44,7 @@ def _compat(m: dict) -> dict:
     return {
         "format version": m["format_version"],
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
-        "chat template": m["tokenizer"]["chat_template_sha256"],
+        "chat template": m["tokenizer"].get("chat_template_sha256"),
         "teacher": tuple(t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")),
         "targets (kind, k, draws, logprob_error)": m["targets"],
         "attention spec": m.get("attention"),
@@ -280,7 +280,11 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
     drop = ("shards", "counts", "timing", "bad_records", "config", "engines")
     manifest = {k: v for k, v in first.items() if k not in drop}
     manifest["engines"] = union_engines([c.manifest.get("engines") or [] for c in caches])
-    manifest["data"] = {**first["data"], "files": [f for c in caches for f in c.manifest["data"]["files"]]}
+    manifest["data"] = {
+        **first["data"],
+        "files": [f for c in caches for f in c.manifest["data"]["files"]],
+        "max_length": max(c.manifest["data"]["max_length"] for c in caches),  # the reader bounds every row by it
+    }
     manifest["merged_from"] = [
         {
             "path": str(c.where),

@@ -25,6 +25,7 @@ from teacher_cache.manifest import (
     LOGPROB_SCALE,
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    MAX_NUM_DRAWS,
     PARTS_DIR,
     assemble,
     config_hash,
@@ -59,9 +60,6 @@ from teacher_cache.tokenize import (
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message is one line for the user."""
-
-
-MAX_NUM_DRAWS = 1 << 16  # sampled targets: the sampler holds a few int64 [P, draws] arrays per sample
 
 
 @dataclass(frozen=True)

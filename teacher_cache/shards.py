@@ -45,7 +45,7 @@ class ShardError(ValueError):
     """A shard that does not match what the manifest and schema promise."""
 
 
-SHARD_RE = re.compile(r"^shard-w\d{5}-\d{6}\.arrow$")  # what shard_name makes; manifests may name nothing else
+SHARD_RE = re.compile(r"shard-w[0-9]{5}-[0-9]{6}\.arrow\Z")  # what shard_name makes; manifests may name nothing else
 SHARD_GLOB = "shard-*.arrow"
 
 
@@ -180,6 +180,7 @@ class ShardWriter:
 
 ARROW_MAGIC = b"ARROW1\x00\x00"  # an Arrow IPC file: this, the IPC stream, the footer, "ARROW1"
 MAX_CHUNK_BYTES = 64 << 20  # a manifest declaring bigger chunks is refused
+MIN_CHUNK_BYTES = 4096  # or smaller ones: one read and one sha256 per chunk
 
 
 class _CheckedReader:

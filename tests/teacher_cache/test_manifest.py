@@ -193,7 +193,7 @@ def _duplicate_first_shard(m: dict) -> None:
         (lambda m: m["tokenizer"].update(vocab_size=0), "tokenizer.vocab_size must be a positive integer"),
         (lambda m: m["targets"].update(kind="dense"), "unknown target kind 'dense'"),
         (lambda m: m["targets"].update(k=0), "targets.k must be a positive integer"),
-        (lambda m: m.update(targets={"kind": "sampled", "num_draws": 0}), "targets.num_draws must be a positive"),
+        (lambda m: m.update(targets={"kind": "sampled", "num_draws": 0}), "targets.num_draws must be an integer in"),
         (lambda m: m.update(targets={**m["targets"], "kind": "sampled", "num_draws": 50}),
          "targets.proposal None is not"),
         (lambda m: m.update(targets={**m["targets"], "kind": "sampled", "num_draws": 50, "proposal": "uniform"}),

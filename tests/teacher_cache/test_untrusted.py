@@ -168,20 +168,62 @@ def test_a_top_k_row_that_names_an_id_twice(cache):
     def edit(rows):
         ids, lps, tail = codec.decode_topk(rows[1]["targets"], vocab_size=32000)
         ids[0, 1] = ids[0, 0]
-        # encode_topk's body past its input checks: a block as a careless or hostile writer makes it
-        mode, n_uniq, widths, streams = codec._topk_streams(ids, lps, tail, codec.ZSTD_LEVEL)
-        chunks = [c for stream in streams.values() for c in stream]
-        frames = codec._compress(chunks, codec.ZSTD_LEVEL)
-        P, k = ids.shape
-        header = codec._TOPK_HEADER.pack(
-            codec.MAGIC, codec.CODEC_VERSION, codec.KIND_TOPK, mode, len(frames), P, k, 32000, n_uniq, *widths,
-            sum(map(len, chunks)), sum(map(len, frames)),
-        )  # fmt: skip
-        rows[1]["targets"] = codec._finish(header, frames)
+        rows[1]["targets"] = unchecked_topk(ids, lps, tail, 32000)
         assert (codec.decode_topk(rows[1]["targets"], vocab_size=32000)[0] == ids).all()  # the codec takes it
 
     rewrite_shard(cache, edit)
     refused(cache, "row 1: a top-k row names the same id twice")
+
+
+def test_an_attention_row_that_names_a_key_twice(cache):
+    """The same for attention rows: a key named twice would count its weight twice (the attention
+    KL of a student equal to the teacher came out negative)."""
+
+    def edit(rows):
+        T, P = len(rows[0]["input_ids"]), len(rows[0]["target_positions"])
+        ids, lps, tail = codec.decode_topk(rows[0]["attention"][0], vocab_size=T)
+        ids[-1] = ids[-1, 0]  # the last query (it sees the most keys) names its first key 4 times
+        lps[-1], tail[-1] = np.log(np.float32(0.25)), -np.inf
+        rows[0]["attention"] = [unchecked_topk(ids, lps, tail, T)]
+        assert codec.decode_topk(rows[0]["attention"][0], vocab_size=T, max_positions=P)[0].shape == (P, 4)
+
+    rewrite_shard(cache, edit)
+    refused(cache, "row 0: an attention row names the same key twice")
+
+
+def unchecked_topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, V: int) -> bytes:
+    """encode_topk's body past its input checks: a block as a careless or hostile writer makes it."""
+    mode, n_uniq, widths, streams = codec._topk_streams(ids, lps, tail, codec.ZSTD_LEVEL)
+    chunks = [c for stream in streams.values() for c in stream]
+    frames = codec._compress(chunks, codec.ZSTD_LEVEL)
+    P, k = ids.shape
+    header = codec._TOPK_HEADER.pack(
+        codec.MAGIC, codec.CODEC_VERSION, codec.KIND_TOPK, mode, len(frames), P, k, V, n_uniq, *widths,
+        sum(map(len, chunks)), sum(map(len, frames)),
+    )  # fmt: skip
+    return codec._finish(header, frames)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        # rows longer than the manifest's max_length (an 18 KB shard held a 100M-token row)
+        (lambda m: m["data"].update(max_length=16), r"row 0: .*tokens, past the cache's max_length 16"),
+        (lambda m: m["data"].update(max_length="16"), "data.max_length must be an integer >= 2"),
+        (lambda m: m["shards"][0].update(config_hash=None), "has a config_hash that is not a string"),
+        (lambda m: m.update(bad_records=None), "bad_records must be a list"),
+        (lambda m: m["shards"][0]["chunks"].update(size=1), r"chunk size outside \[4096, "),
+        (lambda m: m["shards"][0].update(name=m["shards"][0]["name"] + "\n"), "bad shard name"),
+        (lambda m: m["targets"].update(kind="sampled", num_draws=1 << 31, proposal="teacher"),
+         r"targets.num_draws must be an integer in \[1, 65536\]"),
+    ],
+)  # fmt: skip
+def test_manifest_fields_the_reader_bounds_by(cache, edit, match):
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    refused(cache, match)
 
 
 def test_block_that_lies_about_its_size(cache):
@@ -285,7 +327,7 @@ def test_sampled_rows_with_another_number_of_draws(tmp_path, chats_file):
         rows[0]["targets"] = codec.encode_sampled(offsets, ids, counts, vocab_size=32000, num_draws=7)
 
     rewrite_shard(out, edit)
-    refused(out, r"row 0: sampled targets for .* positions / 7 draws, expected \d+ / 16")
+    refused(out, r"row 0: num_draws=7, expected 16")  # before the block is decompressed
 
 
 def test_verify_reports_counts_and_source_tags_the_rows_do_not_bear_out(cache):
@@ -517,6 +559,21 @@ def test_merge_counts_from_the_rows_not_from_fields_no_reader_checks(tmp_path, g
     assert merged["counts"]["tokens"] == true_tokens and merged["duplicates_with_other_targets"] == 0
     done = subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_merge_takes_the_longest_max_length_and_an_absent_chat_template(tmp_path, good_cache):
+    """The merged manifest's data.max_length bounds every row the reader takes, so it is the
+    largest of its sources'; a manifest without tokenizer.chat_template_sha256 (the reader takes
+    it) merges instead of a KeyError."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, longest in ((a, 2048), (b, 4096)):
+        shutil.copytree(good_cache, d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["data"]["max_length"] = longest
+        del m["tokenizer"]["chat_template_sha256"]
+        (d / "manifest.json").write_text(json.dumps(m))
+    merged = merge([str(a), str(b)], str(tmp_path / "m"))
+    assert merged["data"]["max_length"] == 4096 and len(list(open_cache(tmp_path / "m"))) == 12
 
 
 def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_cache):
