@@ -79,6 +79,17 @@ class Cache:
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     @property
+    def row_bytes(self) -> int:
+        """The most bytes one row can take decompressed under this manifest's settings (a bound,
+        loose, that a record batch declaring more for its rows cannot meet): int32 tokens and
+        positions up to max_length, blocks at <= 16 bytes per entry, 64 KiB for the rest."""
+        targets, longest = self.manifest["targets"], self.manifest["data"]["max_length"]
+        entries = targets["k"] if self.kind == "topk" else min(targets["num_draws"], self.vocab_size)
+        if self.attention_layers:
+            entries += len(self.attention_layers) * self.manifest["attention"]["top_k"]
+        return (64 << 10) + longest * (8 + 16 * entries)
+
+    @property
     def shard_names(self) -> list[str]:
         return [s["name"] for s in self.manifest["shards"]]
 
@@ -106,7 +117,7 @@ class Cache:
             raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
         if size > MAX_SHARD_BYTES:
             raise ShardError(f"{self.where.describe(name)}: {size} bytes, over the reader's limit of {MAX_SHARD_BYTES}")
-        stream = ShardStream(self.where, entry)
+        stream = ShardStream(self.where, entry, self.row_bytes)
         meta = shard_metadata(stream.schema, name)
         # a merged cache lists each shard with the hash of the run that wrote it
         own = meta.get("config_hash")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
 MAX_SHARD_BYTES = 4 << 30  # readers refuse a bigger shard; the writer stops before it
 CHUNK_BYTES = 1 << 20  # a reader checks (and can use) a shard one chunk of this many bytes at a time
+MAX_BATCH_BYTES = 1 << 30  # a record batch declaring more bytes once decompressed is refused unread
 
 SCHEMA = pa.schema(
     [
@@ -251,8 +253,11 @@ class ShardStream:
     iteration ends the whole shard's sha256 and size have been checked too.
     """
 
-    def __init__(self, where: Location, entry: dict) -> None:
+    def __init__(self, where: Location, entry: dict, row_bytes: int | None = None) -> None:
+        """`row_bytes`: the most bytes one row may take decompressed (from the manifest's settings);
+        a record batch declaring more for its rows is refused before it is decompressed."""
         self.name = name = entry["name"]
+        self._row_bytes = row_bytes
         ranges, hashes = chunk_plan(entry, name)
         self._src = _CheckedReader(
             where.read_ranges(name, ranges), [e - s for s, e in ranges], hashes, where.describe(name)
@@ -261,17 +266,34 @@ class ShardStream:
         try:
             if self._src.read(len(ARROW_MAGIC)) != ARROW_MAGIC:
                 raise ShardError(f"{name}: not an Arrow IPC file (bad magic)")
-            self._reader = pa.ipc.open_stream(self._src)
+            # message by message, so each batch's declared sizes are checked before Arrow decompresses it
+            self._messages = pa.ipc.MessageReader.open_stream(self._src)
+            first = self._messages.read_next_message()
+            if first.type != "schema":
+                raise ShardError(f"{name}: starts with a {first.type} message, not its schema")
+            schema = pa.ipc.read_schema(first)
         except StorageError:
             raise
+        except StopIteration:
+            raise ShardError(f"{name}: no schema (empty Arrow stream)") from None
         except (pa.ArrowException, OSError) as e:  # pyarrow reports corrupt IPC data as OSError
             raise _unreadable(name, e) from None
-        check_schema(self._reader.schema, name)
-        self.schema = self._reader.schema
+        check_schema(schema, name)
+        self.schema = schema
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         try:
-            for batch in self._reader:
+            for message in self._messages:
+                if message.type != "record batch":  # the format has no dictionaries
+                    raise ShardError(f"{self.name}: unexpected {message.type} message")
+                rows, size = batch_size(message, self.name)
+                limit = min(MAX_BATCH_BYTES, rows * self._row_bytes if self._row_bytes else MAX_BATCH_BYTES)
+                if size > limit:
+                    raise ShardError(
+                        f"{self.name}: a record batch of {rows} rows declares {size} bytes decompressed, more "
+                        f"than its rows can hold ({limit}); refused before decompressing"
+                    )
+                batch = pa.ipc.read_record_batch(message, self.schema)
                 batch.validate(full=True)  # offsets in bounds, valid UTF-8: before any value is read
                 _check_nulls(batch, self.name)
                 yield batch
@@ -285,6 +307,61 @@ class ShardStream:
 
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self), schema=self.schema)
+
+
+def batch_size(message: pa.ipc.Message, name: str) -> tuple[int, int]:
+    """(rows, bytes once decompressed) a record batch message declares, read from its flatbuffer
+    metadata (RecordBatch: length, buffers) and the 8-byte length that starts each compressed
+    buffer of its body; ShardError if either is malformed."""
+    meta, body = message.metadata.to_pybytes(), message.body
+    try:
+        header = _fb_field(meta, _fb_deref(meta, 0), 2)  # Message.header, the RecordBatch table
+        batch = _fb_deref(meta, header)
+        rows = _fb_read(meta, "<q", _fb_field(meta, batch, 0))  # RecordBatch.length
+        buffers = _fb_deref(meta, _fb_field(meta, batch, 2))  # RecordBatch.buffers: [Buffer{offset, length}]
+        compressed = _fb_field(meta, batch, 3, optional=True) is not None  # RecordBatch.compression
+        size = 0
+        for i in range(_fb_read(meta, "<I", buffers)):
+            offset, length = struct.unpack_from("<qq", meta, _fb_check(meta, buffers + 4 + 16 * i, 16))
+            if min(offset, length) < 0 or offset + length > body.size:
+                raise ValueError("a buffer outside the message body")
+            if compressed and length >= 8:
+                declared = struct.unpack("<q", body.slice(offset, 8).to_pybytes())[0]  # -1: stored as is
+                size += length - 8 if declared == -1 else declared
+            else:
+                size += length
+        if rows < 0 or size < 0:
+            raise ValueError("negative sizes")
+    except (ValueError, struct.error) as e:
+        raise ShardError(f"{name}: malformed record batch message ({e})") from None
+    return rows, size
+
+
+def _fb_check(buf: bytes, pos: int, size: int) -> int:
+    if not 0 <= pos <= len(buf) - size:
+        raise ValueError(f"offset {pos} outside the {len(buf)}-byte metadata")
+    return pos
+
+
+def _fb_read(buf: bytes, fmt: str, pos: int) -> int:
+    return struct.unpack_from(fmt, buf, _fb_check(buf, pos, struct.calcsize(fmt)))[0]
+
+
+def _fb_deref(buf: bytes, pos: int) -> int:
+    """The position an offset field at `pos` points to (flatbuffers: uoffset relative to itself)."""
+    return pos + _fb_read(buf, "<I", pos)
+
+
+def _fb_field(buf: bytes, table: int, i: int, *, optional: bool = False) -> int | None:
+    """Position of field i of the flatbuffer table at `table`; absent: None if optional, else an error."""
+    vtable = table - _fb_read(buf, "<i", table)
+    slot = 4 + 2 * i
+    offset = _fb_read(buf, "<H", vtable + slot) if slot + 2 <= _fb_read(buf, "<H", vtable) else 0
+    if offset:
+        return table + offset
+    if optional:
+        return None
+    raise ValueError(f"field {i} missing")
 
 
 def _check_nulls(batch: pa.RecordBatch, name: str) -> None:

@@ -56,7 +56,7 @@ def first_shard(cache: Path) -> Path:
     return cache / json.loads((cache / "manifest.json").read_text())["shards"][0]["name"]
 
 
-def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None) -> None:
+def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None, compression: str | None = None) -> None:
     """Replace the first shard by an edited copy and fix its size and sha256 in the manifest,
     so only the deeper checks can catch the change."""
     path = first_shard(cache)
@@ -66,7 +66,7 @@ def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None) -> None:
     target = schema or table.schema
     new = pa.Table.from_pylist(rows, schema=target)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, target) as w:
+    with pa.ipc.new_file(sink, target, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
         w.write_table(new)
     data = sink.getvalue().to_pybytes()
     path.write_bytes(data)
@@ -234,6 +234,18 @@ def test_block_that_lies_about_its_size(cache):
 
     rewrite_shard(cache, edit)
     refused(cache, "row 0: .*")
+
+
+def test_a_record_batch_that_would_decompress_past_what_its_rows_can_hold(cache):
+    """A decompression bomb in Arrow's own zstd buffers: 40 MB of token ids in a few KB. The
+    batch's declared sizes are read from its metadata and refused before Arrow decompresses it."""
+
+    def edit(rows):
+        rows[0]["input_ids"] = np.zeros(10_000_000, np.int32)
+
+    rewrite_shard(cache, edit, compression="zstd")
+    assert first_shard(cache).stat().st_size < 100_000
+    refused(cache, r"a record batch of 6 rows declares .*4\d{7} bytes decompressed, more than its rows can hold")
 
 
 def test_lengths_that_disagree(cache):
