@@ -3,6 +3,8 @@ of one run (DAE mixes several) hold targets one batch can carry."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -52,3 +54,27 @@ def check_temperature(kind: str, temperature: float) -> None:
             "and cannot be re-tempered (the student would learn a sharpened teacher); use --temperature 1 or a "
             "top-k cache"
         )
+
+
+def check_output_file(out: str, what: str, ours: Callable[[bytes], bool]) -> Path:
+    """--out for a report or a plot, checked before the work: a local path (not a URL) in an
+    existing folder that is not a teacher cache (nor inside one), and either new or an earlier
+    file of this kind (`ours` on its first bytes); never a cache's, a run's or any other file."""
+    from student_train.train import TrainError, inside_cache
+
+    if "://" in out:
+        raise TrainError(f"--out {out}: a local path is needed (write here, then copy it to the store)")
+    path = Path(out)
+    if not path.resolve().parent.is_dir():
+        raise TrainError(f"--out {out}: folder {path.resolve().parent} does not exist")
+    cache = inside_cache(path.resolve().parent)
+    if cache is not None:
+        raise TrainError(f"--out {out} is inside the teacher cache {cache}: write it elsewhere")
+    if path.is_dir():
+        raise TrainError(f"--out {out} is a folder, not a file for {what}")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if not ours(head):
+            raise TrainError(f"--out {out} exists and is not {what}: it is left as it is; choose another path")
+    return path

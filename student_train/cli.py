@@ -151,10 +151,14 @@ def evaluate_cmd(
     import json
     from pathlib import Path
 
+    from student_train.checks import check_output_file
     from student_train.evaluate import evaluate
 
-    if out and not Path(out).resolve().parent.is_dir():  # before the work, not after it
-        raise UserError(f"--out {out}: folder {Path(out).resolve().parent} does not exist")
+    if out:  # before the work, not after it
+        try:
+            check_output_file(out, "an eval report", _is_report)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise (SettingsError if "://" in out else UserError)(one_line(e)) from None
     try:
         report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples, progress=not no_progress)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
@@ -170,16 +174,29 @@ def evaluate_cmd(
             raise UserError(f"--out {out}: {one_line(e)} (the report is on stdout above)") from None
 
 
+def _is_report(head: bytes) -> bool:
+    """Whether a file's first bytes are an eval report's (a JSON object with "kl_kind" at top level)."""
+    return head.lstrip().startswith(b"{") and b'"kl_kind"' in head
+
+
+def _is_image(head: bytes) -> bool:
+    """Whether a file's first bytes are a PNG, PDF, SVG or PostScript file (what a plot writes)."""
+    return head.startswith((b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg", b"%!PS"))
+
+
 @main.command()
 @click.argument("run_dir", type=PATH)
 @click.option("--out", type=PATH, default=None, help="PNG path (default RUN_DIR/curves.png).")
 def plot(run_dir: str, out: str | None) -> None:
     """Draw a run's loss, lr and grad-norm curves to PNG."""
+    from student_train.checks import check_output_file
     from student_train.plot import plot_run
 
     try:
+        if out:
+            check_output_file(out, "a plot", _is_image)
         click.echo(str(plot_run(run_dir, out)))
-    except (ValueError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         raise UserError(one_line(e)) from None
 
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from student_train import losses
 from student_train.checks import check_student_matches, check_temperature
 from student_train.data import Plan, ShardCache, collate
+from student_train.train import check_distinct
 from teacher_cache.errors import one_line
 
 
@@ -32,6 +33,7 @@ def evaluate(
     from teacher_cache.tokenize import load_tokenizer
 
     caches = [open_cache(c) for c in cache_paths]
+    check_distinct(caches)
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
     try:

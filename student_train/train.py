@@ -92,6 +92,8 @@ class TrainConfig:
         for option, value, holds, want in rules:
             if not holds:
                 raise TrainError(f"{option} must be {want}, got {value:g}")
+        if "://" in self.out:  # checkpoints are written, renamed and locked locally
+            raise TrainError(f"--out {self.out}: a local run directory is needed (copy it to the store after)")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")
         teachers = [t for t, _ in self.attention_layer_map]
@@ -423,13 +425,19 @@ def _write_checkpoint(
     return final
 
 
+def check_distinct(caches: list) -> list[str]:
+    """The caches' digests; TrainError if one is given twice (its samples would count twice)."""
+    digests = [c.digest for c in caches]
+    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
+    if twice:
+        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+    return digests
+
+
 def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int) -> tuple[dict, Path | None]:
     """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
-    digests = [c.digest for c in caches]
-    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
-    if twice:  # every sample would come twice per epoch
-        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+    digests = check_distinct(caches)
     state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests, "world_size": world}
     latest = latest_checkpoint(out)
     ckpt = latest if cfg.resume else None
@@ -510,7 +518,7 @@ def _check_run_dir(out: Path) -> None:
     (a folder that already holds a run may hold anything else too: eval reports, plots)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a run directory")
-    cache = next((p for p in (out.resolve(), *out.resolve().parents) if _is_cache(p)), None)
+    cache = inside_cache(out.resolve())
     if cache is not None:
         raise TrainError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")
     names = sorted(os.listdir(out)) if out.is_dir() else []
@@ -519,6 +527,11 @@ def _check_run_dir(out: Path) -> None:
         raise TrainError(
             f"--out {out} holds files that are not a training run's ({foreign[0]}, ...): use an empty or new one"
         )
+
+
+def inside_cache(folder: Path) -> Path | None:
+    """The teacher cache that `folder` (absolute) is or lies in, or None."""
+    return next((p for p in (folder, *folder.parents) if _is_cache(p)), None)
 
 
 def _is_cache(folder: Path) -> bool:

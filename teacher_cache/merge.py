@@ -285,6 +285,9 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
         "files": [f for c in caches for f in c.manifest["data"]["files"]],
         "max_length": max(c.manifest["data"]["max_length"] for c in caches),  # the reader bounds every row by it
     }
+    for key in ("only_domain", "exclude_domain"):  # a filter the merged rows do not all share is no filter
+        values = {c.manifest["data"].get(key) for c in caches}
+        manifest["data"][key] = values.pop() if len(values) == 1 else None
     manifest["merged_from"] = [
         {
             "path": str(c.where),

@@ -132,11 +132,13 @@ def check_data_file(path: str) -> None:
 
     try:
         fs, p = fsspec.core.url_to_fs(path)  # no glob expansion: a name may hold '*'
-    except ImportError as e:  # a filesystem whose package is not installed (s3:// without the extra)
-        raise DataFileError(f"{path}: {one_line(e)}") from None
-    if not fs.exists(p):
+        found = fs.exists(p)
+        folder = found and fs.isdir(p)
+    except Exception as e:  # a missing package (s3:// without the extra), credentials, network
+        raise DataFileError(f"{path}: cannot reach it ({one_line(e)})") from None
+    if not found:
         raise DataFileError(f"data file not found: {path}")
-    if fs.isdir(p):
+    if folder:
         raise DataFileError(f"{path} is a directory: --data takes JSONL or Parquet files (repeat --data for several)")
     if path.rsplit("/", 1)[-1].endswith(".parquet"):
         import pyarrow.parquet as pq

@@ -51,6 +51,31 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def test_unreachable_data_and_unloadable_weights_are_one_line(tmp_path, chats_file):
+    """--data on an object store without credentials, and a teacher whose weights file is
+    truncated, are one line each (both were tracebacks), and no --out is left behind."""
+    import os
+    import shutil
+
+    from teacher_cache.models import resolve_model
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"AWS_EC2_METADATA_DISABLED": "true"}
+    done = subprocess.run(
+        [*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--no-progress", "--data",
+         "s3://no-such-bucket/x.jsonl", "--out", str(tmp_path / "a")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "s3://no-such-bucket/x.jsonl: cannot reach it (" in one_line_error(done)
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_model("tiny-mixtral").path, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    done = sh([*TC, "run", "--teacher", str(broken), "--backend", "hf", "--no-progress", "--data", str(chats_file),
+               "--out", str(tmp_path / "b")])  # fmt: skip
+    assert done.returncode == 1 and f"{broken}: cannot load the teacher (" in one_line_error(done)
+    assert not (tmp_path / "a").exists()
+
+
 def test_unknown_preset_lists_known_ones(tmp_path, chats_file):
     err = one_line_error(sh([*TC, "run", "--teacher", "gpt-17", "--data", str(chats_file), "--out", str(tmp_path)]))
     assert "unknown model 'gpt-17'" in err and "tiny-mixtral" in err and "smollm2-135m" in err

@@ -1160,6 +1160,31 @@ def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
     done = subprocess.run([*ST, "eval", "--model", "tiny-mistral", "--cache", str(kd_cache), "--out", str(eval_out)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 1 and "does not exist" in done.stderr.strip().splitlines()[-1]
+    # eval --out never overwrites what is not an eval report (a cache's manifest, a run's file),
+    # nor writes into a cache, nor takes a URL; an earlier report is replaced
+    manifest = kd_cache / "manifest.json"
+    before = manifest.read_bytes()
+    (tmp_path / "notes.txt").write_text("mine")
+    report = tmp_path / "report.json"
+    for out, code, said in (
+        (manifest, 1, "is inside the teacher cache"),
+        (tmp_path / "notes.txt", 1, "exists and is not an eval report: it is left as it is"),
+        ("s3://bucket/report.json", 2, "a local path is needed"),
+        (report, 0, None),
+        (report, 0, None),
+    ):
+        done = subprocess.run([*ST, "eval", "--model", "tiny-mistral", "--cache", str(kd_cache), "--max-samples", "1",
+                               "--no-progress", "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == code, done.stderr
+        assert said is None or said in done.stderr.strip().splitlines()[-1]
+    assert manifest.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads(report.read_text())["all"]["samples"] == 1 and not (tmp_path / "s3:").exists()
+    with pytest.raises(TrainError, match="a local run directory is needed"):
+        TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out="s3://bucket/run")
+    from student_train.evaluate import evaluate
+
+    with pytest.raises(TrainError, match="the same cache is given twice"):
+        evaluate("tiny-mistral", [str(kd_cache), str(kd_cache)], max_samples=1)
     odd = tmp_path / "odd"
     shutil.copytree(resolve_model("tiny-mistral").path, odd)
     (odd / "config.json").write_text("[1, 2]")

@@ -588,6 +588,19 @@ def test_merge_takes_the_longest_max_length_and_an_absent_chat_template(tmp_path
     assert merged["data"]["max_length"] == 4096 and len(list(open_cache(tmp_path / "m"))) == 12
 
 
+def test_merge_keeps_a_domain_filter_only_where_every_source_has_it(tmp_path, good_cache):
+    """A domain cache (--only-domain) merged with a general one is not a domain cache: the trainer
+    would route all its rows as domain samples (the first cache's filter used to be kept)."""
+    for name, domain in (("law1", "law"), ("law2", "law"), ("general", None)):
+        shutil.copytree(good_cache, tmp_path / name)
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        m["data"]["only_domain"] = domain
+        (tmp_path / name / "manifest.json").write_text(json.dumps(m))
+    mixed = merge([str(tmp_path / "law1"), str(tmp_path / "general")], str(tmp_path / "mixed"))
+    same = merge([str(tmp_path / "law1"), str(tmp_path / "law2")], str(tmp_path / "same"))
+    assert mixed["data"]["only_domain"] is None and same["data"]["only_domain"] == "law"
+
+
 def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_cache):
     dest = tmp_path / "m"
     dest.mkdir()
