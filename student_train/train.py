@@ -263,12 +263,14 @@ def _valid_trainer_state(saved: object, ckpt: Path, cfg: TrainConfig) -> bool:
     )
 
 
-def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str]) -> None:
+def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str], student_path: str) -> None:
     """Refuse --resume with settings or caches other than the checkpoint's: the data position
-    and the learning-rate schedule it saved would mean something else."""
+    and the learning-rate schedule it saved would mean something else. The student is compared
+    by the folder its name resolves to (a relative path from another directory is the same)."""
     before = saved.get("config", {})
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
-    changed = sorted(k for k in now if k not in _RESUMABLE and k in before and before[k] != now[k])
+    same = set(_RESUMABLE) | ({"student"} if saved.get("student_path") == student_path else set())
+    changed = sorted(k for k in now if k not in same and k in before and before[k] != now[k])
     if saved.get("caches_sha256", digests) != digests:
         changed.append("the caches' contents")
     if changed:
@@ -434,11 +436,12 @@ def check_distinct(caches: list) -> list[str]:
     return digests
 
 
-def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int) -> tuple[dict, Path | None]:
+def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student_path: str) -> tuple[dict, Path | None]:
     """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
     digests = check_distinct(caches)
     state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests, "world_size": world}
+    state["student_path"] = student_path  # the --student folder, resolved (a preset's built folder)
     latest = latest_checkpoint(out)
     ckpt = latest if cfg.resume else None
     metrics_path = out / "metrics.jsonl"
@@ -447,7 +450,7 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int) -> tupl
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if ckpt:
         saved = _read_trainer_state(ckpt, cfg)
-        _check_resume(ckpt, saved, cfg, digests)
+        _check_resume(ckpt, saved, cfg, digests, student_path)
         if saved.get("world_size", world) != world:  # the data position is per rank (absent before it was saved)
             raise TrainError(
                 f"{ckpt} was trained by {saved['world_size']} processes, this run has {world}: the data position "
@@ -459,7 +462,7 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int) -> tupl
                 f"{ckpt} holds LoRA adapters merged into the weights: a resume would restart the adapters and mismatch "
                 f"their optimizer state; start a new LoRA run from it: --student {ckpt} --out NEW_DIR"
             )
-        state.update({k: v for k, v in saved.items() if k in state})
+        state.update({k: v for k, v in saved.items() if k in state and k != "student_path"})
     return state, ckpt
 
 
@@ -607,7 +610,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
         locks.enter_context(_hold_run_dir(out))
 
     # ---- resume point
-    state, ckpt = _resume_point(cfg, out, caches, world)
+    state, ckpt = _resume_point(cfg, out, caches, world, ref.path)
     load_from = str(ckpt) if ckpt else ref.path
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()

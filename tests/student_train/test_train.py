@@ -170,6 +170,21 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     assert drawn.returncode == 0 and (killed / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_resume_takes_the_same_student_by_another_path(tmp_path, kd_cache, monkeypatch):
+    """--student is compared by the folder it resolves to: a run started with a relative path
+    resumes with an absolute one (or from another directory); another folder is other settings."""
+    shutil.copytree(resolve_model("tiny-mistral").path, tmp_path / "st")
+    shutil.copytree(resolve_model("tiny-mistral").path, tmp_path / "other")
+    common = dict(caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=2, save_every=1, progress=False)
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig(student="st", **common))
+    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
+    monkeypatch.chdir(kd_cache.parent)
+    with pytest.raises(TrainError, match=r"other settings \(student\)"):
+        train(TrainConfig(student=str(tmp_path / "other"), resume=True, **common))
+    assert train(TrainConfig(student=str(tmp_path / "st") + "/", resume=True, **common))["step"] == 2
+
+
 def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_path, kd_cache):
     """Two trainings in one --out would interleave metrics.jsonl and checkpoints: the second is
     refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL."""
