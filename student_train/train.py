@@ -399,6 +399,19 @@ def _save(
         ) from None
 
 
+def _append(file, record: dict) -> None:
+    """One JSON line onto a run's log (metrics.jsonl, samples.rankN.jsonl), flushed; a failed write
+    (a full disk) is one line naming the file, and says that the checkpoints are kept."""
+    try:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+    except OSError as e:
+        raise TrainError(
+            f"could not write {file.name} at step {record['step']} ({one_line(e)}); the checkpoints before it "
+            "are kept: free space or fix that, then rerun with --resume (steps after the checkpoint are redone)"
+        ) from None
+
+
 def _write_checkpoint(
     out: Path, step: int, tmp: Path, model, tok, optimizer, state: dict, cfg: TrainConfig, weights, fsdp_optimizer
 ) -> Path:
@@ -719,11 +732,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 "samples_seen": state["samples_per_rank"] * world,
                 "elapsed_s": state["elapsed_s"],
             }
-            samples_file.write(json.dumps({"step": state["step"], "samples": seen}) + "\n")
-            samples_file.flush()
+            _append(samples_file, {"step": state["step"], "samples": seen})
             if metrics_file is not None:
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                _append(metrics_file, last)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
@@ -739,9 +750,10 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             attention.attach(model, [s for _, s in layer_map], None)
         if bar is not None:
             bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        samples_file.close()
+        for log in (metrics_file, samples_file):
+            if log is not None:
+                with contextlib.suppress(OSError):  # a write that failed fails its flush again: said above
+                    log.close()
     if sharded:  # gathered to rank 0's CPU only (a 7B student must not be unsharded on every rank)
         full = _full_state(model, rank0_cpu=True)
         box = [_weights_digest(full) if rank == 0 else None]

@@ -1016,6 +1016,18 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
 
 
+def test_a_log_that_cannot_be_written_is_one_line(tmp_path, kd_cache):
+    """metrics.jsonl on a device that is full (here /dev/full, which fails every write with
+    ENOSPC): one line naming the file and the step, not a bare '[Errno 28]'."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    done = subprocess.run([*train_args(kd_cache, out), "--max-steps", "2"], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: could not write {out / 'metrics.jsonl'} at step 1 (") and "are kept" in line
+
+
 FULL_DISK = """
 "$@" 2> "$OUTSIDE/first.err"; echo $? > "$OUTSIDE/first.rc"
 ls -a "$DISK/r" > "$OUTSIDE/first.ls"
