@@ -101,6 +101,13 @@ class TrainConfig:
             raise TrainError(f"--attention-layer-map names a teacher layer twice: {list(self.attention_layer_map)}")
         if self.fsdp and self.lora_rank:
             raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
+        # options that would do nothing: said, not ignored
+        if self.attention_layer_map and self.attn_weight == 0:
+            raise TrainError("--attention-layer-map needs --attn-weight > 0 (the attention loss is off)")
+        if self.attn_weight > 0 and self.lam == 0:
+            raise TrainError(
+                "--attn-weight needs --lam > 0: the loss is (1 - lam) CE + lam (KD + attn-weight x attention)"
+            )
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

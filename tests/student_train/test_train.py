@@ -1110,6 +1110,7 @@ def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_
             ((0, 0), (0, 1)),
             "--attention-layer-map names a teacher layer twice: [(0, 0), (0, 1)]",
         ),
+        ("attention_layer_map", ((0, 0),), "--attention-layer-map needs --attn-weight > 0 (the attention loss is off)"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, setting, value, message):
@@ -1118,6 +1119,11 @@ def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, settin
     with pytest.raises(TrainError) as err:
         TrainConfig(student="tiny-mistral", caches=("c",), out=str(tmp_path / "r"), **{setting: value})
     assert str(err.value) == message
+
+
+def test_an_attention_weight_that_lam_zero_would_drop_is_refused(tmp_path):
+    with pytest.raises(TrainError, match=r"--attn-weight needs --lam > 0: the loss is \(1 - lam\) CE"):
+        TrainConfig(student="tiny-mistral", caches=("c",), out=str(tmp_path / "r"), attn_weight=1.0, lam=0.0)
     assert not (tmp_path / "r").exists()
 
 
