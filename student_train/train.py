@@ -631,6 +631,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
 
     # ---- resume point
     state, ckpt = _resume_point(cfg, out, caches, world, ref.path)
+    if cfg.resume and ckpt is None and rank == 0:  # legal (a run killed before its first checkpoint), but say so
+        print(f"note: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
     load_from = str(ckpt) if ckpt else ref.path
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()

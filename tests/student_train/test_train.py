@@ -211,6 +211,7 @@ def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_pa
     steps = len(metrics(out))
     resumed = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr  # no checkpoint yet: it starts over, into the freed --out
+    assert f"note: no checkpoint in {out} to resume: starting at step 0" in resumed.stderr
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and steps >= 1
 
 
