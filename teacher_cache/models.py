@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -142,6 +143,7 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    _check_size(path, kwargs.get("trust_remote_code", False))
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
     try:
@@ -164,6 +166,34 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     if problem:
         raise ValueError(f"{path}: {problem}; logits are computed here as h @ lm_head.weight^T, so it is not supported")
     return model
+
+
+def _check_size(path: str, trust_remote_code: bool) -> None:
+    """Refuse, before anything is allocated, a local safetensors checkpoint whose config.json
+    describes more parameters than its weight files hold (a config of another size or of another
+    model: {"model_type": "llama"} alone is a 7B model, built in float32 before any load check)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        stored = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                stored += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):  # shapes only, no memory
+            needed = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except Exception:  # unreadable files or configs: from_pretrained says why, in its own words
+        return
+    if needed > stored:
+        raise ValueError(
+            f"{path}: config.json describes {needed:,} parameters but the weight files hold {stored:,}: "
+            "a config of another model or size"
+        )
 
 
 def head_problem(config, head=None) -> str | None:
