@@ -412,6 +412,10 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     chash = config_hash(header)
     _check_other_runs(cfg, out, header, chash)
     previous = _previous_part(cfg, out, header, chash)
+    try:
+        out.check_writable()  # makes --out and its parts/: only now, after the refusals above
+    except StorageError as e:
+        raise RunError(str(e)) from None
     if previous is not None and previous.get("complete"):
         _log(
             f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
@@ -477,14 +481,14 @@ def _check_attention_layers(cfg: RunConfig, teacher_config: dict) -> None:
 
 
 def _open_out(cfg: RunConfig) -> Location:
-    """--out, refused if it holds files that are not a cache's or cannot be written."""
+    """--out, refused if it holds files that are not a cache's (run checks it can write there once
+    the other refusals, which must leave a cache they refuse untouched, have passed)."""
     out = Location(cfg.out)
     try:
         names = out.glob("*")
         foreign = [n for n in names if not is_cache_file(n)]
         if foreign and not {PARTS_DIR, MANIFEST} & set(names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
-        out.check_writable()
     except StorageError as e:
         raise RunError(str(e)) from None
     return out

@@ -114,8 +114,10 @@ def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
 def test_other_settings_into_the_same_directory_are_refused(tmp_path, chats_file):
     out = tmp_path / "cache"
     run(cfg(chats_file, out))
+    shutil.rmtree(out / "parts")  # a finished cache needs only its manifest (a merged one has no parts)
     with pytest.raises(RunError, match=r"different settings \(targets.k differ\)"):
         run(cfg(chats_file, out, top_k=4))
+    assert not (out / "parts").exists()  # a refused run leaves the cache as it was
     data = tmp_path / "chats.jsonl"  # same path and arguments, other content
     data.write_text(chats_file.read_text())
     run(cfg(data, tmp_path / "c2"))
