@@ -26,9 +26,8 @@ from torch import nn
 from student_train import losses
 from student_train.checks import check_student_matches, check_temperature
 from student_train.data import Batch, Plan, SampleStream, collate
+from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
-from teacher_cache.manifest import MANIFEST, PARTS_DIR
-from teacher_cache.shards import SHARD_RE
 from teacher_cache.storage import fsync_dir
 
 
@@ -541,7 +540,7 @@ def _check_run_dir(out: Path) -> None:
     (a folder that already holds a run may hold anything else too: eval reports, plots)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a run directory")
-    cache = inside_cache(out.resolve())
+    cache = inside_cache(out.resolve())  # teacher_cache.cache
     if cache is not None:
         raise TrainError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")
     names = sorted(os.listdir(out)) if out.is_dir() else []
@@ -550,18 +549,6 @@ def _check_run_dir(out: Path) -> None:
         raise TrainError(
             f"--out {out} holds files that are not a training run's ({foreign[0]}, ...): use an empty or new one"
         )
-
-
-def inside_cache(folder: Path) -> Path | None:
-    """The teacher cache that `folder` (absolute) is or lies in, or None."""
-    return next((p for p in (folder, *folder.parents) if _is_cache(p)), None)
-
-
-def _is_cache(folder: Path) -> bool:
-    """A teacher cache's folder: its manifest beside its shards or worker parts."""
-    if not (folder / MANIFEST).is_file():
-        return False
-    return (folder / PARTS_DIR).is_dir() or any(SHARD_RE.fullmatch(n) for n in os.listdir(folder))
 
 
 def _remove_if_unused(out: Path) -> None:

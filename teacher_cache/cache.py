@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from teacher_cache import codec
 from teacher_cache.manifest import MANIFEST, MAX_MANIFEST_BYTES, PARTS_DIR, ManifestError, validate
-from teacher_cache.shards import MAX_SHARD_BYTES, ShardError, ShardStream, shard_metadata
+from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_RE, ShardError, ShardStream, shard_metadata
 from teacher_cache.storage import Location, as_location
 
 
@@ -233,6 +234,18 @@ def _repeats_an_id(ids: np.ndarray) -> bool:
     """Whether any row of ids [P, k] names an id twice."""
     ordered = np.sort(ids, axis=1)  # [P, k]
     return bool(np.any(ordered[:, 1:] == ordered[:, :-1]))
+
+
+def inside_cache(folder: Path) -> Path | None:
+    """The local teacher cache that `folder` (absolute) is or lies in, or None."""
+    return next((p for p in (folder, *folder.parents) if _is_cache(p)), None)
+
+
+def _is_cache(folder: Path) -> bool:
+    """A teacher cache's folder: its manifest beside its shards or worker parts."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    return (folder / PARTS_DIR).is_dir() or any(SHARD_RE.fullmatch(n) for n in os.listdir(folder))
 
 
 def open_cache(path: str | Path | Location) -> Cache:

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teacher_cache.cache import Cache, open_cache
+from teacher_cache.cache import Cache, inside_cache, open_cache
 from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends, union_engines
 from teacher_cache.shards import (
     FORMAT_VERSION,
+    SHARD_RE,
     Row,
     ShardInfo,
     ShardWriter,
@@ -149,9 +150,12 @@ def _check_dest(dest: Location) -> None:
     """Raise MergeError unless `dest` is new or empty, naming an unfinished merge as one."""
     if dest.is_local and dest.local_path().exists() and not dest.local_path().is_dir():
         raise MergeError(f"--out {dest} is a file, not a directory for the merged cache")
+    cache = inside_cache(dest.local_path().resolve().parent) if dest.is_local else None
+    if cache is not None:  # a cache in a cache: the outer one's resume and verify would trip on it
+        raise MergeError(f"--out {dest} is inside the teacher cache {cache}: use a directory of its own")
     names = dest.glob("*")
     leftovers = MANIFEST not in names and all(is_cache_file(n) and n != "parts" for n in names)
-    if names and leftovers and any(n.startswith("shard-") for n in names):  # not a folder of dot-files alone
+    if names and leftovers and any(SHARD_RE.match(n) for n in names):  # not a folder of dot-files alone
         raise MergeError(f"{dest} holds an unfinished merge (shards, no manifest.json): delete it and merge again")
     if names:
         raise MergeError(f"{dest} exists and is not empty")

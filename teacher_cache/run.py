@@ -19,6 +19,7 @@ import torch
 
 from teacher_cache import __version__, codec
 from teacher_cache.backends import TeacherBackend, TeacherOutput
+from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
 from teacher_cache.manifest import (
     FORMAT_NAME,
@@ -484,6 +485,9 @@ def _open_out(cfg: RunConfig) -> Location:
     """--out, refused if it holds files that are not a cache's (run checks it can write there once
     the other refusals, which must leave a cache they refuse untouched, have passed)."""
     out = Location(cfg.out)
+    cache = inside_cache(out.local_path().resolve().parent) if out.is_local else None
+    if cache is not None:  # the outer cache's resume and verify would trip on a cache inside it
+        raise RunError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")
     try:
         names = out.glob("*")
         foreign = [n for n in names if not is_cache_file(n)]

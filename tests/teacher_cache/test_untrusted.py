@@ -588,6 +588,15 @@ def test_merge_takes_the_longest_max_length_and_an_absent_chat_template(tmp_path
     assert merged["data"]["max_length"] == 4096 and len(list(open_cache(tmp_path / "m"))) == 12
 
 
+def test_merge_into_a_folder_inside_a_cache_is_refused(tmp_path, good_cache):
+    """A merged cache nested in another would trip the outer one's resume ('files that are not a
+    cache's') and verify; refused, as train refuses such an --out, before anything is written."""
+    shutil.copytree(good_cache, tmp_path / "a")
+    with pytest.raises(MergeError, match=r"is inside the teacher cache .*a: use a directory of its own"):
+        merge([str(good_cache), str(tmp_path / "a")], str(tmp_path / "a" / "sub"))
+    assert not (tmp_path / "a" / "sub").exists()
+
+
 def test_merge_keeps_a_domain_filter_only_where_every_source_has_it(tmp_path, good_cache):
     """A domain cache (--only-domain) merged with a general one is not a domain cache: the trainer
     would route all its rows as domain samples (the first cache's filter used to be kept)."""
