@@ -120,7 +120,8 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
                 try:
                     yield parse_json(line), where
                 except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
-                    yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e})"), where
+                    hint = "; one JSON object per line is expected (JSON lines)" if line in (b"[", b"{") else ""
+                    yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e}){hint}"), where
     else:
         raise DataFileError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")
 

@@ -129,6 +129,13 @@ def test_skip_bad_reports_each_bad_line(tmp_path):
     assert bad[0].startswith(f"{p}:2: invalid JSON") and bad[1].startswith(f"{p}:3: record has neither")
 
 
+def test_a_pretty_printed_json_file_says_json_lines_are_expected(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"prompt": "a", "response": "b"}], indent=2))
+    with pytest.raises(BadRecordError, match=r"d.json:1: invalid JSON .*; one JSON object per line is expected"):
+        list(iter_records([str(p)], skip_bad=False))
+
+
 def test_parquet_rows_mix_chats_and_pairs_and_are_named_from_1(tmp_path):
     """In Parquet every row has every column: a pair row's `messages` is null, not a bad chat.
     A bad row is named by its 1-based row number, as JSONL lines are."""
