@@ -1219,10 +1219,10 @@ def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
 
     with pytest.raises(TrainError, match="the same cache is given twice"):
         evaluate("tiny-mistral", [str(kd_cache), str(kd_cache)], max_samples=1)
-    # a config.json that describes a bigger model than its weights: refused before it is built
+    # a config.json that describes a model over twice its weights: refused before it is built
     # ({"model_type": "llama"} alone is a 7B model: ~28 GB in float32, killed by the OOM killer)
-    for name, config in (("wide", {**json.loads((Path(resolve_model("tiny-mistral").path) / "config.json").read_text()),
-                                   "intermediate_size": 1024}), ("llama", {"model_type": "llama"})):  # fmt: skip
+    for name, config in (("deep", {**json.loads((Path(resolve_model("tiny-mistral").path) / "config.json").read_text()),
+                                   "num_hidden_layers": 80}), ("llama", {"model_type": "llama"})):  # fmt: skip
         shutil.copytree(resolve_model("tiny-mistral").path, tmp_path / name)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         with pytest.raises(TrainError, match="config.json describes .* parameters but the weight files hold"):
