@@ -295,8 +295,8 @@ def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], c
         return
     window = min(mapped)
     for cache in caches:
-        longest = cache.manifest["data"].get("max_length")
-        if not isinstance(longest, int) or longest > window:
+        longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
+        if longest > window:
             raise TrainError(
                 f"{cache.where}: sequences up to {longest} tokens, but the student attends within a sliding "
                 f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
@@ -327,8 +327,8 @@ def _check_positions(limit: int | None, caches: list) -> None:
     """Caches with sequences longer than the student's trained positions (max_position_embeddings):
     it would extrapolate there (rotary) or fail mid-run (learned position embeddings)."""
     for cache in caches:
-        longest = cache.manifest["data"].get("max_length")
-        if limit is not None and isinstance(longest, int) and longest > limit:
+        longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
+        if limit is not None and longest > limit:
             raise TrainError(
                 f"{cache.where}: sequences up to {longest} tokens, past the {limit} positions the student "
                 f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"

@@ -161,10 +161,10 @@ class Cache:
     def decode(self, row: RawRow) -> CachedSample:
         """A row from `iter_rows`, checked and decoded (ShardError naming shard and row if bad)."""
         where, cols, j = row
-        n_tokens, longest = len(cols["input_ids"][j]), self.manifest["data"]["max_length"]  # from offsets, no copy
-        if n_tokens > longest:
-            raise ShardError(f"{where}: {n_tokens} tokens, past the cache's max_length {longest}")
-        input_ids = cols["input_ids"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
+        ids, longest = cols["input_ids"][j], self.manifest["data"]["max_length"]
+        if len(ids) > longest:  # from the list's offsets, before any copy
+            raise ShardError(f"{where}: {len(ids)} tokens, past the cache's max_length {longest}")
+        input_ids = ids.values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [T]
         positions = cols["target_positions"][j].values.to_numpy(zero_copy_only=False).astype(np.int64)  # int64 [P]
         self._check_row(where, input_ids, positions)
         sample = CachedSample(cols["sample_id"][j], cols["source"][j], cols["domain"][j], input_ids, positions)

@@ -287,7 +287,7 @@ class ShardStream:
                 if message.type != "record batch":  # the format has no dictionaries
                     raise ShardError(f"{self.name}: unexpected {message.type} message")
                 rows, size = batch_size(message, self.name)
-                limit = min(MAX_BATCH_BYTES, rows * self._row_bytes if self._row_bytes else MAX_BATCH_BYTES)
+                limit = MAX_BATCH_BYTES if self._row_bytes is None else min(MAX_BATCH_BYTES, rows * self._row_bytes)
                 if size > limit:
                     raise ShardError(
                         f"{self.name}: a record batch of {rows} rows declares {size} bytes decompressed, more "
