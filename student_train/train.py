@@ -588,6 +588,11 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
 
     # ---- setup: caches and the checks before the first step
     rank, world, started_group = _dist()
+    if cfg.fsdp and world == 1:  # said, not ignored: one process has nothing to shard across
+        raise TrainError(
+            "--fsdp shards the student across torchrun's processes, and this is one process: "
+            "start it with torchrun --nproc-per-node N (N > 1), or drop --fsdp"
+        )
     torch.manual_seed(cfg.seed)
     caches = [open_cache(c) for c in cfg.caches]
     ref = resolve_model(cfg.student)

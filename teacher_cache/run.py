@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -413,32 +414,60 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     chash = config_hash(header)
     _check_other_runs(cfg, out, header, chash)
     previous = _previous_part(cfg, out, header, chash)
+    made = _first_missing(out, PARTS_DIR)
     try:
         out.check_writable()  # makes --out and its parts/: only now, after the refusals above
     except StorageError as e:
         raise RunError(str(e)) from None
-    if previous is not None and previous.get("complete"):
-        _log(
-            f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
-            f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
-        )
-        assemble(out, cfg.num_workers)
-        return previous
-    part = _new_part(cfg, header, chash, previous)
-    if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
-        for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
-            stale.unlink()
-    _write_part(cfg, out, part, [], [], 0.0)
+    try:
+        if previous is not None and previous.get("complete"):
+            _log(
+                f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
+                f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
+            )
+            assemble(out, cfg.num_workers)
+            return previous
+        part = _new_part(cfg, header, chash, previous)
+        if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
+            for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
+                stale.unlink()
+        _write_part(cfg, out, part, [], [], 0.0)
 
-    total = _share_size(cfg)
-    done = len(part["shards"])
-    if done:
-        remaining = max(0, -(-total // cfg.shard_size) - done)
-        _log(f"resuming: {done} shards already durable, {remaining} to go")
-    if backend is not None and cfg.attention_layers and backend.name != "hf":
-        raise RunError("an injected non-hf backend cannot provide attention summaries")
-    bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
-    return _finish(cfg, out, part, bad, dups, t0)
+        total = _share_size(cfg)
+        done = len(part["shards"])
+        if done:
+            remaining = max(0, -(-total // cfg.shard_size) - done)
+            _log(f"resuming: {done} shards already durable, {remaining} to go")
+        if backend is not None and cfg.attention_layers and backend.name != "hf":
+            raise RunError("an injected non-hf backend cannot provide attention summaries")
+        bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
+        return _finish(cfg, out, part, bad, dups, t0)
+    except BaseException:
+        if made is not None:  # what this run made, if it holds no more than its part file
+            _remove_if_unused(made, out.local_path().absolute() / part_path(cfg.worker_index, cfg.num_workers))
+        raise
+
+
+def _first_missing(out: Location, parts_dir: str) -> Path | None:
+    """The outermost folder check_writable is about to make for a local --out/parts/ (--out's
+    missing parents included); None if they all exist, or for an object store."""
+    if not out.is_local:
+        return None
+    root = out.local_path().absolute()
+    missing = None
+    for folder in (root / parts_dir, root, *root.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_if_unused(made: Path, own_part: Path) -> None:
+    """Remove a folder this run made if it holds nothing but this worker's part file: a run that
+    fails before its first shard (bad data, say) leaves no empty cache behind."""
+    files = [p for p in made.rglob("*") if not p.is_dir()]
+    if all(p == own_part for p in files):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def _check_vocab(teacher_config: dict, vocab: int) -> None:

@@ -99,6 +99,19 @@ def test_missing_data_file(tmp_path):
     assert "data file not found" in err and "nope.jsonl" in err
 
 
+def test_bad_data_found_before_the_first_shard_leaves_no_empty_cache(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    run = [*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--data", str(bad)]
+    done = sh([*run, "--out", str(tmp_path / "new" / "c")])
+    assert done.returncode == 1 and "bad.jsonl:1: conversation has no non-empty assistant turn" in one_line_error(done)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"  # a folder the user made: kept, without the parts/ the run added
+    mine.mkdir()
+    assert sh([*run, "--out", str(mine)]).returncode == 1
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
 def test_unwritable_output(tmp_path, chats_file):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -158,6 +171,9 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--fsdp", "--lora-rank", "4"])  # fmt: skip
     assert done.returncode == 2 and "--fsdp with --lora-rank" in one_line_error(done)
+    done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
+               "--fsdp"])  # fmt: skip
+    assert done.returncode == 1 and "--fsdp shards the student across torchrun's processes" in one_line_error(done)
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--clip=-1"])  # fmt: skip
     assert done.returncode == 2 and "--clip must be > 0 (the gradient-norm threshold), got -1" in one_line_error(done)
