@@ -69,6 +69,9 @@ class Plan:
     def __init__(self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None) -> None:
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
+            if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given
+                names = sorted(str(caches[c].where) for c in indices)
+                raise ValueError(f"no samples to train on in {', '.join(names)}")
             return Stream(shard_rows, window, seed * 1000 + salt)
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
@@ -86,10 +89,6 @@ class Plan:
                 stream(self.domain_caches, 1) if domain_ratio > 0 else None,
                 stream(general, 2) if domain_ratio < 1 else None,
             ]
-        for s in self.streams:
-            if s is not None and len(s) == 0:
-                names = sorted({str(caches[c].where) for c, _ in s.shard_rows} or {str(c.where) for c in caches})
-                raise ValueError(f"no samples to train on in {', '.join(names)}")
         self._epochs: dict[tuple[int, int], np.ndarray] = {}  # (stream, epoch) -> its order, int64 [N, 3]
 
     def _route(self, i: int) -> tuple[int, int]:

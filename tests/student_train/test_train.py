@@ -276,6 +276,12 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file,
         assert 0 < d < 4
         assert m["kd"] == pytest.approx((d * m["kd_domain"] + (4 - d) * m["kd_general"]) / 4, rel=1e-5)
 
+    # a domain cache whose filter matched nothing: the error names it, not the general cache too
+    empty = tmp_path / "empty"
+    run(RunConfig(teacher="tiny-mixtral", out=str(empty), only_domain="maths", source="math-expert", **common))
+    with pytest.raises(ValueError, match=r"no samples to train on in [^,]*empty$"):
+        Plan([open_cache(reference), open_cache(empty)], seed=3, window=2, domain_ratio=0.25)
+
 
 def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_path, kd_cache):
     out = tmp_path / "ddp"
