@@ -301,6 +301,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself survives a power loss
+    except OSError as e:  # named by the file asked for, not the temp name the user never chose
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -201,3 +201,14 @@ def test_shard_names_spools_and_what_a_cache_folder_may_hold():
         assert is_cache_file(name), name
     for name in ("data.jsonl", "notes.txt", "manifest.json.bak"):
         assert not is_cache_file(name), name
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for_not_its_temp_name(tmp_path):
+    from teacher_cache.storage import write_atomic
+
+    target = tmp_path / "gone" / "report.json"  # its folder vanished after the checks
+    with pytest.raises(FileNotFoundError) as e:
+        write_atomic(target, b"{}")
+    assert e.value.filename == str(target) and ".tmp" not in str(e.value)
+    write_atomic(tmp_path / "report.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["report.json"]
