@@ -294,13 +294,21 @@ def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], c
     if not mapped:
         return
     window = min(mapped)
+    longer = _longer_than(window, caches)
+    if longer:
+        raise TrainError(
+            f"{longer[0]}: sequences up to {longer[1]} tokens, but the student attends within a sliding "
+            f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
+        )
+
+
+def _longer_than(limit: int, caches: list) -> tuple[str, int] | None:
+    """(where, data.max_length) of the first cache whose sequences may be longer than `limit`."""
     for cache in caches:
         longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
-        if longest > window:
-            raise TrainError(
-                f"{cache.where}: sequences up to {longest} tokens, but the student attends within a sliding "
-                f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
-            )
+        if longest > limit:
+            return str(cache.where), longest
+    return None
 
 
 METRICS = ("loss", "ce", "kd", "kd_domain", "kd_general", "attn")  # what DistillStep reports
@@ -326,13 +334,12 @@ def _across_ranks(
 def _check_positions(limit: int | None, caches: list) -> None:
     """Caches with sequences longer than the student's trained positions (max_position_embeddings):
     it would extrapolate there (rotary) or fail mid-run (learned position embeddings)."""
-    for cache in caches:
-        longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
-        if limit is not None and longest > limit:
-            raise TrainError(
-                f"{cache.where}: sequences up to {longest} tokens, past the {limit} positions the student "
-                f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
-            )
+    longer = _longer_than(limit, caches) if limit is not None else None
+    if longer:
+        raise TrainError(
+            f"{longer[0]}: sequences up to {longer[1]} tokens, past the {limit} positions the student "
+            f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
+        )
 
 
 def latest_checkpoint(out: Path) -> Path | None:
