@@ -77,6 +77,13 @@ def main() -> None:
     help="hidden: vLLM hidden states + our projection (fast); prompt_logprobs: vLLM's stock path.",
 )
 @click.option(
+    "--tensor-parallel-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="vllm backend: split the teacher across N GPUs (Mixtral-8x7B in bf16 needs 2 of 80 GB).",
+)
+@click.option(
     "--targets",
     type=click.Choice(["topk", "sampled"]),
     default="topk",

@@ -73,6 +73,7 @@ class RunConfig:
     out: str  # cache directory or fsspec URL (s3://bucket/prefix, ...)
     backend: str = "auto"  # auto | vllm | hf
     vllm_mode: str = "hidden"  # hidden (fast) | prompt_logprobs (stock reference)
+    tensor_parallel_size: int = 1  # vllm: the teacher split across this many GPUs (CPU: core groups)
     targets: str = "topk"  # topk | sampled
     top_k: int = 32
     num_draws: int = 50  # sampled targets: draws per position
@@ -114,6 +115,11 @@ class RunConfig:
             (
                 self.backend != "hf" or self.vllm_mode == "hidden",
                 "--vllm-mode applies to the vllm backend only, not --backend hf",
+            ),
+            (self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1"),
+            (
+                self.backend != "hf" or self.tensor_parallel_size == 1,
+                "--tensor-parallel-size applies to the vllm backend only, not --backend hf",
             ),
             (
                 not (self.targets == "sampled" and self.vllm_mode == "prompt_logprobs"),
@@ -330,6 +336,7 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
             max_model_len=cfg.max_length + (cfg.vllm_mode == "prompt_logprobs"),
             seed=cfg.seed,
             trust_remote_code=cfg.trust_remote_code,
+            tensor_parallel_size=cfg.tensor_parallel_size,
         )
         attn = None
         if cfg.attention_layers:
@@ -352,9 +359,15 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
 
 
 def _backend_info(cfg: RunConfig) -> dict:
-    """Backend identity for the header, known before the (expensive) engine is built."""
+    """Backend identity for the header, known before the (expensive) engine is built; a
+    tensor-parallel engine says how many ranks (reduction order: its kernel noise differs)."""
     name = _backend_name(cfg)
-    return {"backend": name, "vllm_mode": cfg.vllm_mode if name == "vllm" else None}
+    if name == "hf" and cfg.tensor_parallel_size > 1:  # auto without vLLM installed
+        raise RunError("--tensor-parallel-size needs the vllm backend, and vLLM is not installed here")
+    info = {"backend": name, "vllm_mode": cfg.vllm_mode if name == "vllm" else None}
+    if cfg.tensor_parallel_size > 1:  # only then: caches and partial runs of 1 rank keep their header
+        info["tensor_parallel_size"] = cfg.tensor_parallel_size
+    return info
 
 
 def _encode_row(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, vocab: int, source: str) -> Row:
@@ -540,10 +553,14 @@ def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> d
         )
     if previous.get("backend") != header["backend"]:
         was, now = previous.get("backend") or {}, header["backend"]
+
+        def engine(b: dict) -> str:
+            tp = b.get("tensor_parallel_size", 1)
+            return f"{b.get('backend')}, vllm mode {b.get('vllm_mode')}, tensor parallel {tp}"
+
         raise RunError(
-            f"{out}: worker {cfg.worker_index}'s shards were made with backend {was.get('backend')} "
-            f"(vllm mode {was.get('vllm_mode')}); resume with the same --backend / --vllm-mode "
-            f"(got {now['backend']}, {now['vllm_mode']}) or use another --out"
+            f"{out}: worker {cfg.worker_index}'s shards were made with backend {engine(was)}; resume with the "
+            f"same --backend / --vllm-mode / --tensor-parallel-size (got {engine(now)}) or use another --out"
         )
     kept = _durable_prefix(out, previous["shards"])
     if len(kept) < len(previous["shards"]):

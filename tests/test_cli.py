@@ -155,6 +155,7 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
         (["--only-domain", ""], "--only-domain must not be empty"),
         (["--out", " "], "Invalid value for '--out': must not be empty"),
         (["--backend", "hf", "--vllm-mode", "prompt_logprobs"], "--vllm-mode applies to the vllm backend only"),
+        (["--backend", "hf", "--tensor-parallel-size", "2"], "--tensor-parallel-size applies to the vllm backend"),
         (["--targets", "sampled", "--vllm-mode", "prompt_logprobs"], "sampled targets need full logits"),
     ):
         done = sh([*run, *extra])

@@ -59,6 +59,17 @@ def load_output_projection(model_dir: Path) -> torch.Tensor:
     raise VllmBackendError(f"{model_dir}: none of {wanted} found in the checkpoint")
 
 
+def _core_groups(cores: list[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: the cores split into that many
+    contiguous groups, "0,1|2,3" (vLLM wants one group per rank)."""
+    if ranks > len(cores):
+        raise VllmBackendError(
+            f"--tensor-parallel-size {ranks} needs {ranks} CPU cores; this process may use {len(cores)}"
+        )
+    groups = np.array_split(np.asarray(cores), ranks)
+    return "|".join(",".join(map(str, g.tolist())) for g in groups)
+
+
 class VllmBackend:
     """The teacher under vLLM: `hidden` mode (final hidden states; our fp32 projection at the target
     positions) or `prompt_logprobs` (vLLM's stock top-k, the reference path)."""
@@ -76,19 +87,26 @@ class VllmBackend:
         gpu_memory_utilization: float = 0.85,
         trust_remote_code: bool = False,
         device: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         if mode not in MODES:
             raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
-        if not torch.cuda.is_available():
+        tp = tensor_parallel_size
+        if torch.cuda.is_available():
+            if tp > torch.cuda.device_count():
+                raise VllmBackendError(
+                    f"--tensor-parallel-size {tp} needs {tp} GPUs; {torch.cuda.device_count()} are visible here"
+                )
+        else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
             # vLLM's CPU worker leaves a core to the caller by default; the caller waits on it, so give
-            # it every core this process may use (2.05x prefill on a 2-core machine, BENCHMARKS.md)
-            cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
+            # it every core this process may use (2.05x prefill on a 2-core machine, BENCHMARKS.md),
+            # split into one group per tensor-parallel rank ("0,1|2,3")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_groups(sorted(os.sched_getaffinity(0)), tp))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our progress bar
         from vllm import LLM
 
-        self.ref, self.mode, self.top_k = model, mode, top_k
+        self.ref, self.mode, self.top_k, self.tensor_parallel_size = model, mode, top_k, tp
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         local = _local_dir(model)
         config = json.loads((local / "config.json").read_text())
@@ -100,6 +118,7 @@ class VllmBackend:
             trust_remote_code=trust_remote_code,
             enforce_eager=self.device.type == "cpu",
             enable_prefix_caching=False,
+            tensor_parallel_size=tp,
         )
         if torch.cuda.is_available():
             common["gpu_memory_utilization"] = gpu_memory_utilization
@@ -132,6 +151,7 @@ class VllmBackend:
             "dtype": self.ref.dtype,
             "device": self.device.type,
             "vllm": vllm.__version__,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "torch": torch.__version__,
             "projection": "ours, fp32, target positions only" if self.mode == "hidden" else "vllm",
         }

@@ -126,3 +126,12 @@ def test_attention_layer_out_of_range_is_refused(tiny_teacher):
 
     with pytest.raises(ValueError, match="out of range"):
         HfBackend(tiny_teacher, attention_layers=(7,))
+
+
+def test_cpu_tensor_parallel_ranks_get_disjoint_core_groups():
+    from teacher_cache.backends.vllm_backend import VllmBackendError, _core_groups
+
+    assert _core_groups([0, 1], 1) == "0,1"
+    assert _core_groups([0, 1, 2, 3, 5], 2) == "0,1,2|3,5"
+    with pytest.raises(VllmBackendError, match="--tensor-parallel-size 3 needs 3 CPU cores; this process may use 2"):
+        _core_groups([0, 1], 3)
