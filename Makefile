@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# stage one: make cache TEACHER=mixtral DATA=train.jsonl OUT=caches/mixtral
+# stage one: make cache TEACHER=mixtral DATA=train.jsonl OUT=caches/mixtral TP=2 (GPUs, tensor parallel)
 TEACHER ?= tiny-mixtral
 DATA ?= tests/data/chats.jsonl
 OUT ?= caches/$(TEACHER)
@@ -13,6 +13,7 @@ K ?= 32
 TARGETS ?= topk
 BACKEND ?= auto
 MAX_LENGTH ?= 2048
+TP ?= 1
 CACHE_ARGS ?=
 # stage two: make train STUDENT=mistral-7b CACHE=caches/mixtral RUN=runs/mistral-7b
 STUDENT ?= tiny-mistral
@@ -46,7 +47,7 @@ test: install
 
 cache: install
 	$(BIN)/teacher-cache run --teacher $(TEACHER) --data $(DATA) --out $(OUT) --top-k $(K) \
-		--targets $(TARGETS) --backend $(BACKEND) --max-length $(MAX_LENGTH) $(CACHE_ARGS)
+		--targets $(TARGETS) --backend $(BACKEND) --max-length $(MAX_LENGTH) --tensor-parallel-size $(TP) $(CACHE_ARGS)
 
 train: install
 	$(BIN)/student-train train --student $(STUDENT) --cache $(CACHE) --out $(RUN) $(TRAIN_ARGS)
