@@ -498,16 +498,18 @@ def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attent
     from teacher_cache.models import load_causal_lm
 
     try:
-        return load_causal_lm(
+        model = load_causal_lm(
             load_from,
+            role="the student's weights",
             progress=cfg.progress,
             dtype=torch.float32,
             attn_implementation=attention.register() if attention_rows else "sdpa",
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
-        ).to(device)
-    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not an OSError
-        raise TrainError(f"{load_from}: cannot load the student's weights ({one_line(e, 300)}){_aside(ckpt)}") from None
+        )
+    except ValueError as e:  # every load failure (load_causal_lm); a damaged checkpoint has one before it
+        raise TrainError(f"{e}{_aside(ckpt)}") from None
+    return model.to(device)
 
 
 def _restore_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:

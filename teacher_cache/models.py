@@ -134,14 +134,17 @@ def hf_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
+def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True, **kwargs):
     """AutoModelForCausalLM.from_pretrained(path, **kwargs), refusing weights that do not fit the
     config: transformers would initialise a missing or misshapen tensor at random and go on (a
-    damaged checkpoint, or a config.json of another architecture). Raises ValueError naming
-    them; tensors the config has no place for only get a one-line warning. progress=False hides
-    its "Loading weights" bar."""
+    damaged checkpoint, or a config.json of another architecture). Every failure is one
+    ValueError starting with `path`: the tensors at fault named, or "cannot load {role} (why)";
+    tensors the config has no place for only get a one-line warning. progress=False hides its
+    "Loading weights" bar."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from teacher_cache.errors import one_line
 
     _check_size(path, kwargs.get("trust_remote_code", False))
     level = hf_logging.get_verbosity()
@@ -149,6 +152,8 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
     try:
         with hf_progress(progress):
             model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) is not even an OSError
+        raise ValueError(f"{path}: cannot load {role} ({one_line(e, 300)})") from None
     finally:
         hf_logging.set_verbosity(level)
 
@@ -169,10 +174,12 @@ def load_causal_lm(path: str, *, progress: bool = True, **kwargs):
 
 
 def _check_size(path: str, trust_remote_code: bool) -> None:
-    """Refuse, before anything is allocated, a local safetensors checkpoint whose config.json
-    describes over twice the parameters its weight files hold (a config of another size or of
-    another model: {"model_type": "llama"} alone is a 7B model, built in float32 before any load
-    check). Smaller gaps are left to from_pretrained's checks, which name the tensor."""
+    """Refuse, before anything is allocated, a local safetensors checkpoint that does not fit its
+    config.json: one describing over twice the parameters its weight files hold (a config of
+    another model or size: {"model_type": "llama"} alone is a 7B model, built in float32 before any
+    load check), or a tensor stored in another shape than the config gives it (transformers says
+    only "look at the above report", a report hidden here). Missing tensors are left to
+    from_pretrained's checks, which name them."""
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     if not files:
         return
@@ -181,20 +188,28 @@ def _check_size(path: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        stored = 0
+        stored: dict[str, list[int]] = {}  # tensor name -> shape, from the files' headers
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                stored += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+                stored.update({k: list(st.get_slice(k).get_shape()) for k in st.keys()})  # noqa: SIM118
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):  # shapes only, no memory
-            needed = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+            model = AutoModelForCausalLM.from_config(config)
+        wanted = {k: list(t.shape) for k, t in model.state_dict().items()}
+        needed = sum(p.numel() for p in model.parameters())
     except Exception:  # unreadable files or configs: from_pretrained says why, in its own words
         return
-    if needed > 2 * stored:  # a little more is a missing or misshapen tensor: from_pretrained names it
+    have = sum(math.prod(shape) for shape in stored.values())
+    if needed > 2 * have:
         raise ValueError(
-            f"{path}: config.json describes {needed:,} parameters but the weight files hold {stored:,}: "
+            f"{path}: config.json describes {needed:,} parameters but the weight files hold {have:,}: "
             "a config of another model or size"
         )
+    misshapen = [f"{k} (stored {stored[k]}, config {wanted[k]})" for k in sorted(wanted.keys() & stored.keys())
+                 if stored[k] != wanted[k]]  # fmt: skip
+    if misshapen:
+        listed = ", ".join(misshapen[:2]) + (f" and {len(misshapen) - 2} more" if len(misshapen) > 2 else "")
+        raise ValueError(f"{path}: the checkpoint has misshapen weights its config needs: {listed}")
 
 
 def head_problem(config, head=None) -> str | None:

@@ -29,7 +29,6 @@ class HfBackend:
         trust_remote_code: bool = False,
         progress: bool = True,
     ) -> None:
-        from teacher_cache.errors import one_line
         from teacher_cache.models import load_causal_lm
 
         self.ref = model
@@ -38,20 +37,16 @@ class HfBackend:
         self.attention_layers = tuple(attention_layers)
         self.want_logits = logits
         impl = attention.register() if self.attention_layers else "sdpa"
-        try:
-            self.model = load_causal_lm(
-                model.path,
-                progress=progress,
-                revision=model.revision,
-                dtype=self.dtype,
-                attn_implementation=impl,
-                trust_remote_code=trust_remote_code,
-                use_safetensors=True,
-            ).to(self.device)
-        except (ValueError, RuntimeError, OSError):
-            raise
-        except Exception as e:  # safetensors' SafetensorError (a truncated file) is none of those
-            raise ValueError(f"{model.path}: cannot load the teacher ({one_line(e, 300)})") from None
+        self.model = load_causal_lm(
+            model.path,
+            role="the teacher",
+            progress=progress,
+            revision=model.revision,
+            dtype=self.dtype,
+            attn_implementation=impl,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        ).to(self.device)
         self.model.eval()
         self.sliding_window = attention.sliding_window_of(self.model.config)
         if self.attention_layers:

@@ -1162,6 +1162,19 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tmp_path,
     load_causal_lm(str(damaged))  # loads: every tensor the config needs is there
     assert "tensors its config has no place for, ignored: extra.weight" in capsys.readouterr().err
 
+    # a config that gives tensors other shapes (transformers said only "look at the above report")
+    config = json.loads((damaged / "config.json").read_text())
+    size = config["intermediate_size"]
+    (damaged / "config.json").write_text(json.dumps({**config, "intermediate_size": size + 8}))
+    with pytest.raises(ValueError) as e:
+        load_causal_lm(str(damaged), role="the student")
+    assert str(e.value) == (
+        f"{damaged}: the checkpoint has misshapen weights its config needs: model.layers.0.mlp.down_proj.weight "
+        f"(stored [{config['hidden_size']}, {size}], config [{config['hidden_size']}, {size + 8}]), "
+        f"model.layers.0.mlp.gate_proj.weight (stored [{size}, {config['hidden_size']}], "
+        f"config [{size + 8}, {config['hidden_size']}]) and 4 more"
+    )
+
 
 def test_out_must_be_a_run_directory_of_its_own(tmp_path, kd_cache):
     """--out may not be a file, a teacher cache or a folder inside one, or a folder of other
