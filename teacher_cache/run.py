@@ -440,6 +440,9 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
             )
             assemble(out, cfg.num_workers)
             return previous
+        if previous is not None and previous.get("redo") and out.exists(MANIFEST):
+            out.remove(MANIFEST)  # it lists shards being redone: readers say "incomplete" until the end
+            _log(f"{MANIFEST} removed: the cache is incomplete until the redo ends")
         part = _new_part(cfg, header, chash, previous)
         if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
             for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
@@ -569,7 +572,7 @@ def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> d
             f"{lost} is missing, or not the size or sha256 its part file says: "
             f"redoing worker {cfg.worker_index} from there"
         )
-        previous = {**previous, "shards": kept, "complete": False}
+        previous = {**previous, "shards": kept, "complete": False, "redo": True}
     return previous
 
 

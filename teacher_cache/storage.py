@@ -246,6 +246,12 @@ class Location:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
 
+    @_storage_errors
+    def remove(self, name: str) -> None:
+        """Delete one file if it is there."""
+        if self.exists(name):
+            self.fs.rm_file(self.path(name))
+
     def spool_path(self, name: str, tmp_suffix: str) -> Path:
         """Where a file is written before `publish`: beside its final name locally, else in $TMPDIR."""
         if self.is_local:

@@ -610,6 +610,46 @@ def test_resume_rereads_local_shards_and_redoes_a_damaged_one(tmp_path, chats_fi
     assert subprocess.run([*CLI, "verify", str(out)], capture_output=True, text=True).returncode == 0
 
 
+class _DiesAfter:
+    """The real hf engine, made to fail after `n` batches: a run that dies part way (fault injection)."""
+
+    name = "hf"
+
+    def __init__(self, n: int) -> None:
+        from teacher_cache.backends.hf import HfBackend
+
+        self.engine, self.left = HfBackend(resolve_model("tiny-mixtral"), progress=False), n
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+    def forward(self, batch):
+        if self.left == 0:
+            raise RuntimeError("the machine went away")
+        self.left -= 1
+        return self.engine.forward(batch)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def test_a_redo_removes_the_manifest_until_it_ends(tmp_path, chats_file):
+    """A finished cache that lost a shard is no longer complete: the redo removes manifest.json
+    first, so a reader meanwhile (or after the redo dies) is told the cache is incomplete instead
+    of reading a manifest that lists a shard being rewritten; the redo's end writes it again."""
+    out = tmp_path / "c"
+    run(cfg(chats_file, out))
+    names = [s["name"] for s in open_cache(out).manifest["shards"]]
+    (out / names[1]).unlink()
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        run(cfg(chats_file, out), backend=_DiesAfter(0))
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(ValueError, match="cache incomplete"):
+        open_cache(out)
+    run(cfg(chats_file, out))
+    assert [s["name"] for s in open_cache(out).manifest["shards"]] == names
+
+
 def test_a_cache_folder_named_like_a_pattern_is_still_seen(tmp_path, chats_file):
     """Folders are listed literally: in team[law] (a glob pattern to fsspec, which matched
     nothing there) the checks before writing still see the cache, so a run with other settings
