@@ -7,7 +7,7 @@ import sys
 import click
 
 from student_train import __version__
-from teacher_cache.cli import PATH
+from teacher_cache.cli import PATH, interruptible
 from teacher_cache.errors import one_line
 
 
@@ -125,6 +125,7 @@ def train(**kw) -> None:
         cfg = TrainConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
         raise SettingsError(one_line(e)) from None
+    interruptible()
     try:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
 
 import click
@@ -37,6 +38,14 @@ class NonBlankPath(click.ParamType):
 
 
 PATH = NonBlankPath()
+
+
+def interruptible() -> None:
+    """Make SIGINT a KeyboardInterrupt even where it was inherited ignored: a non-interactive shell
+    starts background jobs that way (POSIX), and then `kill -INT` did nothing to an hf run and left
+    a vLLM run waiting forever on an engine the signal had stopped."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _parse_layers(value: str | None) -> tuple[int, ...]:
@@ -147,6 +156,7 @@ def run(**kw) -> None:
         cfg = RunConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
         raise SettingsError(one_line(e)) from None
+    interruptible()
     try:
         run_cache(cfg)
     except OSError as e:

@@ -185,6 +185,31 @@ def test_resume_takes_the_same_student_by_another_path(tmp_path, kd_cache, monke
     assert train(TrainConfig(student=str(tmp_path / "st") + "/", resume=True, **common))["step"] == 2
 
 
+def test_kill_int_stops_a_training_started_with_sigint_ignored(tmp_path, kd_cache):
+    """A non-interactive shell starts background jobs with SIGINT ignored; `kill -INT` still stops
+    the training as a Ctrl-C does (it used to be ignored), keeping what it wrote."""
+    from student_train.train import latest_checkpoint
+
+    out = tmp_path / "bg"
+    args = train_args(kd_cache, out)
+    args[args.index("--max-steps") + 1] = "100000"
+    args[args.index("--save-every") + 1] = "1"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and latest_checkpoint(out) is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has ended; else the run would train on after a failed test
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints are kept; the same command with --resume")
+    assert latest_checkpoint(out) is not None
+
+
 def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_path, kd_cache):
     """Two trainings in one --out would interleave metrics.jsonl and checkpoints: the second is
     refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL."""
