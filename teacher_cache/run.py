@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from teacher_cache import __version__, codec
-from teacher_cache.backends import TeacherBackend, TeacherOutput
+from teacher_cache.backends import EngineFailure, TeacherBackend, TeacherOutput
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
 from teacher_cache.manifest import (
@@ -646,6 +646,8 @@ def _cache_shards(
             entry = _cache_shard(cfg, tok, out, part, name, records, backend, attn_backend, vocab, bar)
             part["shards"].append(entry)
             _write_part(cfg, out, part, bad, dups, time.time() - t0)
+    except EngineFailure as e:
+        raise RunError(f"{e}: finished shards are kept; the same command resumes after them") from None
     finally:
         bar.close()
         for b in (backend if owned else None, attn_backend):

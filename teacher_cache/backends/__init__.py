@@ -19,6 +19,11 @@ from teacher_cache.targets import TopKTargets
 from teacher_cache.tokenize import Tokenized
 
 
+class EngineFailure(RuntimeError):
+    """The teacher engine failed part way through a run (its process died, say): what was
+    written before stays good, and the same run resumes after it."""
+
+
 @dataclass
 class TeacherOutput:
     """One sample's teacher output: full logits at the target positions, or engine top-k; attention rows."""

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teacher_cache.backends import TeacherOutput
+from teacher_cache.backends import EngineFailure, TeacherOutput
+from teacher_cache.errors import one_line
 from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef
 from teacher_cache.targets import TopKTargets, tail_from_topk
 from teacher_cache.tokenize import Tokenized
@@ -143,6 +144,7 @@ class VllmBackend:
             self.weight = None
 
     def describe(self) -> dict:
+        import transformers
         import vllm
 
         return {
@@ -151,12 +153,23 @@ class VllmBackend:
             "dtype": self.ref.dtype,
             "device": self.device.type,
             "vllm": vllm.__version__,
+            "transformers": transformers.__version__,
             "tensor_parallel_size": self.tensor_parallel_size,
             "torch": torch.__version__,
             "projection": "ours, fp32, target positions only" if self.mode == "hidden" else "vllm",
         }
 
     def forward(self, batch: list[Tokenized]) -> Iterator[TeacherOutput]:
+        from vllm.exceptions import VLLMError
+
+        try:
+            yield from self._forward(batch)
+        except VLLMError as e:  # one line, not vLLM's traceback
+            dead = type(e).__name__ == "EngineDeadError"  # its process died (OOM-killed, say)
+            why = "its process died" if dead else one_line(e, 200)  # (its own message points at a trace we hide)
+            raise EngineFailure(f"the vLLM engine failed ({type(e).__name__}: {why})") from None
+
+    def _forward(self, batch: list[Tokenized]) -> Iterator[TeacherOutput]:
         prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in batch]
         if self.mode == "hidden":
             outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)

@@ -552,6 +552,58 @@ def test_cli_vllm_run_with_attention_from_an_hf_pass(tmp_path, chats_file):
         assert (got[sid]["topk_ids"][:, 0] == r["topk_ids"][:, 0]).mean() > 0.95
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children of children included)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])  # the field after the state: the parent's pid
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.slow
+def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path):
+    """The engine process dying (the OOM killer's kill -9) ends the run with one line that says
+    what is kept and how to go on, not vLLM's traceback; the durable shards stay."""
+    data = Path(__file__).resolve().parents[2] / "teacher_cache" / "sample_data" / "instructions.jsonl"
+    out = tmp_path / "c"
+    args = [*CLI, "run", "--teacher", "tiny-mixtral", "--backend", "vllm", "--data", str(data), "--out", str(out),
+            "--top-k", "8", "--shard-size", "4", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    part = out / "parts" / "worker-00000-of-00001.json"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
+            time.sleep(0.05)
+        engines = [p for p in _descendants(proc.pid) if b"EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert engines, "no vLLM engine process found under the run"
+        for p in engines:
+            os.kill(p, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    # (the multiprocessing resource tracker may still warn after it, of the dead engine's shared memory)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("Error")]
+    assert line == (
+        "Error: the vLLM engine failed (EngineDeadError: its process died): finished shards are kept; "
+        "the same command resumes after them"
+    )
+    kept = json.loads(part.read_text())["shards"]
+    assert kept and all((out / s["name"]).is_file() for s in kept)
+
+
 def without_topk(got: dict) -> dict:
     for r in got.values():
         del r["topk_logprobs"], r["topk_ids"]
