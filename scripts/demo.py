@@ -56,6 +56,7 @@ def main() -> None:
     if out.exists() and any(out.iterdir()) and not marker.exists():
         sys.exit(f"error: {out} exists and was not made by this demo; choose another --out")
     if out.exists():
+        print(f"demo: starting over: deleting the earlier demo's {out}", flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True)
     marker.touch()

@@ -148,7 +148,7 @@ def train(**kw) -> None:
 def evaluate_cmd(
     model: str, caches: tuple[str, ...], batch_size: int, max_samples: int | None, out: str | None, no_progress: bool
 ) -> None:
-    """Held-out KL to the teacher, NLL of the labels, top-1 agreement; by domain; JSON."""
+    """Held-out KL to the teacher, NLL, top-1 agreement: domain (--only-domain caches) vs general; JSON."""
     import json
     from pathlib import Path
 

@@ -70,8 +70,8 @@ class Plan:
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
             if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given
-                names = sorted(str(caches[c].where) for c in indices)
-                raise ValueError(f"no samples to train on in {', '.join(names)}")
+                names = sorted(str(caches[c].where) for c in indices)  # (train and eval both read a Plan)
+                raise ValueError(f"no samples in {', '.join(names)}: {'they are' if len(names) > 1 else 'it is'} empty")
             return Stream(shard_rows, window, seed * 1000 + salt)
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]

@@ -100,6 +100,11 @@ class TrainConfig:
             raise TrainError(f"--attention-layer-map names a teacher layer twice: {list(self.attention_layer_map)}")
         if self.fsdp and self.lora_rank:
             raise TrainError("--fsdp with --lora-rank is not supported: use one or the other")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:  # torchrun's; one process shards nothing
+            raise TrainError(
+                "--fsdp shards the student across torchrun's processes, and this is one process: "
+                "start it with torchrun --nproc-per-node N (N > 1), or drop --fsdp"
+            )
         # options that would do nothing: said, not ignored
         if self.attention_layer_map and self.attn_weight == 0:
             raise TrainError("--attention-layer-map needs --attn-weight > 0 (the attention loss is off)")
@@ -597,11 +602,6 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
 
     # ---- setup: caches and the checks before the first step
     rank, world, started_group = _dist()
-    if cfg.fsdp and world == 1:  # said, not ignored: one process has nothing to shard across
-        raise TrainError(
-            "--fsdp shards the student across torchrun's processes, and this is one process: "
-            "start it with torchrun --nproc-per-node N (N > 1), or drop --fsdp"
-        )
     torch.manual_seed(cfg.seed)
     caches = [open_cache(c) for c in cfg.caches]
     ref = resolve_model(cfg.student)

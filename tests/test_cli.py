@@ -174,7 +174,7 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
     assert done.returncode == 2 and "--fsdp with --lora-rank" in one_line_error(done)
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--fsdp"])  # fmt: skip
-    assert done.returncode == 1 and "--fsdp shards the student across torchrun's processes" in one_line_error(done)
+    assert done.returncode == 2 and "--fsdp shards the student across torchrun's processes" in one_line_error(done)
     done = sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(tmp_path), "--out", str(tmp_path / "r"),
                "--clip=-1"])  # fmt: skip
     assert done.returncode == 2 and "--clip must be > 0 (the gradient-norm threshold), got -1" in one_line_error(done)
@@ -254,10 +254,10 @@ def test_a_domain_filter_that_matches_nothing_is_reported(tmp_path, chats_file):
     done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend",
                "hf", "--only-domain", "maths", "--no-progress"])  # fmt: skip
     assert done.returncode == 0 and "warning: no record of worker 0's share has domain 'maths'" in done.stderr
-    err = one_line_error(
-        sh([*ST, "train", "--student", "tiny-mistral", "--cache", str(out), "--out", str(tmp_path / "r")])
-    )
-    assert f"no samples to train on in {out}" in err
+    for command in (["train", "--out", str(tmp_path / "r")], ["eval"]):
+        err = one_line_error(sh([*ST, command[0], "--student" if command[0] == "train" else "--model", "tiny-mistral",
+                                 "--cache", str(out), *command[1:]]))  # fmt: skip
+        assert err == f"Error: no samples in {out}: it is empty"
 
 
 def test_data_nested_too_deeply_and_too_many_draws_are_refused_in_one_line(tmp_path, chats_file):

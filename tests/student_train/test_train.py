@@ -304,7 +304,7 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file,
     # a domain cache whose filter matched nothing: the error names it, not the general cache too
     empty = tmp_path / "empty"
     run(RunConfig(teacher="tiny-mixtral", out=str(empty), only_domain="maths", source="math-expert", **common))
-    with pytest.raises(ValueError, match=r"no samples to train on in [^,]*empty$"):
+    with pytest.raises(ValueError, match=r"no samples in [^,]*empty: it is empty$"):
         Plan([open_cache(reference), open_cache(empty)], seed=3, window=2, domain_ratio=0.25)
 
 
