@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,28 @@ def _core_groups(cores: list[int], ranks: int) -> str:
         )
     groups = np.array_split(np.asarray(cores), ranks)
     return "|".join(",".join(map(str, g.tolist())) for g in groups)
+
+
+def _watch_engine(llm, closed: threading.Event) -> None:
+    """Wake a caller that vLLM's sync client would leave waiting forever: when its engine process
+    dies mid-request (kill -9, the OOM killer), the client's monitor thread marks the engine dead
+    and stops the output thread without queueing an error, so `get_output` blocks on an empty
+    queue (seen under load; when the death is seen between requests vLLM raises by itself). This
+    queues the EngineDeadError it would have raised. Reaches into vLLM's client (0.32's
+    `engine_core.resources` / `outputs_queue`); a client without them is not watched."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue", None)
+    if resources is None or not hasattr(outputs, "put_nowait"):
+        return
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    def watch() -> None:
+        while not closed.wait(0.5):
+            if getattr(resources, "engine_dead", False):
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    threading.Thread(target=watch, name="teacher-cache-engine-watch", daemon=True).start()
 
 
 class VllmBackend:
@@ -142,6 +165,8 @@ class VllmBackend:
         else:
             self.llm = LLM(max_logprobs=top_k, logprobs_mode="raw_logprobs", **common)
             self.weight = None
+        self._closed = threading.Event()
+        _watch_engine(self.llm, self._closed)
 
     def describe(self) -> dict:
         import transformers
@@ -216,4 +241,5 @@ class VllmBackend:
         return TopKTargets(ids=ids, logprobs=lps, tail_logprob=tail)
 
     def close(self) -> None:
+        self._closed.set()
         del self.llm

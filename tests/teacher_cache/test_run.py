@@ -172,7 +172,7 @@ def test_a_worker_resumes_only_with_its_own_backend(tmp_path, chats_file):
     part = out / "parts" / "worker-00000-of-00001.json"  # as if killed after its last shard
     part.write_text(json.dumps({**json.loads(part.read_text()), "complete": False}))
     (out / "manifest.json").unlink()
-    with pytest.raises(RunError, match="made with backend hf .*resume with the same --backend"):
+    with pytest.raises(RunError, match="made with backend hf, vllm mode None, .*resume with the same --backend"):
         run(cfg(chats_file, out, backend="vllm"))
     run(cfg(chats_file, out))
     assert open_cache(out).manifest["backend"] == {"backend": "hf", "vllm_mode": None}
@@ -181,6 +181,10 @@ def test_a_worker_resumes_only_with_its_own_backend(tmp_path, chats_file):
 def test_a_run_that_failed_before_its_first_shard_runs_again_once_the_data_is_fixed(tmp_path, chats_file):
     data, out = tmp_path / "chats.jsonl", tmp_path / "cache"
     data.write_text(chats_file.read_text() + "{not json\n")
+    with pytest.raises(BadRecordError, match="invalid JSON"):
+        run(cfg(data, out, shard_size=100))
+    assert not out.exists()  # the --out it made is removed again
+    (out / "parts").mkdir(parents=True)  # as a kill -9 leaves it: the part file stays
     with pytest.raises(BadRecordError, match="invalid JSON"):
         run(cfg(data, out, shard_size=100))
     assert json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["shards"] == []
