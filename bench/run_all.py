@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one after the other, then one combined summary.
 
     .venv/bin/python bench/run_all.py            # full: about 10-15 minutes on 2 CPU cores
-    .venv/bin/python bench/run_all.py --quick    # smaller workloads: about 9 minutes
+    .venv/bin/python bench/run_all.py --quick    # smaller workloads: about 9 minutes, into bench/results/quick/
 
 Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
 benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:
@@ -100,21 +100,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller workloads")
     ap.add_argument("--verbose", action="store_true", help="keep vLLM's start-up messages on stderr")
     args = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    codec_json, throughput_json = RESULTS / "codec.json", RESULTS / "throughput.json"
+    results = RESULTS / "quick" if args.quick else RESULTS  # a quick run never replaces the published figures
+    results.mkdir(parents=True, exist_ok=True)
+    codec_json, throughput_json = results / "codec.json", results / "throughput.json"
     readme = str(BENCH.parent / "README.md")
     codec_args = ["--out", str(codec_json)]
     codec_args += ["--samples", "60"] if args.quick else ["--readme", readme]
-    prose_json = RESULTS / "codec_prose.json"
+    prose_json = results / "codec_prose.json"
     prose = cache_dir() / "metadata_prose.jsonl"  # depends on the installed packages, kept out of the repo
     prose_args = ["--data", str(prose), "--blocks", "sample", "--out", str(prose_json)]
     prose_args += ["--samples", "20"] if args.quick else ["--readme", readme, "--readme-marker", "CODEC-PROSE"]
     # the lower bounds docs/CODEC.md quotes, on the same arrays as bench_codec.py (cached by then)
-    entropy_args = ["--out", str(RESULTS / "codec_entropy.txt")] + (["--samples", "60"] if args.quick else [])
-    entropy_prose_args = ["--data", str(prose), "--out", str(RESULTS / "codec_entropy_prose.txt")]
+    entropy_args = ["--out", str(results / "codec_entropy.txt")] + (["--samples", "60"] if args.quick else [])
+    entropy_prose_args = ["--data", str(prose), "--out", str(results / "codec_entropy_prose.txt")]
     entropy_prose_args += ["--samples", "20"] if args.quick else []
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
-    train_json = RESULTS / "train.json"
+    train_json = results / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
     since = time.time()
     done = {}

@@ -3,8 +3,9 @@
 Every number comes from the public commands (`teacher-cache run`, `student-train train/eval`),
 run by this script; the table is generated, never typed. Teacher: SmolLM2-135M-Instruct;
 student: its half-depth derivative; data: the bundled sample, split into train and held-out,
-domain "science" against "general". Writes runs/experiment/results.json and the table into
-docs/EXPERIMENTS.md between the RESULTS markers.
+domain "science" against "general". Writes runs/experiment/results.json and, with the default
+settings (or --write-docs), the table into docs/EXPERIMENTS.md and README.md between the RESULTS
+markers. --out is deleted first only if this script made it.
 
 Rows, same student initialisation, data and step budget:
   1 ce          plain fine-tuning on the responses (lam=0)
@@ -69,9 +70,26 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument(
+        "--write-docs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put the table into README.md and docs/EXPERIMENTS.md (default: only with the default settings)",
+    )
     args = ap.parse_args()
+    defaults = vars(ap.parse_args([]))
+    changed = [k for k in ("teacher", "student", "steps", "dae_steps", "expert_steps", "seeds", "max_length")
+               if getattr(args, k) != defaults[k]]  # fmt: skip
+    write = args.write_docs if args.write_docs is not None else not changed
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    marker = out / ".teacher-cache-experiment"  # only a folder this script made is ever deleted
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not marker.exists())):
+        sys.exit(f"error: {out} exists and was not made by this experiment; choose another --out")
+    if out.exists():
+        print(f"experiment: starting over: deleting the earlier experiment's {out}", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    marker.touch()
     train, held = split(out / "data")
     base = ["--teacher", args.teacher, "--max-length", args.max_length, "--no-progress"]
     walls: dict[str, float] = {}
@@ -283,7 +301,10 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = render(results)
     print("\n" + table)
-    write_docs(table)
+    if write:
+        write_docs(table)
+    else:  # a smoke run or other settings do not replace the published table
+        print(f"\n(not written to the docs: settings differ from the defaults ({', '.join(changed)}); --write-docs to)")
 
 
 def _mean_std(values: list[float]) -> str:
