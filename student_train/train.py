@@ -411,9 +411,9 @@ def _save(
         full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
         why, fix = ("no space left on the device", "free space") if full else (one_line(e), "fix that")
+        kept = "the checkpoints before it are kept" if latest_checkpoint(out) else "it was the first"
         raise TrainError(
-            f"could not write checkpoint-{step} in {out} ({why}); the checkpoints before it are kept: "
-            f"{fix}, then rerun with --resume"
+            f"could not write checkpoint-{step} in {out} ({why}); {kept}: {fix}, then rerun with --resume"
         ) from None
 
 

@@ -1046,6 +1046,12 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    first = tmp_path / "first"  # the first checkpoint fails: no earlier ones to speak of
+    first.mkdir()
+    (first / ".checkpoint-1.tmp").write_text("in the way")
+    done = subprocess.run([*train_args(kd_cache, first), "--save-every", "1", "--max-steps", "1"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and "; it was the first: fix that, then rerun" in done.stderr.strip().splitlines()[-1]
 
 
 def test_a_log_that_cannot_be_written_is_one_line(tmp_path, kd_cache):
