@@ -44,6 +44,30 @@ def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = Fal
             )
 
 
+def domain_overlap(caches: list) -> str | None:
+    """A warning when a general cache (no --only-domain) was made from the same data files as a
+    domain cache (--only-domain D) but without --exclude-domain D: it holds D's samples too, so a
+    DAE mix trains them against both teachers. None when no such pair is seen (caches made from
+    other files are not compared: their ids are not read)."""
+
+    def files(cache) -> set[str]:
+        entries = cache.manifest["data"].get("files")
+        entries = entries if isinstance(entries, list) else []
+        return {f["sha256"] for f in entries if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
+
+    for d in caches:
+        domain = d.manifest["data"].get("only_domain")
+        for g in caches if domain else ():
+            data = g.manifest["data"]
+            if data.get("only_domain") is None and data.get("exclude_domain") != domain and files(g) & files(d):
+                return (
+                    f"{g.where} was made from the same data as the domain cache {d.where} without "
+                    f"--exclude-domain {domain}: its {domain!r} samples are trained against both teachers "
+                    f"(remake it with --exclude-domain {domain})"
+                )
+    return None
+
+
 def check_temperature(kind: str, temperature: float) -> None:
     """Refuse a KD temperature other than 1 with sampled caches: their draws come from the
     teacher at temperature 1 and estimate p, not p^(1/T), so the loss would train the student's

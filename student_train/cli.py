@@ -32,7 +32,7 @@ def main() -> None:
 @click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable.")
 def check(student: str, caches: tuple[str, ...]) -> None:
     """Check that STUDENT can train from the caches (same tokenizer, same format)."""
-    from student_train.checks import check_student_matches
+    from student_train.checks import check_student_matches, domain_overlap
     from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
@@ -43,6 +43,9 @@ def check(student: str, caches: tuple[str, ...]) -> None:
         check_student_matches(load_tokenizer(ref.path, ref.revision), opened)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
+    overlap = domain_overlap(opened)
+    if overlap:  # only a DAE mix (--domain-ratio) would suffer it: said, not refused
+        click.echo(f"warning: with --domain-ratio, {overlap}", err=True)
     click.echo(f"ok: {student} can train from {', '.join(caches)}")
 
 

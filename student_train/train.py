@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from student_train import losses
-from student_train.checks import check_student_matches, check_temperature
+from student_train.checks import check_student_matches, check_temperature, domain_overlap
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
@@ -612,6 +612,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     if cfg.lam > 0:
         check_temperature(kind, cfg.temperature)
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
+    overlap = domain_overlap(caches) if cfg.domain_ratio is not None else None
+    if overlap and rank == 0:
+        print(f"warning: {overlap}", file=sys.stderr, flush=True)
     per_step = cfg.batch_size * world * cfg.grad_accum
     held = plan.short_stream(per_step)
     if rank == 0 and held is not None:  # legal (the stream cycles), but rarely what was meant

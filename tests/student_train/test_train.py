@@ -301,6 +301,21 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file,
         assert 0 < d < 4
         assert m["kd"] == pytest.approx((d * m["kd_domain"] + (4 - d) * m["kd_general"]) / 4, rel=1e-5)
 
+    # a general cache of the same data that keeps the domain's samples: said by train and check
+    from student_train.checks import domain_overlap
+
+    assert domain_overlap(caches) is None  # the reference excludes "math"
+    plain = tmp_path / "plain"
+    run(RunConfig(teacher="tiny-mistral", out=str(plain), source="reference", **common))
+    warning = domain_overlap([open_cache(plain), open_cache(expert)])
+    assert warning == (
+        f"{plain} was made from the same data as the domain cache {expert} without --exclude-domain math: "
+        "its 'math' samples are trained against both teachers (remake it with --exclude-domain math)"
+    )
+    done = subprocess.run([*ST, "check", "--student", "tiny-mistral", "--cache", str(plain), "--cache", str(expert)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and f"warning: with --domain-ratio, {warning}" in done.stderr
+
     # a domain cache whose filter matched nothing: the error names it, not the general cache too
     empty = tmp_path / "empty"
     run(RunConfig(teacher="tiny-mixtral", out=str(empty), only_domain="maths", source="math-expert", **common))
