@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from run_dir import start_over
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "teacher_cache" / "sample_data" / "instructions.jsonl"
@@ -52,14 +53,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     args = ap.parse_args()
     out = Path(args.out)
-    marker = out / ".teacher-cache-demo"  # only a folder this script made is ever deleted
-    if out.exists() and any(out.iterdir()) and not marker.exists():
-        sys.exit(f"error: {out} exists and was not made by this demo; choose another --out")
-    if out.exists():
-        print(f"demo: starting over: deleting the earlier demo's {out}", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    marker.touch()
+    start_over(out, "demo")  # only a folder this script made is ever deleted
     train_data, held_data = split(DATA, out / "data", heldout_every=8)
     tc, st = BIN / "teacher-cache", BIN / "student-train"
     common = ["--teacher", args.teacher, "--top-k", args.top_k, "--max-length", 384]

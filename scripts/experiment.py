@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from run_dir import start_over
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "teacher_cache" / "sample_data" / "instructions.jsonl"
@@ -82,14 +83,7 @@ def main() -> None:
                if getattr(args, k) != defaults[k]]  # fmt: skip
     write = args.write_docs if args.write_docs is not None else not changed
     out = Path(args.out)
-    marker = out / ".teacher-cache-experiment"  # only a folder this script made is ever deleted
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not marker.exists())):
-        sys.exit(f"error: {out} exists and was not made by this experiment; choose another --out")
-    if out.exists():
-        print(f"experiment: starting over: deleting the earlier experiment's {out}", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    marker.touch()
+    start_over(out, "experiment")  # only a folder this script made is ever deleted
     train, held = split(out / "data")
     base = ["--teacher", args.teacher, "--max-length", args.max_length, "--no-progress"]
     walls: dict[str, float] = {}
