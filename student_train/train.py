@@ -28,7 +28,7 @@ from student_train.checks import check_student_matches, check_temperature, domai
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
-from teacher_cache.storage import fsync_dir
+from teacher_cache.storage import fsync_dir, remove_if_unused
 
 
 class TrainError(RuntimeError):
@@ -565,14 +565,6 @@ def _check_run_dir(out: Path) -> None:
         )
 
 
-def _remove_if_unused(out: Path) -> None:
-    """Remove a run directory this run made if nothing but its lock file is in it."""
-    names = set(os.listdir(out)) if out.is_dir() else {"?"}
-    if names <= {".lock"}:
-        (out / ".lock").unlink(missing_ok=True)
-        out.rmdir()
-
-
 @contextlib.contextmanager
 def _hold_run_dir(out: Path) -> Iterator[None]:
     """An exclusive lock on a run directory (flock, which the OS drops when the process dies,
@@ -628,7 +620,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     out = Path(cfg.out)
     _check_run_dir(out)
     if not out.exists():  # a run that fails before its first file leaves no empty --out behind
-        locks.callback(_remove_if_unused, out)
+        locks.callback(remove_if_unused, out, out / ".lock")
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
         locks.enter_context(_hold_run_dir(out))

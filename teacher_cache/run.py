@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -49,7 +48,7 @@ from teacher_cache.shards import (
     shard_name,
     spool_glob,
 )
-from teacher_cache.storage import Location, StorageError
+from teacher_cache.storage import Location, StorageError, remove_if_unused
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
 from teacher_cache.tokenize import (
     Tokenized,
@@ -460,7 +459,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         return _finish(cfg, out, part, bad, dups, t0)
     except BaseException:
         if made is not None:  # what this run made, if it holds no more than its part file
-            _remove_if_unused(made, out.local_path().absolute() / part_path(cfg.worker_index, cfg.num_workers))
+            remove_if_unused(made, out.local_path().absolute() / part_path(cfg.worker_index, cfg.num_workers))
         raise
 
 
@@ -476,14 +475,6 @@ def _first_missing(out: Location, parts_dir: str) -> Path | None:
             break
         missing = folder
     return missing
-
-
-def _remove_if_unused(made: Path, own_part: Path) -> None:
-    """Remove a folder this run made if it holds nothing but this worker's part file: a run that
-    fails before its first shard (bad data, say) leaves no empty cache behind."""
-    files = [p for p in made.rglob("*") if not p.is_dir()]
-    if all(p == own_part for p in files):
-        shutil.rmtree(made, ignore_errors=True)
 
 
 def _check_vocab(teacher_config: dict, vocab: int) -> None:

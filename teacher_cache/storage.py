@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -311,6 +312,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_if_unused(made: Path, own_file: Path) -> None:
+    """Remove a local folder a command made if no file in it but `own_file` (its lock, its part
+    file): a run that fails before writing anything leaves nothing behind."""
+    if made.is_dir() and all(p == own_file for p in made.rglob("*") if not p.is_dir()):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:
