@@ -95,6 +95,13 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option(
     "--save-every", type=click.IntRange(min=1), default=50, show_default=True, help="Checkpoint every N steps."
 )
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Keep only the newest N checkpoints (0: keep all).",
+)
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loader workers.")
 @click.option(
     "--chunk-size",

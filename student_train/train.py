@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_window: int = 4  # shards mixed by the shuffle buffer
     save_every: int = 50
+    keep_last: int = 0  # checkpoints kept: the newest N complete ones; 0 = every one
     num_workers: int = 0  # dataloader workers
     chunk_size: int = 1024  # target positions per vocabulary chunk in the losses
     gradient_checkpointing: bool = False
@@ -87,6 +88,7 @@ class TrainConfig:
             ("--attn-weight", self.attn_weight, self.attn_weight >= 0, ">= 0"),
             ("--domain-ratio", ratio, ratio is None or 0 <= ratio <= 1, "within [0, 1]"),
             ("--seed", self.seed, self.seed >= 0, ">= 0"),
+            ("--keep-last", self.keep_last, self.keep_last >= 0, ">= 0 (0 keeps every checkpoint)"),
         )
         for option, value, holds, want in rules:
             if not holds:
@@ -238,7 +240,7 @@ def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers
 
 # settings a resumed run may change: they do not alter which samples come next or the math
 _RESUMABLE = {"out", "resume", "save_every", "num_workers", "progress", "chunk_size", "gradient_checkpointing"}
-_RESUMABLE |= {"precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
+_RESUMABLE |= {"keep_last", "precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
 
 
 def _aside(ckpt: Path | None) -> str:
@@ -359,6 +361,26 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` complete checkpoints (-> the removed ones). Each is first
+    renamed to a hidden .checkpoint-N.old (one atomic step: a kill mid-removal never leaves a
+    half-deleted checkpoint-N that looks resumable), then deleted; leftovers of a killed removal go too."""
+
+    def step(p: Path) -> int:
+        return int(p.name.removeprefix("checkpoint-"))
+
+    complete = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    old = sorted(complete, key=step)[:-keep] if keep else []
+    for ckpt in old:
+        gone = out / f".{ckpt.name}.old"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(ckpt, gone)
+    fsync_dir(out)
+    for gone in out.glob(".checkpoint-*.old"):
+        shutil.rmtree(gone, ignore_errors=True)
+    return old
+
+
 def _fully_shard(model: nn.Module, root: nn.Module) -> None:
     """FSDP2 in place: one shard group per decoder layer (model.model.layers), the rest
     (embeddings, final norm, output head) in the group of `root`, the DistillStep whose forward
@@ -414,6 +436,17 @@ def _save(
         kept = "the checkpoints before it are kept" if latest_checkpoint(out) else "it was the first"
         raise TrainError(
             f"could not write checkpoint-{step} in {out} ({why}); {kept}: {fix}, then rerun with --resume"
+        ) from None
+
+
+def _prune(out: Path, keep: int) -> None:
+    """--keep-last after a checkpoint is on disk; a failure to delete (permissions) is one line."""
+    try:
+        prune_checkpoints(out, keep)
+    except OSError as e:
+        raise TrainError(
+            f"could not remove old checkpoints in {out} for --keep-last {keep} ({one_line(e)}); the newest are "
+            "kept: fix that, then rerun with --resume"
         ) from None
 
 
@@ -748,6 +781,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                     _save_sharded(out, state["step"], model, tok, optimizer, state, cfg, rank)
                 elif rank == 0:
                     _save(out, state["step"], model, tok, optimizer, state, cfg)
+                if rank == 0 and cfg.keep_last:
+                    _prune(out, cfg.keep_last)
             if world > 1:
                 torch.distributed.barrier()
     finally:

@@ -529,6 +529,23 @@ def test_resume_refuses_another_process_count_and_a_lora_run(tmp_path, kd_cache,
         train(TrainConfig(out=str(lora), max_steps=2, lora_rank=2, resume=True, **common))
 
 
+def test_keep_last_removes_the_oldest_checkpoints_after_each_save(tmp_path, kd_cache):
+    """--keep-last N keeps the newest N complete checkpoints; it may change on --resume (what is
+    removed is not what the resume reads), and the leftover of a removal killed midway goes too."""
+    out = tmp_path / "r"
+    common = dict(student="tiny-mistral", caches=(str(kd_cache),), out=str(out), save_every=1, progress=False)
+    train(TrainConfig(max_steps=4, keep_last=2, **common))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    shutil.rmtree(out / "checkpoint-4")  # as if killed before it
+    (out / ".checkpoint-2.old").mkdir()  # as if killed while removing it
+    (out / "checkpoint-0").mkdir()  # not a complete checkpoint (no trainer_state.json): not ours to judge
+    train(TrainConfig(max_steps=4, keep_last=1, resume=True, **common))
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-4"]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    with pytest.raises(TrainError, match="--keep-last must be >= 0"):
+        TrainConfig(max_steps=4, keep_last=-1, **common)
+
+
 def test_resume_is_exact_for_a_student_with_dropout(tmp_path, kd_cache, tiny_student):
     """Creating the data iterator draws from the global RNG: the RNG is put back after it, so a
     resumed run draws the same dropout masks as an uninterrupted one."""
