@@ -335,11 +335,13 @@ def build_engines(ref, args) -> dict:
     import torch
     from vllm import LLM
 
-    from teacher_cache.backends.vllm_backend import VllmBackend
+    from teacher_cache.backends.vllm_backend import VllmBackend, in_process_engines
 
     on_gpu = torch.cuda.is_available()
     mem = (0.28 if not args.skip_stock else 0.42) if on_gpu else 0.85  # the engines share one GPU
+    # on CPU every engine in this process, as `teacher-cache run` has its own (they are closed together)
     common = dict(top_k=args.top_k, max_model_len=args.max_length, seed=args.seed, gpu_memory_utilization=mem)
+    common["in_process"] = True
     plain_kw = dict(
         model=ref.path,
         dtype=ref.dtype,
@@ -354,7 +356,8 @@ def build_engines(ref, args) -> dict:
     engines: dict = {}
     try:
         engines["hidden"] = VllmBackend(ref, mode="hidden", **common)
-        engines["plain"] = LLM(**plain_kw)
+        with in_process_engines():
+            engines["plain"] = LLM(**plain_kw)
         if not args.skip_stock:
             engines["stock"] = VllmBackend(ref, mode="prompt_logprobs", **common)
     except BaseException:
@@ -455,6 +458,8 @@ def bench_model(name: str, args) -> dict:
         nb = min(args.profile_batches, len(batches))
         _log(f"{name}: profiling the caching path on {nb} batch(es) ...")
         thread_counts = sorted({1, torch.get_num_threads(), len(os.sched_getaffinity(0))})
+        if getattr(torch.set_num_threads, "__module__", "").startswith("vllm"):  # an engine in this process
+            thread_counts = [torch.get_num_threads()]  # binds the threads and makes set_num_threads a no-op
         prof = profile_caching(engines["hidden"], batches[:nb], args.top_k, vocab, thread_counts, args.chunk_rows)
     finally:
         close_all(engines)

@@ -15,6 +15,8 @@ since vLLM starts worker processes.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import threading
@@ -72,6 +74,30 @@ def _core_groups(cores: list[int], ranks: int) -> str:
     return "|".join(",".join(map(str, g.tolist())) for g in groups)
 
 
+@contextlib.contextmanager
+def in_process_engines() -> Iterator[None]:
+    """vLLM engines built inside this block run in the calling process when on CPU (unless the
+    user set VLLM_ENABLE_V1_MULTIPROCESSING). As a process of its own, vLLM's CPU worker
+    busy-waits on its shared-memory queue for 1 s after every request (vLLM 0.32's
+    shm_broadcast.SpinCondition), taking a core from the projection, top-k and codec that follow
+    each batch here; in this process there is no worker to spin and no IPC (docs/BENCHMARKS.md,
+    "The engine's spin"). Only for a process that holds no other vLLM engine while this one lives:
+    vLLM keeps its distributed state per process, and an in-process engine's shutdown tears it
+    down (a second engine in the process would fail at its next step). Set only while the block
+    runs (vLLM reads it while building the engine): processes started later do not inherit it."""
+    added = (
+        {}
+        if torch.cuda.is_available() or "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ
+        else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    )
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _watch_engine(llm, closed: threading.Event) -> None:
     """Wake a caller that vLLM's sync client would leave waiting forever: when its engine process
     dies mid-request (kill -9, the OOM killer), the client's monitor thread marks the engine dead
@@ -112,7 +138,10 @@ class VllmBackend:
         trust_remote_code: bool = False,
         device: str | None = None,
         tensor_parallel_size: int = 1,
+        in_process: bool = False,
     ) -> None:
+        """`in_process`: on CPU with one rank, run the engine in this process (faster; see
+        `in_process_engines` for when that is safe)."""
         if mode not in MODES:
             raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
         tp = tensor_parallel_size
@@ -154,17 +183,18 @@ class VllmBackend:
                 )
             from vllm.config import PoolerConfig
 
-            self.llm = LLM(
+            kind = dict(
                 runner="pooling",
                 convert="embed",
                 pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
                 max_num_batched_tokens=max(max_model_len, 8192),
-                **common,
             )
-            self.weight = load_output_projection(local).to(self.device)  # float32 [V, D]
         else:
-            self.llm = LLM(max_logprobs=top_k, logprobs_mode="raw_logprobs", **common)
-            self.weight = None
+            kind = dict(max_logprobs=top_k, logprobs_mode="raw_logprobs")
+        alone = in_process and tp == 1  # more ranks need worker processes
+        with in_process_engines() if alone else contextlib.nullcontext():
+            self.llm = LLM(**kind, **common)
+        self.weight = load_output_projection(local).to(self.device) if mode == "hidden" else None  # float32 [V, D]
         self._closed = threading.Event()
         _watch_engine(self.llm, self._closed)
 
@@ -243,3 +273,7 @@ class VllmBackend:
     def close(self) -> None:
         self._closed.set()
         del self.llm
+        # an engine in this process gc.freeze()s the heap when it starts (vLLM's start-up, meant for a
+        # process of its own): its reference cycles, the model's included, are freed only after this
+        gc.unfreeze()
+        gc.collect()

@@ -489,6 +489,37 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
 
 
 @pytest.mark.slow
+def test_a_run_on_cpu_runs_its_engine_in_its_own_process(tmp_path, chats_file, vllm_hidden, monkeypatch):
+    """As a process of its own, vLLM's CPU worker busy-waits for 1 s after every request, on a core
+    the projection and top-k after it need (docs/BENCHMARKS.md): a run's own engine (one rank, CPU)
+    runs in the run's process, gives the same cache as an engine in worker processes (the session
+    fixture: the default, safe beside other engines), and leaves nothing set for child processes."""
+    import os
+
+    from teacher_cache.backends.vllm_backend import VllmBackend
+
+    clients = []
+    describe = VllmBackend.describe
+
+    def spy(self):
+        clients.append(type(self.llm.llm_engine.engine_core).__name__)
+        return describe(self)
+
+    monkeypatch.setattr(VllmBackend, "describe", spy)
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    run(cfg(chats_file, own, backend="vllm", top_k=16))
+    run(cfg(chats_file, shared, backend="vllm", top_k=16), backend=vllm_hidden)
+    assert clients == ["InprocClient", "SyncMPClient"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    a, b = rows(own), rows(shared)
+    assert a.keys() == b.keys()
+    for sid in a:
+        np.testing.assert_array_equal(a[sid]["topk_ids"][:, 0], b[sid]["topk_ids"][:, 0])
+        tol = 2 * codec.topk_error_bound()["logprob_abs_err_within_10_nats"] + 1e-4
+        np.testing.assert_allclose(a[sid]["topk_logprobs"], b[sid]["topk_logprobs"], atol=tol)
+
+
+@pytest.mark.slow
 def test_vllm_prompt_logprobs_takes_samples_truncated_to_max_length(tmp_path, chats_file):
     """vLLM's generate runner refuses a prompt as long as its max_model_len; a truncated sample is
     exactly --max-length long, so that mode's engine is built one token longer."""
@@ -577,12 +608,14 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path):
     """The engine process dying (the OOM killer's kill -9) ends the run with one line that says
-    what is kept and how to go on, not vLLM's traceback; the durable shards stay."""
+    what is kept and how to go on, not vLLM's traceback; the durable shards stay. (On CPU with
+    one rank the engine runs in the run's own process unless the user asks for one of its own.)"""
     data = Path(__file__).resolve().parents[2] / "teacher_cache" / "sample_data" / "instructions.jsonl"
     out = tmp_path / "c"
     args = [*CLI, "run", "--teacher", "tiny-mixtral", "--backend", "vllm", "--data", str(data), "--out", str(out),
             "--top-k", "8", "--shard-size", "4", "--batch-size", "4", "--no-progress"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # an engine process, as on a GPU or with --tensor-parallel-size > 1
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     part = out / "parts" / "worker-00000-of-00001.json"
     try:
