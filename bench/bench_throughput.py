@@ -18,8 +18,9 @@ with the model's own tokenizer and chat template; assistant tokens are the targe
             candidates (codec zstd level, whole-batch projection) end to end;
 - stock     VllmBackend(mode="prompt_logprobs") + codec, the reference path.
 
-All engines are alive at once (VLLM_CPU_KVCACHE_SPACE=1 GiB each); the arms run interleaved batch
-by batch, the order rotated, after a warm-up; each repeat sums its batches, and tokens/s and
+All engines are alive at once (VLLM_CPU_KVCACHE_SPACE=1 GiB each; on CPU all in this process, as a
+run's own engine is: bench/engine_spin.py); the arms run interleaved batch by batch, in a seeded
+random order per batch, after a warm-up; each repeat sums its batches, and tokens/s and
 ratios to prefill are medians over repeats. Then one batch is profiled stage by stage.
 Throughput is input tokens (prompt + response) per second for every path. The ceiling is what a
 pipeline that adds exactly the output projection to prefill could reach, from the model's
@@ -34,6 +35,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -374,7 +376,7 @@ def close_all(engines: dict) -> None:
 
 def interleaved(name: str, engines: dict, batches, tokens: int, vocab: int, args) -> tuple[dict, dict, list]:
     """Warm-up, a decoded comparison of caching vs proposed, then the repeats: every batch runs
-    through each arm, the order rotated from batch to batch. Returns seconds per repeat per arm.
+    through each arm, in a seeded random order per batch. Returns seconds per repeat per arm.
 
     Arms: prefill (plain vLLM), encode (the hidden-mode engine alone: VllmBackend.forward's
     llm.encode call), caching, proposed, stock."""
@@ -409,8 +411,9 @@ def interleaved(name: str, engines: dict, batches, tokens: int, vocab: int, args
     for r in range(args.repeats):
         acc = dict.fromkeys(names, 0.0)
         for bi, batch in enumerate(batches):
-            shift = (r + bi) % len(names)
-            for a in names[shift:] + names[:shift]:
+            # a fresh order per batch: a rotation would keep each arm behind the same one (caching
+            # behind encode), and what an arm leaves behind (an engine's busy-wait) bias its follower
+            for a in random.Random(f"{r}-{bi}").sample(names, len(names)):
                 t = time.perf_counter()
                 arms[a](batch)
                 acc[a] += time.perf_counter() - t

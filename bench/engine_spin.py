@@ -53,7 +53,8 @@ def _descendants(pid: int) -> list[int]:
                 continue
     found, todo = [], [pid]
     while todo:
-        kids = [c for c, parent in parents.items() if parent == todo.pop()]
+        pid = todo.pop()
+        kids = [c for c, parent in parents.items() if parent == pid]
         found += kids
         todo += kids
     return found

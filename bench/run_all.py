@@ -7,8 +7,9 @@ Each benchmark runs as its own process (vLLM starts worker processes; a fresh in
 benchmark keeps their engines and threads apart) and writes its JSON into bench/results/:
 codec.json (bench_codec.py on the bundled chats), codec_prose.json (bench_codec.py on prose
 paragraphs from the installed packages' descriptions, metadata_prose.py), codec_entropy.txt and
-codec_entropy_prose.txt (codec_entropy.py: the lower bounds docs/CODEC.md quotes), throughput.json
-(bench_throughput.py) and train.json (bench_train.py). Their progress and tables stream
+codec_entropy_prose.txt (codec_entropy.py: the lower bounds docs/CODEC.md quotes), engine_spin.json
+(engine_spin.py: vLLM's CPU engine process after a request), throughput.json (bench_throughput.py)
+and train.json (bench_train.py). Their progress and tables stream
 through; the summary at the end reads the JSON files back.
 """
 
@@ -115,6 +116,7 @@ def main() -> None:
     entropy_prose_args = ["--data", str(prose), "--out", str(results / "codec_entropy_prose.txt")]
     entropy_prose_args += ["--samples", "20"] if args.quick else []
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
+    spin_args = ["--out", str(results / "engine_spin.json")] + (["--repeats", "2"] if args.quick else [])
     train_json = results / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
     since = time.time()
@@ -125,6 +127,7 @@ def main() -> None:
         ("bench_codec.py (prose)", "bench_codec.py", prose_args),
         ("codec_entropy.py (chats)", "codec_entropy.py", entropy_args),
         ("codec_entropy.py (prose)", "codec_entropy.py", entropy_prose_args),
+        ("engine_spin.py", "engine_spin.py", spin_args),
         ("bench_throughput.py", "bench_throughput.py", tp_args),
         ("bench_train.py", "bench_train.py", train_args),
     ):
