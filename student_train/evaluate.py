@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,7 +26,8 @@ def evaluate(
 ) -> dict:
     """Held-out KL to the teacher (over the cached k+1 outcomes), NLL of the labels, top-1 agreement.
 
-    Reported overall and split into domain (samples from --only-domain caches) and general.
+    Reported overall and split into domain (samples from --only-domain caches) and general, and the
+    domain part once more by each sample's domain ("by_domain": one entry per expert's domain).
     """
     from teacher_cache import open_cache
     from teacher_cache.models import load_causal_lm, resolve_model
@@ -48,7 +50,12 @@ def evaluate(
         items = kept
     kind = caches[0].kind
     check_temperature(kind, temperature)
-    sums = {g: {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0} for g in ("domain", "general")}
+
+    def zero() -> dict:
+        return {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
+
+    sums = {"domain": zero(), "general": zero()}
+    by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
     shards = ShardCache(caches, size=1)  # items run shard by shard
     bar = tqdm(total=len(items), desc="evaluating", unit="sample", file=sys.stderr, disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -65,7 +72,13 @@ def evaluate(
             # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
             teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
         agree = (logits.argmax(-1) == teacher_top1).float()  # float32 [P]
-        for group, sel in (("domain", b.is_domain), ("general", ~b.is_domain)):  # sel bool [P]
+        # each position's domain ("" outside domain caches): the sample's, by row of the batch
+        names = np.array([(s.domain or "") if c in plan.domain_caches else "" for c, s in chunk], dtype=object)
+        pos_names = names[b.row.numpy()]  # object [P]
+        groups = [(sums["domain"], b.is_domain), (sums["general"], ~b.is_domain)]  # sel bool [P]
+        for name in sorted({n for n in names if n}):
+            groups.append((by_domain.setdefault(name, zero()), torch.from_numpy(pos_names == name)))
+        for g, sel in groups:
             n = int(sel.sum())
             if n == 0:
                 continue
@@ -75,13 +88,14 @@ def evaluate(
                 )
             else:
                 kl = losses.sampled_kl(logits[sel], b.sampled_ids[sel], b.sampled_weights[sel], temperature=temperature)
-            g = sums[group]
             g["kl"] += float(kl) * n
             g["nll"] += float(nll[sel].sum())
             g["agree"] += float(agree[sel].sum())
             g["positions"] += n
-        for c, _ in chunk:
+        for c, sample in chunk:
             sums["domain" if c in plan.domain_caches else "general"]["samples"] += 1
+            if c in plan.domain_caches and sample.domain:
+                by_domain.setdefault(sample.domain, zero())["samples"] += 1
     bar.close()
     report = {}
     total = {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
@@ -91,6 +105,8 @@ def evaluate(
         if g["positions"]:
             report[group] = _finish(g)
     report["all"] = _finish(total)
+    if by_domain:
+        report["by_domain"] = {name: _finish(g) for name, g in sorted(by_domain.items())}
     report["kl_kind"] = (
         "KL over the cached top-k + tail" if kind == "topk" else "sampled cross-entropy estimate (KL + teacher entropy)"
     )

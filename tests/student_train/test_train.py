@@ -985,6 +985,30 @@ def test_eval_max_samples_is_per_cache(kd_cache, k4_cache):
     assert report["all"]["samples"] == 4
 
 
+def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file):
+    """With two experts' caches (math, code) beside a general one, the report's "by_domain" gives
+    each domain what evaluating its cache alone gives, and together they make the "domain" part."""
+    from student_train.evaluate import evaluate
+
+    common = dict(teacher="tiny-mixtral", data=(str(chats_file),), backend="hf", top_k=8, progress=False)
+    general, math_, code = tmp_path / "general", tmp_path / "math", tmp_path / "code"
+    run(RunConfig(out=str(general), exclude_domain="math", **common))
+    run(RunConfig(out=str(math_), only_domain="math", **common))
+    run(RunConfig(out=str(code), only_domain="code", **common))
+    report = evaluate("tiny-mistral", [str(general), str(math_), str(code)], batch_size=3)
+    assert sorted(report["by_domain"]) == ["code", "math"]
+    parts = report["by_domain"].values()
+    assert sum(p["samples"] for p in parts) == report["domain"]["samples"] == 4
+    assert sum(p["positions"] for p in parts) == report["domain"]["positions"]
+    mean_kl = sum(p["kl_to_teacher"] * p["positions"] for p in parts) / report["domain"]["positions"]
+    assert mean_kl == pytest.approx(report["domain"]["kl_to_teacher"], rel=1e-5)
+    for name, path in (("math", math_), ("code", code)):
+        alone = evaluate("tiny-mistral", [str(path)])
+        assert alone["by_domain"][name] == pytest.approx(report["by_domain"][name], rel=1e-4)
+        assert alone["domain"] == pytest.approx(alone["by_domain"][name], rel=1e-6)
+    assert "by_domain" not in evaluate("tiny-mistral", [str(general)])
+
+
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):
     """--num-workers 2 yields exactly the samples, in the order, of one process (and of the plan)."""
     from student_train.data import Plan, SampleStream
