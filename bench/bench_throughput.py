@@ -342,8 +342,9 @@ def build_engines(ref, args) -> dict:
     on_gpu = torch.cuda.is_available()
     mem = (0.28 if not args.skip_stock else 0.42) if on_gpu else 0.85  # the engines share one GPU
     # on CPU every engine in this process, as `teacher-cache run` has its own (they are closed together)
-    common = dict(top_k=args.top_k, max_model_len=args.max_length, seed=args.seed, gpu_memory_utilization=mem)
-    common["in_process"] = True
+    common = dict(
+        top_k=args.top_k, max_model_len=args.max_length, seed=args.seed, gpu_memory_utilization=mem, in_process=True
+    )
     plain_kw = dict(
         model=ref.path,
         dtype=ref.dtype,

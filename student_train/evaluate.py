@@ -92,13 +92,13 @@ def evaluate(
             g["nll"] += float(nll[sel].sum())
             g["agree"] += float(agree[sel].sum())
             g["positions"] += n
-        for c, sample in chunk:
+        for (c, _), name in zip(chunk, names, strict=True):
             sums["domain" if c in plan.domain_caches else "general"]["samples"] += 1
-            if c in plan.domain_caches and sample.domain:
-                by_domain.setdefault(sample.domain, zero())["samples"] += 1
+            if name:  # its entry was made above
+                by_domain[name]["samples"] += 1
     bar.close()
     report = {}
-    total = {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
+    total = zero()
     for group, g in sums.items():
         for k in total:
             total[k] += g[k]

@@ -349,15 +349,19 @@ def _check_positions(limit: int | None, caches: list) -> None:
         )
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The highest-numbered complete checkpoint-N in `out` (one with its trainer_state.json), or None."""
+def _checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoint-N in `out` (each with its trainer_state.json), oldest first."""
 
     def step(p: Path) -> int:
         n = p.name.removeprefix("checkpoint-")
         return int(n) if n.isdigit() else -1
 
-    ckpts = sorted(out.glob("checkpoint-*"), key=step)
-    ckpts = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    return [p for p in sorted(out.glob("checkpoint-*"), key=step) if (p / "trainer_state.json").is_file()]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The highest-numbered complete checkpoint-N in `out` (one with its trainer_state.json), or None."""
+    ckpts = _checkpoints(out)
     return ckpts[-1] if ckpts else None
 
 
@@ -365,12 +369,8 @@ def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     """Remove all but the newest `keep` complete checkpoints (-> the removed ones). Each is first
     renamed to a hidden .checkpoint-N.old (one atomic step: a kill mid-removal never leaves a
     half-deleted checkpoint-N that looks resumable), then deleted; leftovers of a killed removal go too."""
-
-    def step(p: Path) -> int:
-        return int(p.name.removeprefix("checkpoint-"))
-
-    complete = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
-    old = sorted(complete, key=step)[:-keep] if keep else []
+    complete = [p for p in _checkpoints(out) if p.name.removeprefix("checkpoint-").isdigit()]
+    old = complete[:-keep] if keep else []
     for ckpt in old:
         gone = out / f".{ckpt.name}.old"
         shutil.rmtree(gone, ignore_errors=True)
