@@ -4,10 +4,12 @@ The order is a pure function of (seed, manifests): each cache is a list of
 (shard, row) items; an epoch permutes shards, then shuffles rows within windows
 of `window` consecutive shards (a shuffle buffer that holds `window` shards at a
 time). With `domain_ratio`, domain caches (made with --only-domain) and general
-caches are two streams interleaved at that ratio. Global index i goes to rank
-i % world; within a rank, the n-th sample since the (resume) start goes to
-dataloader worker n % num_workers; resuming is skipping the consumed count, with
-no decoding.
+caches are two streams interleaved at that ratio, round by round: the `world`
+indices of one round (one per rank) take the same kind, so every rank's samples
+mix at the ratio (per-index routing would give one rank every domain sample at a
+ratio of 1/world). Global index i goes to rank i % world; within a rank, the
+n-th sample since the (resume) start goes to dataloader worker n % num_workers;
+resuming is skipping the consumed count, with no decoding.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class Stream:
 class Plan:
     """Global sample index -> (cache, shard, row), infinite, deterministic."""
 
-    def __init__(self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None) -> None:
+    def __init__(
+        self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None, world: int = 1
+    ) -> None:
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
             if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given
@@ -76,7 +80,7 @@ class Plan:
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
         general = [i for i in range(len(caches)) if i not in self.domain_caches]
-        self.ratio = domain_ratio
+        self.ratio, self.world = domain_ratio, world
         if domain_ratio is None:
             self.streams = [stream(list(range(len(caches))), 0)]
         else:
@@ -95,10 +99,12 @@ class Plan:
         """Global index -> (stream, index within that stream)."""
         if self.ratio is None:
             return 0, i
+        n, rank = divmod(i, self.world)  # round n: its `world` indices, one per rank, take one kind
         r = self.ratio
-        took_domain = math.floor((i + 1) * r) - math.floor(i * r)  # 1 at a fraction r of indices
-        n_domain = math.floor(i * r)
-        return (0, n_domain) if took_domain else (1, i - n_domain)
+        n_domain = math.floor(n * r)  # rounds before n that took the domain stream
+        if math.floor((n + 1) * r) - n_domain:  # 1 at a fraction r of rounds
+            return 0, n_domain * self.world + rank
+        return 1, (n - n_domain) * self.world + rank
 
     def short_stream(self, n: int) -> int | None:
         """Size of a stream that n consecutive samples draw from more often than it holds samples, else None."""

@@ -272,6 +272,7 @@ def _valid_trainer_state(saved: object, ckpt: Path, cfg: TrainConfig) -> bool:
         and isinstance(saved.get("config", {}), dict)
         and 0 <= saved["step"] <= saved.get("config", {}).get("max_steps", cfg.max_steps)
         and saved["samples_per_rank"] >= 0
+        and saved.get("domain_mix", "per_index") in ("per_index", "per_round")
         and ckpt.name == f"checkpoint-{saved['step']}"
     )
 
@@ -505,6 +506,7 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
     digests = check_distinct(caches)
     state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests, "world_size": world}
+    state["domain_mix"] = "per_round"  # how Plan routes a DAE mix (data.py); "per_index" before it was saved
     state["student_path"] = student_path  # the --student folder, resolved (a preset's built folder)
     latest = latest_checkpoint(out)
     ckpt = latest if cfg.resume else None
@@ -527,6 +529,7 @@ def _resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student
                 f"their optimizer state; start a new LoRA run from it: --student {ckpt} --out NEW_DIR"
             )
         state.update({k: v for k, v in saved.items() if k in state and k != "student_path"})
+        state["domain_mix"] = saved.get("domain_mix", "per_index")
     return state, ckpt
 
 
@@ -636,7 +639,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     kind = caches[0].kind
     if cfg.lam > 0:
         check_temperature(kind, cfg.temperature)
-    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
+    plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio, world=world)
     overlap = domain_overlap(caches) if cfg.domain_ratio is not None else None
     if overlap and rank == 0:
         print(f"warning: {overlap}", file=sys.stderr, flush=True)
@@ -662,6 +665,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     state, ckpt = _resume_point(cfg, out, caches, world, ref.path)
     if cfg.resume and ckpt is None and rank == 0:  # legal (a run killed before its first checkpoint), but say so
         print(f"note: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
+    if state["domain_mix"] == "per_index":  # a checkpoint from before: its order, so the resume is exact
+        plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     load_from = str(ckpt) if ckpt else ref.path
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
         torch.distributed.barrier()

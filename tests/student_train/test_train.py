@@ -240,13 +240,25 @@ def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_pa
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)) and steps >= 1
 
 
-def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file, monkeypatch):
-    from student_train.data import Plan, SampleStream, Stream
+DAE_COMMON = dict(backend="hf", top_k=8, shard_size=3, progress=False)
 
-    expert, reference = tmp_path / "expert", tmp_path / "reference"
-    common = dict(data=(str(chats_file),), backend="hf", top_k=8, shard_size=3, progress=False)
+
+@pytest.fixture(scope="module")
+def dae_caches(tmp_path_factory, chats_file) -> tuple[Path, Path]:
+    """(reference, expert): a general cache without the 'math' samples (10) and a math expert's cache (2)."""
+    where = tmp_path_factory.mktemp("dae")
+    expert, reference = where / "expert", where / "reference"
+    common = dict(data=(str(chats_file),), **DAE_COMMON)
     run(RunConfig(teacher="tiny-mixtral", out=str(expert), only_domain="math", source="math-expert", **common))
     run(RunConfig(teacher="tiny-mistral", out=str(reference), exclude_domain="math", source="reference", **common))
+    return reference, expert
+
+
+def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file, dae_caches, monkeypatch):
+    from student_train.data import Plan, SampleStream, Stream
+
+    reference, expert = dae_caches
+    common = dict(data=(str(chats_file),), **DAE_COMMON)
     caches = [open_cache(reference), open_cache(expert)]
     own = {c.manifest["source"]: {s.sample_id: s for s in c} for c in caches}
     plan = Plan(caches, seed=3, window=2, domain_ratio=0.25)
@@ -367,20 +379,43 @@ def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_pa
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
 
 
-def _torchrun(out: Path, cache: Path, *extra: str) -> None:
+def _torchrun(out: Path, cache: Path | tuple[Path, ...], *extra: str) -> None:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    caches = [a for c in (cache if isinstance(cache, tuple) else (cache,)) for a in ("--cache", str(c))]
     args = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)),
-        *("-m", "student_train.cli", "train", "--student", "tiny-mistral", "--cache", str(cache), "--out", str(out)),
+        *("-m", "student_train.cli", "train", "--student", "tiny-mistral", *caches, "--out", str(out)),
         *("--max-steps", "3", "--batch-size", "2", "--save-every", "1", "--lr", "1e-3", "--warmup-steps", "0"),
         *("--no-progress", *extra),
     ]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_both_mix_domain_and_general_and_an_older_checkpoint_keeps_its_order(tmp_path, dae_caches):
+    out = tmp_path / "dae"
+    _torchrun(out, dae_caches, "--domain-ratio", "0.5")  # 3 steps of 2 samples per rank
+
+    def math_per_step(rank: int) -> list[int]:
+        lines = (out / f"samples.rank{rank}.jsonl").read_text().splitlines()
+        return [sum(sid.startswith("math") for sid in json.loads(line)["samples"]) for line in lines]
+
+    assert [sum(math_per_step(r)) for r in (0, 1)] == [3, 3]  # each rank: 6 samples, half of them domain
+    # a checkpoint saved before the mix went round by round (no "domain_mix" in its state) resumes
+    # in the order it was trained in: index by index, which gave rank 1 every domain sample
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("domain_mix") == "per_round"
+    state_file.write_text(json.dumps(state))
+    for step in (2, 3):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    _torchrun(out, dae_caches, "--domain-ratio", "0.5", "--resume")
+    assert [math_per_step(r)[1:] for r in (0, 1)] == [[0, 0], [2, 2]]
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["domain_mix"] == "per_index"
 
 
 def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_path, kd_cache):
@@ -426,6 +461,22 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
     args = ["--resume", "--fsdp"]
     with pytest.raises(AssertionError, match=r"other settings \(fsdp\); resume with the same ones"):
         _torchrun(ddp, kd_cache, *args)
+
+
+def test_plan_mixes_domain_and_general_on_every_rank(dae_caches):
+    """Round by round: at a ratio of 1/world, routing index by index gave one rank every domain sample."""
+    from student_train.data import Plan
+
+    caches = [open_cache(c) for c in dae_caches]
+    for world in (1, 2, 3, 4):
+        for ratio in (0.25, 1 / 3, 0.5, 0.9):
+            plan = Plan(caches, seed=1, window=2, domain_ratio=ratio, world=world)
+            routes = [plan._route(i) for i in range(40 * world)]
+            for rank in range(world):
+                kinds = [s for s, _ in routes[rank::world]]
+                assert kinds.count(0) == math.floor(40 * ratio), (world, ratio, rank)
+            for s in (0, 1):  # each stream's indices used once each, in order, by the ranks together
+                assert [j for t, j in routes if t == s] == list(range(sum(t == s for t, _ in routes)))
 
 
 @pytest.fixture(scope="module")
