@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -19,6 +20,15 @@ class SettingsError(UserError):
     """Options that contradict each other: one line, exit code 2 (a usage error)."""
 
     exit_code = 2
+
+
+def _rank() -> tuple[int, str]:
+    """(this process's rank, the prefix of its messages): 'rank N: ' under torchrun, where every
+    process prints its own error and a reader must see which one failed; (0, '') alone."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0, ""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return rank, f"rank {rank}: "
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,16 +146,19 @@ def train(**kw) -> None:
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
         raise SettingsError(one_line(e)) from None
     interruptible()
+    rank, prefix = _rank()
     try:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise UserError(one_line(e)) from None
+        raise UserError(prefix + one_line(e)) from None
     except KeyboardInterrupt:
         click.echo(
-            "interrupted: checkpoints are kept; the same command with --resume continues from the latest", err=True
+            f"{prefix}interrupted: checkpoints are kept; the same command with --resume continues from the latest",
+            err=True,
         )
         sys.exit(130)
-    click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+    if rank == 0:  # one line for the run, not one per process
+        click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
 
 
 @main.command("eval")

@@ -362,8 +362,10 @@ def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_pa
         "3",
         "--no-progress",
     ]
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 3") == 1  # rank 0's line only
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     per_rank = [
@@ -377,6 +379,14 @@ def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_pa
     assert len(per_rank[0]) == len(per_rank[1]) == 6
     assert not set(per_rank[0]) & set(per_rank[1])  # 12 samples, 12 draws: one epoch split in two
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    # every process prints its own error (unless torchrun stops it first): each says which rank it is
+    args[args.index(str(kd_cache))] = str(tmp_path / "missing")
+    failed = subprocess.run(args, capture_output=True, text=True, env=env)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("Error: ")]
+    assert failed.returncode != 0 and errors
+    assert {re.sub(r"rank \d: ", "rank N: ", line) for line in errors} == {
+        f"Error: rank N: {tmp_path / 'missing'}: does not exist"
+    }
 
 
 def _torchrun(out: Path, cache: Path | tuple[Path, ...], *extra: str) -> None:
