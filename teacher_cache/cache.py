@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from teacher_cache import codec
 from teacher_cache.manifest import MANIFEST, MAX_MANIFEST_BYTES, PARTS_DIR, ManifestError, validate
-from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_RE, ShardError, ShardStream, shard_metadata
+from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardError, ShardStream, shard_metadata
 from teacher_cache.storage import Location, as_location
 
 
@@ -106,6 +106,17 @@ class Cache:
         if entry is None:
             raise ShardError(f"{name}: not listed in the manifest")
         return entry
+
+    def check_files(self) -> None:
+        """Every listed shard stored, at its manifest size (one listing, no shard read): a cache that
+        lost or cut a shard fails when opened, not when training reaches that shard. (Checksums:
+        as each shard is read, or all at once by `teacher-cache verify`.)"""
+        stored = self.where.sizes(SHARD_GLOB)
+        for name, entry in self._entries.items():
+            if name not in stored:
+                raise ShardError(f"{name}: listed in the manifest but missing from {self.where}")
+            if (size := stored[name]) != entry["bytes"]:
+                raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
 
     def open_shard(self, name: str) -> ShardStream:
         """Check a shard's size and header against the manifest; stream its record batches."""
@@ -248,8 +259,9 @@ def _is_cache(folder: Path) -> bool:
     return (folder / PARTS_DIR).is_dir() or any(SHARD_RE.fullmatch(n) for n in os.listdir(folder))
 
 
-def open_cache(path: str | Path | Location) -> Cache:
-    """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it."""
+def open_cache(path: str | Path | Location, *, check_files: bool = True) -> Cache:
+    """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it; with
+    `check_files`, also that every shard it lists is stored at its size (`Cache.check_files`)."""
     where = as_location(path)
     if not where.exists(MANIFEST):
         if not where.exists(""):
@@ -267,4 +279,7 @@ def open_cache(path: str | Path | Location) -> Cache:
         manifest = where.read_json(MANIFEST, MAX_MANIFEST_BYTES)
     except ValueError as e:
         raise ManifestError(str(e)) from None
-    return Cache(where, validate(manifest, where.describe(MANIFEST)))
+    cache = Cache(where, validate(manifest, where.describe(MANIFEST)))
+    if check_files:
+        cache.check_files()
+    return cache

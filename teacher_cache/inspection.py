@@ -14,7 +14,7 @@ from teacher_cache.shards import SHARD_GLOB, ShardError
 
 def summary(path: str) -> dict:
     """Who made the cache and how, with its size and bytes per target position."""
-    cache = open_cache(path)
+    cache = open_cache(path, check_files=False)  # reports a damaged cache, shard by shard
     m = cache.manifest
     c = m["counts"]
     size = sum(s["bytes"] for s in m["shards"])
@@ -41,11 +41,13 @@ def summary(path: str) -> dict:
         "target_positions": c["target_positions"],
         "skipped_bad": c["skipped_bad"],
         "truncated": c["truncated"],
+        "duplicates": c.get("duplicates", 0),  # repeated sample ids dropped (by a run, or by merge)
         "shards": len(m["shards"]),
         "bytes": size,
         "bytes_per_target_position": round(size / c["target_positions"], 2) if c["target_positions"] else None,
-        "data_files": [f["path"] for f in m["data"]["files"]],
-        "wall_s": (m.get("timing") or {}).get("wall_s"),
+        "data_files": list(dict.fromkeys(f["path"] for f in m["data"]["files"])),  # once each, merged or not
+        "wall_s": (m.get("timing") or {}).get("wall_s"),  # None for a merged cache: see merged_from
+        **({"merged_from": [p["path"] for p in m["merged_from"]]} if m.get("merged_from") else {}),
     }
 
 
@@ -53,7 +55,7 @@ def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     """Decode every row of every shard; return (problems, samples checked)."""
     from tqdm import tqdm
 
-    cache = open_cache(path)
+    cache = open_cache(path, check_files=False)  # reports a damaged cache, shard by shard
     problems: list[str] = []
     checked = 0
     listed = set(cache.shard_names)

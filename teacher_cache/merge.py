@@ -138,7 +138,7 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
     with _bar(progress, n_shards, "checking") as bar:
         plans, repeats = _plan(caches, bar)
     dest.makedirs()
-    with _bar(progress, len(plans), "writing") as bar:
+    with _bar(progress, len(plans), "writing", unit="source shard") as bar:  # those that keep no row: none
         shards = _write_shards(dest, plans, bar)
     manifest = _merged_manifest(caches, shards, repeats)
     dest.write_json(MANIFEST, manifest)
@@ -161,11 +161,11 @@ def _check_dest(dest: Location) -> None:
         raise MergeError(f"{dest} exists and is not empty")
 
 
-def _bar(enabled: bool, total: int, desc: str):
+def _bar(enabled: bool, total: int, desc: str, unit: str = "shard"):
     """A progress bar over shards on stderr (a no-op when disabled)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
 
 
 class _Repeats(NamedTuple):

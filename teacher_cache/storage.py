@@ -158,19 +158,27 @@ class Location:
         self.fs.invalidate_cache(self.path(name))  # s3fs/gcsfs answer from listings, maybe of an older version
         return int(self.fs.size(self.path(name)))
 
-    @_storage_errors
     def glob(self, pattern: str) -> list[str]:
         """Names (relative to this location) matching a pattern such as 'parts/*.json', sorted.
         Only the last part may hold wildcards; the folders are listed, not globbed, so a location
         named like a pattern ('team[law]', 'a*') is not read as one."""
+        return sorted(self.sizes(pattern))
+
+    @_storage_errors
+    def sizes(self, pattern: str) -> dict[str, int]:
+        """{name: bytes} of the files `glob(pattern)` names, from one listing of their folder."""
         folder, _, name_pattern = pattern.rpartition("/")
         self.fs.invalidate_cache()
         path = self.path(folder) if folder else self.root
         if not self.fs.isdir(path):
-            return []
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+            return {}
         prefix = folder + "/" if folder else ""
-        return sorted(prefix + n for n in names if fnmatch.fnmatchcase(n, name_pattern))
+        found = {}
+        for info in self.fs.ls(path, detail=True):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(name, name_pattern):
+                found[prefix + name] = int(info.get("size") or 0)
+        return found
 
     @_storage_errors
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -94,7 +94,7 @@ def test_two_workers_write_to_s3_then_merge_verify_and_train_over_the_network(s3
     verified = ok(sh([*TC, "verify", merged]))
     assert "ok: 12 samples" in verified.stdout
     info = json.loads(ok(sh([*TC, "inspect", merged, "--json"])).stdout)
-    assert info["samples"] == 12 and info["data_files"] == [monday, tuesday]
+    assert info["samples"] == 12 and info["data_files"] == [monday, tuesday] and info["merged_from"] == [a, b]
     assert info["tokenizer_fingerprint"].startswith("sha256:") and info["targets"]["k"] == 8
 
     run_dir = tmp_path / "run"

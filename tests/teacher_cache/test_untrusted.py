@@ -328,6 +328,29 @@ def test_missing_shard_file(cache):
     refused(cache, "listed in the manifest but missing from")
 
 
+@pytest.mark.parametrize("damage", ["cut", "gone"])
+def test_a_lost_or_cut_last_shard_is_found_when_the_cache_opens(cache, tmp_path, damage):
+    """Not when training reaches that shard (after steps and checkpoints): one listing at open
+    compares every shard's size with the manifest's, for check, train and eval alike."""
+    last = cache / json.loads((cache / "manifest.json").read_text())["shards"][-1]["name"]
+    if damage == "cut":
+        last.write_bytes(last.read_bytes()[:5000])
+        why = f"{last.name}: 5000 bytes stored, manifest says"
+    else:
+        last.unlink()
+        why = f"{last.name}: listed in the manifest but missing from {cache}"
+    with pytest.raises(ShardError, match=why):
+        open_cache(cache)
+    assert summary(str(cache))["samples"] == 12  # inspect still shows what the manifest says
+    st = [sys.executable, "-m", "student_train.cli"]
+    for args in (["check"], ["train", "--out", str(tmp_path / "run")]):
+        done = subprocess.run(
+            [*st, *args, "--student", "tiny-mistral", "--cache", str(cache)], capture_output=True, text=True
+        )
+        assert done.returncode == 1 and why in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_sampled_rows_with_another_number_of_draws(tmp_path, chats_file):
     out = tmp_path / "sampled"
     run(RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(out), backend="hf", targets="sampled",
@@ -534,6 +557,9 @@ def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, ch
     assert ("with other target values" in done.stdout) == (other > 0)
     first = {s.sample_id: s.topk_logprobs for s in open_cache(tmp_path / "a")}
     assert all(np.array_equal(s.topk_logprobs, first[s.sample_id]) for s in merged)
+    info = summary(str(tmp_path / "m"))  # what `inspect` shows of a merge
+    assert info["duplicates"] == 3 and info["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert info["data_files"] == [str(chats_file), str(head)] and info["wall_s"] is None
 
 
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
