@@ -8,7 +8,7 @@ import sys
 import click
 
 from student_train import __version__
-from teacher_cache.cli import PATH, interruptible
+from teacher_cache.cli import PATH, OneLineGroup, interruptible
 from teacher_cache.errors import one_line
 
 
@@ -31,7 +31,7 @@ def _rank() -> tuple[int, str]:
     return rank, f"rank {rank}: "
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="student-train")
 def main() -> None:
     """Train a student from cached teacher targets (the teacher is never loaded)."""
@@ -210,9 +210,14 @@ def _is_image(head: bytes) -> bool:
 
 @main.command()
 @click.argument("run_dir", type=PATH)
-@click.option("--out", type=PATH, default=None, help="PNG path (default RUN_DIR/curves.png).")
+@click.option(
+    "--out",
+    type=PATH,
+    default=None,
+    help="Image path; its extension picks the format: .png, .pdf, .svg (default RUN_DIR/curves.png).",
+)
 def plot(run_dir: str, out: str | None) -> None:
-    """Draw a run's loss, lr and grad-norm curves to PNG."""
+    """Draw a run's loss, lr and grad-norm curves to an image (PNG by default)."""
     from student_train.checks import check_output_file
     from student_train.plot import plot_run
 

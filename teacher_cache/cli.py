@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import signal
@@ -24,6 +25,39 @@ class SettingsError(UserError):
     """Options that contradict each other: one line, exit code 2 (a usage error)."""
 
     exit_code = 2
+
+
+class _UsageLine(click.ClickException):
+    """A usage error as one line (click's own prints the usage and a hint before it); exit 2."""
+
+    exit_code = 2
+
+
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+@contextlib.contextmanager
+def _one_line_usage():
+    try:
+        yield
+    except click.UsageError as e:
+        if isinstance(e, _HELP):  # a bare command: its help, as click prints it
+            raise
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        raise _UsageLine(e.format_message() + hint) from None
+
+
+class OneLineGroup(click.Group):
+    """A command group whose usage errors (an unknown option, a bad value) are one line, as every
+    other error of these CLIs is."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):  # parses the subcommand's options, then runs it
+        with _one_line_usage():
+            return super().invoke(ctx)
 
 
 class NonBlankPath(click.ParamType):
@@ -57,7 +91,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated layer indices, got {value!r}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="teacher-cache")
 def main() -> None:
     """Cache a teacher model's targets (top-k or sampled log-probs, attention summaries) to Arrow shards."""
@@ -215,7 +249,8 @@ def verify(cache_dir: str, no_progress: bool) -> None:
 @click.option("--out", type=PATH, required=True, help="New directory for the merged cache.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
-    """Join compatible caches (workers, days) into OUT; explain exactly why when they are not."""
+    """Join finished, compatible caches (several days' runs, say) into OUT; say exactly why when they
+    are not. (Workers of one run share its --out: the last to finish writes the manifest.)"""
     from teacher_cache.merge import merge as merge_caches
 
     try:

@@ -50,8 +50,11 @@ def content_id(messages: list[dict[str, str]]) -> str:
 def parse_record(obj: object, where: str) -> Record:
     """Validate one decoded JSON object / Parquet row."""
     if not isinstance(obj, dict):
-        raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}")
+        lines = "; one JSON object per line is expected" if isinstance(obj, list) else ""  # a JSON array file
+        raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}{lines}")
     if "messages" in obj and obj["messages"] is not None:
+        if obj.get("prompt") is not None or obj.get("response") is not None:  # which one is the sample?
+            raise BadRecordError(where, "record has both 'messages' and 'prompt'/'response': keep one")
         raw = obj["messages"]
         if not isinstance(raw, list) or not raw:
             raise BadRecordError(where, "'messages' must be a non-empty list")

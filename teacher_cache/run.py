@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,8 @@ class RunConfig:
                 "--worker-index must be in [0, --num-workers)",
             ),
             (bool(self.data), "no data files given"),
+            (len({os.path.normpath(d) for d in self.data}) == len(self.data), "--data names a file twice"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
             (len(set(self.attention_layers)) == len(self.attention_layers), "--attention-layers lists a layer twice"),
@@ -422,6 +425,8 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     _check_positions(cfg, teacher_config)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
     _check_vocab(teacher_config, len(tok))
+    if cfg.targets == "topk" and cfg.top_k > len(tok):  # would store every token's log-prob, in k's name
+        raise RunError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({len(tok)} tokens)")
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
@@ -639,7 +644,8 @@ def _cache_shards(
             part["shards"].append(entry)
             _write_part(cfg, out, part, bad, dups, time.time() - t0)
     except EngineFailure as e:
-        raise RunError(f"{e}: finished shards are kept; the same command resumes after them") from None
+        kept = "finished shards are kept; the same command resumes after them" if part["shards"] else "rerun it"
+        raise RunError(f"{e}: {kept}") from None
     finally:
         bar.close()
         for b in (backend if owned else None, attn_backend):
@@ -662,7 +668,7 @@ def _cache_shard(
 ) -> dict:
     """Tokenize one shard's records, run the teacher over them batch by batch and write the
     shard (tagged with part's config hash and source); returns its entry for the part file."""
-    tokenized, shard_bad = _tokenize_shard(cfg, tok, records)
+    tokenized, shard_bad = _tokenize_shard(cfg, tok, records, finished=len(part["shards"]))
     metadata = {"format_version": FORMAT_VERSION, "config_hash": part["config_hash"], "shard": name}
     with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
         for start in range(0, len(tokenized), cfg.batch_size):
@@ -680,8 +686,11 @@ def _cache_shard(
     return {**info.to_dict(), "skipped_bad": len(shard_bad), "bad_records": shard_bad}
 
 
-def _tokenize_shard(cfg: RunConfig, tok, records: list[Record]) -> tuple[list[tuple[Record, Tokenized]], list[str]]:
-    """The shard's records with their tokens, and the bad ones skipped (raises unless --skip-bad)."""
+def _tokenize_shard(
+    cfg: RunConfig, tok, records: list[Record], *, finished: int
+) -> tuple[list[tuple[Record, Tokenized]], list[str]]:
+    """The shard's records with their tokens, and the bad ones skipped (raises unless --skip-bad;
+    `finished`: shards already durable, which the error says are kept)."""
     tokenized: list[tuple[Record, Tokenized]] = []
     shard_bad: list[str] = []
     for rec in records:
@@ -689,7 +698,8 @@ def _tokenize_shard(cfg: RunConfig, tok, records: list[Record]) -> tuple[list[tu
             tokenized.append((rec, tokenize_record(tok, rec, cfg.max_length)))
         except BadRecordError as e:
             if not cfg.skip_bad:  # found only now, when its shard is reached: say how to keep what is done
-                kept = "the finished shards are kept: rerun with --skip-bad to skip such records"
+                kept = "rerun with --skip-bad to skip such records"
+                kept = f"the finished shards are kept: {kept}" if finished else kept
                 raise BadRecordError(e.where, f"{e.why}; {kept}") from None
             shard_bad.append(str(e))
     return tokenized, shard_bad
@@ -710,7 +720,7 @@ def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: lis
     _log(
         f"worker {cfg.worker_index}: {c['samples']} samples, {c['target_positions']} target positions, "
         f"{c['skipped_bad']} skipped, {c['truncated']} truncated in {wall:.1f}s"
-        + ("; cache complete" if manifest else "; waiting for other workers before manifest.json")
+        + ("; cache complete" if manifest else f"; manifest.json comes when every worker has finished into {out}")
     )
     return part
 

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,11 +158,15 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
         (["--backend", "hf", "--vllm-mode", "prompt_logprobs"], "--vllm-mode applies to the vllm backend only"),
         (["--backend", "hf", "--tensor-parallel-size", "2"], "--tensor-parallel-size applies to the vllm backend"),
         (["--targets", "sampled", "--vllm-mode", "prompt_logprobs"], "sampled targets need full logits"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--data", str(chats_file)], "--data names a file twice"),
     ):
         done = sh([*run, *extra])
         assert done.returncode == 2 and message in one_line_error(done), done.stderr
     done = sh([*run, "--backend", "hf", "--attention-layers", "0,5"])  # the tiny teacher has 2 layers
     assert done.returncode == 1 and "attention layer 5 out of range: tiny-mixtral has 2 layers" in one_line_error(done)
+    done = sh([*run, "--backend", "hf", "--top-k", "40000"])
+    assert "--top-k 40000 is larger than the teacher's vocabulary (32000 tokens)" in one_line_error(done)
     assert not (tmp_path / "c").exists()
     done = sh([*TC, "inspect", ""])
     assert done.returncode == 2 and "Invalid value for 'CACHE_DIR': must not be empty" in one_line_error(done)
@@ -179,6 +184,28 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
                "--clip=-1"])  # fmt: skip
     assert done.returncode == 2 and "--clip must be > 0 (the gradient-norm threshold), got -1" in one_line_error(done)
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_option_parsing_errors_are_one_line_too(tmp_path):
+    """click prints the usage and a hint before its error: these CLIs print the error alone."""
+    tc, st = (str(Path(sys.executable).parent / name) for name in ("teacher-cache", "student-train"))
+    bad_precision = "Invalid value for '--precision': 'fp16' is not one of 'auto', 'bf16', 'fp32'."
+    for args, line in (
+        (
+            [tc, "run", "--top-k", "0"],
+            "Invalid value for '--top-k': 0 is not in the range x>=1. (see 'teacher-cache run",
+        ),
+        ([tc, "run", "--out", str(tmp_path)], "Missing option '--teacher'. (see 'teacher-cache run"),
+        ([tc, "inspect"], "Missing argument 'CACHE_DIR'. (see 'teacher-cache inspect"),
+        ([tc, "frob"], "No such command 'frob'. (see 'teacher-cache"),
+        ([st, "train", "--precision", "fp16"], f"{bad_precision} (see 'student-train train"),
+        ([st, "eval", "--frob"], "No such option '--frob'. (see 'student-train eval"),
+    ):
+        done = sh(args)
+        assert (done.returncode, done.stderr.splitlines()) == (2, [f"Error: {line} --help')"]), done.stderr
+    assert not any(tmp_path.iterdir())
+    bare = sh([tc])  # a bare command still prints its help
+    assert bare.returncode == 2 and "Commands:" in bare.stderr + bare.stdout
 
 
 def test_data_folder_and_foreign_out_are_refused_before_anything_is_written(tmp_path, chats_file):

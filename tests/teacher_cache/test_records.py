@@ -39,7 +39,8 @@ def test_content_id_is_the_documented_hash_of_role_and_content_only():
 @pytest.mark.parametrize(
     "obj,why",
     [
-        ([1, 2], "expected a JSON object"),
+        ([1, 2], "expected a JSON object, got list; one JSON object per line is expected"),
+        ({"messages": [{"role": "assistant", "content": "x"}], "prompt": "p", "response": "r"}, "keep one"),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
         ({"prompt": "x"}, "must both be strings"),

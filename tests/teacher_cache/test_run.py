@@ -205,6 +205,10 @@ def test_a_bad_record_found_mid_run_is_skipped_on_resume_keeping_the_finished_sh
         run(cfg(data, out))
     done = json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["shards"]
     assert len(done) == 4
+    first = tmp_path / "first.jsonl"  # in the first shard: no finished shard to speak of
+    first.write_text("\n".join([json.dumps(bad), *lines]) + "\n")
+    with pytest.raises(BadRecordError, match=r"first.jsonl:1: [^;]*; rerun with --skip-bad to skip such records$"):
+        run(cfg(first, tmp_path / "c1"))
     before = {d["name"]: (out / d["name"]).read_bytes() for d in done}
     run(cfg(data, out, skip_bad=True))
     m = open_cache(out).manifest
