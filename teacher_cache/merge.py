@@ -60,10 +60,16 @@ def check_compatible(caches: list[Cache]) -> None:
         other = _compat(cache.manifest)
         for key, value in first.items():
             if other[key] != value:
-                raise MergeError(
-                    f"cannot merge {caches[0].where} and {cache.where}: {key} differs "
-                    f"({_short(value)} vs {_short(other[key])})"
-                )
+                why = f"{key} differs ({_difference(value, other[key])})"
+                raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {why}")
+
+
+def _difference(a: object, b: object) -> str:
+    """'a vs b', or for two dicts only their keys that differ: 'k: 32 vs 8, ...'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted({*a, *b} - {k for k in a.keys() & b.keys() if a[k] == b[k]})
+        return ", ".join(f"{k}: {_short(a.get(k))} vs {_short(b.get(k))}" for k in keys)
+    return f"{_short(a)} vs {_short(b)}"
 
 
 def _short(v: object) -> str:

@@ -120,10 +120,16 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
                 if not line:
                     continue
                 where = f"{path}:{lineno}"
+                try:  # UTF-8 only (json.loads would take UTF-16/32 bytes too, and fail obscurely on them)
+                    text = line.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark opening the file
+                except UnicodeDecodeError as e:
+                    why = f"not UTF-8 text (byte {e.start} of the line is {line[e.start : e.start + 1]!r})"
+                    yield BadRecordError(where, f"{why}; JSON lines must be UTF-8"), where
+                    continue
                 try:
-                    yield parse_json(line), where
+                    yield parse_json(text), where
                 except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
-                    hint = "; one JSON object per line is expected (JSON lines)" if line in (b"[", b"{") else ""
+                    hint = "; one JSON object per line is expected (JSON lines)" if text in ("[", "{") else ""
                     yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e}){hint}"), where
     else:
         raise DataFileError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")

@@ -137,6 +137,15 @@ def test_a_pretty_printed_json_file_says_json_lines_are_expected(tmp_path):
         list(iter_records([str(p)], skip_bad=False))
 
 
+def test_a_file_not_in_utf8_says_so(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes('{"prompt": "a", "response": "b"}\n'.encode("utf-16"))  # opens with a byte-order mark
+    with pytest.raises(BadRecordError, match=r"d.jsonl:1: not UTF-8 text \(byte 0 of the line is b'\\xff'\); JSON"):
+        list(iter_records([str(p)], skip_bad=False))
+    p.write_bytes('\ufeff{"prompt": "a", "response": "b"}\n'.encode())  # UTF-8 with a byte-order mark: fine
+    assert len(list(iter_records([str(p)], skip_bad=False))) == 1
+
+
 def test_parquet_rows_mix_chats_and_pairs_and_are_named_from_1(tmp_path):
     """In Parquet every row has every column: a pair row's `messages` is null, not a bad chat.
     A bad row is named by its 1-based row number, as JSONL lines are."""
