@@ -633,8 +633,10 @@ def _cache_shards(
             if index < done:
                 continue
             if backend is None:
+                if cfg.progress:
+                    _log(f"loading the teacher {ref.name} ({_backend_name(cfg)})")
                 backend, attn_backend = _make_backend(cfg, ref)
-                bar.reset_clock()
+                bar.start()
             if not described:  # once per run: its engines do not change (a resume's may)
                 engines = [b.describe() for b in (backend, attn_backend) if b is not None]
                 part["engines"] = union_engines([part["engines"], engines])
@@ -738,28 +740,28 @@ def _counts(part: dict, bad: list[str], dups: list[int]) -> dict:
 
 
 class _Progress:
+    """The caching bar (samples, tokens/s); it appears once the engine is loaded, so that its rate
+    and ETA, and tokens/s, count the caching only (not a 0 % bar under the engine's start-up)."""
+
     def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.enabled, self.total, self.initial = enabled, total, min(initial, total)
         self.bar = None
-        if enabled:
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def start(self) -> None:
+        self.t0 = time.time()
+        if self.enabled and self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total,
-                initial=min(initial, total),
+                total=self.total,
+                initial=self.initial,
                 unit="sample",
                 desc="caching",
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
-        self.tokens = 0
-        self.t0 = time.time()
-
-    def reset_clock(self) -> None:
-        """Start tokens/s, and the bar's own rate and ETA, after the engine is loaded."""
-        self.t0 = time.time()
-        if self.bar is not None:
-            self.bar.start_t = self.bar.last_print_t = self.bar._time()
-            self.bar.last_print_n = self.bar.n
 
     def update(self, samples: int, tokens: int) -> None:
         self.tokens += tokens

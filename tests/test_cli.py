@@ -239,6 +239,15 @@ def test_presets_command_lists_the_registry():
         assert name in done.stdout
 
 
+def test_the_caching_bar_starts_once_the_teacher_is_loaded(tmp_path, chats_file):
+    """Not at 0 % under the engine's start-up (vLLM prints its own lines there)."""
+    done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--data", str(chats_file),
+               "--out", str(tmp_path / "c")])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert err.index("loading the teacher tiny-mixtral (hf)\n") < err.index("caching:") and "12/12" in err
+
+
 def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file):
     import signal
     import time
