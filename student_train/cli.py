@@ -141,12 +141,12 @@ def train(**kw) -> None:
     kw["caches"] = tuple(kw["caches"])
     kw["attention_layer_map"] = _parse_map(kw["attention_layer_map"])
     kw["progress"] = not kw.pop("no_progress")
+    rank, prefix = _rank()
     try:
         cfg = TrainConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
-        raise SettingsError(one_line(e)) from None
+        raise SettingsError(prefix + one_line(e)) from None
     interruptible()
-    rank, prefix = _rank()
     try:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:

@@ -113,9 +113,13 @@ class Cache:
         as each shard is read, or all at once by `teacher-cache verify`.)"""
         stored = self.where.sizes(SHARD_GLOB)
         for name, entry in self._entries.items():
-            if name not in stored:
-                raise ShardError(f"{name}: listed in the manifest but missing from {self.where}")
-            if (size := stored[name]) != entry["bytes"]:
+            size = stored.get(name)
+            if size is None:  # not listed, or listed without a size (http): asked one by one
+                try:
+                    size = self.where.size(name)
+                except FileNotFoundError:
+                    raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
+            if size != entry["bytes"]:
                 raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
 
     def open_shard(self, name: str) -> ShardStream:

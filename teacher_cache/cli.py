@@ -7,6 +7,8 @@ import errno
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -37,26 +39,30 @@ _HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 @contextlib.contextmanager
-def _one_line_usage():
+def _one_line_usage(command_path: str) -> Iterator[None]:
+    """Re-raise a click usage error as one line that points at the --help of its command (or of
+    `command_path` when click gives no context)."""
     try:
         yield
     except click.UsageError as e:
         if isinstance(e, _HELP):  # a bare command: its help, as click prints it
             raise
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        raise _UsageLine(e.format_message() + hint) from None
+        where = e.ctx.command_path if e.ctx is not None else command_path
+        raise _UsageLine(f"{e.format_message()} (see '{where} --help')") from None
 
 
 class OneLineGroup(click.Group):
     """A command group whose usage errors (an unknown option, a bad value) are one line, as every
     other error of these CLIs is."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
-        with _one_line_usage():
-            return super().make_context(*args, **kwargs)
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        with _one_line_usage(info_name or self.name or ""):
+            return super().make_context(info_name, args, parent, **extra)
 
-    def invoke(self, ctx: click.Context):  # parses the subcommand's options, then runs it
-        with _one_line_usage():
+    def invoke(self, ctx: click.Context) -> Any:  # parses the subcommand's options, then runs it
+        with _one_line_usage(ctx.command_path):
             return super().invoke(ctx)
 
 

@@ -47,8 +47,15 @@ def summary(path: str) -> dict:
         "bytes_per_target_position": round(size / c["target_positions"], 2) if c["target_positions"] else None,
         "data_files": list(dict.fromkeys(f["path"] for f in m["data"]["files"])),  # once each, merged or not
         "wall_s": (m.get("timing") or {}).get("wall_s"),  # None for a merged cache: see merged_from
-        **({"merged_from": [p["path"] for p in m["merged_from"]]} if m.get("merged_from") else {}),
+        **({"merged_from": merged} if (merged := _merged_from(m)) else {}),
     }
+
+
+def _merged_from(m: dict) -> list[str]:
+    """The paths a merged cache came from (recorded, not validated: entries of another shape are left out)."""
+    entries = m.get("merged_from")
+    entries = entries if isinstance(entries, list) else []
+    return [e["path"] for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)]
 
 
 def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:

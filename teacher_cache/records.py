@@ -53,7 +53,7 @@ def parse_record(obj: object, where: str) -> Record:
         lines = "; one JSON object per line is expected" if isinstance(obj, list) else ""  # a JSON array file
         raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}{lines}")
     if "messages" in obj and obj["messages"] is not None:
-        if obj.get("prompt") is not None or obj.get("response") is not None:  # which one is the sample?
+        if obj.get("prompt") not in (None, "") or obj.get("response") not in (None, ""):  # which is the sample?
             raise BadRecordError(where, "record has both 'messages' and 'prompt'/'response': keep one")
         raw = obj["messages"]
         if not isinstance(raw, list) or not raw:
@@ -116,19 +116,19 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
     elif name.endswith((".jsonl", ".json")):
         with _open(path) as f:
             for lineno, raw in enumerate(f, start=1):
-                line = raw.strip()
+                line = raw.strip().removeprefix(b"\xef\xbb\xbf" if lineno == 1 else b"")  # UTF-8 byte-order mark
                 if not line:
                     continue
                 where = f"{path}:{lineno}"
                 try:  # UTF-8 only (json.loads would take UTF-16/32 bytes too, and fail obscurely on them)
-                    text = line.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark opening the file
+                    text = line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     why = f"not UTF-8 text (byte {e.start} of the line is {line[e.start : e.start + 1]!r})"
                     yield BadRecordError(where, f"{why}; JSON lines must be UTF-8"), where
                     continue
                 try:
                     yield parse_json(text), where
-                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
+                except ValueError as e:  # JSONDecodeError, nested too deeply
                     hint = "; one JSON object per line is expected (JSON lines)" if text in ("[", "{") else ""
                     yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e}){hint}"), where
     else:

@@ -60,6 +60,11 @@ from teacher_cache.tokenize import (
 )
 
 
+def _same_file(data: str) -> str:
+    """A --data path made absolute, so that two spellings of one local file compare equal (URLs as given)."""
+    return data if "://" in data else os.path.abspath(data)
+
+
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message is one line for the user."""
 
@@ -109,7 +114,7 @@ class RunConfig:
                 "--worker-index must be in [0, --num-workers)",
             ),
             (bool(self.data), "no data files given"),
-            (len({os.path.normpath(d) for d in self.data}) == len(self.data), "--data names a file twice"),
+            (len({_same_file(d) for d in self.data}) == len(self.data), "--data names a file twice"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
@@ -636,7 +641,7 @@ def _cache_shards(
                 if cfg.progress:
                     _log(f"loading the teacher {ref.name} ({_backend_name(cfg)})")
                 backend, attn_backend = _make_backend(cfg, ref)
-                bar.start()
+            bar.start()  # once, at the first shard to make (the engine loaded, or given)
             if not described:  # once per run: its engines do not change (a resume's may)
                 engines = [b.describe() for b in (backend, attn_backend) if b is not None]
                 part["engines"] = union_engines([part["engines"], engines])
@@ -746,12 +751,16 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, initial: int) -> None:
         self.enabled, self.total, self.initial = enabled, total, min(initial, total)
         self.bar = None
+        self.started = False
         self.tokens = 0
         self.t0 = time.time()
 
     def start(self) -> None:
-        self.t0 = time.time()
-        if self.enabled and self.bar is None:
+        """Show the bar and start the clocks; later calls do nothing."""
+        if self.started:
+            return
+        self.started, self.t0 = True, time.time()
+        if self.enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(

@@ -165,19 +165,21 @@ class Location:
         return sorted(self.sizes(pattern))
 
     @_storage_errors
-    def sizes(self, pattern: str) -> dict[str, int]:
-        """{name: bytes} of the files `glob(pattern)` names, from one listing of their folder."""
+    def sizes(self, pattern: str) -> dict[str, int | None]:
+        """{name: bytes} of the files `glob(pattern)` names, from one listing of their folder; None
+        where the listing gives no size (fsspec's http lists none; a static host lists nothing)."""
         folder, _, name_pattern = pattern.rpartition("/")
         self.fs.invalidate_cache()
         path = self.path(folder) if folder else self.root
         if not self.fs.isdir(path):
             return {}
         prefix = folder + "/" if folder else ""
-        found = {}
+        found: dict[str, int | None] = {}
         for info in self.fs.ls(path, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if fnmatch.fnmatchcase(name, name_pattern):
-                found[prefix + name] = int(info.get("size") or 0)
+                size = info.get("size")
+                found[prefix + name] = int(size) if isinstance(size, int) else None
         return found
 
     @_storage_errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,8 @@ TC = [sys.executable, "-m", "teacher_cache.cli"]
 ST = [sys.executable, "-m", "student_train.cli"]
 
 
-def sh(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+def sh(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize(
@@ -160,6 +161,7 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
         (["--targets", "sampled", "--vllm-mode", "prompt_logprobs"], "sampled targets need full logits"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--data", str(chats_file)], "--data names a file twice"),
+        (["--data", os.path.relpath(chats_file)], "--data names a file twice"),  # another spelling of it
     ):
         done = sh([*run, *extra])
         assert done.returncode == 2 and message in one_line_error(done), done.stderr
@@ -204,6 +206,12 @@ def test_option_parsing_errors_are_one_line_too(tmp_path):
         done = sh(args)
         assert (done.returncode, done.stderr.splitlines()) == (2, [f"Error: {line} --help')"]), done.stderr
     assert not any(tmp_path.iterdir())
+    # under torchrun (its variables set), a settings error says which process printed it
+    done = sh([st, "train", "--student", "s", "--cache", "c", "--out", str(tmp_path / "r"), "--lr", "0"],
+              env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})  # fmt: skip
+    assert (done.returncode, done.stderr.splitlines()) == (2, ["Error: rank 1: --lr must be > 0, got 0"])
+    done = sh([tc, "run", "--teacher"])  # click gives this error no context: the group's help is named
+    assert done.stderr.splitlines() == ["Error: Option '--teacher' requires an argument. (see 'teacher-cache --help')"]
     bare = sh([tc])  # a bare command still prints its help
     assert bare.returncode == 2 and "Commands:" in bare.stderr + bare.stdout
 

@@ -301,3 +301,27 @@ def test_a_cache_on_gcs_is_written_verified_merged_and_trained_from(gcs_server, 
     assert done.returncode == 1 and "sha256 mismatch" in done.stderr and "Traceback" not in done.stderr
     err = one_line_error(sh([*TC, "inspect", "gs://no-such-bucket/cache"]))
     assert err.endswith("gs://no-such-bucket/cache: does not exist (no bucket gs://no-such-bucket)"), err
+
+
+def test_a_cache_served_by_a_plain_http_server_is_read_and_a_lost_shard_found_at_open(tmp_path, chats_file):
+    """fsspec's http lists files without sizes: the open-time check asks each shard's size instead."""
+    import urllib.request
+
+    from tests.conftest import _free_port, _serve
+
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(local), backend="hf", top_k=8, shard_size=5, progress=False))
+    port = _free_port()
+    cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(tmp_path), str(port)]
+    url = f"http://127.0.0.1:{port}/cache"
+    server = _serve(cmd, lambda: urllib.request.urlopen(url + "/manifest.json", timeout=1), "http server")
+    try:
+        assert {n: None for n in open_cache(local).shard_names} == open_cache(url).where.sizes("shard-*.arrow")
+        assert rows(open_cache(url)).keys() == rows(open_cache(local)).keys()
+        last = local / open_cache(local).shard_names[-1]
+        last.write_bytes(last.read_bytes()[:1000])
+        with pytest.raises(ShardError, match=f"{last.name}: 1000 bytes stored, manifest says"):
+            open_cache(url)
+    finally:
+        server.kill()
+        server.wait()

@@ -144,6 +144,14 @@ def test_a_file_not_in_utf8_says_so(tmp_path):
         list(iter_records([str(p)], skip_bad=False))
     p.write_bytes('\ufeff{"prompt": "a", "response": "b"}\n'.encode())  # UTF-8 with a byte-order mark: fine
     assert len(list(iter_records([str(p)], skip_bad=False))) == 1
+    p.write_bytes('\ufeff\n{"prompt": "a", "response": "b"}\n'.encode())  # the mark alone on the first line
+    assert len(list(iter_records([str(p)], skip_bad=False))) == 1
+
+
+def test_empty_prompt_and_response_cells_beside_messages_are_no_second_sample():
+    """A Parquet/datasets export of mixed rows may fill the unused columns with "" rather than null."""
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert parse_record({"messages": chat, "prompt": "", "response": ""}, "f:1").messages == chat
 
 
 def test_parquet_rows_mix_chats_and_pairs_and_are_named_from_1(tmp_path):

@@ -493,7 +493,7 @@ def test_vllm_run_matches_hf_run(tmp_path, chats_file, vllm_hidden):
 
 
 @pytest.mark.slow
-def test_a_run_on_cpu_runs_its_engine_in_its_own_process(tmp_path, chats_file, vllm_hidden, monkeypatch):
+def test_a_run_on_cpu_runs_its_engine_in_its_own_process(tmp_path, chats_file, vllm_hidden, monkeypatch, capsys):
     """As a process of its own, vLLM's CPU worker busy-waits for 1 s after every request, on a core
     the projection and top-k after it need (docs/BENCHMARKS.md): a run's own engine (one rank, CPU)
     runs in the run's process, gives the same cache as an engine in worker processes (the session
@@ -512,7 +512,10 @@ def test_a_run_on_cpu_runs_its_engine_in_its_own_process(tmp_path, chats_file, v
     monkeypatch.setattr(VllmBackend, "describe", spy)
     own, shared = tmp_path / "own", tmp_path / "shared"
     run(cfg(chats_file, own, backend="vllm", top_k=16))
-    run(cfg(chats_file, shared, backend="vllm", top_k=16), backend=vllm_hidden)
+    capsys.readouterr()
+    run(cfg(chats_file, shared, backend="vllm", top_k=16, progress=True), backend=vllm_hidden)
+    err = capsys.readouterr().err  # a given engine is not loaded, but the run still shows its bar
+    assert "loading the teacher" not in err and "caching:" in err and "12/12" in err
     assert clients == ["InprocClient", "SyncMPClient"]
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     a, b = rows(own), rows(shared)

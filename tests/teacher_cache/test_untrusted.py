@@ -560,6 +560,10 @@ def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, ch
     info = summary(str(tmp_path / "m"))  # what `inspect` shows of a merge
     assert info["duplicates"] == 3 and info["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert info["data_files"] == [str(chats_file), str(head)] and info["wall_s"] is None
+    mpath = tmp_path / "m" / "manifest.json"
+    for foreign in (5, ["a"], [{"where": "a"}]):  # recorded, not validated: never a crash
+        mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "merged_from": foreign}))
+        assert "merged_from" not in summary(str(tmp_path / "m"))
 
 
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
