@@ -100,6 +100,12 @@ def _student_tail(z: Tensor, lse: Tensor, s_top: Tensor, ids: Tensor) -> Tensor:
     return tail
 
 
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """float32 logits / temperature; at temperature 1 no division (a [P, V] pass forward and back)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -112,7 +118,7 @@ def _topk_kl_rows(
     logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, temperature: float
 ) -> Tensor:
     """temperature^2 * KL over k+1 outcomes per row -> float32 [P]; see ``topk_kl``."""
-    z = logits.float() / temperature  # [P, V]
+    z = _tempered(logits, temperature)  # float32 [P, V]
     lse = torch.logsumexp(z, dim=-1)  # [P]
     s_top = z.gather(-1, topk_ids) - lse[:, None]  # [P, k]
     s_tail = _student_tail(z, lse, s_top, topk_ids)  # [P]
@@ -124,7 +130,7 @@ def _topk_kl_rows(
 
 def _sampled_rows(logits: Tensor, ids: Tensor, weights: Tensor, temperature: float) -> Tensor:
     """temperature^2 * sum_i w_i * -log softmax(logits / temperature)[ids_i] per row -> float32 [P]."""
-    z = logits.float() / temperature  # [P, V]
+    z = _tempered(logits, temperature)  # float32 [P, V]
     s_logp = z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # [P, m]
     w = weights.float()  # [P, m]
     return temperature**2 * torch.where(w != 0, -w * s_logp, 0.0).sum(-1)
