@@ -112,25 +112,25 @@ class Cache:
         lost or cut a shard fails when opened, not when training reaches that shard. (Checksums:
         as each shard is read, or all at once by `teacher-cache verify`.)"""
         stored = self.where.sizes(SHARD_GLOB)
-        for name, entry in self._entries.items():
-            size = stored.get(name)
-            if size is None:  # not listed, or listed without a size (http): asked one by one
-                try:
-                    size = self.where.size(name)
-                except FileNotFoundError:
-                    raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
-            if size != entry["bytes"]:
-                raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
+        for name in self._entries:
+            self._stored_size(name, stored.get(name))  # None: not listed, or listed without a size (http)
+
+    def _stored_size(self, name: str, listed: int | None = None) -> int:
+        """A shard's stored size (`listed`, else asked for), which must be its manifest's."""
+        size = listed
+        if size is None:
+            try:
+                size = self.where.size(name)
+            except FileNotFoundError:
+                raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
+        if size != (expected := self.entry(name)["bytes"]):
+            raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {expected}")
+        return size
 
     def open_shard(self, name: str) -> ShardStream:
         """Check a shard's size and header against the manifest; stream its record batches."""
         entry = self.entry(name)
-        try:
-            size = self.where.size(name)
-        except FileNotFoundError:
-            raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
-        if size != entry["bytes"]:
-            raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {entry['bytes']}")
+        size = self._stored_size(name)
         if size > MAX_SHARD_BYTES:
             raise ShardError(f"{self.where.describe(name)}: {size} bytes, over the reader's limit of {MAX_SHARD_BYTES}")
         stream = ShardStream(self.where, entry, self.row_bytes)
