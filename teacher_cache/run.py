@@ -191,8 +191,9 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
     if out.exists(MANIFEST):
         try:
             manifest = out.read_json(MANIFEST, MAX_MANIFEST_BYTES)
-        except ValueError as e:
-            raise RunError(f"{e}; use another --out") from None
+        except ValueError as e:  # damaged: a run writes it whole, from its parts/ (which rebuild it)
+            hint = f"if {out} is this run's, delete that file and run again (parts/ rebuild it); else use another --out"
+            raise RunError(f"{e}; {hint}") from None
         if not isinstance(manifest, dict) or manifest.get("config_hash") != chash:
             what = _differences(manifest, header) if isinstance(manifest, dict) else "the settings differ"
             raise RunError(f"{out} holds a finished cache made with different settings ({what}); use another --out")

@@ -110,6 +110,14 @@ def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
     run(cfg(chats_file, out))
     assert "nothing to do" in capsys.readouterr().err
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    # a damaged manifest (written whole by a run, so damaged from outside): refused, with the way out
+    manifest = (out / "manifest.json").read_bytes()
+    (out / "manifest.json").write_bytes(manifest[:100])
+    with pytest.raises(RunError, match=r"delete that file and run again \(parts/ rebuild it\); else use another"):
+        run(cfg(chats_file, out))
+    (out / "manifest.json").unlink()
+    run(cfg(chats_file, out))
+    assert json.loads((out / "manifest.json").read_bytes()) == json.loads(manifest)
 
 
 def test_other_settings_into_the_same_directory_are_refused(tmp_path, chats_file):
