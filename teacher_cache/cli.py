@@ -198,7 +198,7 @@ def run(**kw) -> None:
         raise SettingsError(one_line(e)) from None
     interruptible()
     try:
-        run_cache(cfg)
+        part = run_cache(cfg)
     except OSError as e:
         if e.errno in DISK_FULL:
             raise UserError(
@@ -211,6 +211,8 @@ def run(**kw) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted: finished shards are kept; the same command resumes after them", err=True)
         sys.exit(130)
+    worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
+    click.echo(f"done: {worker}{part['counts']['samples']} samples in {cfg.out}")  # the log above is on stderr
 
 
 @main.command()

@@ -254,6 +254,7 @@ def test_the_caching_bar_starts_once_the_teacher_is_loaded(tmp_path, chats_file)
     assert done.returncode == 0, done.stderr
     err = done.stderr
     assert err.index("loading the teacher tiny-mixtral (hf)\n") < err.index("caching:") and "12/12" in err
+    assert done.stdout == f"done: 12 samples in {tmp_path / 'c'}\n"  # one line on stdout, as train's
 
 
 def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file):
