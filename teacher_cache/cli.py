@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -189,6 +190,8 @@ def run(**kw) -> None:
     from teacher_cache.run import RunConfig
     from teacher_cache.run import run as run_cache
 
+    # vLLM logs to stdout by default; stdout is the one `done:` line (set before vLLM is imported)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     kw["data"] = tuple(kw["data"])
     kw["attention_layers"] = _parse_layers(kw["attention_layers"])
     kw["progress"] = not kw.pop("no_progress")

@@ -641,11 +641,12 @@ def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path)
         assert engines, "no vLLM engine process found under the run"
         for p in engines:
             os.kill(p, signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
+        said, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert said == "", said[-3000:]  # vLLM's log (its own default: stdout) goes to stderr with ours
     # (the multiprocessing resource tracker may still warn after it, of the dead engine's shared memory)
     (line,) = [ln for ln in err.splitlines() if ln.startswith("Error")]
     assert line == (
