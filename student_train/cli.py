@@ -8,18 +8,8 @@ import sys
 import click
 
 from student_train import __version__
-from teacher_cache.cli import PATH, OneLineGroup, interruptible
+from teacher_cache.cli import PATH, OneLineGroup, SettingsError, UserError, interruptible
 from teacher_cache.errors import one_line
-
-
-class UserError(click.ClickException):
-    """Printed as one line, exit code 1."""
-
-
-class SettingsError(UserError):
-    """Options that contradict each other: one line, exit code 2 (a usage error)."""
-
-    exit_code = 2
 
 
 def _rank() -> tuple[int, str]:

@@ -25,9 +25,14 @@ class UserError(click.ClickException):
 
 
 class SettingsError(UserError):
-    """Options that contradict each other: one line, exit code 2 (a usage error)."""
+    """Options that contradict each other: one line that names the command's --help, exit code 2
+    (a usage error, as click's own)."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        ctx = click.get_current_context(silent=True)
+        super().__init__(f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message)
 
 
 class _UsageLine(click.ClickException):

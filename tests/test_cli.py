@@ -144,7 +144,8 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
             "2",
         ]
     )
-    assert done.returncode == 2 and one_line_error(done) == "Error: --worker-index must be in [0, --num-workers)"
+    want = "Error: --worker-index must be in [0, --num-workers) (see 'python -m teacher_cache.cli run --help')"
+    assert done.returncode == 2 and one_line_error(done) == want
     done = sh([*TC, "run", "--data", str(chats_file)])
     assert done.returncode == 2 and "--teacher" in done.stderr
     run = [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(tmp_path / "c")]
@@ -209,7 +210,10 @@ def test_option_parsing_errors_are_one_line_too(tmp_path):
     # under torchrun (its variables set), a settings error says which process printed it
     done = sh([st, "train", "--student", "s", "--cache", "c", "--out", str(tmp_path / "r"), "--lr", "0"],
               env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})  # fmt: skip
-    assert (done.returncode, done.stderr.splitlines()) == (2, ["Error: rank 1: --lr must be > 0, got 0"])
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2,
+        ["Error: rank 1: --lr must be > 0, got 0 (see 'student-train train --help')"],  # a settings error too
+    )
     done = sh([tc, "run", "--teacher"])  # click gives this error no context: the group's help is named
     assert done.stderr.splitlines() == ["Error: Option '--teacher' requires an argument. (see 'teacher-cache --help')"]
     bare = sh([tc])  # a bare command still prints its help
