@@ -11,6 +11,7 @@ DATA ?= tests/data/chats.jsonl
 OUT ?= caches/$(TEACHER)
 K ?= 32
 TARGETS ?= topk
+DRAWS ?= 50
 BACKEND ?= auto
 MAX_LENGTH ?= 2048
 TP ?= 1
@@ -46,8 +47,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 cache: install
-	$(BIN)/teacher-cache run --teacher $(TEACHER) --data $(DATA) --out $(OUT) --top-k $(K) \
-		--targets $(TARGETS) --backend $(BACKEND) --max-length $(MAX_LENGTH) --tensor-parallel-size $(TP) $(CACHE_ARGS)
+	$(BIN)/teacher-cache run --teacher $(TEACHER) --data $(DATA) --out $(OUT) \
+		$(if $(filter sampled,$(TARGETS)),--num-draws $(DRAWS),--top-k $(K)) --targets $(TARGETS) --backend $(BACKEND) --max-length $(MAX_LENGTH) --tensor-parallel-size $(TP) $(CACHE_ARGS)
 
 train: install
 	$(BIN)/student-train train --student $(STUDENT) --cache $(CACHE) --out $(RUN) $(TRAIN_ARGS)

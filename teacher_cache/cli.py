@@ -94,6 +94,21 @@ def interruptible() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _refuse_unused_options(kw: dict) -> None:
+    """Options typed on the command line that the other settings would ignore: a usage error,
+    not a cache silently made without them."""
+    ctx = click.get_current_context()
+    typed = {n for n in kw if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE}
+    for option, name, unused in (
+        ("--top-k", "top_k", kw["targets"] == "sampled"),
+        ("--num-draws", "num_draws", kw["targets"] == "topk"),
+        ("--attention-top-k", "attention_top_k", not kw["attention_layers"]),
+    ):
+        if unused and name in typed:
+            why = f"with --targets {kw['targets']}" if name != "attention_top_k" else "without --attention-layers"
+            raise SettingsError(f"{option} has no effect {why}")
+
+
 def _parse_layers(value: str | None) -> tuple[int, ...]:
     if not value:
         return ()
@@ -197,6 +212,7 @@ def run(**kw) -> None:
 
     # vLLM logs to stdout by default; stdout is the one `done:` line (set before vLLM is imported)
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    _refuse_unused_options(kw)
     kw["data"] = tuple(kw["data"])
     kw["attention_layers"] = _parse_layers(kw["attention_layers"])
     kw["progress"] = not kw.pop("no_progress")
