@@ -49,21 +49,24 @@ def domain_overlap(caches: list) -> str | None:
     domain cache (--only-domain D) but without --exclude-domain D: it holds D's samples too, so a
     DAE mix trains them against both teachers. None when no such pair is seen (caches made from
     other files are not compared: their ids are not read)."""
+    from teacher_cache.manifest import excluded_domains
 
     def files(cache) -> set[str]:
         entries = cache.manifest["data"].get("files")
         entries = entries if isinstance(entries, list) else []
         return {f["sha256"] for f in entries if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
 
+    experts = sorted({c.manifest["data"].get("only_domain") for c in caches} - {None})
+    remake = " ".join(f"--exclude-domain {e}" for e in experts)  # every expert's domain, left out at once
     for d in caches:
         domain = d.manifest["data"].get("only_domain")
         for g in caches if domain else ():
             data = g.manifest["data"]
-            if data.get("only_domain") is None and data.get("exclude_domain") != domain and files(g) & files(d):
+            if data.get("only_domain") is None and domain not in excluded_domains(data) and files(g) & files(d):
                 return (
                     f"{g.where} was made from the same data as the domain cache {d.where} without "
                     f"--exclude-domain {domain}: its {domain!r} samples are trained against both teachers "
-                    f"(remake it with --exclude-domain {domain})"
+                    f"(remake it with {remake})"
                 )
     return None
 

@@ -193,7 +193,9 @@ def main() -> None:
     help="Checksum granularity: readers stream and check a shard this many bytes at a time.",
 )
 @click.option("--only-domain", default=None, help="Keep only records of this domain.")
-@click.option("--exclude-domain", default=None, help="Drop records of this domain.")
+@click.option(
+    "--exclude-domain", multiple=True, help="Drop records of this domain; repeatable (a reference beside experts)."
+)
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the manifest) instead of failing.")
 @click.option("--worker-index", type=click.IntRange(min=0), default=0, show_default=True, help="This worker's share.")
 @click.option(
@@ -214,6 +216,7 @@ def run(**kw) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     _refuse_unused_options(kw)
     kw["data"] = tuple(kw["data"])
+    kw["exclude_domain"] = tuple(kw["exclude_domain"]) or None
     kw["attention_layers"] = _parse_layers(kw["attention_layers"])
     kw["progress"] = not kw.pop("no_progress")
     try:

@@ -244,6 +244,12 @@ def _int(v: object, least: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
+def excluded_domains(data: dict) -> set[str]:
+    """A manifest's data.exclude_domain (None, one domain or a list) as a set."""
+    d = data.get("exclude_domain")
+    return set() if d is None else {d} if isinstance(d, str) else set(d)
+
+
 def _opt_str(v: object) -> bool:
     return v is None or isinstance(v, str)
 
@@ -294,7 +300,9 @@ def _check_types(m: dict, where: str) -> None:
     data = m["data"]
     need(isinstance(data, dict) and isinstance(data.get("files"), list), "data must list its files")
     need(all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in data["files"]), "bad data.files entry")
-    need(_opt_str(data.get("only_domain")) and _opt_str(data.get("exclude_domain")), "bad data domain filter")
+    excluded = data.get("exclude_domain")  # one domain, or a list of several
+    several = isinstance(excluded, list) and all(isinstance(d, str) for d in excluded)
+    need(_opt_str(data.get("only_domain")) and (_opt_str(excluded) or several), "bad data domain filter")
     # the reader refuses longer rows; the trainer sizes its checks by it
     need(_int(data.get("max_length"), 2), "data.max_length must be an integer >= 2")
     need(isinstance(m["source"], str), "source must be a string")

@@ -296,8 +296,8 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
         "max_length": max(c.manifest["data"]["max_length"] for c in caches),  # the reader bounds every row by it
     }
     for key in ("only_domain", "exclude_domain"):  # a filter the merged rows do not all share is no filter
-        values = {c.manifest["data"].get(key) for c in caches}
-        manifest["data"][key] = values.pop() if len(values) == 1 else None
+        values = {json.dumps(c.manifest["data"].get(key)) for c in caches}  # a str, a list or None
+        manifest["data"][key] = json.loads(values.pop()) if len(values) == 1 else None
     manifest["merged_from"] = [
         {
             "path": str(c.where),

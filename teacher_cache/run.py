@@ -90,7 +90,7 @@ class RunConfig:
     shard_size: int = 256  # samples per shard
     chunk_bytes: int = CHUNK_BYTES  # a sha256 per this many shard bytes: readers check while streaming
     only_domain: str | None = None
-    exclude_domain: str | None = None
+    exclude_domain: str | tuple[str, ...] | None = None  # one domain, or several (a reference beside experts)
     skip_bad: bool = False
     worker_index: int = 0
     num_workers: int = 1
@@ -98,6 +98,19 @@ class RunConfig:
     source: str | None = None  # tag on every row; defaults to the teacher's name
     trust_remote_code: bool = False
     progress: bool = True
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """The --exclude-domain domains, in order given."""
+        d = self.exclude_domain
+        return () if d is None else (d,) if isinstance(d, str) else tuple(d)
+
+    @property
+    def exclude_header(self) -> str | list[str] | None:
+        """exclude_domain as the manifest records it: a string for one domain (as before several
+        were allowed, so such a cache's config hash is unchanged), a sorted list for several."""
+        d = sorted(set(self.excluded))
+        return None if not d else d[0] if len(d) == 1 else d
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,7 +129,7 @@ class RunConfig:
             (bool(self.data), "no data files given"),
             (len({_same_file(d) for d in self.data}) == len(self.data), "--data names a file twice"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (not (self.only_domain and self.exclude_domain), "--only-domain and --exclude-domain exclude each other"),
+            (not (self.only_domain and self.excluded), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
             (len(set(self.attention_layers)) == len(self.attention_layers), "--attention-layers lists a layer twice"),
             (
@@ -136,7 +149,7 @@ class RunConfig:
                 (value is None or bool(value.strip()), f"{option} must not be empty")
                 for option, value in (
                     ("--only-domain", self.only_domain),
-                    ("--exclude-domain", self.exclude_domain),
+                    *(("--exclude-domain", d) for d in self.excluded),
                     ("--source", self.source),
                 )
             ),
@@ -217,15 +230,20 @@ def _sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") >> 1
 
 
-def _my_records(cfg: RunConfig, bad: list[str], dups: list[int]) -> Iterator[Record]:
-    """This worker's records in data order: domain filter, worker split, duplicate check."""
+def _my_records(
+    cfg: RunConfig, bad: list[str], dups: list[int], excluded_seen: set[str] | None = None
+) -> Iterator[Record]:
+    """This worker's records in data order: domain filter (the excluded domains met are added to
+    `excluded_seen`), worker split, duplicate check."""
     seen: dict[str, str] = {}
     # a record that does not parse has no id to place it: worker 0 alone lists it (the others skip it)
     parse_bad = bad if cfg.worker_index == 0 else []
     for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=parse_bad):
         if cfg.only_domain is not None and rec.domain != cfg.only_domain:
             continue
-        if cfg.exclude_domain is not None and rec.domain == cfg.exclude_domain:
+        if rec.domain in cfg.excluded:
+            if excluded_seen is not None:
+                excluded_seen.add(rec.domain)
             continue
         if not _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers):
             continue
@@ -305,7 +323,7 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
         "data": {
             "files": [{"path": p, "sha256": file_sha256(p)} for p in cfg.data],
             "only_domain": cfg.only_domain,
-            "exclude_domain": cfg.exclude_domain,
+            "exclude_domain": cfg.exclude_header,
             "max_length": cfg.max_length,
             "shard_size": cfg.shard_size,
             "num_workers": cfg.num_workers,
@@ -601,14 +619,18 @@ def _share_size(cfg: RunConfig) -> int:
     """How many records are this worker's: a parse-only pass over the data that gives the
     progress bar its total (cheap next to the teacher)."""
     bad: list[str] = []
-    total = sum(1 for _ in _my_records(cfg, bad, []))
+    met: set[str] = set()
+    total = sum(1 for _ in _my_records(cfg, bad, [], met))
+    for domain in sorted(set(cfg.excluded) - met):  # domains are case-sensitive: a typo excludes nothing
+        _log(f"warning: no record has domain {domain!r}: --exclude-domain {domain} excludes nothing")
     if total == 0 and bad:
         _log(
             f"warning: every record of worker {cfg.worker_index}'s share is malformed ({len(bad)} skipped by "
             f"--skip-bad, the first: {bad[0]}): this part of the cache is empty"
         )
     elif total == 0 and (cfg.only_domain or cfg.exclude_domain):
-        kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {cfg.exclude_domain!r}"
+        others = " or ".join(repr(d) for d in cfg.excluded)
+        kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {others}"
         _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
     return total
 

@@ -264,6 +264,14 @@ def test_the_caching_bar_starts_once_the_teacher_is_loaded(tmp_path, chats_file)
     assert done.stdout == f"done: 12 samples in {tmp_path / 'c'}\n"  # one line on stdout, as train's
 
 
+def test_exclude_domain_repeats_and_a_domain_no_record_has_is_said(tmp_path, chats_file):
+    done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--data", str(chats_file), "--no-progress",
+               "--out", str(tmp_path / "c"), "--exclude-domain", "Math", "--exclude-domain", "code"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: no record has domain 'Math': --exclude-domain Math excludes nothing" in done.stderr
+    assert done.stdout == f"done: 10 samples in {tmp_path / 'c'}\n"  # the 2 code samples left out
+
+
 def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file):
     import signal
     import time

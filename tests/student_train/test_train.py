@@ -1068,6 +1068,17 @@ def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file
         assert alone["by_domain"][name] == pytest.approx(report["by_domain"][name], rel=1e-4)
         assert alone["domain"] == pytest.approx(alone["by_domain"][name], rel=1e-6)
     assert "by_domain" not in evaluate("tiny-mistral", [str(general)])
+    # the general cache kept the code samples: said, with the remedy for both experts at once
+    from student_train.checks import domain_overlap
+
+    caches = [open_cache(p) for p in (general, math_, code)]
+    assert domain_overlap(caches).endswith("(remake it with --exclude-domain code --exclude-domain math)")
+    reference = tmp_path / "reference"  # the remedy: --exclude-domain repeated
+    run(RunConfig(out=str(reference), exclude_domain=("math", "code"), **common))
+    assert domain_overlap([open_cache(reference), *caches[1:]]) is None
+    assert open_cache(reference).manifest["data"]["exclude_domain"] == ["code", "math"]
+    assert {s.domain for s in open_cache(reference)} == {None, "geography"}
+    assert open_cache(general).manifest["data"]["exclude_domain"] == "math"  # one: a string, as before
 
 
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):
