@@ -35,6 +35,9 @@ def evaluate(
 
     caches = [open_cache(c) for c in cache_paths]
     check_distinct(caches)
+    for cache in caches:  # as train: an empty cache (a domain filter that matched nothing) is no part of a report
+        if not len(cache):
+            raise ValueError(f"no samples in {cache.where}: it is empty")
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
     model = load_causal_lm(ref.path, progress=progress, dtype=torch.float32, use_safetensors=True).eval()

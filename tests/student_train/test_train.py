@@ -1079,6 +1079,10 @@ def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file
     assert open_cache(reference).manifest["data"]["exclude_domain"] == ["code", "math"]
     assert {s.domain for s in open_cache(reference)} == {None, "geography"}
     assert open_cache(general).manifest["data"]["exclude_domain"] == "math"  # one: a string, as before
+    law = tmp_path / "law"  # an expert's filter that matched nothing: refused, as train does (not left out)
+    run(RunConfig(out=str(law), only_domain="law", **common))
+    with pytest.raises(ValueError, match=f"no samples in {law}: it is empty"):
+        evaluate("tiny-mistral", [str(reference), str(law)])
 
 
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):
