@@ -46,11 +46,11 @@ def split(data: Path, out: Path, heldout_every: int) -> tuple[Path, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", default="smollm2-135m")
-    ap.add_argument("--student", default="smollm2-135m-half")
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--teacher", default="smollm2-135m", help="teacher preset or checkpoint (%(default)s)")
+    ap.add_argument("--student", default="smollm2-135m-half", help="student preset or checkpoint (%(default)s)")
+    ap.add_argument("--out", default="runs/demo", help="where everything goes; made anew (%(default)s)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps (%(default)s)")
+    ap.add_argument("--top-k", type=int, default=32, help="k of the cached targets (%(default)s)")
     args = ap.parse_args()
     out = Path(args.out)
     start_over(out, "demo")  # only a folder this script made is ever deleted

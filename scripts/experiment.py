@@ -63,14 +63,14 @@ def cache_bytes(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", default="smollm2-135m")
-    ap.add_argument("--student", default="smollm2-135m-half")
-    ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--dae-steps", type=int, default=20)
-    ap.add_argument("--expert-steps", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--teacher", default="smollm2-135m", help="teacher preset or checkpoint (%(default)s)")
+    ap.add_argument("--student", default="smollm2-135m-half", help="student preset or checkpoint (%(default)s)")
+    ap.add_argument("--out", default="runs/experiment", help="where caches and runs go (%(default)s)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each main arm (%(default)s)")
+    ap.add_argument("--dae-steps", type=int, default=20, help="steps of the DAE phase (%(default)s)")
+    ap.add_argument("--expert-steps", type=int, default=20, help="steps that fine-tune the domain expert (%(default)s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed (%(default)s)")
+    ap.add_argument("--max-length", type=int, default=384, help="tokens per sample (%(default)s)")
     ap.add_argument(
         "--write-docs",
         action=argparse.BooleanOptionalAction,
