@@ -643,6 +643,13 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     overlap = domain_overlap(caches) if cfg.domain_ratio is not None else None
     if overlap and rank == 0:
         print(f"warning: {overlap}", file=sys.stderr, flush=True)
+    if cfg.domain_ratio in (0.0, 1.0) and rank == 0:  # legal (one kind only), but a cache given is never read
+        domain = cfg.domain_ratio == 1.0
+        unused = [str(c.where) for i, c in enumerate(caches) if (i in plan.domain_caches) != domain]
+        if unused:
+            side = "domain" if domain else "general"
+            print(f"warning: --domain-ratio {cfg.domain_ratio:g} draws from the {side} caches only: "
+                  f"{', '.join(unused)} unused", file=sys.stderr, flush=True)  # fmt: skip
     per_step = cfg.batch_size * world * cfg.grad_accum
     held = plan.short_stream(per_step)
     if rank == 0 and held is not None:  # legal (the stream cycles), but rarely what was meant

@@ -473,6 +473,17 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
         _torchrun(ddp, kd_cache, *args)
 
 
+def test_a_domain_ratio_of_0_or_1_says_which_caches_go_unused(tmp_path, dae_caches, capsys):
+    reference, expert = dae_caches
+    for ratio, unused in ((0.0, expert), (1.0, reference)):
+        out = tmp_path / f"r{ratio:g}"
+        train(TrainConfig(student="tiny-mistral", caches=(str(reference), str(expert)), out=str(out), max_steps=1,
+                          batch_size=2, domain_ratio=ratio, progress=False))  # fmt: skip
+        kind = "general" if ratio == 0 else "domain"
+        want = f"warning: --domain-ratio {ratio:g} draws from the {kind} caches only: {unused} unused"
+        assert want in capsys.readouterr().err.splitlines()
+
+
 def test_plan_mixes_domain_and_general_on_every_rank(dae_caches):
     """Round by round: at a ratio of 1/world, routing index by index gave one rank every domain sample."""
     from student_train.data import Plan
