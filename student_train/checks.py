@@ -89,8 +89,9 @@ def check_output_file(out: str, what: str, ours: Callable[[bytes], bool]) -> Pat
     file of this kind (`ours` on its first bytes); never a cache's, a run's or any other file."""
     from student_train.train import TrainError
     from teacher_cache.cache import inside_cache
+    from teacher_cache.storage import is_url
 
-    if "://" in out:
+    if is_url(out):
         raise TrainError(f"--out {out}: a local path is needed (write here, then copy it to the store)")
     path = Path(out)
     if not path.resolve().parent.is_dir():

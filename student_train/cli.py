@@ -167,12 +167,13 @@ def evaluate_cmd(
 
     from student_train.checks import check_output_file
     from student_train.evaluate import evaluate
+    from teacher_cache.storage import is_url
 
     if out:  # before the work, not after it
         try:
             check_output_file(out, "an eval report", _is_report)
         except (ValueError, RuntimeError, OSError) as e:
-            raise (SettingsError if "://" in out else UserError)(one_line(e)) from None
+            raise (SettingsError if is_url(out) else UserError)(one_line(e)) from None
     try:
         report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples, progress=not no_progress)
     except (ValueError, RuntimeError, OSError, KeyError) as e:

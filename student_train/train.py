@@ -28,7 +28,7 @@ from student_train.checks import check_student_matches, check_temperature, domai
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
-from teacher_cache.storage import fsync_dir, remove_if_unused
+from teacher_cache.storage import fsync_dir, is_url, remove_if_unused
 
 
 class TrainError(RuntimeError):
@@ -93,7 +93,7 @@ class TrainConfig:
         for option, value, holds, want in rules:
             if not holds:
                 raise TrainError(f"{option} must be {want}, got {value:g}")
-        if "://" in self.out:  # checkpoints are written, renamed and locked locally
+        if is_url(self.out):  # checkpoints are written, renamed and locked locally
             raise TrainError(f"--out {self.out}: a local run directory is needed (copy it to the store after)")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError("--max-steps, --batch-size and --grad-accum must be >= 1")

@@ -49,7 +49,7 @@ from teacher_cache.shards import (
     shard_name,
     spool_glob,
 )
-from teacher_cache.storage import Location, StorageError, remove_if_unused
+from teacher_cache.storage import Location, StorageError, is_url, remove_if_unused
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
 from teacher_cache.tokenize import (
     Tokenized,
@@ -62,7 +62,7 @@ from teacher_cache.tokenize import (
 
 def _same_file(data: str) -> str:
     """A --data path made absolute, so that two spellings of one local file compare equal (URLs as given)."""
-    return data if "://" in data else os.path.abspath(data)
+    return data if is_url(data) else os.path.abspath(data)
 
 
 class RunError(RuntimeError):

@@ -138,7 +138,7 @@ class Location:
 
     def bucket(self) -> str | None:
         """URL of the bucket (container) an object-store location lives in; None for local paths."""
-        if self.is_local or "://" not in self.url:
+        if self.is_local or not is_url(self.url):
             return None
         scheme, rest = self.url.split("://", 1)
         return f"{scheme}://{rest.split('/', 1)[0]}"
@@ -337,6 +337,11 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_url(where: str) -> bool:
+    """Whether a path as typed is a URL (s3://, gs://, hf://, file://, ...) rather than a local path."""
+    return "://" in where
 
 
 def as_location(where: str | Path | Location) -> Location:
