@@ -43,23 +43,6 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, todo = [], [pid]
-    while todo:
-        pid = todo.pop()
-        kids = [c for c, parent in parents.items() if parent == pid]
-        found += kids
-        todo += kids
-    return found
-
-
 def measure(model: str, repeats: int) -> dict:
     """In this process, under the mode its environment sets."""
     import torch
@@ -69,6 +52,7 @@ def measure(model: str, repeats: int) -> dict:
     from teacher_cache.models import resolve_model
     from teacher_cache.targets import topk_from_logits
     from teacher_cache.tokenize import load_tokenizer, tokenize_record
+    from tests.procs import descendants  # the tests' /proc walk
 
     ref = resolve_model(model)
     tok = load_tokenizer(ref.path)
@@ -76,7 +60,7 @@ def measure(model: str, repeats: int) -> dict:
     prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in batch]
     backend = VllmBackend(ref, mode="hidden", top_k=32, max_model_len=2048, seed=0, in_process=True)  # unless env says
     try:
-        engines = [p for p in _descendants(os.getpid()) if b"resource_tracker" not in _cmdline(p)]
+        engines = [p for p in descendants(os.getpid()) if b"resource_tracker" not in _cmdline(p)]
 
         def encode():
             return backend.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)

@@ -23,6 +23,7 @@ from teacher_cache.models import resolve_model
 from teacher_cache.records import BadRecordError
 from teacher_cache.run import RunConfig, RunError, run
 from teacher_cache.storage import Location
+from tests.procs import descendants
 
 CLI = [sys.executable, "-m", "teacher_cache.cli"]
 
@@ -602,24 +603,6 @@ def test_cli_vllm_run_with_attention_from_an_hf_pass(tmp_path, chats_file):
         assert (got[sid]["topk_ids"][:, 0] == r["topk_ids"][:, 0]).mean() > 0.95
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (children of children included)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])  # the field after the state: the parent's pid
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, parent in parents.items() if parent == p]
-        found += kids
-        todo += kids
-    return found
-
-
 @pytest.mark.slow
 def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path):
     """The engine process dying (the OOM killer's kill -9) ends the run with one line that says
@@ -637,7 +620,7 @@ def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path)
         deadline = time.time() + 300
         while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
             time.sleep(0.05)
-        engines = [p for p in _descendants(proc.pid) if b"EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        engines = [p for p in descendants(proc.pid) if b"EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert engines, "no vLLM engine process found under the run"
         for p in engines:
             os.kill(p, signal.SIGKILL)
