@@ -99,13 +99,13 @@ def _refuse_unused_options(kw: dict) -> None:
     not a cache silently made without them."""
     ctx = click.get_current_context()
     typed = {n for n in kw if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE}
-    for option, name, unused in (
-        ("--top-k", "top_k", kw["targets"] == "sampled"),
-        ("--num-draws", "num_draws", kw["targets"] == "topk"),
-        ("--attention-top-k", "attention_top_k", not kw["attention_layers"]),
+    targets = f"with --targets {kw['targets']}"
+    for option, name, unused, why in (
+        ("--top-k", "top_k", kw["targets"] == "sampled", targets),
+        ("--num-draws", "num_draws", kw["targets"] == "topk", targets),
+        ("--attention-top-k", "attention_top_k", not kw["attention_layers"], "without --attention-layers"),
     ):
         if unused and name in typed:
-            why = f"with --targets {kw['targets']}" if name != "attention_top_k" else "without --attention-layers"
             raise SettingsError(f"{option} has no effect {why}")
 
 

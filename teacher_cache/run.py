@@ -628,7 +628,7 @@ def _share_size(cfg: RunConfig) -> int:
             f"warning: every record of worker {cfg.worker_index}'s share is malformed ({len(bad)} skipped by "
             f"--skip-bad, the first: {bad[0]}): this part of the cache is empty"
         )
-    elif total == 0 and (cfg.only_domain or cfg.exclude_domain):
+    elif total == 0 and (cfg.only_domain or cfg.excluded):
         others = " or ".join(repr(d) for d in cfg.excluded)
         kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {others}"
         _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
