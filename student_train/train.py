@@ -210,7 +210,14 @@ def _dist() -> tuple[int, int, bool]:
     started = world > 1 and not torch.distributed.is_initialized()
     if started:
         if torch.cuda.is_available():  # before NCCL and FSDP look at the current device (else GPU 0 for all)
-            torch.cuda.set_device(_local_gpu(int(os.environ.get("RANK", "0"))))
+            gpu, visible = _local_gpu(int(os.environ.get("RANK", "0"))), torch.cuda.device_count()
+            if gpu >= visible:  # CUDA's own word for it is "invalid device ordinal"
+                raise TrainError(
+                    f"this process is local rank {gpu} and {visible} GPU{'s are' if visible > 1 else ' is'} visible: "
+                    f"start at most {visible} per node (torchrun --nproc-per-node {visible}), "
+                    "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+                )
+            torch.cuda.set_device(gpu)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
     return (torch.distributed.get_rank() if world > 1 else 0), world, started

@@ -1,5 +1,6 @@
-"""The codec benchmark and its lower-bound script, whose figures the README and docs/CODEC.md
-quote, still run end to end (real SmolLM2 distributions of 3 bundled chats) and agree."""
+"""Benchmark scripts still run end to end: the codec benchmark and its lower-bound script, whose
+figures the README and docs/CODEC.md quote (real SmolLM2 distributions of 3 bundled chats), agree;
+the GPU check runs as a CPU dry run."""
 
 from __future__ import annotations
 
@@ -43,3 +44,22 @@ def test_codec_bench_and_entropy_report_run_and_agree(tmp_path):
     assert order0 < zstd < sampled < zstd + 1.5, (order0, zstd, sampled)
     for line in ("ids, one table per block", "log-prob deltas by step", "ordering ids inside ties", "zstd dictionary"):
         assert line in text
+
+
+def test_the_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    """bench/gpu_check.py runs only where a GPU is lent (rarely): its --cpu dry run keeps it working.
+    On the CPU each device's targets are the CPU's own, so they agree exactly."""
+    out = tmp_path / "gpu_check.json"
+    run("gpu_check.py", "--cpu", "--samples", "4", "--steps", "4", "--work", str(tmp_path / "w"), "--out", str(out))
+    report = json.loads(out.read_text())
+    for name in ("cpu float32 vs cpu float32", "cpu bfloat16 vs cpu bfloat16"):
+        same = report["teacher"][name]
+        assert same["top1_agreement"] == same["topk_id_overlap"] == 1.0
+        assert same["max_abs_logprob_diff_within_10_nats"] == same["max_abs_attention_prob_diff"] == 0.0
+    assert report["teacher"]["cpu bfloat16 vs cpu float32"]["top1_agreement"] < 1.0  # another model
+    pipeline = report["pipeline"]
+    assert pipeline["engines"][0]["device"] == "cpu"
+    for precision in ("fp32", "bf16"):
+        assert pipeline[precision]["finite"] and pipeline[precision]["steps"] == 4
+        assert pipeline[precision]["last_loss"] < pipeline[precision]["first_loss"]
+    assert pipeline["bf16_resume_max_abs_loss_diff"] == 0.0

@@ -362,7 +362,7 @@ def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_pa
         "3",
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CPU_RANKS}
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: step 3") == 1  # rank 0's line only
@@ -389,6 +389,10 @@ def test_two_process_ddp_on_gloo_sees_disjoint_samples_and_ends_identical(tmp_pa
     }
 
 
+# two ranks on the CPU (gloo), also where a GPU is visible (one GPU cannot hold two ranks)
+CPU_RANKS = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def _torchrun(out: Path, cache: Path | tuple[Path, ...], *extra: str) -> None:
     import socket
 
@@ -402,8 +406,28 @@ def _torchrun(out: Path, cache: Path | tuple[Path, ...], *extra: str) -> None:
         *("--max-steps", "3", "--batch-size", "2", "--save-every", "1", "--lr", "1e-3", "--warmup-steps", "0"),
         *("--no-progress", *extra),
     ]
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **CPU_RANKS})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_more_local_ranks_than_gpus_is_one_line_per_rank(tmp_path, kd_cache):
+    """CUDA says "invalid device ordinal"; the run says what to start instead."""
+    visible = torch.cuda.device_count()
+    if not visible:
+        pytest.skip("needs a GPU: without one, every rank trains on the CPU")
+    args = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(visible + 1)),
+        *("-m", "student_train.cli", "train", "--student", "tiny-mistral", "--cache", str(kd_cache)),
+        *("--out", str(tmp_path / "r"), "--max-steps", "1", "--no-progress"),
+    ]
+    done = subprocess.run(args, capture_output=True, text=True)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert done.returncode != 0
+    assert errors == [
+        f"Error: rank {visible}: this process is local rank {visible} and {visible} GPU"
+        f"{'s are' if visible > 1 else ' is'} visible: start at most {visible} per node "
+        f"(torchrun --nproc-per-node {visible}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+    ]
 
 
 def test_two_ranks_both_mix_domain_and_general_and_an_older_checkpoint_keeps_its_order(tmp_path, dae_caches):
@@ -1157,17 +1181,18 @@ def test_gradient_accumulation_averages_its_micro_batches(tmp_path, kd_cache, ti
 
     cfg = TrainConfig(
         student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=1, batch_size=2,
-        grad_accum=2, progress=False,
+        grad_accum=2, progress=False, precision="fp32",  # as the reference below (auto is bf16 on a GPU)
     )  # fmt: skip
     train(cfg)
     (m,) = metrics(tmp_path / "r")
     caches = [open_cache(kd_cache)]
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window)
     stream = iter(SampleStream(caches, plan, rank=0, world=1, start=0, window=cfg.shuffle_window))
-    model = AutoModelForCausalLM.from_pretrained(tiny_student.path, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() ran
+    model = AutoModelForCausalLM.from_pretrained(tiny_student.path, dtype=torch.float32).to(device)
     step = DistillStep(model.train(), cfg, "topk", [])
     with torch.no_grad():
-        parts = [step(collate([next(stream) for _ in range(2)], [], attention=False)) for _ in range(2)]
+        parts = [step(collate([next(stream) for _ in range(2)], [], attention=False).to(device)) for _ in range(2)]
     assert m["loss"] == pytest.approx(float(parts[0]["loss"] + parts[1]["loss"]) / 2, rel=1e-5)
     (seen,) = [json.loads(line) for line in (tmp_path / "r" / "samples.rank0.jsonl").read_text().splitlines()]
     assert len(seen["samples"]) == 4 and m["samples_seen"] == 4

@@ -95,7 +95,7 @@ def test_attention_rows_match_eager_attention(tiny_teacher, chats_tokenized, ref
         pos = torch.from_numpy(s.target_positions)
         for layer in (0, 1):
             expected = attn[layer].mean(0)[pos]  # [P, T] head-averaged eager attention rows
-            got = o.attention[layer]
+            got = o.attention[layer].cpu()  # the backend's device (a GPU where there is one)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(got.sum(-1), torch.ones(len(pos)), atol=1e-5, rtol=0)
@@ -109,14 +109,17 @@ def test_the_hf_backend_projects_in_float32_for_a_bf16_teacher(tiny_teacher, cha
     from teacher_cache.backends.hf import HfBackend
 
     backend = HfBackend(dataclasses.replace(tiny_teacher, dtype="bfloat16"))
-    outs = list(backend.forward(chats_tokenized[:2]))
+    # one sample per forward, so the reference below runs the same shapes (and kernels, on a GPU)
+    outs = [o for s in chats_tokenized[:2] for o in backend.forward([s])]
     model = backend.model
     weight = model.get_output_embeddings().weight  # bfloat16 [V, D]
     assert weight.dtype == torch.bfloat16
     for s, o in zip(chats_tokenized[:2], outs, strict=True):
         with torch.no_grad():
-            hidden = model.get_decoder()(input_ids=torch.from_numpy(s.input_ids)[None]).last_hidden_state[0]
-        h = hidden[torch.from_numpy(s.target_positions)]  # bfloat16 [P, D]
+            ids = torch.from_numpy(s.input_ids)[None].to(backend.device)  # int64 [1, T]
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            hidden = hidden.last_hidden_state[0]  # bfloat16 [T, D]
+        h = hidden[torch.from_numpy(s.target_positions).to(backend.device)]  # bfloat16 [P, D]
         assert o.logits.dtype == torch.float32
         torch.testing.assert_close(o.logits, h.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
 
