@@ -64,6 +64,17 @@ def config_hash(header: dict) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def config_hash_v010(header: dict) -> str:
+    """The config hash as teacher-cache 0.1.0 computed it: over the header keys, paths included."""
+    blob = json.dumps({k: header.get(k) for k in _HEADER_KEYS}, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def merged_config_hash(merged_from: list[dict]) -> str:
+    """A merged cache's config hash: sha256 over its sources' config hashes, sorted."""
+    return "sha256:" + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in merged_from)).encode()).hexdigest()
+
+
 def header_differences(a: dict, b: dict, limit: int = 3) -> list[str]:
     """Dotted paths of the settings (`content_settings`) where two run headers differ, e.g.
     ["data.files[0].sha256"]; at most `limit`."""
@@ -233,11 +244,38 @@ def validate(manifest: object, where: str) -> dict:
         if "config_hash" in s and not isinstance(s["config_hash"], str):  # merged caches: the run that wrote it
             raise ManifestError(f"{where}: shard {name} has a config_hash that is not a string")
         _check_chunks(s, where)
+    _check_config_hash(manifest, where)
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != manifest["counts"].get("samples"):
         samples = manifest["counts"].get("samples")
         raise ManifestError(f"{where}: shards hold {rows} rows but counts.samples is {samples}")
     return manifest
+
+
+def _check_config_hash(m: dict, where: str) -> None:
+    """The config hash is recomputed, not taken on trust: a manifest whose settings were edited
+    after the run (its shards carry the hash of the settings they were made with) is refused.
+    A run's manifest hashes its settings (either way teacher-cache has hashed them); a merged one
+    hashes its sources' hashes, and only its shard entries carry a hash of their own."""
+    merged = m.get("merged_from")
+    if merged is None:
+        own = next((s.get("name") for s in m["shards"] if isinstance(s, dict) and "config_hash" in s), None)
+        if own is not None:
+            raise ManifestError(f"{where}: shard {own} has a config_hash of its own, which only a merged cache's have")
+        if m["config_hash"] not in (config_hash(m), config_hash_v010(m)):
+            raise ManifestError(
+                f"{where}: its settings do not hash to its config_hash: edited after the run "
+                "(its shards were made with other settings)"
+            )
+        return
+    ok = isinstance(merged, list) and all(isinstance(e, dict) and isinstance(e.get("config_hash"), str) for e in merged)
+    if not ok or not merged:
+        raise ManifestError(f"{where}: merged_from must list each source's config_hash")
+    if m["config_hash"] != merged_config_hash(merged):
+        raise ManifestError(f"{where}: merged_from does not hash to its config_hash: edited after the merge")
+    bare = next((s.get("name") for s in m["shards"] if isinstance(s, dict) and "config_hash" not in s), None)
+    if bare is not None:
+        raise ManifestError(f"{where}: shard {bare} of a merged cache has no config_hash")
 
 
 def _int(v: object, least: int = 0) -> bool:

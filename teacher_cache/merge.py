@@ -22,7 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from teacher_cache.cache import Cache, inside_cache, open_cache
-from teacher_cache.manifest import COUNT_KEYS, MANIFEST, codec_version, combine_backends, union_engines
+from teacher_cache.manifest import (
+    COUNT_KEYS,
+    MANIFEST,
+    codec_version,
+    combine_backends,
+    merged_config_hash,
+    union_engines,
+)
 from teacher_cache.shards import (
     FORMAT_VERSION,
     SHARD_RE,
@@ -309,10 +316,7 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
     ]
     manifest["backend"] = combine_backends([c.manifest.get("backend") for c in caches])
     manifest["codec_version"] = codec_version([c.manifest for c in caches])
-    manifest["config_hash"] = (
-        "sha256:"
-        + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in manifest["merged_from"])).encode()).hexdigest()
-    )
+    manifest["config_hash"] = merged_config_hash(manifest["merged_from"])
     manifest["shards"] = shards
     counts = {k: sum(c.manifest["counts"][k] for c in caches) for k in COUNT_KEYS}
     counts["samples"] = sum(s["rows"] for s in shards)

@@ -18,7 +18,7 @@ import pytest
 
 from teacher_cache import codec, open_cache
 from teacher_cache.inspection import summary
-from teacher_cache.manifest import ManifestError
+from teacher_cache.manifest import ManifestError, config_hash
 from teacher_cache.merge import MergeError, merge
 from teacher_cache.run import RunConfig, run
 from teacher_cache.shards import SCHEMA, ShardError, checksums_of
@@ -56,10 +56,12 @@ def first_shard(cache: Path) -> Path:
     return cache / json.loads((cache / "manifest.json").read_text())["shards"][0]["name"]
 
 
-def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None, compression: str | None = None) -> None:
-    """Replace the first shard by an edited copy and fix its size and sha256 in the manifest,
-    so only the deeper checks can catch the change."""
-    path = first_shard(cache)
+def rewrite_shard(
+    cache: Path, edit, schema: pa.Schema | None = None, compression: str | None = None, index: int = 0
+) -> None:
+    """Replace a shard (the first by default) by an edited copy and fix its size and sha256 in the
+    manifest, so only the deeper checks can catch the change."""
+    path = cache / json.loads((cache / "manifest.json").read_text())["shards"][index]["name"]
     table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
     rows = table.to_pylist()
     edit(rows)
@@ -72,7 +74,7 @@ def rewrite_shard(cache: Path, edit, schema: pa.Schema | None = None, compressio
     path.write_bytes(data)
     mpath = cache / "manifest.json"
     m = json.loads(mpath.read_text())
-    m["shards"][0].update(checksums_of(data))
+    m["shards"][index].update(checksums_of(data))
     mpath.write_text(json.dumps(m))
 
 
@@ -207,8 +209,6 @@ def unchecked_topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, V: int) -
 @pytest.mark.parametrize(
     "edit,match",
     [
-        # rows longer than the manifest's max_length (an 18 KB shard held a 100M-token row)
-        (lambda m: m["data"].update(max_length=16), r"row 0: .*tokens, past the cache's max_length 16"),
         (lambda m: m["data"].update(max_length="16"), "data.max_length must be an integer >= 2"),
         (lambda m: m["shards"][0].update(config_hash=None), "has a config_hash that is not a string"),
         (lambda m: m.update(bad_records=None), "bad_records must be a list"),
@@ -224,6 +224,84 @@ def test_manifest_fields_the_reader_bounds_by(cache, edit, match):
     edit(m)
     mpath.write_text(json.dumps(m))
     refused(cache, match)
+
+
+def forge_settings(cache: Path, edit) -> None:
+    """Edit the manifest's settings as a forger (or a test of other settings) would: its
+    config_hash recomputed and every shard's metadata made to match, so only the checks of the
+    rows themselves can tell."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    new_hash = m["config_hash"] = config_hash(m)
+    mpath.write_text(json.dumps(m))
+    for index, entry in enumerate(m["shards"]):
+        meta = dict(pa.ipc.open_file(pa.BufferReader((cache / entry["name"]).read_bytes())).schema.metadata)
+        inner = json.loads(meta[b"teacher_cache"])
+        meta[b"teacher_cache"] = json.dumps({**inner, "config_hash": new_hash}).encode()
+        rewrite_shard(cache, lambda rows: None, SCHEMA.with_metadata(meta), index=index)
+
+
+def test_rows_longer_than_the_manifests_max_length(cache):
+    """An 18 KB shard held a 100M-token row."""
+    forge_settings(cache, lambda m: m["data"].update(max_length=16))
+    refused(cache, r"row 0: .*tokens, past the cache's max_length 16")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["data"].update(only_domain="law"),  # eval and DAE would take every sample as law's
+        lambda m: m["data"].update(exclude_domain="math"),
+        lambda m: m["tokenizer"].update(fingerprint="sha256:" + "1" * 64),
+        lambda m: m["teacher"].update(weights_sha256="sha256:" + "2" * 64),
+        lambda m: m["targets"].update(logprob_error=0.04),
+        lambda m: m["data"]["files"][0].update(sha256="sha256:" + "3" * 64),
+        lambda m: m.update(source="mixtral"),
+    ],
+    ids=["only_domain", "exclude_domain", "tokenizer", "weights", "logprob_error", "data_file", "source"],
+)
+def test_settings_edited_after_the_run_are_refused(cache, edit):
+    """The config hash is recomputed from the manifest's settings, not taken on trust."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    refused(cache, "its settings do not hash to its config_hash: edited after the run")
+
+
+def test_only_a_merged_caches_shards_carry_their_own_config_hash(cache, good_cache, tmp_path):
+    """A shard of another run, listed with that run's hash, in a cache that is not a merge."""
+    merged = tmp_path / "merged"
+    merge([str(good_cache), str(cache)], str(merged), progress=False)  # the copy's rows are dropped as repeats
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"][0]["config_hash"] = "sha256:" + "4" * 64
+    mpath.write_text(json.dumps(m))
+    refused(cache, "has a config_hash of its own, which only a merged cache's have")
+
+    assert len(list(open_cache(merged))) == 12  # as merged
+    mpath = merged / "manifest.json"
+    good = json.loads(mpath.read_text())
+    for edit, match in [
+        (lambda m: m["merged_from"][0].update(config_hash="sha256:" + "5" * 64), "merged_from does not hash"),
+        (lambda m: m["shards"][0].pop("config_hash"), "of a merged cache has no config_hash"),
+        (lambda m: m.update(merged_from=[]), "merged_from must list each source's config_hash"),
+    ]:
+        m = json.loads(json.dumps(good))
+        edit(m)
+        mpath.write_text(json.dumps(m))
+        refused(merged, match)
+
+
+def test_a_manifest_hashed_the_0_1_0_way_still_opens(good_cache):
+    """teacher-cache 0.1.0 hashed the paths too; its manifests (and shards) carry that hash."""
+    from teacher_cache.manifest import config_hash_v010, validate
+
+    m = json.loads((good_cache / "manifest.json").read_text())
+    m["config_hash"] = config_hash_v010(m)
+    assert m["config_hash"] != config_hash(m)
+    validate(m, "old")
 
 
 def test_block_that_lies_about_its_size(cache):
@@ -309,8 +387,7 @@ def test_rows_that_break_the_readers_checks_are_refused_by_name(cache, edit, sch
 
 
 def test_attention_rows_in_a_cache_that_declares_none(cache):
-    mpath = cache / "manifest.json"
-    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "attention": None}))
+    forge_settings(cache, lambda m: m.update(attention=None))
     refused(cache, "row 0: attention present but the manifest declares none")
 
 
@@ -367,12 +444,12 @@ def test_sampled_rows_with_another_number_of_draws(tmp_path, chats_file):
 
 def test_verify_reports_counts_and_source_tags_the_rows_do_not_bear_out(cache):
     """Recorded, not used to decide anything, so the reader passes them; verify reads every row."""
+    forge_settings(cache, lambda m: m.update(source="someone-else"))  # the rows' tags say otherwise
     mpath = cache / "manifest.json"
     m = json.loads(mpath.read_text())
     first = m["shards"][0]
     first["tokens"] += 1
     m["counts"]["target_positions"] -= 2
-    m["source"] = "someone-else"
     mpath.write_text(json.dumps(m))
     assert len(list(open_cache(cache))) == 12
     done = subprocess.run([*CLI, "verify", str(cache), "--no-progress"], capture_output=True, text=True)
@@ -383,6 +460,51 @@ def test_verify_reports_counts_and_source_tags_the_rows_do_not_bear_out(cache):
     assert f"PROBLEM: counts.target_positions: rows hold {positions}, the manifest says {positions - 2}" in problems
     tags = [p for p in problems if "source tag 'tiny-mixtral', the manifest's is 'someone-else'" in p]
     assert len(tags) == 12  # one per row
+
+
+def test_verify_reports_a_sample_stored_twice(cache):
+    """A shard copied under a new name and listed (sizes and counts fixed up): every row opens,
+    but the trainer would see those samples twice an epoch. run and merge keep one row per id."""
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    copy = {**m["shards"][0], "name": "shard-w00000-000009.arrow"}
+    shutil.copy(cache / m["shards"][0]["name"], cache / copy["name"])
+    m["shards"].append(copy)
+    m["counts"] = {k: v + copy.get(k, 0) if k in ("tokens", "target_positions") else v for k, v in m["counts"].items()}
+    m["counts"]["samples"] += copy["rows"]
+    mpath.write_text(json.dumps(m))
+    assert len(list(open_cache(cache))) == 18
+    done = subprocess.run([*CLI, "verify", str(cache), "--no-progress"], capture_output=True, text=True)
+    problems = [ln for ln in done.stderr.splitlines() if ln.startswith("PROBLEM")]
+    assert done.returncode == 1 and len(problems) == 6, done.stderr
+    first = [s.sample_id for s in open_cache(cache).iter_shard(m["shards"][0]["name"])]
+    expected = f"PROBLEM: sample {first[0]!r}: stored 2 times ({m['shards'][0]['name']}, {copy['name']})"
+    assert problems[:5] == [expected.replace(repr(first[0]), repr(sid)) for sid in first[:5]]
+    assert problems[5] == "PROBLEM: ... and 1 more sample ids stored more than once"
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m["data"].update(only_domain="math"), "domain {d!r} in a cache of domain 'math' only"),
+        (lambda m: m["data"].update(exclude_domain=["math", "code"]), "which the cache excludes"),
+    ],
+    ids=["only_domain", "exclude_domain"],
+)
+def test_verify_checks_each_rows_domain_against_the_filter(cache, edit, match):
+    """Settings that hash (as a merged cache's need not) but rows of other domains."""
+    domains = {s.sample_id: s.domain for s in open_cache(cache)}
+    forge_settings(cache, edit)
+    done = subprocess.run([*CLI, "verify", str(cache), "--no-progress"], capture_output=True, text=True)
+    problems = [ln for ln in done.stderr.splitlines() if ln.startswith("PROBLEM")]
+    if "only" in match:
+        wrong = [sid for sid, d in domains.items() if d != "math"]
+        assert len(problems) == len(wrong) > 0
+        assert all(match.format(d=domains[p.split(" sample ")[1].split(":")[0]]) in p for p in problems)
+    else:
+        wrong = [sid for sid, d in domains.items() if d in ("math", "code")]
+        assert len(problems) == len(wrong) > 0 and all(match in p for p in problems)
+    assert done.returncode == 1
 
 
 def test_shard_not_in_manifest_is_reported(cache):
@@ -561,9 +683,10 @@ def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, ch
     assert info["duplicates"] == 3 and info["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert info["data_files"] == [str(chats_file), str(head)] and info["wall_s"] is None
     mpath = tmp_path / "m" / "manifest.json"
-    for foreign in (5, ["a"], [{"where": "a"}]):  # recorded, not validated: never a crash
+    for foreign in (5, ["a"], [{"where": "a"}]):  # its config hash is made of its sources': checked
         mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "merged_from": foreign}))
-        assert "merged_from" not in summary(str(tmp_path / "m"))
+        with pytest.raises(ManifestError, match="merged_from must list each source's config_hash"):
+            summary(str(tmp_path / "m"))
 
 
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
@@ -610,10 +733,9 @@ def test_merge_takes_the_longest_max_length_and_an_absent_chat_template(tmp_path
     a, b = tmp_path / "a", tmp_path / "b"
     for d, longest in ((a, 2048), (b, 4096)):
         shutil.copytree(good_cache, d)
-        m = json.loads((d / "manifest.json").read_text())
-        m["data"]["max_length"] = longest
-        del m["tokenizer"]["chat_template_sha256"]
-        (d / "manifest.json").write_text(json.dumps(m))
+        forge_settings(
+            d, lambda m, n=longest: (m["data"].update(max_length=n), m["tokenizer"].pop("chat_template_sha256"))
+        )
     merged = merge([str(a), str(b)], str(tmp_path / "m"))
     assert merged["data"]["max_length"] == 4096 and len(list(open_cache(tmp_path / "m"))) == 12
 
@@ -632,9 +754,7 @@ def test_merge_keeps_a_domain_filter_only_where_every_source_has_it(tmp_path, go
     would route all its rows as domain samples (the first cache's filter used to be kept)."""
     for name, domain in (("law1", "law"), ("law2", "law"), ("general", None)):
         shutil.copytree(good_cache, tmp_path / name)
-        m = json.loads((tmp_path / name / "manifest.json").read_text())
-        m["data"]["only_domain"] = domain
-        (tmp_path / name / "manifest.json").write_text(json.dumps(m))
+        forge_settings(tmp_path / name, lambda m, d=domain: m["data"].update(only_domain=d))
     mixed = merge([str(tmp_path / "law1"), str(tmp_path / "general")], str(tmp_path / "mixed"))
     same = merge([str(tmp_path / "law1"), str(tmp_path / "law2")], str(tmp_path / "same"))
     assert mixed["data"]["only_domain"] is None and same["data"]["only_domain"] == "law"
@@ -683,7 +803,8 @@ def test_a_manifest_nested_too_deeply_or_with_lone_surrogates_is_one_line(cache)
     a lone surrogate in a string cannot be printed as UTF-8: neither may become a traceback."""
     manifest = cache / "manifest.json"
     good = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**good, "source": "\ud800"}))  # json.dumps escapes it as \ud800
+    good["teacher"]["name"] = "\ud800"  # provenance, not a setting (outside the config hash)
+    manifest.write_text(json.dumps(good))  # json.dumps escapes it as \ud800
     shown = subprocess.run([*CLI, "inspect", str(cache)], capture_output=True)
     assert shown.returncode == 0 and b"\\ud800" in shown.stdout, shown.stderr
     manifest.write_text("[" * 100_000 + "]" * 100_000)
