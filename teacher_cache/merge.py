@@ -40,7 +40,7 @@ from teacher_cache.shards import (
     shard_metadata,
     shard_name,
 )
-from teacher_cache.storage import Location
+from teacher_cache.storage import Location, StorageError
 
 
 class MergeError(ValueError):
@@ -147,6 +147,10 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
             print(f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
                   "duplicate, kept once", file=sys.stderr, flush=True)  # fmt: skip
     check_compatible(caches)
+    try:
+        dest.check_writable("")  # before the planning pass reads every shard (a web server takes no writes)
+    except StorageError as e:
+        raise MergeError(str(e)) from None
     n_shards = sum(len(c.manifest["shards"]) for c in caches)
     with _bar(progress, n_shards, "checking") as bar:
         plans, repeats = _plan(caches, bar)

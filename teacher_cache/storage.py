@@ -74,6 +74,14 @@ def sweep_spools(directory: str | None = None) -> list[Path]:
 
 
 S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+HTTP_TIMEOUTS = {"sock_connect": 10, "sock_read": 60}  # seconds; aiohttp's default waits 5 min on a silent server
+
+
+def _unreachable(e: FileNotFoundError) -> BaseException | None:
+    """fsspec's http turns every failure to get a file's info into FileNotFoundError; the cause
+    says which: a response (404, 403, ...) has a status, a refused or silent connection has none."""
+    cause = e.__cause__
+    return cause if cause is not None and getattr(cause, "status", None) is None else None
 
 
 def _storage_errors(method):
@@ -109,6 +117,10 @@ class Location:
         if self.url.startswith(("s3://", "s3a://")) and "FSSPEC_S3_CONFIG_KWARGS" not in os.environ:
             # botocore's defaults retry an unreachable endpoint for minutes and wait on a silent one forever
             options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
+        if self.is_http and "FSSPEC_HTTP_CLIENT_KWARGS" not in os.environ:
+            import aiohttp  # fsspec's http client
+
+            options.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUTS)})
         try:
             return fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:
@@ -120,6 +132,10 @@ class Location:
         if self._pid != os.getpid():
             self._fs, self._pid = self._connect()[0], os.getpid()
         return self._fs
+
+    @property
+    def is_http(self) -> bool:
+        return self.url.startswith(("http://", "https://"))
 
     def __str__(self) -> str:
         return self.url
@@ -137,8 +153,9 @@ class Location:
         return f"{self.url}/{name}"
 
     def bucket(self) -> str | None:
-        """URL of the bucket (container) an object-store location lives in; None for local paths."""
-        if self.is_local or not is_url(self.url):
+        """URL of the bucket (container) an object-store location lives in; None for local paths
+        and web servers."""
+        if self.is_local or not is_url(self.url) or self.is_http:
             return None
         scheme, rest = self.url.split("://", 1)
         return f"{scheme}://{rest.split('/', 1)[0]}"
@@ -151,12 +168,30 @@ class Location:
     @_storage_errors
     def exists(self, name: str) -> bool:
         self.fs.invalidate_cache()  # another process may have written it since we last listed
-        return self.fs.exists(self.path(name))
+        if not self.is_http:
+            return self.fs.exists(self.path(name))
+        try:  # fsspec's http exists() says False for a server it cannot reach
+            self._http_info(name)
+            return True
+        except FileNotFoundError:
+            return False
 
     @_storage_errors
     def size(self, name: str) -> int:
         self.fs.invalidate_cache(self.path(name))  # s3fs/gcsfs answer from listings, maybe of an older version
+        if self.is_http:
+            return int(self._http_info(name)["size"])
         return int(self.fs.size(self.path(name)))
+
+    def _http_info(self, name: str) -> dict:
+        """fs.info of a web server's file; a server that does not answer is a StorageError, not missing."""
+        try:
+            return self.fs.info(self.path(name))
+        except FileNotFoundError as e:
+            if (cause := _unreachable(e)) is not None:
+                why = f"{type(cause).__name__}: {one_line(cause)}".rstrip(": ")
+                raise StorageError(f"{self.describe(name)}: the server does not answer ({why})") from None
+            raise
 
     def glob(self, pattern: str) -> list[str]:
         """Names (relative to this location) matching a pattern such as 'parts/*.json', sorted.
@@ -218,13 +253,25 @@ class Location:
         """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead.
         A failed fetch is a StorageError, so readers can tell it from bytes that do not decode."""
         path = self.path(name)
+        whole: bytes | None = None  # the file, from a server that answered a range with all of it
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(self.fs.cat_file, path, start=s, end=e) for s, e in ranges[:prefetch]]
-            for i in range(len(ranges)):
+            for i, (start, end) in enumerate(ranges):
+                if whole is not None:
+                    yield whole[start:end]
+                    continue
                 try:
                     data = pending.pop(0).result()
                 except Exception as e:  # OSError, or the store client's own (botocore) errors
                     raise StorageError(f"{self.describe(name)}: read failed ({_why(e)})") from None
+                if len(data) > end - start and len(data) >= ranges[-1][1]:
+                    # a web server without Range support (python -m http.server) sends the whole file:
+                    # keep it and serve every later range from it, instead of fetching it again per range
+                    whole = data
+                    for f in pending:
+                        f.cancel()
+                    yield whole[start:end]
+                    continue
                 if i + prefetch < len(ranges):
                     s, e = ranges[i + prefetch]
                     pending.append(pool.submit(self.fs.cat_file, path, start=s, end=e))
@@ -236,12 +283,16 @@ class Location:
         if self.is_local:
             Path(self.path(name) if name else self.root).mkdir(parents=True, exist_ok=True)
 
-    def check_writable(self) -> None:
-        """Create the directory and write + delete a probe, so a bad --out fails before any work."""
+    def check_writable(self, folder: str = "parts") -> None:
+        """Create the directory (and `folder` in it) and write + delete a probe there, so a bad
+        --out fails before any work."""
         try:
             self.makedirs()
-            self.makedirs("parts")
-            probe = f"parts/.write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # workers may start together
+            if folder:
+                self.makedirs(folder)
+            probe = posixpath.join(
+                folder, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            )  # workers start together
             self.fs.pipe_file(self.path(probe), b"")
             self.fs.rm_file(self.path(probe))
         except Exception as e:  # any backend's error: permissions, credentials, bucket missing

@@ -325,3 +325,63 @@ def test_a_cache_served_by_a_plain_http_server_is_read_and_a_lost_shard_found_at
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_web_server_without_range_support_serves_a_cache_of_many_chunks(tmp_path):
+    """python -m http.server answers a byte range with the whole file: the reader keeps that file
+    and serves the shard's later chunks from it (each still checked against its sha256), where it
+    took the whole file for chunk 0 and failed its checksum."""
+    import urllib.request
+
+    from tests.conftest import _free_port, _serve
+
+    data = str(Path(__file__).resolve().parents[1] / "teacher_cache" / "sample_data" / "instructions.jsonl")
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (data,), str(local), backend="hf", top_k=8, shard_size=60, chunk_bytes=4096,
+                  progress=False))  # fmt: skip
+    entries = json.loads((local / "manifest.json").read_text())["shards"]
+    assert min(len(e["chunks"]["sha256"]) for e in entries) > 5  # several chunks per shard
+    port = _free_port()
+    cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(tmp_path), str(port)]
+    url = f"http://127.0.0.1:{port}/cache"
+    server = _serve(cmd, lambda: urllib.request.urlopen(url + "/manifest.json", timeout=1), "http server")
+    try:
+        expected = rows(open_cache(local))
+        got = rows(open_cache(url))
+        assert got.keys() == expected.keys()
+        assert all(all(np.array_equal(a, b) for a, b in zip(got[k], expected[k], strict=True)) for k in got)
+        ok(sh([*TC, "verify", url, "--no-progress"]))
+        err = one_line_error(sh([*TC, "merge", str(local), url, "--out", url + "-merged"]))  # it takes no writes
+        assert err.startswith(f"Error: cannot write to {url}-merged: "), err
+        shard = local / entries[1]["name"]
+        damaged = bytearray(shard.read_bytes())
+        at = len(damaged) // 2
+        damaged[at] ^= 1
+        shard.write_bytes(bytes(damaged))
+        done = sh([*TC, "verify", url, "--no-progress"])
+        assert done.returncode == 1 and f"{shard.name}: sha256 mismatch in chunk {at // 4096} of " in done.stderr
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_web_server_that_is_down_or_silent_is_named_not_taken_for_a_missing_cache(tmp_path, monkeypatch):
+    """fsspec's http says a file does not exist when it cannot reach the server, and aiohttp waits
+    5 minutes on a server that accepts and never answers."""
+    import socket
+
+    from teacher_cache import storage
+    from tests.conftest import _free_port
+
+    down = f"http://127.0.0.1:{_free_port()}/cache"
+    err = one_line_error(sh([*TC, "inspect", down]))
+    assert err.startswith(f"Error: {down}/manifest.json: the server does not answer (ClientConnectorError"), err
+    assert "bucket" not in err
+
+    monkeypatch.setattr(storage, "HTTP_TIMEOUTS", {"sock_connect": 1, "sock_read": 1})
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/cache"
+        with pytest.raises(storage.StorageError, match=r"/cache/manifest.json: the server does not answer \("):
+            open_cache(url)
