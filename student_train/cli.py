@@ -31,7 +31,8 @@ def main() -> None:
 @click.option("--student", type=PATH, required=True, help="Preset name or checkpoint directory.")
 @click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable.")
 def check(student: str, caches: tuple[str, ...]) -> None:
-    """Check that STUDENT can train from the caches (same tokenizer, same format)."""
+    """Check that STUDENT can train from the caches (same tokenizer, same format, every shard there at
+    its size). Reads no shard: `teacher-cache verify` checks every byte."""
     from student_train.checks import check_student_matches, domain_overlap
     from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
@@ -46,7 +47,7 @@ def check(student: str, caches: tuple[str, ...]) -> None:
     overlap = domain_overlap(opened)
     if overlap:  # only a DAE mix (--domain-ratio) would suffer it: said, not refused
         click.echo(f"warning: with --domain-ratio, {overlap}", err=True)
-    click.echo(f"ok: {student} can train from {', '.join(caches)}")
+    click.echo(f"ok: {student} can train from {', '.join(caches)} (shards not read: teacher-cache verify reads them)")
 
 
 def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:

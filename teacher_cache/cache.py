@@ -23,7 +23,15 @@ import numpy as np
 import pyarrow as pa
 
 from teacher_cache import codec
-from teacher_cache.manifest import MANIFEST, MAX_MANIFEST_BYTES, PARTS_DIR, ManifestError, validate
+from teacher_cache.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    PARTS_DIR,
+    ManifestError,
+    parse_part_name,
+    read_part,
+    validate,
+)
 from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardError, ShardStream, shard_metadata
 from teacher_cache.storage import Location, as_location
 
@@ -122,10 +130,27 @@ class Cache:
             try:
                 size = self.where.size(name)
             except FileNotFoundError:
-                raise ShardError(f"{name}: listed in the manifest but missing from {self.where}") from None
+                size = None
         if size != (expected := self.entry(name)["bytes"]):
+            odd = self._not_a_file(name)
+            if odd:
+                raise ShardError(f"{self.where.describe(name)}: {odd}, not a shard file")
+            if size is None:
+                raise ShardError(f"{name}: listed in the manifest but missing from {self.where}")
             raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {expected}")
         return size
+
+    def _not_a_file(self, name: str) -> str | None:
+        """What stands where a local shard should be, if not a file (a listing reports a folder's
+        or a dangling link's own size)."""
+        if not self.where.is_local:
+            return None
+        path = self.where.local_path(name)
+        if path.is_symlink() and not path.exists():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        if path.is_dir():
+            return "a directory"
+        return None
 
     def open_shard(self, name: str) -> ShardStream:
         """Check a shard's size and header against the manifest; stream its record batches."""
@@ -263,6 +288,35 @@ def _is_cache(folder: Path) -> bool:
     return (folder / PARTS_DIR).is_dir() or any(SHARD_RE.fullmatch(n) for n in os.listdir(folder))
 
 
+def _unfinished(where: Location, parts: list[str]) -> str:
+    """What an incomplete cache's worker parts say is left to do (workers of one run share one --out)."""
+    runs: dict[int, dict[int, bool]] = {}  # num_workers -> {worker: finished}
+    for name in parts:
+        ids = parse_part_name(name.rsplit("/", 1)[-1])
+        if ids is not None:
+            try:
+                part = read_part(where, *ids)
+            except ManifestError as e:
+                return str(e)
+            runs.setdefault(ids[1], {})[ids[0]] = bool(part and part.get("complete"))
+    if len(runs) != 1:
+        return "finish or resume the run"
+    ((n, seen),) = runs.items()
+    missing = [w for w in range(n) if w not in seen]
+    running = [w for w, done in sorted(seen.items()) if not done]
+    if not missing and not running:  # e.g. workers' folders copied together: the last to end writes it
+        return f"all {n} workers are finished: rerun any worker's command with this --out to write {MANIFEST}"
+    if n == 1:
+        return "the run is unfinished: its command, run again, resumes it"
+    todo = [f"worker(s) {', '.join(map(str, running))} unfinished (resume them)"] if running else []
+    if missing:
+        todo.append(
+            f"no part of worker(s) {', '.join(map(str, missing))} here (run them with this --out: the "
+            "workers of one run share one --out)"
+        )
+    return f"{n} workers, " + "; ".join(todo)
+
+
 def open_cache(path: str | Path | Location, *, check_files: bool = True) -> Cache:
     """Validate a cache's manifest (a directory or fsspec URL) and return a Cache over it; with
     `check_files`, also that every shard it lists is stored at its size (`Cache.check_files`)."""
@@ -274,10 +328,7 @@ def open_cache(path: str | Path | Location, *, check_files: bool = True) -> Cach
             raise ManifestError(f"{where}: does not exist{missing}")
         parts = where.glob(f"{PARTS_DIR}/*.json")
         if parts:
-            raise ManifestError(
-                f"{where}: cache incomplete ({len(parts)} worker part(s), no manifest.json yet); "
-                "finish or resume the run"
-            )
+            raise ManifestError(f"{where}: cache incomplete (no {MANIFEST} yet): {_unfinished(where, parts)}")
         raise ManifestError(f"{where}: no {MANIFEST} (not a teacher cache)")
     try:
         manifest = where.read_json(MANIFEST, MAX_MANIFEST_BYTES)

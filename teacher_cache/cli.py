@@ -288,6 +288,8 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     are not. (Workers of one run share its --out: the last to finish writes the manifest.)"""
     from teacher_cache.merge import merge as merge_caches
 
+    if len(caches) < 2:
+        raise SettingsError("merge needs at least two caches")
     try:
         m = merge_caches(list(caches), out, progress=not no_progress)
     except OSError as e:

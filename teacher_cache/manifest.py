@@ -346,7 +346,9 @@ def _check_types(m: dict, where: str) -> None:
     need(isinstance(m["source"], str), "source must be a string")
     need(isinstance(m.get("config_hash"), str), "config_hash must be a string")
     counts = m["counts"]
-    need(isinstance(counts, dict) and all(_int(counts.get(k)) for k in COUNT_KEYS), f"counts must hold {COUNT_KEYS}")
+    need(isinstance(counts, dict), "counts must be an object")
+    bad = [k for k in COUNT_KEYS if not _int(counts.get(k))]
+    need(not bad, f"counts.{bad[0] if bad else ''} must be a non-negative integer")
     need(isinstance(m["shards"], list), "shards must be a list")
     engines = m.get("engines")
     need(engines is None or (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)), "bad engines")

@@ -189,7 +189,7 @@ def _duplicate_first_shard(m: dict) -> None:
         (lambda m: m["shards"][0].update(sha256=m["shards"][0]["sha256"].removeprefix("sha256:")), "has no sha256"),
         (lambda m: m["shards"][0]["chunks"].update(sha256=[h.upper() for h in m["shards"][0]["chunks"]["sha256"]]),
          "chunk hashes do not cover"),
-        (lambda m: m["counts"].update(tokens=True), "counts must hold"),
+        (lambda m: m["counts"].update(tokens=True), "counts.tokens must be a non-negative integer"),
         (lambda m: m["tokenizer"].update(vocab_size=0), "tokenizer.vocab_size must be a positive integer"),
         (lambda m: m["targets"].update(kind="dense"), "unknown target kind 'dense'"),
         (lambda m: m["targets"].update(k=0), "targets.k must be a positive integer"),

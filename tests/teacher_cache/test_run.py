@@ -860,3 +860,21 @@ def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, cha
     clean = tmp_path / "clean"
     run(cfg(chats_file, clean, shard_size=2))
     assert_same_rows(rows(clean), rows(outside / "final"))
+
+
+def test_an_incomplete_cache_says_which_workers_are_left(tmp_path, chats_file):
+    """Workers of one run share one --out; run into two, each says what is missing; copied
+    together, the finished parts need one more command to write the manifest."""
+    w0, w1 = tmp_path / "w0", tmp_path / "w1"
+    run(cfg(chats_file, w0, worker_index=0, num_workers=2))
+    run(cfg(chats_file, w1, worker_index=1, num_workers=2))
+    missing = r"2 workers, no part of worker\(s\) 0 here \(run them with this --out: the workers of one run share"
+    with pytest.raises(ManifestError, match=r"cache incomplete \(no manifest.json yet\): " + missing):
+        open_cache(w1)
+    for f in [*w1.glob("shard-*"), *w1.glob("parts/*.json")]:
+        shutil.copy(f, w0 / f.relative_to(w1))
+    finished = r": all 2 workers are finished: rerun any worker's command with this --out to write manifest.json$"
+    with pytest.raises(ManifestError, match=finished):
+        open_cache(w0)
+    run(cfg(chats_file, w0, worker_index=1, num_workers=2))  # "nothing to do", and the manifest
+    assert len(list(open_cache(w0))) == 12

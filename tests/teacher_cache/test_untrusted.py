@@ -400,6 +400,19 @@ def test_a_shard_over_the_readers_size_limit_says_so(cache, monkeypatch):
         list(open_cache(cache))
 
 
+@pytest.mark.parametrize("stand_in", ["directory", "dangling link"])
+def test_a_folder_or_a_dangling_link_in_place_of_a_shard_is_named(cache, stand_in):
+    """They read as '4096 bytes stored' and '0 bytes stored' (and as missing from verify)."""
+    shard = first_shard(cache)
+    shard.unlink()
+    if stand_in == "directory":
+        shard.mkdir()
+        refused(cache, f"{shard.name}: a directory, not a shard file")
+    else:
+        shard.symlink_to(cache / "gone.arrow")
+        refused(cache, f"{shard.name}: a symbolic link to {cache / 'gone.arrow'}, which does not exist, not a shard")
+
+
 def test_missing_shard_file(cache):
     first_shard(cache).unlink()
     refused(cache, "listed in the manifest but missing from")
