@@ -53,7 +53,7 @@ def _compat(m: dict) -> dict:
         "format version": m["format_version"],
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
         "chat template": m["tokenizer"].get("chat_template_sha256"),
-        "teacher": tuple(t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")),
+        "teacher": {k: t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")},
         "targets (kind, k, draws, logprob_error)": m["targets"],
         "attention spec": m.get("attention"),
         "source tag": m["source"],
@@ -68,6 +68,9 @@ def check_compatible(caches: list[Cache]) -> None:
         for key, value in first.items():
             if other[key] != value:
                 why = f"{key} differs ({_difference(value, other[key])})"
+                if key == "teacher":  # its hashes say that they differ; the names say which models
+                    names = (caches[0].manifest["teacher"]["name"], cache.manifest["teacher"]["name"])
+                    why = f"teacher differs ({names[0]} vs {names[1]}; {_difference(value, other[key])})"
                 raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {why}")
 
 

@@ -155,7 +155,10 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
     assert done.returncode == 2 and "--logprob-error: " in one_line_error(done)
     done = sh([*TC, "merge", str(tmp_path / "a"), "--out", str(tmp_path / "m")])
     assert done.returncode == 2
-    assert one_line_error(done) == "Error: merge needs at least two caches (see 'python -m teacher_cache.cli merge --help')"
+    assert (
+        one_line_error(done)
+        == "Error: merge needs at least two caches (see 'python -m teacher_cache.cli merge --help')"
+    )
     for extra, message in (
         (["--attention-layers", "1,1"], "--attention-layers lists a layer twice"),
         (["--only-domain", ""], "--only-domain must not be empty"),
