@@ -314,7 +314,7 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
         manifest["data"][key] = json.loads(values.pop()) if len(values) == 1 else None
     manifest["merged_from"] = [
         {
-            "path": str(c.where),
+            "path": str(c.where.local_path().resolve()) if c.where.is_local else str(c.where),  # not as typed
             "config_hash": c.manifest["config_hash"],
             "backend": c.manifest.get("backend"),
             "samples": c.manifest["counts"]["samples"],

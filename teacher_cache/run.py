@@ -61,7 +61,8 @@ from teacher_cache.tokenize import (
 
 
 def _same_file(data: str) -> str:
-    """A --data path made absolute, so that two spellings of one local file compare equal (URLs as given)."""
+    """A --data path made absolute, so that two spellings of one local file compare equal and the
+    manifest says where it was, whatever the working directory (URLs as given)."""
     return data if is_url(data) else os.path.abspath(data)
 
 
@@ -321,7 +322,7 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
         "targets": targets,
         "attention": attention,
         "data": {
-            "files": [{"path": p, "sha256": file_sha256(p)} for p in cfg.data],
+            "files": [{"path": _same_file(p), "sha256": file_sha256(p)} for p in cfg.data],
             "only_domain": cfg.only_domain,
             "exclude_domain": cfg.exclude_header,
             "max_length": cfg.max_length,

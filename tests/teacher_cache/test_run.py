@@ -880,3 +880,15 @@ def test_an_incomplete_cache_says_which_workers_are_left(tmp_path, chats_file):
         open_cache(w0)
     run(cfg(chats_file, w0, worker_index=1, num_workers=2))  # "nothing to do", and the manifest
     assert len(list(open_cache(w0))) == 12
+
+
+def test_manifests_say_where_data_and_merged_caches_were_not_as_typed(tmp_path, chats_file, monkeypatch):
+    """Relative paths typed in one working directory mean nothing to a teammate reading the cache."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(chats_file, "chats.jsonl")
+    run(cfg(Path("chats.jsonl"), Path("a")))
+    run(cfg(Path("chats.jsonl"), Path("b")))
+    merge(["a", "b"], "m")
+    m = open_cache("m").manifest
+    assert [f["path"] for f in m["data"]["files"]] == [str(tmp_path / "chats.jsonl")] * 2
+    assert [e["path"] for e in m["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
