@@ -8,7 +8,7 @@ import sys
 import click
 
 from student_train import __version__
-from teacher_cache.cli import PATH, OneLineGroup, SettingsError, UserError, interruptible
+from teacher_cache.cli import PATH, OneLineGroup, SettingsError, UserError, interruptible, stopped
 from teacher_cache.errors import one_line
 
 
@@ -44,6 +44,11 @@ def check(student: str, caches: tuple[str, ...]) -> None:
         check_student_matches(load_tokenizer(ref.path, ref.revision), opened)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
+    empty = [c for c, o in zip(caches, opened, strict=True) if not o.manifest["counts"]["samples"]]
+    if len(empty) == len(caches):  # as train refuses them
+        raise UserError(f"no samples in {', '.join(empty)}: {'they are' if len(empty) > 1 else 'it is'} empty")
+    for c in empty:
+        click.echo(f"warning: {c} holds no samples", err=True)
     overlap = domain_overlap(opened)
     if overlap:  # only a DAE mix (--domain-ratio) would suffer it: said, not refused
         click.echo(f"warning: with --domain-ratio, {overlap}", err=True)
@@ -142,12 +147,8 @@ def train(**kw) -> None:
         result = run_training(cfg)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(prefix + one_line(e)) from None
-    except KeyboardInterrupt:
-        click.echo(
-            f"{prefix}interrupted: checkpoints are kept; the same command with --resume continues from the latest",
-            err=True,
-        )
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        stopped(e, "checkpoints are kept; the same command with --resume continues from the latest", prefix)
     if rank == 0:  # one line for the run, not one per process
         click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
 

@@ -28,7 +28,7 @@ from student_train.checks import check_student_matches, check_temperature, domai
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
-from teacher_cache.storage import fsync_dir, is_url, remove_if_unused
+from teacher_cache.storage import LockedError, exclusive, fsync_dir, is_url, remove_if_unused
 
 
 class TrainError(RuntimeError):
@@ -610,24 +610,15 @@ def _check_run_dir(out: Path) -> None:
 
 @contextlib.contextmanager
 def _hold_run_dir(out: Path) -> Iterator[None]:
-    """An exclusive lock on a run directory (flock, which the OS drops when the process dies,
-    kill -9 included): two trainings in one --out would interleave metrics and checkpoints."""
-    import fcntl
-
-    with open(out / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise TrainError(
-                f"{out} is in use by another training (pid {f.read().strip() or '?'}); "
-                "wait for it to end or use another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
+    """An exclusive lock on a run directory: two trainings in one --out would interleave metrics
+    and checkpoints."""
+    try:
+        with exclusive(out / ".lock"):
+            yield
+    except LockedError as e:
+        raise TrainError(
+            f"{out} is in use by another training (pid {e.pid}); wait for it to end or use another --out"
+        ) from None
 
 
 def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:

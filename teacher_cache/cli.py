@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,6 +17,7 @@ import click
 from teacher_cache import __version__
 from teacher_cache.errors import one_line
 from teacher_cache.manifest import MAX_NUM_DRAWS
+from teacher_cache.storage import is_url
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over a disk quota
 
@@ -86,12 +88,38 @@ class NonBlankPath(click.ParamType):
 PATH = NonBlankPath()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes, `timeout` and torchrun send), handled as Ctrl-C is."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def interruptible() -> None:
     """Make SIGINT a KeyboardInterrupt even where it was inherited ignored: a non-interactive shell
     starts background jobs that way (POSIX), and then `kill -INT` did nothing to an hf run and left
-    a vLLM run waiting forever on an engine the signal had stopped."""
+    a vLLM run waiting forever on an engine the signal had stopped. SIGTERM too (it killed the
+    process where it stood, a half-written shard and the bar's line left behind)."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
+    """The one line for a run stopped by a signal, and its exit status (128 + the signal)."""
+    term = isinstance(e, Terminated)
+    click.echo(f"{prefix}{'terminated' if term else 'interrupted'}: {what}", err=True)
+    sys.exit(143 if term else 130)
+
+
+def _kept_shards(out: str, worker: int) -> str:
+    """What a stopped run leaves, for its message: local --out is looked at, an object store is not."""
+    where = Path(out)
+    if is_url(out) or not where.is_dir():
+        return "nothing was written" if not is_url(out) else "finished shards are kept"
+    n = len(list(where.glob(f"shard-w{worker:05d}-*.arrow")))
+    return f"{n} finished shard{'s are' if n != 1 else ' is'} kept" if n else "no shard was finished"
 
 
 def _refuse_unused_options(kw: dict) -> None:
@@ -235,9 +263,8 @@ def run(**kw) -> None:
         raise UserError(one_line(e)) from None
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(one_line(e)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished shards are kept; the same command resumes after them", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        stopped(e, f"{_kept_shards(cfg.out, cfg.worker_index)}; the same command resumes after them")
     worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
     click.echo(f"done: {worker}{part['counts']['samples']} samples in {cfg.out}")  # the log above is on stderr
 

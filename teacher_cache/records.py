@@ -75,6 +75,8 @@ def parse_record(obj: object, where: str) -> Record:
     domain = obj.get("domain")
     if domain is not None and not isinstance(domain, str):
         raise BadRecordError(where, "'domain' must be a string")
+    if domain == "":  # --only-domain "" is refused, so such records could never be selected
+        raise BadRecordError(where, "'domain' must not be empty (leave it out for no domain)")
     sid = obj.get("id")
     if sid is not None and (not isinstance(sid, (str, int)) or isinstance(sid, bool) or str(sid) == ""):
         raise BadRecordError(where, "'id' must be a non-empty string or integer")

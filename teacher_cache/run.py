@@ -7,6 +7,7 @@ restarted run redoes only shards that were not durable when it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from teacher_cache.shards import (
     shard_name,
     spool_glob,
 )
-from teacher_cache.storage import Location, StorageError, is_url, remove_if_unused
+from teacher_cache.storage import Location, LockedError, StorageError, exclusive, is_url, remove_if_unused
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
 from teacher_cache.tokenize import (
     Tokenized,
@@ -456,12 +457,45 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
     _check_other_runs(cfg, out, header, chash)
-    previous = _previous_part(cfg, out, header, chash)
     made = _first_missing(out, PARTS_DIR)
     try:
         out.check_writable()  # makes --out and its parts/: only now, after the refusals above
     except StorageError as e:
         raise RunError(str(e)) from None
+    with _hold_worker(cfg, out, made) as own:
+        return _run_held(cfg, ref, tok, out, header, chash, made, own, backend, t0)
+
+
+@contextlib.contextmanager
+def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[tuple[Path, ...]]:
+    """One process per worker of a local --out (a second one deleted the first's half-written
+    shard, and the first then listed it at 0 bytes in a cache it called complete). Yields the
+    files this run owns in --out's folders (its part file and lock), which a failed run that made
+    them removes. Object stores take no lock: their workers must be started once each."""
+    if not out.is_local:
+        yield ()
+        return
+    root = out.local_path().absolute()
+    own = (
+        root / part_path(cfg.worker_index, cfg.num_workers),
+        root / PARTS_DIR / f".worker-{cfg.worker_index:05d}.lock",
+    )
+    try:
+        with exclusive(own[1]):
+            yield own
+    except LockedError as e:
+        if made is not None:
+            remove_if_unused(made, *own)
+        raise RunError(
+            f"{out}: worker {cfg.worker_index} of {cfg.num_workers} is being written by another run (pid {e.pid}); "
+            "wait for it to end, or stop it and run again (it resumes)"
+        ) from None
+
+
+def _run_held(cfg: RunConfig, ref, tok, out: Location, header: dict, chash: str, made: Path | None,
+              own: tuple[Path, ...], backend: TeacherBackend | None, t0: float) -> dict:  # fmt: skip
+    """run() once --out is made and this worker's lock held."""
+    previous = _previous_part(cfg, out, header, chash)  # its refusals need a part file: --out was there
     try:
         if previous is not None and previous.get("complete"):
             _log(
@@ -489,8 +523,8 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
         return _finish(cfg, out, part, bad, dups, t0)
     except BaseException:
-        if made is not None:  # what this run made, if it holds no more than its part file
-            remove_if_unused(made, out.local_path().absolute() / part_path(cfg.worker_index, cfg.num_workers))
+        if made is not None:  # what this run made, if it holds no more than its part file and lock
+            remove_if_unused(made, *own)
         raise
 
 

@@ -11,6 +11,7 @@ AWS_ENDPOINT_URL, ~/.aws/...; fsspec's FSSPEC_<PROTOCOL>_<OPTION> variables also
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import json
@@ -19,6 +20,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -375,11 +377,38 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def remove_if_unused(made: Path, own_file: Path) -> None:
-    """Remove a local folder a command made if no file in it but `own_file` (its lock, its part
+def remove_if_unused(made: Path, *own_files: Path) -> None:
+    """Remove a local folder a command made if no file in it but `own_files` (its lock, its part
     file): a run that fails before writing anything leaves nothing behind."""
-    if made.is_dir() and all(p == own_file for p in made.rglob("*") if not p.is_dir()):
+    if made.is_dir() and all(p in own_files for p in made.rglob("*") if not p.is_dir()):
         shutil.rmtree(made, ignore_errors=True)
+
+
+class LockedError(OSError):
+    """Another live process holds the lock; `pid` is what it wrote there ('?' if nothing)."""
+
+    def __init__(self, lock_file: Path, pid: str) -> None:
+        super().__init__(f"{lock_file} is held by pid {pid}")
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (made if missing, this pid written in it); the OS
+    drops it when the process dies, kill -9 included. LockedError at once if another holds it."""
+    import fcntl
+
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise LockedError(lock_file, f.read().strip() or "?") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def fsync_dir(path: Path) -> None:

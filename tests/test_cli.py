@@ -278,7 +278,9 @@ def test_exclude_domain_repeats_and_a_domain_no_record_has_is_said(tmp_path, cha
     assert done.stdout == f"done: 10 samples in {tmp_path / 'c'}\n"  # the 2 code samples left out
 
 
-def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file, signame):
+    """SIGTERM (Slurm, Kubernetes, timeout) is handled as Ctrl-C is; it killed the run where it stood."""
     import signal
     import time
 
@@ -302,12 +304,14 @@ def test_ctrl_c_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_fil
     deadline = time.time() + 120
     while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
         time.sleep(0.05)  # until a shard is durable (listed in the part file), not merely on disk
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, (err, f"SIGINT here: {inherited}")
-    assert err.strip().splitlines()[-1].startswith("interrupted: finished shards are kept")
+    status, word = (130, "interrupted") if signame == "SIGINT" else (143, "terminated")
+    assert proc.returncode == status and "Traceback" not in err, (err, f"SIGINT here: {inherited}")
     kept = len(list(out.glob("shard-*.arrow")))
     assert 1 <= kept < 60, "interrupted mid-run"
+    finished = f"{kept} finished shard{'s are' if kept > 1 else ' is'} kept"
+    assert err.strip().splitlines()[-1] == f"{word}: {finished}; the same command resumes after them"
     again = sh(args)
     durable = re.search(r"resuming: (\d+) shards already durable", again.stderr)
     # a shard published just before the signal, not yet in the worker's part file, is redone

@@ -1118,6 +1118,11 @@ def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file
     run(RunConfig(out=str(law), only_domain="law", **common))
     with pytest.raises(ValueError, match=f"no samples in {law}: it is empty"):
         evaluate("tiny-mistral", [str(reference), str(law)])
+    check = [*ST, "check", "--student", "tiny-mistral", "--cache"]  # check: as train, not "ok"
+    done = subprocess.run([*check, str(law)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == f"Error: no samples in {law}: it is empty"
+    done = subprocess.run([*check, str(law), "--cache", str(reference)], capture_output=True, text=True)
+    assert done.returncode == 0 and f"warning: {law} holds no samples" in done.stderr
 
 
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):

@@ -46,6 +46,7 @@ def test_content_id_is_the_documented_hash_of_role_and_content_only():
         ({"prompt": "x"}, "must both be strings"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "no non-empty"),
         ({"prompt": "x", "response": "y", "domain": 3}, "'domain' must be a string"),
+        ({"prompt": "x", "response": "y", "domain": ""}, "'domain' must not be empty"),
         ({"prompt": "x", "response": "y", "id": True}, "'id' must be"),
         ({"prompt": "x", "response": "y", "id": ""}, "'id' must be"),
         ({"prompt": "x", "response": "y", "id": 1.5}, "'id' must be"),

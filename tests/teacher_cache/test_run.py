@@ -788,7 +788,7 @@ def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes
                                        r"\(data.num_workers differ\)"):  # fmt: skip
         run(cfg(chats_file, out, num_workers=2))
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert sorted(p.name for p in (out / "parts").iterdir()) == ["worker-00000-of-00001.json"]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [".worker-00000.lock", "worker-00000-of-00001.json"]
     (out / "parts" / "worker-00000-of-00001.json").unlink()  # parts gone, the manifest still says
     with pytest.raises(RunError, match=r"holds a finished cache made with different settings \(data.num_workers"):
         run(cfg(chats_file, out, num_workers=2))
@@ -892,3 +892,31 @@ def test_manifests_say_where_data_and_merged_caches_were_not_as_typed(tmp_path, 
     m = open_cache("m").manifest
     assert [f["path"] for f in m["data"]["files"]] == [str(tmp_path / "chats.jsonl")] * 2
     assert [e["path"] for e in m["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_a_second_process_for_the_same_worker_is_refused_while_the_first_runs(tmp_path):
+    """It deleted the first's half-written shard, and the first then listed that shard at 0 bytes
+    in a cache it called complete. The lock is the OS's (flock): a killed run frees it."""
+    data = Path(__file__).resolve().parents[2] / "teacher_cache" / "sample_data" / "instructions.jsonl"
+    out = tmp_path / "c"
+    args = ["run", "--teacher", "tiny-mixtral", "--data", str(data), "--out", str(out), "--backend", "hf"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "teacher_cache.cli", *args, "--top-k", "8", "--shard-size", "40", "--batch-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lock = out / "parts" / ".worker-00000.lock"
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert lock.read_text().strip() == str(first.pid)
+        with pytest.raises(RunError, match=rf"worker 0 of 1 is being written by another run \(pid {first.pid}\)"):
+            run(RunConfig("tiny-mixtral", (str(data),), str(out), backend="hf", top_k=8, shard_size=40, progress=False))
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err
+    finally:
+        first.kill()
+        first.wait()
+    assert len(open_cache(out)) == 240
+    done = subprocess.run([sys.executable, "-m", "teacher_cache.cli", "verify", str(out)], capture_output=True)
+    assert done.returncode == 0
