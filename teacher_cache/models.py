@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -146,7 +147,7 @@ def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True,
 
     from teacher_cache.errors import one_line
 
-    _check_size(path, kwargs.get("trust_remote_code", False))
+    check_checkpoint(path, kwargs.get("trust_remote_code", False))
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
     try:
@@ -173,13 +174,33 @@ def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True,
     return model
 
 
-def _check_size(path: str, trust_remote_code: bool) -> None:
+def weight_holes(names: list[str]) -> list[str]:
+    """Tensor names missing from the regular pattern of the others, sorted: for each name with
+    numbered parts (model.layers.3.block_sparse_moe.experts.5.w1.weight), every combination of
+    the numbers seen in that pattern must be there. transformers fuses an MoE's experts when it
+    loads them (a lost expert tensor gave a report hidden here) and vLLM loads without noticing."""
+    groups: dict[str, set[tuple[int, ...]]] = {}  # pattern -> the number tuples seen in it
+    for name in names:
+        parts = name.split(".")
+        numbers = tuple(int(p) for p in parts if p.isdigit())
+        if numbers:
+            groups.setdefault(".".join("{}" if p.isdigit() else p for p in parts), set()).add(numbers)
+    holes = []
+    for pattern, seen in groups.items():
+        axes = [sorted({t[i] for t in seen}) for i in range(len(next(iter(seen))))]
+        holes += [pattern.format(*t) for t in itertools.product(*axes) if t not in seen]
+    return sorted(holes)
+
+
+def check_checkpoint(path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before anything is allocated, a local safetensors checkpoint that does not fit its
     config.json: one describing over twice the parameters its weight files hold (a config of
     another model or size: {"model_type": "llama"} alone is a 7B model, built in float32 before any
     load check), or a tensor stored in another shape than the config gives it (transformers says
-    only "look at the above report", a report hidden here). Missing tensors are left to
-    from_pretrained's checks, which name them."""
+    only "look at the above report", a report hidden here), or one lacking a tensor its other
+    tensors imply (`weight_holes`; an MoE expert's). Run before either backend loads it (vLLM loads
+    a checkpoint that lacks a tensor: its NaN logits were blamed on the data). Other missing
+    tensors are left to from_pretrained's checks, which name them."""
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     if not files:
         return
@@ -192,6 +213,13 @@ def _check_size(path: str, trust_remote_code: bool) -> None:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 stored.update({k: list(st.get_slice(k).get_shape()) for k in st.keys()})  # noqa: SIM118
+    except Exception:  # unreadable files: from_pretrained says why, in its own words
+        return
+    holes = weight_holes(list(stored))
+    if holes:
+        listed = ", ".join(holes[:2]) + (f" and {len(holes) - 2} more" if len(holes) > 2 else "")
+        raise ValueError(f"{path}: the checkpoint lacks weights its other tensors imply: {listed}")
+    try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):  # shapes only, no memory
             model = AutoModelForCausalLM.from_config(config)

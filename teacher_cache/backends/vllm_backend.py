@@ -28,7 +28,7 @@ import torch
 
 from teacher_cache.backends import EngineFailure, TeacherOutput
 from teacher_cache.errors import one_line
-from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef
+from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef, check_checkpoint
 from teacher_cache.targets import TopKTargets, tail_from_topk
 from teacher_cache.tokenize import Tokenized
 
@@ -144,6 +144,8 @@ class VllmBackend:
         `in_process_engines` for when that is safe)."""
         if mode not in MODES:
             raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
+        if model.is_local:
+            check_checkpoint(model.path, trust_remote_code)  # vLLM itself loads one that lacks a tensor
         tp = tensor_parallel_size
         if torch.cuda.is_available():
             if tp > torch.cuda.device_count():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +141,37 @@ def test_cpu_tensor_parallel_ranks_get_disjoint_core_groups():
     assert _core_groups([0, 1, 2, 3, 5], 2) == "0,1,2|3,5"
     with pytest.raises(VllmBackendError, match="--tensor-parallel-size 3 needs 3 CPU cores; this process may use 2"):
         _core_groups([0, 1], 3)
+
+
+def test_a_checkpoint_that_lost_one_experts_tensor_is_refused_by_either_backend(tmp_path, tiny_teacher):
+    """transformers fuses an MoE's experts as it loads them and reported a lost one only as "look
+    at the CONVERSION entries of the above report" (hidden); vLLM loaded it, and its NaN logits
+    were blamed on the data. Both are refused before loading, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from teacher_cache.backends.hf import HfBackend
+    from teacher_cache.backends.vllm_backend import VllmBackend
+    from teacher_cache.models import resolve_model
+
+    damaged = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher.path, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    del weights["model.layers.0.block_sparse_moe.experts.1.w1.weight"]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    ref = resolve_model(str(damaged))
+    lacks = f"{damaged}: the checkpoint lacks weights its other tensors imply: model.layers.0.block_sparse_moe"
+    for backend in (HfBackend, VllmBackend):
+        with pytest.raises(ValueError, match=re.escape(lacks + ".experts.1.w1.weight")):
+            backend(ref)
+
+
+def test_weight_holes_follow_each_patterns_own_numbers():
+    from teacher_cache.models import weight_holes
+
+    dense = [f"model.layers.{i}.{w}.weight" for i in range(3) for w in ("self_attn.q_proj", "mlp.up_proj")]
+    assert weight_holes(["model.embed_tokens.weight", *dense]) == []
+    # experts on every other layer (hybrid MoE), attention on all: each pattern has its own layers
+    moe = [f"model.layers.{i}.mlp.experts.{e}.w1.weight" for i in (1, 3) for e in range(4)]
+    assert weight_holes(dense + moe) == []
+    assert weight_holes(dense + moe[1:]) == ["model.layers.1.mlp.experts.0.w1.weight"]
+    assert weight_holes(dense[1:]) == []  # a whole pattern's only copy in a layer: from_pretrained's check
