@@ -91,7 +91,9 @@ def parse_record(obj: object, where: str) -> Record:
 def _open(path: str, mode: str = "rb"):
     import fsspec
 
-    return fsspec.open(path, mode).open()
+    from teacher_cache.storage import client_options
+
+    return fsspec.open(path, mode, **client_options(path)).open()
 
 
 def _read_parquet(path: str, read: Callable[[Any], Any]):
@@ -142,10 +144,18 @@ def check_data_file(path: str) -> None:
     file whose footer cannot be read."""
     import fsspec
 
+    from teacher_cache.storage import Location, StorageError, client_options
+
     try:
-        fs, p = fsspec.core.url_to_fs(path)  # no glob expansion: a name may hold '*'
-        found = fs.exists(p)
-        folder = found and fs.isdir(p)
+        if path.startswith(("http://", "https://")):  # fsspec's http exists() says False for a dead server
+            parent, name = path.rsplit("/", 1)
+            found, folder = Location(parent).exists(name), False
+        else:
+            fs, p = fsspec.core.url_to_fs(path, **client_options(path))  # no glob expansion: a name may hold '*'
+            found = fs.exists(p)
+            folder = found and fs.isdir(p)
+    except StorageError as e:  # a web server that does not answer: the message names the file
+        raise DataFileError(str(e)) from None
     except Exception as e:  # a missing package (s3:// without the extra), credentials, network
         raise DataFileError(f"{path}: cannot reach it ({one_line(e)})") from None
     if not found:

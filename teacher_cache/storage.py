@@ -79,6 +79,18 @@ S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_
 HTTP_TIMEOUTS = {"sock_connect": 10, "sock_read": 60}  # seconds; aiohttp's default waits 5 min on a silent server
 
 
+def client_options(url: str) -> dict[str, Any]:
+    """fsspec options for a URL's client: timeouts, unless the user's FSSPEC_* variables set them."""
+    if url.startswith(("s3://", "s3a://")) and "FSSPEC_S3_CONFIG_KWARGS" not in os.environ:
+        # botocore's defaults retry an unreachable endpoint for minutes and wait on a silent one forever
+        return {"config_kwargs": S3_CLIENT_CONFIG}
+    if url.startswith(("http://", "https://")) and "FSSPEC_HTTP_CLIENT_KWARGS" not in os.environ:
+        import aiohttp  # fsspec's http client
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUTS)}}
+    return {}
+
+
 def _unreachable(e: FileNotFoundError) -> BaseException | None:
     """fsspec's http turns every failure to get a file's info into FileNotFoundError; the cause
     says which: a response (404, 403, ...) has a status, a refused or silent connection has none."""
@@ -115,14 +127,7 @@ class Location:
         self._pid = os.getpid()
 
     def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        options = dict(self._options)
-        if self.url.startswith(("s3://", "s3a://")) and "FSSPEC_S3_CONFIG_KWARGS" not in os.environ:
-            # botocore's defaults retry an unreachable endpoint for minutes and wait on a silent one forever
-            options.setdefault("config_kwargs", S3_CLIENT_CONFIG)
-        if self.is_http and "FSSPEC_HTTP_CLIENT_KWARGS" not in os.environ:
-            import aiohttp  # fsspec's http client
-
-            options.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUTS)})
+        options = {**client_options(self.url), **self._options}
         try:
             return fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:

@@ -377,6 +377,10 @@ def test_a_web_server_that_is_down_or_silent_is_named_not_taken_for_a_missing_ca
     err = one_line_error(sh([*TC, "inspect", down]))
     assert err.startswith(f"Error: {down}/manifest.json: the server does not answer (ClientConnectorError"), err
     assert "bucket" not in err
+    run_args = ["run", "--teacher", "tiny-mixtral", "--backend", "hf", "--out", str(tmp_path / "c")]
+    err = one_line_error(sh([*TC, *run_args, "--data", f"{down}/chats.jsonl"]))  # was "data file not found"
+    assert err.startswith(f"Error: {down}/chats.jsonl: the server does not answer (ClientConnectorError"), err
+    assert not (tmp_path / "c").exists()
 
     monkeypatch.setattr(storage, "HTTP_TIMEOUTS", {"sock_connect": 1, "sock_read": 1})
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
