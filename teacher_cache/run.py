@@ -592,11 +592,18 @@ def _open_out(cfg: RunConfig) -> Location:
     try:
         names = out.glob("*")
         foreign = [n for n in names if not is_cache_file(n)]
-        if foreign and not {PARTS_DIR, MANIFEST} & set(names):  # a cache's own folder always resumes
+        if foreign and not _is_cache(out, names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
     except StorageError as e:
         raise RunError(str(e)) from None
     return out
+
+
+def _is_cache(out: Location, names: list[str]) -> bool:
+    """A manifest, or a worker's part file in parts/: a folder merely named parts/ is not a cache's."""
+    if MANIFEST in names:
+        return True
+    return PARTS_DIR in names and any(parse_part_name(n.rsplit("/", 1)[-1]) for n in out.glob(f"{PARTS_DIR}/*.json"))
 
 
 def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> dict | None:
