@@ -789,11 +789,19 @@ def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: lis
     out.write_json(part_path(cfg.worker_index, cfg.num_workers), part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
+    repeats = f", {c['duplicates']} repeated records dropped" if c["duplicates"] else ""
     _log(
         f"worker {cfg.worker_index}: {c['samples']} samples, {c['target_positions']} target positions, "
-        f"{c['skipped_bad']} skipped, {c['truncated']} truncated in {wall:.1f}s"
+        f"{c['skipped_bad']} skipped, {c['truncated']} truncated{repeats} in {wall:.1f}s"
         + ("; cache complete" if manifest else f"; manifest.json comes when every worker has finished into {out}")
     )
+    late = c["skipped_bad"] - len(bad)  # refused when tokenised (too long for --max-length, say), not parsed
+    if not c["samples"] and late > 0:  # the parse-time case was warned about before the teacher loaded
+        _log(
+            f"warning: every record of worker {cfg.worker_index}'s share was refused when tokenised ({late} "
+            f"skipped by --skip-bad, the first: {part['bad_records'][len(bad)]}): "
+            "this part of the cache is empty"
+        )
     return part
 
 

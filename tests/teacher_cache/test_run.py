@@ -406,6 +406,21 @@ def test_skip_bad_counts_instead_of_failing(tmp_path, chats_file, capsys):
     assert m["counts"]["skipped_bad"] == 2 and len(m["bad_records"]) == 2 and m["counts"]["samples"] == 12
 
 
+def test_the_summary_says_what_was_dropped_and_warns_of_an_empty_share(tmp_path, chats_file, capsys):
+    """Repeated records were dropped without a word (only `inspect` showed them); a share whose
+    every record was refused when tokenised made an empty cache without a warning."""
+    data = tmp_path / "twice.jsonl"
+    first = chats_file.read_text().splitlines(keepends=True)[0]
+    data.write_text(chats_file.read_text() + first + first)
+    run(cfg(data, tmp_path / "a"))
+    log = capsys.readouterr().err
+    assert "worker 0: 12 samples, " in log and ", 0 truncated, 2 repeated records dropped in " in log
+    run(cfg(chats_file, tmp_path / "short", max_length=2, skip_bad=True))
+    log = capsys.readouterr().err
+    assert "warning: every record of worker 0's share was refused when tokenised (12 skipped by --skip-bad" in log
+    assert open_cache(tmp_path / "short").manifest["counts"]["samples"] == 0
+
+
 def test_a_repeated_id_with_another_domain_is_not_a_duplicate(tmp_path, chats_file):
     first = json.loads(chats_file.read_text().splitlines()[0])
     data = tmp_path / "d.jsonl"
