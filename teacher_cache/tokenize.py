@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +31,16 @@ class Tokenized:
     truncated: bool
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> Any:
     """The model's own tokenizer (a transformers fast tokenizer with a chat template)."""
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):  # transformers' words run long
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the model's tokenizer there")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot build

@@ -92,6 +92,19 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path, tiny_teacher):
         tokenizer_copy(tmp_path, tiny_teacher.path, "")
 
 
+def test_a_checkpoint_without_tokenizer_files_says_so_in_a_few_words(tmp_path, tiny_teacher):
+    """transformers' own message about it was cut mid-sentence at 300 characters."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((Path(tiny_teacher.path) / "config.json").read_bytes())
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(str(bare))
+    assert str(e.value) == (
+        f"{bare}: no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json): "
+        "copy the model's tokenizer there"
+    )
+
+
 def test_a_sample_of_exactly_max_length_is_not_truncated(teacher_tok):
     rec = parse_record(TWO_TURNS, "f:1")
     full = tokenize_record(teacher_tok, rec, None)
