@@ -586,6 +586,8 @@ def _open_out(cfg: RunConfig) -> Location:
     """--out, refused if it holds files that are not a cache's (run checks it can write there once
     the other refusals, which must leave a cache they refuse untouched, have passed)."""
     out = Location(cfg.out)
+    if out.is_local and out.local_path().exists() and not out.local_path().is_dir():
+        raise RunError(f"--out {out} is a file, not a directory for the cache")
     cache = inside_cache(out.local_path().resolve().parent) if out.is_local else None
     if cache is not None:  # the outer cache's resume and verify would trip on a cache inside it
         raise RunError(f"--out {out} is inside the teacher cache {cache}: use a directory of its own")

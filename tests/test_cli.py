@@ -240,6 +240,10 @@ def test_data_folder_and_foreign_out_are_refused_before_anything_is_written(tmp_
     err = one_line_error(sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(mine)]))
     assert "holds files that are not a cache's (notes.txt, ...)" in err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    err = one_line_error(
+        sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(mine / "notes.txt")])
+    )
+    assert err == f"Error: --out {mine / 'notes.txt'} is a file, not a directory for the cache"  # was "File exists"
     (mine / "parts").mkdir()  # a folder of one's own that happens to be called parts/ is not a cache's
     (mine / "parts" / "notes.md").write_text("mine too")
     err = one_line_error(sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(mine)]))
