@@ -492,7 +492,7 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
         ) from None
 
 
-def _run_held(cfg: RunConfig, ref, tok, out: Location, header: dict, chash: str, made: Path | None,
+def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, chash: str, made: Path | None,
               own: tuple[Path, ...], backend: TeacherBackend | None, t0: float) -> dict:  # fmt: skip
     """run() once --out is made and this worker's lock held."""
     previous = _previous_part(cfg, out, header, chash)  # its refusals need a part file: --out was there
