@@ -1,4 +1,5 @@
-"""Input records: JSONL or Parquet files (local paths or fsspec URLs) -> validated chats.
+"""Input records: JSONL (plain or .gz/.bz2/.xz/.zst) or Parquet files (local paths or fsspec URLs)
+-> validated chats.
 
 A record is either a chat (`messages`: list of {role, content}) or a pair
 (`prompt`, `response`), with an optional `id` (else a stable hash of the content)
@@ -8,6 +9,7 @@ and an optional `domain`. Problems raise BadRecordError naming the file and line
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -88,12 +90,27 @@ def parse_record(obj: object, where: str) -> Record:
     return Record(content_id(messages) if sid is None else str(sid), messages, domain, where)
 
 
-def _open(path: str, mode: str = "rb"):
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # JSON lines compressed whole, by fsspec's codecs
+
+
+def _open(path: str, mode: str = "rb", *, decompress: bool = True):
     import fsspec
 
     from teacher_cache.storage import client_options
 
-    return fsspec.open(path, mode, **client_options(path)).open()
+    compression = "infer" if decompress and path.endswith(COMPRESSED) else None
+    return fsspec.open(path, mode, compression=compression, **client_options(path)).open()
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """A JSON lines file's lines; a compressed one that cannot be decompressed is one DataFileError."""
+    try:
+        with _open(path) as f:
+            yield from io.BufferedReader(f) if path.endswith(".zst") else f  # zstd's reader has no lines
+    except (OSError, EOFError, ValueError) as e:  # BadGzipFile, a truncated stream, lzma/zstd errors
+        if not path.endswith(COMPRESSED):
+            raise
+        raise DataFileError(f"{path}: cannot decompress it ({one_line(e, 200)})") from None
 
 
 def _read_parquet(path: str, read: Callable[[Any], Any]):
@@ -110,7 +127,7 @@ def _read_parquet(path: str, read: Callable[[Any], Any]):
 
 def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
     """(decoded row or BadRecordError, where) for every line/row of one file."""
-    name = path.rsplit("/", 1)[-1]
+    name = _format_name(path)
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -118,25 +135,36 @@ def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
         for i, row in enumerate(table.to_pylist()):
             yield row, f"{path}:{i + 1}"
     elif name.endswith((".jsonl", ".json")):
-        with _open(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = raw.strip().removeprefix(b"\xef\xbb\xbf" if lineno == 1 else b"")  # UTF-8 byte-order mark
-                if not line:
-                    continue
-                where = f"{path}:{lineno}"
-                try:  # UTF-8 only (json.loads would take UTF-16/32 bytes too, and fail obscurely on them)
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    why = f"not UTF-8 text (byte {e.start} of the line is {line[e.start : e.start + 1]!r})"
-                    yield BadRecordError(where, f"{why}; JSON lines must be UTF-8"), where
-                    continue
-                try:
-                    yield parse_json(text), where
-                except ValueError as e:  # JSONDecodeError, nested too deeply
-                    hint = "; one JSON object per line is expected (JSON lines)" if text in ("[", "{") else ""
-                    yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e}){hint}"), where
+        for lineno, raw in enumerate(_lines(path), start=1):
+            line = raw.strip().removeprefix(b"\xef\xbb\xbf" if lineno == 1 else b"")  # UTF-8 byte-order mark
+            if not line:
+                continue
+            where = f"{path}:{lineno}"
+            try:  # UTF-8 only (json.loads would take UTF-16/32 bytes too, and fail obscurely on them)
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 text (byte {e.start} of the line is {line[e.start : e.start + 1]!r})"
+                yield BadRecordError(where, f"{why}; JSON lines must be UTF-8"), where
+                continue
+            try:
+                yield parse_json(text), where
+            except ValueError as e:  # JSONDecodeError, nested too deeply
+                hint = "; one JSON object per line is expected (JSON lines)" if text in ("[", "{") else ""
+                yield BadRecordError(where, f"invalid JSON ({e.__class__.__name__}: {e}){hint}"), where
     else:
-        raise DataFileError(f"{path}: unknown data format (expected .jsonl, .json or .parquet)")
+        raise DataFileError(
+            f"{path}: unknown data format (expected .jsonl, .json or .parquet; JSON lines may be "
+            f"compressed: {', '.join(COMPRESSED)})"
+        )
+
+
+def _format_name(path: str) -> str:
+    """The file's name without a compression suffix (which only JSON lines may have)."""
+    name = path.rsplit("/", 1)[-1]
+    for ext in COMPRESSED:
+        if name.endswith(ext) and name[: -len(ext)].endswith((".jsonl", ".json")):
+            return name[: -len(ext)]
+    return name
 
 
 def check_data_file(path: str) -> None:
@@ -193,9 +221,10 @@ def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = No
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a data file (local or fsspec URL), as the manifest records it."""
+    """sha256 of a data file (local or fsspec URL) as stored (a compressed one's compressed bytes, as
+    `sha256sum` gives it), as the manifest records it."""
     h = hashlib.sha256()
-    with _open(path) as f:
+    with _open(path, decompress=False) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()

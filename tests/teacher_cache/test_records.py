@@ -75,6 +75,33 @@ def test_unknown_extension(tmp_path):
         list(iter_records([str(p)], skip_bad=False))
 
 
+def test_compressed_json_lines_read_as_the_plain_file_and_damage_is_one_line(tmp_path, chats_file):
+    """.jsonl.gz (and .bz2, .xz, .zst) was refused as an "unknown data format"; the manifest's sha256
+    is of the file as stored, as sha256sum gives it."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    raw = chats_file.read_bytes()
+    plain = [(r.sample_id, r.messages, r.domain) for r in iter_records([str(chats_file)], skip_bad=False)]
+    for ext, compress in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
+                          (".zst", zstandard.ZstdCompressor().compress)):  # fmt: skip
+        packed = tmp_path / f"chats.jsonl{ext}"
+        packed.write_bytes(compress(raw))
+        assert [(r.sample_id, r.messages, r.domain) for r in iter_records([str(packed)], skip_bad=False)] == plain
+        assert file_sha256(str(packed)) == "sha256:" + hashlib.sha256(packed.read_bytes()).hexdigest()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(raw)[:200])
+    with pytest.raises(DataFileError, match=rf"^{cut}: cannot decompress it \("):
+        list(iter_records([str(cut)], skip_bad=False))
+    parquet = tmp_path / "x.parquet.gz"  # Parquet compresses itself: only JSON lines take a suffix
+    parquet.write_bytes(gzip.compress(b"PAR1"))
+    with pytest.raises(DataFileError, match=r"unknown data format .*JSON lines may be compressed: .gz, .bz2"):
+        list(iter_records([str(parquet)], skip_bad=False))
+
+
 def test_assistant_mask_covers_every_assistant_turn_and_nothing_else(teacher_tok):
     rec = parse_record(
         {
