@@ -17,6 +17,7 @@ import click
 from teacher_cache import __version__
 from teacher_cache.errors import one_line
 from teacher_cache.manifest import MAX_NUM_DRAWS
+from teacher_cache.shards import worker_glob
 from teacher_cache.storage import is_url
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over a disk quota
@@ -115,10 +116,11 @@ def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
 
 def _kept_shards(out: str, worker: int) -> str:
     """What a stopped run leaves, for its message: local --out is looked at, an object store is not."""
-    where = Path(out)
-    if is_url(out) or not where.is_dir():
-        return "nothing was written" if not is_url(out) else "finished shards are kept"
-    n = len(list(where.glob(f"shard-w{worker:05d}-*.arrow")))
+    if is_url(out):
+        return "finished shards are kept"
+    if not Path(out).is_dir():
+        return "nothing was written"
+    n = len(list(Path(out).glob(worker_glob(worker))))
     return f"{n} finished shard{'s are' if n != 1 else ' is'} kept" if n else "no shard was finished"
 
 

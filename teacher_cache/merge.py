@@ -67,10 +67,10 @@ def check_compatible(caches: list[Cache]) -> None:
         other = _compat(cache.manifest)
         for key, value in first.items():
             if other[key] != value:
-                why = f"{key} differs ({_difference(value, other[key])})"
+                why = _difference(value, other[key])
                 if key == "teacher":  # its hashes say that they differ; the names say which models
-                    names = (caches[0].manifest["teacher"]["name"], cache.manifest["teacher"]["name"])
-                    why = f"teacher differs ({names[0]} vs {names[1]}; {_difference(value, other[key])})"
+                    why = f"{caches[0].manifest['teacher']['name']} vs {cache.manifest['teacher']['name']}; {why}"
+                why = f"{key} differs ({why})"
                 raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {why}")
 
 

@@ -172,10 +172,10 @@ def check_data_file(path: str) -> None:
     file whose footer cannot be read."""
     import fsspec
 
-    from teacher_cache.storage import Location, StorageError, client_options
+    from teacher_cache.storage import Location, StorageError, client_options, is_http
 
     try:
-        if path.startswith(("http://", "https://")):  # fsspec's http exists() says False for a dead server
+        if is_http(path):  # fsspec's http exists() says False for a dead server
             parent, name = path.rsplit("/", 1)
             found, folder = Location(parent).exists(name), False
         else:

@@ -56,6 +56,11 @@ def shard_name(worker: int, index: int) -> str:
     return f"shard-w{worker:05d}-{index:06d}.arrow"
 
 
+def worker_glob(worker: int) -> str:
+    """The finished shards of one worker (shard_name's pattern)."""
+    return f"shard-w{worker:05d}-*.arrow"
+
+
 def spool_glob(worker: int) -> str:
     """Half-written shards of one worker (shard_name + TMP_SUFFIX), as a killed run leaves them."""
     return f"shard-w{worker:05d}-*{TMP_SUFFIX}"

@@ -79,12 +79,17 @@ S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_
 HTTP_TIMEOUTS = {"sock_connect": 10, "sock_read": 60}  # seconds; aiohttp's default waits 5 min on a silent server
 
 
+def is_http(url: str) -> bool:
+    """A web server's URL (read-only: fsspec's http client)."""
+    return url.startswith(("http://", "https://"))
+
+
 def client_options(url: str) -> dict[str, Any]:
     """fsspec options for a URL's client: timeouts, unless the user's FSSPEC_* variables set them."""
     if url.startswith(("s3://", "s3a://")) and "FSSPEC_S3_CONFIG_KWARGS" not in os.environ:
         # botocore's defaults retry an unreachable endpoint for minutes and wait on a silent one forever
         return {"config_kwargs": S3_CLIENT_CONFIG}
-    if url.startswith(("http://", "https://")) and "FSSPEC_HTTP_CLIENT_KWARGS" not in os.environ:
+    if is_http(url) and "FSSPEC_HTTP_CLIENT_KWARGS" not in os.environ:
         import aiohttp  # fsspec's http client
 
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUTS)}}
@@ -142,7 +147,7 @@ class Location:
 
     @property
     def is_http(self) -> bool:
-        return self.url.startswith(("http://", "https://"))
+        return is_http(self.url)
 
     def __str__(self) -> str:
         return self.url
@@ -297,9 +302,8 @@ class Location:
             self.makedirs()
             if folder:
                 self.makedirs(folder)
-            probe = posixpath.join(
-                folder, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            )  # workers start together
+            # the pid and a random part: workers may start together
+            probe = posixpath.join(folder, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self.fs.pipe_file(self.path(probe), b"")
             self.fs.rm_file(self.path(probe))
         except Exception as e:  # any backend's error: permissions, credentials, bucket missing
