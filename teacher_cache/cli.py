@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from teacher_cache import __version__
-from teacher_cache.errors import one_line
+from teacher_cache.errors import one_line, plural
 from teacher_cache.manifest import MAX_NUM_DRAWS
 from teacher_cache.shards import worker_glob
 from teacher_cache.storage import is_url
@@ -268,7 +268,8 @@ def run(**kw) -> None:
     except KeyboardInterrupt as e:
         stopped(e, f"{_kept_shards(cfg.out, cfg.worker_index)}; the same command resumes after them")
     worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
-    click.echo(f"done: {worker}{part['counts']['samples']} samples in {cfg.out}")  # the log above is on stderr
+    samples = plural(part["counts"]["samples"], "sample")
+    click.echo(f"done: {worker}{samples} in {cfg.out}")  # the log above is on stderr
 
 
 @main.command()
@@ -305,7 +306,7 @@ def verify(cache_dir: str, no_progress: bool) -> None:
         click.echo(f"PROBLEM: {p}", err=True)
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {cache_dir}")
-    click.echo(f"ok: {checked} samples in {cache_dir} verified")
+    click.echo(f"ok: {plural(checked, 'sample')} in {cache_dir} verified")
 
 
 @main.command()
@@ -333,8 +334,9 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     c, other = m["counts"], m["duplicates_with_other_targets"]
     numerics = f"; {other} of them with other target values, from another batch or engine" if other else ""
     click.echo(
-        f"merged {len(caches)} caches into {out}: {c['samples']} samples in {len(m['shards'])} shards"
-        f" ({c['duplicates']} duplicate rows kept once{numerics})"
+        f"merged {len(caches)} caches into {out}: {plural(c['samples'], 'sample')} in "
+        f"{plural(len(m['shards']), 'shard')}"
+        f" ({plural(c['duplicates'], 'duplicate row')} kept once{numerics})"
     )
 
 

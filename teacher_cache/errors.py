@@ -19,3 +19,8 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
     """`e`'s message with every run of whitespace (newlines included) made one space, cut to
     `limit` characters if given; the exception's class name when that leaves nothing."""
     return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 sample', '2 samples' (`many` for irregular plurals)."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"

@@ -62,8 +62,11 @@ def parse_record(obj: object, where: str) -> Record:
             raise BadRecordError(where, "'messages' must be a non-empty list")
         messages = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise BadRecordError(where, f"messages[{i}] must be {{role: system|user|assistant, content: str}}")
+            if m.get("role") not in ROLES:
+                got = f"role {one_line(json.dumps(m['role']), 40)}" if "role" in m else "no role"
+                raise BadRecordError(where, f"messages[{i}] has {got}: expected system, user or assistant")
             messages.append({"role": m["role"], "content": m["content"]})
     elif "prompt" in obj or "response" in obj:
         prompt, response = obj.get("prompt"), obj.get("response")
@@ -209,7 +212,7 @@ def iter_records(paths: list[str], *, skip_bad: bool, bad: list[str] | None = No
                 rec = parse_record(row, where)
             except BadRecordError as e:
                 if not skip_bad:
-                    raise
+                    raise BadRecordError(e.where, f"{e.why}; rerun with --skip-bad to skip such records") from None
                 skipped += 1
                 if bad is not None:
                     bad.append(str(e))

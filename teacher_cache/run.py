@@ -22,7 +22,7 @@ import torch
 from teacher_cache import __version__, codec
 from teacher_cache.backends import EngineFailure, TeacherBackend, TeacherOutput
 from teacher_cache.cache import inside_cache
-from teacher_cache.errors import one_line, parse_json
+from teacher_cache.errors import one_line, parse_json, plural
 from teacher_cache.manifest import (
     FORMAT_NAME,
     LOGPROB_SCALE,
@@ -199,7 +199,7 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
         if part is None or (not part["shards"] and not part.get("complete")) or part["config_hash"] == chash:
             continue
         raise RunError(
-            f"{out} holds {len(part['shards'])} shards of worker {owner[0]} of {owner[1]}, made with "
+            f"{out} holds {plural(len(part['shards']), 'shard')} of worker {owner[0]} of {owner[1]}, made with "
             f"different settings ({_differences(part, header)}); use another --out, or the arguments and data of "
             "that run"
         )
@@ -237,7 +237,7 @@ def _my_records(
 ) -> Iterator[Record]:
     """This worker's records in data order: domain filter (the excluded domains met are added to
     `excluded_seen`), worker split, duplicate check."""
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[bytes, str]] = {}  # sample id -> (content digest, where it was first)
     # a record that does not parse has no id to place it: worker 0 alone lists it (the others skip it)
     parse_bad = bad if cfg.worker_index == 0 else []
     for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=parse_bad):
@@ -249,17 +249,20 @@ def _my_records(
             continue
         if not _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers):
             continue
-        digest = hashlib.sha256(json.dumps([rec.domain, rec.messages], sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([rec.domain, rec.messages], sort_keys=True).encode()).digest()
         if rec.sample_id in seen:
-            if seen[rec.sample_id] != digest:
-                err = BadRecordError(rec.where, f"id {rec.sample_id!r} reused for different content")
+            first_digest, first = seen[rec.sample_id]
+            if first_digest != digest:
+                why = f"id {rec.sample_id!r} reused for different content (first at {first})"
+                hint = "" if cfg.skip_bad else "; rerun with --skip-bad to skip such records"
+                err = BadRecordError(rec.where, why + hint)
                 if not cfg.skip_bad:
                     raise err
                 bad.append(str(err))
             else:
                 dups.append(1)
             continue
-        seen[rec.sample_id] = digest
+        seen[rec.sample_id] = digest, rec.where
         yield rec
 
 
@@ -500,7 +503,7 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
         if previous is not None and previous.get("complete"):
             _log(
                 f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
-                f"({previous['counts']['samples']} samples in {len(previous['shards'])} shards)"
+                f"({plural(previous['counts']['samples'], 'sample')} in {plural(len(previous['shards']), 'shard')})"
             )
             assemble(out, cfg.num_workers)
             return previous
@@ -517,7 +520,7 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
         done = len(part["shards"])
         if done:
             remaining = max(0, -(-total // cfg.shard_size) - done)
-            _log(f"resuming: {done} shards already durable, {remaining} to go")
+            _log(f"resuming: {plural(done, 'shard')} already durable, {remaining} to go")
         if backend is not None and cfg.attention_layers and backend.name != "hf":
             raise RunError("an injected non-hf backend cannot provide attention summaries")
         bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
@@ -616,7 +619,7 @@ def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> d
         return None  # none, or an attempt that failed before its first shard: nothing to keep or match
     if previous.get("config_hash") != chash:
         raise RunError(
-            f"{out} holds {len(previous.get('shards', []))} shards made with different settings "
+            f"{out} holds {plural(len(previous.get('shards', [])), 'shard')} made with different settings "
             f"({_differences(previous, header)}); use another --out, or the same arguments and data"
         )
     if previous.get("backend") != header["backend"]:
@@ -791,9 +794,10 @@ def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: lis
     out.write_json(part_path(cfg.worker_index, cfg.num_workers), part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
-    repeats = f", {c['duplicates']} repeated records dropped" if c["duplicates"] else ""
+    repeats = f", {plural(c['duplicates'], 'repeated record')} dropped" if c["duplicates"] else ""
     _log(
-        f"worker {cfg.worker_index}: {c['samples']} samples, {c['target_positions']} target positions, "
+        f"worker {cfg.worker_index}: {plural(c['samples'], 'sample')}, "
+        f"{plural(c['target_positions'], 'target position')}, "
         f"{c['skipped_bad']} skipped, {c['truncated']} truncated{repeats} in {wall:.1f}s"
         + ("; cache complete" if manifest else f"; manifest.json comes when every worker has finished into {out}")
     )

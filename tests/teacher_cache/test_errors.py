@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teacher_cache.errors import one_line
+from teacher_cache.errors import one_line, plural
 
 
 def test_a_multi_line_message_becomes_one_line():
@@ -28,3 +28,8 @@ def test_limit_cuts_the_joined_message():
 
 def test_key_errors_keep_their_repr_quotes():
     assert one_line(KeyError("missing")) == "'missing'"  # what str(e) gives: the CLIs always printed that
+
+
+def test_counts_in_messages_agree_with_their_nouns():
+    assert [plural(n, "sample") for n in (0, 1, 2)] == ["0 samples", "1 sample", "2 samples"]
+    assert plural(1, "repeated record") == "1 repeated record" and plural(3, "index", "indices") == "3 indices"

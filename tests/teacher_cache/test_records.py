@@ -42,7 +42,9 @@ def test_content_id_is_the_documented_hash_of_role_and_content_only():
         ([1, 2], "expected a JSON object, got list; one JSON object per line is expected"),
         ({"messages": [{"role": "assistant", "content": "x"}], "prompt": "p", "response": "r"}, "keep one"),
         ({"messages": []}, "non-empty list"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 'messages[0] has role "robot": expected system, user'),
+        ({"messages": [{"content": "x"}]}, "messages[0] has no role: expected system, user or assistant"),
+        ({"messages": [{"role": ["u"] * 50, "content": "x"}]}, 'messages[0] has role ["u", "u", "u", '),
         ({"prompt": "x"}, "must both be strings"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "no non-empty"),
         ({"prompt": "x", "response": "y", "domain": 3}, "'domain' must be a string"),
@@ -59,6 +61,17 @@ def test_malformed_records_name_the_problem(obj, why):
     with pytest.raises(BadRecordError, match="f.jsonl:9") as err:
         parse_record(obj, "f.jsonl:9")
     assert why in str(err.value)
+
+
+def test_a_bad_record_says_how_to_skip_such_records(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\nnope\n')
+    skip = "; rerun with --skip-bad to skip such records$"
+    with pytest.raises(BadRecordError, match=r"d.jsonl:2: invalid JSON .*" + skip):
+        list(iter_records([str(p)], skip_bad=False))
+    bad: list[str] = []
+    assert len(list(iter_records([str(p)], skip_bad=True, bad=bad))) == 1
+    assert len(bad) == 1 and "--skip-bad" not in bad[0]  # the manifest lists what was skipped, not advice
 
 
 def test_empty_file_is_an_error(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -415,6 +416,11 @@ def test_the_summary_says_what_was_dropped_and_warns_of_an_empty_share(tmp_path,
     run(cfg(data, tmp_path / "a"))
     log = capsys.readouterr().err
     assert "worker 0: 12 samples, " in log and ", 0 truncated, 2 repeated records dropped in " in log
+    data.write_text(first + first)
+    run(cfg(data, tmp_path / "one"))
+    log = capsys.readouterr().err
+    one = r"worker 0: 1 sample, \d+ target positions, 0 skipped, 0 truncated, 1 repeated record dropped in "
+    assert re.search(one, log), log
     run(cfg(chats_file, tmp_path / "short", max_length=2, skip_bad=True))
     log = capsys.readouterr().err
     assert "warning: every record of worker 0's share was refused when tokenised (12 skipped by --skip-bad" in log
@@ -425,7 +431,8 @@ def test_a_repeated_id_with_another_domain_is_not_a_duplicate(tmp_path, chats_fi
     first = json.loads(chats_file.read_text().splitlines()[0])
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(first) + "\n" + json.dumps({**first, "domain": "law"}) + "\n")
-    with pytest.raises(BadRecordError, match="reused for different content"):
+    first_at = rf"reused for different content \(first at {data}:1\); rerun with --skip-bad"
+    with pytest.raises(BadRecordError, match=rf"d.jsonl:2: id '[^']+' {first_at}"):
         run(cfg(data, tmp_path / "c"))
 
 
@@ -873,7 +880,7 @@ def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, cha
         assert (outside / "after_first" / s["name"]).read_bytes() == (outside / "final" / s["name"]).read_bytes()
     second_err = small_disk.read("second.err")
     assert small_disk.read("second.rc").strip() == "0", second_err
-    assert f"resuming: {len(kept)} shards already durable" in second_err
+    assert f"resuming: {len(kept)} shard{'s' * (len(kept) > 1)} already durable" in second_err
     clean = tmp_path / "clean"
     run(cfg(chats_file, clean, shard_size=2))
     assert_same_rows(rows(clean), rows(outside / "final"))
