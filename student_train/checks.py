@@ -44,6 +44,22 @@ def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = Fal
             )
 
 
+def template_differs(tokenizer: Any, caches: list) -> str | None:
+    """A warning when the student's chat template is not the one the caches' samples were formatted
+    with: the ids mean the same, so training is sound, but the student learns the cache's format and
+    must be prompted that way, not with its own template. None when every cache's template is its own."""
+    from teacher_cache.tokenize import chat_template_hash
+
+    mine = chat_template_hash(tokenizer)
+    other = [str(c.where) for c in caches if c.manifest["tokenizer"].get("chat_template_sha256") != mine]
+    if not other:
+        return None
+    return (
+        f"the student's chat template is not the one {', '.join(other)} formatted its samples with: the student "
+        "learns that format (prompt it so, e.g. with the teacher's tokenizer's template), not its own"
+    )
+
+
 def domain_overlap(caches: list) -> str | None:
     """A warning when a general cache (no --only-domain) was made from the same data files as a
     domain cache (--only-domain D) but without --exclude-domain D: it holds D's samples too, so a

@@ -33,7 +33,7 @@ def main() -> None:
 def check(student: str, caches: tuple[str, ...]) -> None:
     """Check that STUDENT can train from the caches (same tokenizer, same format, every shard there at
     its size). Reads no shard: `teacher-cache verify` checks every byte."""
-    from student_train.checks import check_student_matches, domain_overlap
+    from student_train.checks import check_student_matches, domain_overlap, template_differs
     from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
@@ -41,7 +41,8 @@ def check(student: str, caches: tuple[str, ...]) -> None:
     try:
         ref = resolve_model(student)
         opened = [open_cache(c) for c in caches]
-        check_student_matches(load_tokenizer(ref.path, ref.revision), opened)
+        tok = load_tokenizer(ref.path, ref.revision)
+        check_student_matches(tok, opened)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
     empty = [c for c, o in zip(caches, opened, strict=True) if not o.manifest["counts"]["samples"]]
@@ -49,6 +50,9 @@ def check(student: str, caches: tuple[str, ...]) -> None:
         raise UserError(f"no samples in {', '.join(empty)}: {'they are' if len(empty) > 1 else 'it is'} empty")
     for c in empty:
         click.echo(f"warning: {c} holds no samples", err=True)
+    template = template_differs(tok, opened)
+    if template:  # legal: the ids mean the same; the student learns the cache's format
+        click.echo(f"warning: {template}", err=True)
     overlap = domain_overlap(opened)
     if overlap:  # only a DAE mix (--domain-ratio) would suffer it: said, not refused
         click.echo(f"warning: with --domain-ratio, {overlap}", err=True)

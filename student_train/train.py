@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from student_train import losses
-from student_train.checks import check_student_matches, check_temperature, domain_overlap
+from student_train.checks import check_student_matches, check_temperature, domain_overlap, template_differs
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
@@ -638,6 +638,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     if cfg.lam > 0:
         check_temperature(kind, cfg.temperature)
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio, world=world)
+    template = template_differs(tok, caches)
+    if template and rank == 0:
+        print(f"warning: {template}", file=sys.stderr, flush=True)
     overlap = domain_overlap(caches) if cfg.domain_ratio is not None else None
     if overlap and rank == 0:
         print(f"warning: {overlap}", file=sys.stderr, flush=True)

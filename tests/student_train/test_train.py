@@ -800,6 +800,25 @@ def test_a_step_larger_than_the_cache_warns(tmp_path, kd_cache, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_student_with_another_chat_template_is_warned_not_refused(kd_cache, tiny_student, tmp_path):
+    """Same vocabulary, other chat template: the ids mean the same, so training is sound, but the
+    student learns the cache's format; check (and train) said nothing about it."""
+    same = subprocess.run([*ST, "check", "--student", str(tiny_student.path), "--cache", str(kd_cache)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student.path, student)
+    template = student / "chat_template.jinja"
+    template.write_text(template.read_text().replace("[INST]", "<|user|>"))
+    other = subprocess.run([*ST, "check", "--student", str(student), "--cache", str(kd_cache)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode == 0 and other.stdout.startswith("ok: "), other.stderr
+    assert other.stderr == (
+        f"warning: the student's chat template is not the one {kd_cache} formatted its samples with: the student "
+        "learns that format (prompt it so, e.g. with the teacher's tokenizer's template), not its own\n"
+    )
+
+
 @pytest.mark.slow
 def test_student_with_another_tokenizer_is_refused(kd_cache, tmp_path):
     resolve_model("smollm2-135m-half")  # built first: a first build says so on stderr, this test is about the refusal
