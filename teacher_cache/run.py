@@ -369,6 +369,7 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
             trust_remote_code=cfg.trust_remote_code,
             tensor_parallel_size=cfg.tensor_parallel_size,
             in_process=True,  # the run's only engine, closed at its end (CPU, one rank: faster)
+            progress=cfg.progress,
         )
         attn = None
         if cfg.attention_layers:

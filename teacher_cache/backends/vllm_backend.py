@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,9 +140,10 @@ class VllmBackend:
         device: str | None = None,
         tensor_parallel_size: int = 1,
         in_process: bool = False,
+        progress: bool = True,
     ) -> None:
         """`in_process`: on CPU with one rank, run the engine in this process (faster; see
-        `in_process_engines` for when that is safe)."""
+        `in_process_engines` for when that is safe). `progress`: vLLM's weight-loading bars."""
         if mode not in MODES:
             raise VllmBackendError(f"unknown vllm mode {mode!r}; choose from {', '.join(MODES)}")
         if model.is_local:
@@ -158,7 +160,12 @@ class VllmBackend:
             # it every core this process may use (2.05x prefill on a 2-core machine, BENCHMARKS.md),
             # split into one group per tensor-parallel rank ("0,1|2,3")
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_groups(sorted(os.sched_getaffinity(0)), tp))
+            # its CPU warnings (eager mode, no tcmalloc/triton, the seed of an in-process engine, thread
+            # binding) are about choices made here, a dozen lines a user cannot act on
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our progress bar
+        # torch deprecations that vLLM's own code triggers: nothing a user of this tool can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         from vllm import LLM
 
         self.ref, self.mode, self.top_k, self.tensor_parallel_size = model, mode, top_k, tp
@@ -174,6 +181,7 @@ class VllmBackend:
             enforce_eager=self.device.type == "cpu",
             enable_prefix_caching=False,
             tensor_parallel_size=tp,
+            use_tqdm_on_load=progress,
         )
         if torch.cuda.is_available():
             common["gpu_memory_utilization"] = gpu_memory_utilization

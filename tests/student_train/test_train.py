@@ -925,6 +925,10 @@ def test_trained_checkpoint_loads_in_vllm(tmp_path, kd_cache, chats_file):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert open_cache(out).manifest["teacher"]["path"] == str(Path(result["checkpoint"]).resolve())
+    # --no-progress: no weight-loading bars from vLLM either; on CPU its dozen warnings about this
+    # tool's own choices (eager mode, in-process engine, core binding) stay out of the log
+    for noise in ("Loading safetensors", " WARNING ", "FutureWarning"):
+        assert noise not in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
