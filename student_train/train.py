@@ -478,7 +478,7 @@ def _write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     from teacher_cache.models import hf_progress
 
-    with hf_progress(cfg.progress):  # its "Writing model shards" bar
+    with hf_progress(False):  # its "Writing model shards" bar would break the training bar (which says "saving")
         if cfg.lora_rank:  # a plain transformers model: adapters merged into their base weights
             base, merged = _merged_lora_state(model)
             base.save_pretrained(tmp, state_dict=merged, safe_serialization=True)
@@ -790,12 +790,16 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
             if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sums['loss']:.4f}", saving=f"checkpoint-{state['step']}")
                 if sharded:  # every rank joins the gathers, rank 0 writes
                     _save_sharded(out, state["step"], model, tok, optimizer, state, cfg, rank)
                 elif rank == 0:
                     _save(out, state["step"], model, tok, optimizer, state, cfg)
                 if rank == 0 and cfg.keep_last:
                     _prune(out, cfg.keep_last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
             if world > 1:
                 torch.distributed.barrier()
     finally:

@@ -605,6 +605,15 @@ def test_a_micro_batch_without_target_positions_has_a_zero_loss(kd_cache, tiny_s
     assert float(out["kd"].detach()) == 0.0 and math.isfinite(float(out["loss"].detach()))
 
 
+def test_the_training_bar_says_when_it_saves_and_no_bar_nests_under_it(tmp_path, kd_cache, capsys):
+    """transformers drew its "Writing model shards" bar under the training bar at every checkpoint."""
+    train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=2,
+                      save_every=1, progress=True))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "saving=checkpoint-1" in err and "saving=checkpoint-2" in err
+    assert "2/2" in err.rsplit("saving=checkpoint-2", 1)[0].rsplit("training:", 1)[1]
+
+
 def test_resume_refuses_another_process_count_and_a_lora_run(tmp_path, kd_cache, capsys):
     """The data position is saved per process: a resume with another number of processes would
     skip or repeat samples. A LoRA checkpoint holds merged weights: a resume could not go on
