@@ -558,10 +558,18 @@ def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:
     """--max-length past the positions a local teacher was trained on, refused before --out is made:
     the hf backend would extrapolate there silently (targets of no value), vLLM refuses late."""
     limit = position_limit(teacher_config)
-    if limit is not None and cfg.max_length > limit:
+    if limit is None:
+        return
+    if cfg.max_length > limit:
         raise RunError(
             f"--max-length {cfg.max_length} is past the {limit} positions {cfg.teacher} was trained on "
             f"(max_position_embeddings): use --max-length {limit} or less"
+        )
+    if cfg.max_length == limit and cfg.vllm_mode == "prompt_logprobs" and _backend_name(cfg) == "vllm":
+        raise RunError(
+            f"--vllm-mode prompt_logprobs needs one position more than --max-length {limit} (vLLM generates a "
+            f"token after the prompt), past the {limit} {cfg.teacher} was trained on: use --max-length "
+            f"{limit - 1} or less, or --vllm-mode hidden"
         )
 
 

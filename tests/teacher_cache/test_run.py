@@ -491,6 +491,11 @@ def test_max_length_past_the_teachers_positions_is_refused(tmp_path, chats_file)
     with pytest.raises(RunError, match="--max-length 4096 is past the 2048 positions tiny-mixtral was trained on"):
         run(cfg(chats_file, tmp_path / "long", max_length=4096))
     assert not (tmp_path / "long").exists()
+    # vLLM's stock mode generates a token after the prompt: the default 2048 was vLLM's own traceback
+    plp = cfg(chats_file, tmp_path / "plp", backend="vllm", vllm_mode="prompt_logprobs", max_length=2048)
+    with pytest.raises(RunError, match="use --max-length 2047 or less, or --vllm-mode hidden$"):
+        run(plp)
+    assert not (tmp_path / "plp").exists()
 
 
 def test_parquet_input(tmp_path, chats_file):
