@@ -8,7 +8,7 @@ import sys
 import click
 
 from student_train import __version__
-from teacher_cache.cli import PATH, OneLineGroup, SettingsError, UserError, interruptible, stopped
+from teacher_cache.cli import PATH, OneLineGroup, SettingsError, UserError, finished, interruptible, stopped
 from teacher_cache.errors import one_line
 
 
@@ -153,8 +153,8 @@ def train(**kw) -> None:
         raise UserError(prefix + one_line(e)) from None
     except KeyboardInterrupt as e:
         stopped(e, "checkpoints are kept; the same command with --resume continues from the latest", prefix)
-    if rank == 0:  # one line for the run, not one per process
-        click.echo(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+    # one line for the run, not one per process
+    finished(f"done: step {result['step']}, checkpoint {result['checkpoint']}" if rank == 0 else None)
 
 
 @main.command("eval")

@@ -107,6 +107,24 @@ def interruptible() -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
+def finished(line: str | None) -> None:
+    """Say the `done: ...` line (if any: one rank of several says it). The work is durable, so a
+    signal from now on (Ctrl-C during the interpreter's shutdown, which can take seconds after vLLM
+    or torch) ends the process at once with status 0, not with a traceback from an exit handler."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # while the line is written
+    if line is not None:
+        click.echo(line)
+
+    def leave(signum: int, frame: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
+
+
 def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
     """The one line for a run stopped by a signal, and its exit status (128 + the signal)."""
     term = isinstance(e, Terminated)
@@ -269,7 +287,7 @@ def run(**kw) -> None:
         stopped(e, f"{_kept_shards(cfg.out, cfg.worker_index)}; the same command resumes after them")
     worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
     samples = plural(part["counts"]["samples"], "sample")
-    click.echo(f"done: {worker}{samples} in {cfg.out}")  # the log above is on stderr
+    finished(f"done: {worker}{samples} in {cfg.out}")  # the log above is on stderr
 
 
 @main.command()

@@ -288,6 +288,34 @@ def test_exclude_domain_repeats_and_a_domain_no_record_has_is_said(tmp_path, cha
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_done_line_ends_the_process_quietly(signame):
+    """Ctrl-C during the interpreter's shutdown after `done:` (vLLM's and torch's exit handlers take
+    a while) was a KeyboardInterrupt traceback from an atexit callback. The work is durable by then:
+    the process ends at once, status 0. The slow exit handler here stands for theirs."""
+    import signal
+    import time
+
+    script = (
+        "import atexit, time\n"
+        "from teacher_cache.cli import finished\n"
+        "atexit.register(time.sleep, 30)\n"
+        "finished('done: 1 sample in x')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "done: 1 sample in x\n"
+        time.sleep(0.5)  # into the exit handler
+        t = time.time()
+        proc.send_signal(getattr(signal, signame))
+        rc = proc.wait(timeout=20)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rc == 0 and err == "" and time.time() - t < 10, err
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file, signame):
     """SIGTERM (Slurm, Kubernetes, timeout) is handled as Ctrl-C is; it killed the run where it stood."""
     import signal
