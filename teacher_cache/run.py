@@ -237,33 +237,45 @@ def _my_records(
 ) -> Iterator[Record]:
     """This worker's records in data order: domain filter (the excluded domains met are added to
     `excluded_seen`), worker split, duplicate check."""
-    seen: dict[str, tuple[bytes, str]] = {}  # sample id -> (content digest, where it was first)
+    seen: dict[str, bytes] = {}  # sample id -> content digest (32 bytes: millions of records per worker)
     # a record that does not parse has no id to place it: worker 0 alone lists it (the others skip it)
     parse_bad = bad if cfg.worker_index == 0 else []
     for rec in iter_records(list(cfg.data), skip_bad=cfg.skip_bad, bad=parse_bad):
-        if cfg.only_domain is not None and rec.domain != cfg.only_domain:
-            continue
-        if rec.domain in cfg.excluded:
-            if excluded_seen is not None:
-                excluded_seen.add(rec.domain)
-            continue
-        if not _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers):
+        if not _kept(cfg, rec, excluded_seen):
             continue
         digest = hashlib.sha256(json.dumps([rec.domain, rec.messages], sort_keys=True).encode()).digest()
         if rec.sample_id in seen:
-            first_digest, first = seen[rec.sample_id]
-            if first_digest != digest:
-                why = f"id {rec.sample_id!r} reused for different content (first at {first})"
-                hint = "" if cfg.skip_bad else "; rerun with --skip-bad to skip such records"
-                err = BadRecordError(rec.where, why + hint)
-                if not cfg.skip_bad:
-                    raise err
-                bad.append(str(err))
+            if seen[rec.sample_id] != digest:
+                why = f"id {rec.sample_id!r} reused for different content"
+                if not cfg.skip_bad:  # the run stops here: worth one more read to name the first use
+                    why += f" (first at {_first_use(cfg, rec.sample_id)}); rerun with --skip-bad to skip such records"
+                    raise BadRecordError(rec.where, why)
+                bad.append(str(BadRecordError(rec.where, why)))
             else:
                 dups.append(1)
             continue
-        seen[rec.sample_id] = digest, rec.where
+        seen[rec.sample_id] = digest
         yield rec
+
+
+def _kept(cfg: RunConfig, rec: Record, excluded_seen: set[str] | None = None) -> bool:
+    """The record passes the domain filter (an excluded domain met is added to `excluded_seen`) and
+    falls to this worker."""
+    if cfg.only_domain is not None and rec.domain != cfg.only_domain:
+        return False
+    if rec.domain in cfg.excluded:
+        if excluded_seen is not None:
+            excluded_seen.add(rec.domain)
+        return False
+    return _belongs_to(rec.sample_id, cfg.worker_index, cfg.num_workers)
+
+
+def _first_use(cfg: RunConfig, sample_id: str) -> str:
+    """Where this worker's records first use `sample_id` ("file:line")."""
+    for rec in iter_records(list(cfg.data), skip_bad=True):
+        if rec.sample_id == sample_id and _kept(cfg, rec):
+            return rec.where
+    return "an earlier record"  # not reached: the id was seen
 
 
 def _chunks(items: Iterator[Record], size: int) -> Iterator[list[Record]]:
