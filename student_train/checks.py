@@ -44,6 +44,29 @@ def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = Fal
             )
 
 
+def check_student_model(config: dict, caches: list) -> None:
+    """From the student's config alone (check reads no weights; train and eval call it on the
+    model they loaded): refuse an output layer with fewer rows than the caches' vocabulary (their
+    targets and labels name ids it has no logit for: an index error mid-run), and caches whose
+    sequences are longer than the positions the student was trained on (it would extrapolate
+    there, rotary, or fail mid-run, learned position embeddings)."""
+    from teacher_cache.models import position_limit
+
+    rows, limit = config.get("vocab_size"), position_limit(config)
+    for cache in caches:
+        if isinstance(rows, int) and not isinstance(rows, bool) and rows < cache.vocab_size:
+            raise IncompatibleCacheError(
+                f"{cache.where}: token ids up to {cache.vocab_size - 1}, but the student's output layer has {rows} "
+                "rows (vocab_size): the ids past it have no logit"
+            )
+        longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
+        if limit is not None and longest > limit:
+            raise IncompatibleCacheError(
+                f"{cache.where}: sequences up to {longest} tokens, past the {limit} positions the student "
+                f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
+            )
+
+
 def template_differs(tokenizer: Any, caches: list) -> str | None:
     """A warning when the student's chat template is not the one the caches' samples were formatted
     with: the ids mean the same, so training is sound, but the student learns the cache's format and

@@ -31,9 +31,12 @@ def main() -> None:
 @click.option("--student", type=PATH, required=True, help="Preset name or checkpoint directory.")
 @click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable.")
 def check(student: str, caches: tuple[str, ...]) -> None:
-    """Check that STUDENT can train from the caches (same tokenizer, same format, every shard there at
-    its size). Reads no shard: `teacher-cache verify` checks every byte."""
-    from student_train.checks import check_student_matches, domain_overlap, template_differs
+    """Check that STUDENT can train from the caches (same tokenizer, same format, an output row for
+    every id, the positions the caches need, every shard there at its size). Reads no shard and no
+    weight: `teacher-cache verify` checks every byte."""
+    from transformers import AutoConfig
+
+    from student_train.checks import check_student_matches, check_student_model, domain_overlap, template_differs
     from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
@@ -43,6 +46,7 @@ def check(student: str, caches: tuple[str, ...]) -> None:
         opened = [open_cache(c) for c in caches]
         tok = load_tokenizer(ref.path, ref.revision)
         check_student_matches(tok, opened)
+        check_student_model(AutoConfig.from_pretrained(ref.path, revision=ref.revision).to_dict(), opened)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
     empty = [c for c, o in zip(caches, opened, strict=True) if not o.manifest["counts"]["samples"]]

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from student_train import losses
-from student_train.checks import check_student_matches, check_temperature
+from student_train.checks import check_student_matches, check_student_model, check_temperature
 from student_train.data import Plan, ShardCache, collate
 from student_train.train import check_distinct
 
@@ -41,6 +41,7 @@ def evaluate(
     ref = resolve_model(model_path)
     check_student_matches(load_tokenizer(ref.path, ref.revision), caches)
     model = load_causal_lm(ref.path, progress=progress, dtype=torch.float32, use_safetensors=True).eval()
+    check_student_model(model.config.to_dict(), caches)
     plan = Plan(caches, seed=0, window=1)
     items = [it for s in plan.streams if s is not None for it in s.items()]
     if max_samples is not None:  # the first N of each cache: a domain cache given last is still in the report

@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from student_train import losses
-from student_train.checks import check_student_matches, check_temperature, domain_overlap, template_differs
+from student_train.checks import (
+    check_student_matches,
+    check_student_model,
+    check_temperature,
+    domain_overlap,
+    template_differs,
+)
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import one_line, parse_json
@@ -346,17 +352,6 @@ def _across_ranks(
     return {k: float(t[0, i]) for i, k in held}, {k: int(t[1, i]) for i, k in held}, int(t[0, -1])
 
 
-def _check_positions(limit: int | None, caches: list) -> None:
-    """Caches with sequences longer than the student's trained positions (max_position_embeddings):
-    it would extrapolate there (rotary) or fail mid-run (learned position embeddings)."""
-    longer = _longer_than(limit, caches) if limit is not None else None
-    if longer:
-        raise TrainError(
-            f"{longer[0]}: sequences up to {longer[1]} tokens, past the {limit} positions the student "
-            f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
-        )
-
-
 def _checkpoints(out: Path) -> list[Path]:
     """The complete checkpoint-N in `out` (each with its trainer_state.json), oldest first."""
 
@@ -623,7 +618,7 @@ def _hold_run_dir(out: Path) -> Iterator[None]:
 
 def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     from teacher_cache import attention, open_cache
-    from teacher_cache.models import position_limit, resolve_model
+    from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
     # ---- setup: caches and the checks before the first step
@@ -673,6 +668,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     state, ckpt = _resume_point(cfg, out, caches, world, ref.path)
     if cfg.resume and ckpt is None and rank == 0:  # legal (a run killed before its first checkpoint), but say so
         print(f"note: no checkpoint in {out} to resume: starting at step 0", file=sys.stderr, flush=True)
+    elif ckpt is not None and rank == 0:  # said even with --no-progress, whose bar would show the step
+        print(f"resuming from {ckpt} (step {state['step']} of {cfg.max_steps})", file=sys.stderr, flush=True)
     if state["domain_mix"] == "per_index":  # a checkpoint from before: its order, so the resume is exact
         plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     load_from = str(ckpt) if ckpt else ref.path
@@ -684,7 +681,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     model = _load_student(load_from, cfg, device, wants_attention, ckpt)
     layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
     _check_window(layer_map, attention.layer_windows(model.config), caches)
-    _check_positions(position_limit(model.config.to_dict()), caches)
+    check_student_model(model.config.to_dict(), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:

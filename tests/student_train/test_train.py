@@ -651,7 +651,7 @@ def test_keep_last_removes_the_oldest_checkpoints_after_each_save(tmp_path, kd_c
         TrainConfig(max_steps=4, keep_last=-1, **common)
 
 
-def test_resume_is_exact_for_a_student_with_dropout(tmp_path, kd_cache, tiny_student):
+def test_resume_is_exact_for_a_student_with_dropout(tmp_path, kd_cache, tiny_student, capsys):
     """Creating the data iterator draws from the global RNG: the RNG is put back after it, so a
     resumed run draws the same dropout masks as an uninterrupted one."""
     student = tmp_path / "student"
@@ -662,7 +662,9 @@ def test_resume_is_exact_for_a_student_with_dropout(tmp_path, kd_cache, tiny_stu
     clean = train(TrainConfig(out=str(tmp_path / "clean"), max_steps=4, **common))
     train(TrainConfig(out=str(tmp_path / "cut"), max_steps=4, **common))
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if killed after step 2's checkpoint
+    capsys.readouterr()
     resumed = train(TrainConfig(out=str(tmp_path / "cut"), max_steps=4, resume=True, **common))
+    assert f"resuming from {tmp_path / 'cut' / 'checkpoint-2'} (step 2 of 4)\n" in capsys.readouterr().err
     assert resumed["weights_sha256"] == clean["weights_sha256"]
     assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "clean")]
 
@@ -777,10 +779,15 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
     short = tmp_path / "short"  # tiny-mistral trained on 1024 positions; the cache allows 2048
     shutil.copytree(resolve_model("tiny-mistral").path, short)
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
-    with pytest.raises(TrainError, match="up to 2048 tokens, past the 1024 positions the student was trained on"):
+    from student_train.checks import IncompatibleCacheError
+
+    past = "up to 2048 tokens, past the 1024 positions the student was trained on"
+    with pytest.raises(IncompatibleCacheError, match=past):
         train(TrainConfig(student=str(short), caches=(str(kd_cache),), out=str(tmp_path / "p")))
     assert not (tmp_path / "p").exists()
-    from student_train.checks import IncompatibleCacheError
+    checked = subprocess.run([*ST, "check", "--student", str(short), "--cache", str(kd_cache)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert checked.returncode == 1 and past in checked.stderr and not checked.stdout  # check said "ok"
 
     mixed = (str(kd_cache), str(k4_cache))  # attention of layers (0, 1) and none at all
     with pytest.raises(IncompatibleCacheError, match=r"teacher layers \[\].*the attention loss needs the same layers"):
@@ -807,6 +814,30 @@ def test_a_step_larger_than_the_cache_warns(tmp_path, kd_cache, capsys):
     )
     train(TrainConfig(out=str(tmp_path / "fits"), batch_size=6, grad_accum=2, **common))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_student_with_fewer_output_rows_than_the_vocabulary_is_refused_before_work(kd_cache, tiny_student, tmp_path):
+    """resize_token_embeddings(31000) keeps the tokenizer (same fingerprint): check said "ok", then train
+    and eval died mid-run on torch's "index 31379 is out of bounds for dimension 1 with size 31000"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from student_train.checks import IncompatibleCacheError
+    from student_train.evaluate import evaluate
+
+    small = tmp_path / "small"
+    model = AutoModelForCausalLM.from_pretrained(tiny_student.path)
+    model.resize_token_embeddings(31000)
+    model.save_pretrained(small)
+    AutoTokenizer.from_pretrained(tiny_student.path).save_pretrained(small)
+    rows = "token ids up to 31999, but the student's output layer has 31000 rows (vocab_size): the ids past it"
+    checked = subprocess.run([*ST, "check", "--student", str(small), "--cache", str(kd_cache)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert checked.returncode == 1 and checked.stderr == f"Error: {kd_cache}: {rows} have no logit\n", checked.stderr
+    with pytest.raises(IncompatibleCacheError, match=re.escape(rows)):
+        train(TrainConfig(student=str(small), caches=(str(kd_cache),), out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(IncompatibleCacheError, match=re.escape(rows)):
+        evaluate(str(small), [str(kd_cache)])
 
 
 def test_a_student_with_another_chat_template_is_warned_not_refused(kd_cache, tiny_student, tmp_path):
