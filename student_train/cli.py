@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -156,9 +157,19 @@ def train(**kw) -> None:
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(prefix + one_line(e)) from None
     except KeyboardInterrupt as e:
-        stopped(e, "checkpoints are kept; the same command with --resume continues from the latest", prefix)
+        stopped(e, _kept_checkpoints(cfg.out), prefix)
     # one line for the run, not one per process
     finished(f"done: step {result['step']}, checkpoint {result['checkpoint']}" if rank == 0 else None)
+
+
+def _kept_checkpoints(out: str) -> str:
+    """What a stopped training leaves, for its message: the checkpoint a resume starts from, if any."""
+    from student_train.train import latest_checkpoint
+
+    latest = latest_checkpoint(Path(out)) if Path(out).is_dir() else None
+    if latest is None:
+        return "no checkpoint was written yet: the same command with --resume starts again at step 0"
+    return f"{latest.name} is the latest checkpoint; the same command with --resume continues from it"
 
 
 @main.command("eval")

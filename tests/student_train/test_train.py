@@ -206,8 +206,33 @@ def test_kill_int_stops_a_training_started_with_sigint_ignored(tmp_path, kd_cach
         proc.kill()  # a no-op once it has ended; else the run would train on after a failed test
         proc.wait()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints are kept; the same command with --resume")
-    assert latest_checkpoint(out) is not None
+    latest = latest_checkpoint(out)
+    assert latest is not None
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: {latest.name} is the latest checkpoint; the same command with --resume continues from it"
+    )
+
+
+def test_a_training_stopped_before_its_first_checkpoint_says_so(tmp_path, kd_cache):
+    """The stop line promised "checkpoints are kept" when none had been written yet."""
+    out = tmp_path / "early"
+    args = train_args(kd_cache, out)
+    for option in ("--max-steps", "--save-every"):
+        args[args.index(option) + 1] = "100000"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "terminated: no checkpoint was written yet: the same command with --resume starts again at step 0"
+    )
 
 
 def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_path, kd_cache):
