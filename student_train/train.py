@@ -298,8 +298,9 @@ def _check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str],
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
     same = set(_RESUMABLE) | ({"student"} if saved.get("student_path") == student_path else set())
     changed = sorted(k for k in now if k not in same and k in before and before[k] != now[k])
-    if saved.get("caches_sha256", digests) != digests:
-        changed.append("the caches' contents")
+    was = saved.get("caches_sha256", digests)
+    if was != digests:  # the same caches in another order give another sample order
+        changed.append("the caches' order" if sorted(was) == sorted(digests) else "the caches' contents")
     if changed:
         raise TrainError(
             f"{ckpt} was trained with other settings ({', '.join(changed)}); resume with the same ones, or "

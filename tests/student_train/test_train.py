@@ -170,6 +170,22 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     assert drawn.returncode == 0 and (killed / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_resume_with_the_caches_in_another_order_names_the_order():
+    """The same DAE caches given in another order draw another sample order: refused, but it was
+    called "the caches' contents", which sent the user looking for a changed cache."""
+    from dataclasses import asdict
+
+    from student_train.train import _check_resume
+
+    cfg = TrainConfig(student="tiny-mistral", caches=("ref", "expert"), out="o", domain_ratio=0.25)
+    saved = {"config": json.loads(json.dumps(asdict(cfg))), "caches_sha256": ["r", "e"], "student_path": "s"}
+    _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "e"], "s")  # the same: no refusal
+    with pytest.raises(TrainError, match=r"other settings \(the caches' order\)"):
+        _check_resume(Path("o/checkpoint-2"), saved, cfg, ["e", "r"], "s")
+    with pytest.raises(TrainError, match=r"other settings \(the caches' contents\)"):
+        _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "x"], "s")
+
+
 def test_resume_takes_the_same_student_by_another_path(tmp_path, kd_cache, monkeypatch):
     """--student is compared by the folder it resolves to: a run started with a relative path
     resumes with an absolute one (or from another directory); another folder is other settings."""
