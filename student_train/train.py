@@ -637,9 +637,17 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     template = template_differs(tok, caches)
     if template and rank == 0:
         print(f"warning: {template}", file=sys.stderr, flush=True)
-    overlap = domain_overlap(caches) if cfg.domain_ratio is not None else None
+    overlap = domain_overlap(caches)  # with or without --domain-ratio: both teachers train those samples
     if overlap and rank == 0:
         print(f"warning: {overlap}", file=sys.stderr, flush=True)
+    if cfg.warmup_steps >= cfg.max_steps and rank == 0:
+        peak = lr_at(cfg.max_steps - 1, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=1.0)
+        print(
+            f"warning: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate rises "
+            f"through the whole run (to {peak:.3g} at the last step, of --lr {cfg.lr:g}) and never decays",
+            file=sys.stderr,
+            flush=True,
+        )
     if cfg.domain_ratio in (0.0, 1.0) and rank == 0:  # legal (one kind only), but a cache given is never read
         domain = cfg.domain_ratio == 1.0
         unused = [str(c.where) for i, c in enumerate(caches) if (i in plan.domain_caches) != domain]

@@ -295,7 +295,7 @@ def dae_caches(tmp_path_factory, chats_file) -> tuple[Path, Path]:
     return reference, expert
 
 
-def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file, dae_caches, monkeypatch):
+def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file, dae_caches, monkeypatch, capsys):
     from student_train.data import Plan, SampleStream, Stream
 
     reference, expert = dae_caches
@@ -367,7 +367,11 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file,
     )
     done = subprocess.run([*ST, "check", "--student", "tiny-mistral", "--cache", str(plain), "--cache", str(expert)],
                           capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0 and f"warning: with --domain-ratio, {warning}" in done.stderr
+    assert done.returncode == 0 and f"warning: {warning}" in done.stderr
+    # without --domain-ratio the two caches are one stream: those samples meet both teachers all the same
+    train(TrainConfig(student="tiny-mistral", caches=(str(plain), str(expert)), out=str(tmp_path / "plain_run"),
+                      max_steps=1, warmup_steps=0, progress=False))  # fmt: skip
+    assert f"warning: {warning}\n" in capsys.readouterr().err
 
     # a domain cache whose filter matched nothing: the error names it, not the general cache too
     empty = tmp_path / "empty"
@@ -848,13 +852,23 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
 
 def test_a_step_larger_than_the_cache_warns(tmp_path, kd_cache, capsys):
     """12 samples, 2 micro-batches of 7: the step repeats samples, legal but said once on stderr."""
-    common = dict(student="tiny-mistral", caches=(str(kd_cache),), max_steps=1, progress=False)
+    common = dict(student="tiny-mistral", caches=(str(kd_cache),), max_steps=1, warmup_steps=0, progress=False)
     train(TrainConfig(out=str(tmp_path / "big"), batch_size=7, grad_accum=2, **common))
     assert "warning: a step takes 14 samples (batch size x ranks x grad accum) but the caches hold only 12" in (
         capsys.readouterr().err
     )
     train(TrainConfig(out=str(tmp_path / "fits"), batch_size=6, grad_accum=2, **common))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_run_warns(tmp_path, kd_cache, capsys):
+    """--max-steps 2 with the default --warmup-steps 10 trained at a fifth of --lr at most, unsaid."""
+    train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "r"), max_steps=2,
+                      lr=1e-4, progress=False))  # fmt: skip
+    assert (
+        "warning: --warmup-steps 10 >= --max-steps 2: the learning rate rises through the whole run (to 2e-05 at "
+        "the last step, of --lr 0.0001) and never decays\n"
+    ) in capsys.readouterr().err
 
 
 def test_a_student_with_fewer_output_rows_than_the_vocabulary_is_refused_before_work(kd_cache, tiny_student, tmp_path):
