@@ -33,7 +33,7 @@ from student_train.checks import (
 )
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
-from teacher_cache.errors import one_line, parse_json
+from teacher_cache.errors import one_line, os_reason, parse_json
 from teacher_cache.storage import LockedError, exclusive, fsync_dir, is_url, remove_if_unused
 
 
@@ -669,7 +669,10 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     _check_run_dir(out)
     if not out.exists():  # a run that fails before its first file leaves no empty --out behind
         locks.callback(remove_if_unused, out, out / ".lock")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--out {cfg.out}: cannot create it ({os_reason(e)})") from None
     if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
         locks.enter_context(_hold_run_dir(out))
 

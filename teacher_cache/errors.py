@@ -17,8 +17,18 @@ def parse_json(data: str | bytes) -> Any:
 
 def one_line(e: BaseException, limit: int | None = None) -> str:
     """`e`'s message with every run of whitespace (newlines included) made one space, cut to
-    `limit` characters if given; the exception's class name when that leaves nothing."""
-    return " ".join(str(e).split())[:limit] or type(e).__name__
+    `limit` characters if given; the exception's class name when that leaves nothing. An OSError
+    about a file reads "PATH: why" (not "[Errno 30] Read-only file system: 'PATH'")."""
+    text = str(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror and type(e).__str__ is OSError.__str__:
+        why = os_reason(e)
+        text = f"{e.filename}: {why}" if e.filename2 is None else f"{e.filename} -> {e.filename2}: {why}"
+    return " ".join(text.split())[:limit] or type(e).__name__
+
+
+def os_reason(e: OSError) -> str:
+    """The OS's reason, as a clause: "read-only file system" (one_line(e) when it gives none)."""
+    return e.strerror[:1].lower() + e.strerror[1:] if e.strerror else one_line(e)
 
 
 def plural(n: int, noun: str, many: str | None = None) -> str:

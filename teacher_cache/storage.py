@@ -383,7 +383,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as e:  # named by the file asked for, not the temp name the user never chose
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this: the error above says why
+            tmp.unlink(missing_ok=True)
 
 
 def remove_if_unused(made: Path, *own_files: Path) -> None:

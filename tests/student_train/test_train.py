@@ -1385,6 +1385,25 @@ def test_a_full_disk_while_checkpointing_says_so_and_resumes(kd_cache, tiny_stud
     assert [json.loads(line)["step"] for line in small_disk.read("metrics.jsonl").splitlines()] == [1, 2]
 
 
+def test_a_read_only_out_is_one_line_naming_the_path_typed(kd_cache, small_disk, tmp_path):
+    """train said "[Errno 30] Read-only file system: 'ro/run'", plot named its own temp file
+    ('.c.png.7351-eca3e38d.tmp': the cleanup's error replaced the write's)."""
+    run = tmp_path / "run"
+    train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(run), max_steps=1, warmup_steps=0,
+                      progress=False))  # fmt: skip
+    script = (
+        'mount -o remount,ro "$DISK" || exit 97\n'
+        '"$@" > /dev/null 2> "$OUTSIDE/train.err"\n'
+        f'{sys.executable} -m student_train.cli plot {run} --out "$DISK/c.png" 2> "$OUTSIDE/plot.err"\n'
+        "exit 0\n"
+    )
+    disk = small_disk.disk
+    small_disk.run(script, train_args(kd_cache, disk / "run"), size="1m")
+    last = small_disk.read("train.err").splitlines()[-1]
+    assert last == f"Error: --out {disk}/run: cannot create it (read-only file system)"
+    assert small_disk.read("plot.err") == f"Error: {disk}/c.png: read-only file system\n"
+
+
 def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_path, kd_cache):
     """--resume on what a kill or full disk leaves: a torn last metrics line is dropped; a
     truncated weights file, an unreadable or lying trainer state, a foreign optimizer file each

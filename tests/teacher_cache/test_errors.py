@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teacher_cache.errors import one_line, plural
+from teacher_cache.errors import one_line, os_reason, plural
 
 
 def test_a_multi_line_message_becomes_one_line():
@@ -33,3 +33,12 @@ def test_key_errors_keep_their_repr_quotes():
 def test_counts_in_messages_agree_with_their_nouns():
     assert [plural(n, "sample") for n in (0, 1, 2)] == ["0 samples", "1 sample", "2 samples"]
     assert plural(1, "repeated record") == "1 repeated record" and plural(3, "index", "indices") == "3 indices"
+
+
+def test_an_os_error_about_a_file_reads_path_then_reason():
+    """Not "[Errno 30] Read-only file system: 'ro/c.png'"."""
+    assert one_line(OSError(30, "Read-only file system", "ro/c.png")) == "ro/c.png: read-only file system"
+    moved = FileNotFoundError(2, "No such file or directory", "a", None, "b")  # os.rename's, say
+    assert one_line(moved) == "a -> b: no such file or directory"
+    assert one_line(OSError("no errno")) == "no errno" and one_line(OSError(5, "I/O error")) == "[Errno 5] I/O error"
+    assert os_reason(OSError(28, "No space left on device")) == "no space left on device"
