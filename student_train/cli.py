@@ -195,10 +195,13 @@ def evaluate_cmd(
             check_output_file(out, "an eval report", _is_report)
         except (ValueError, RuntimeError, OSError) as e:
             raise (SettingsError if is_url(out) else UserError)(one_line(e)) from None
+    interruptible()
     try:
         report = evaluate(model, list(caches), batch_size=batch_size, max_samples=max_samples, progress=not no_progress)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
+    except KeyboardInterrupt as e:
+        stopped(e, "no report was written (eval keeps nothing between runs: the same command starts again)")
     text = json.dumps(report, indent=2)
     click.echo(text)  # the report reaches stdout even if writing --out fails
     if out:

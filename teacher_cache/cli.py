@@ -128,6 +128,10 @@ def finished(line: str | None) -> None:
 def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
     """The one line for a run stopped by a signal, and its exit status (128 + the signal)."""
     term = isinstance(e, Terminated)
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # one the signal caught mid-draw: end its line first
+        bar.close()
     click.echo(f"{prefix}{'terminated' if term else 'interrupted'}: {what}", err=True)
     sys.exit(143 if term else 130)
 

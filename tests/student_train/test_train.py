@@ -1190,6 +1190,25 @@ def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher, capsys):
     assert agree > 0.9 * n and kl / n < 0.01, "the teacher against its own targets"
 
 
+def test_ctrl_c_stops_eval_in_one_line(kd_cache):
+    """eval said click's "Aborted!" (status 1) to Ctrl-C and nothing at all to SIGTERM."""
+    args = [*ST, "eval", "--model", "tiny-mistral", "--cache", str(kd_cache), "--batch-size", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "sample/s]" not in seen:  # the bar drawn: evaluate() is in its loop
+            seen += proc.stderr.read(1) or pytest.fail(f"eval ended first: {seen}")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and out == "", seen + err
+    assert (seen + err).strip().splitlines()[-1] == (
+        "interrupted: no report was written (eval keeps nothing between runs: the same command starts again)"
+    )
+
+
 def test_eval_max_samples_is_per_cache(kd_cache, k4_cache):
     """--max-samples N takes the first N samples of each cache, so a cache given last (a domain
     cache, say) is still in the report."""
