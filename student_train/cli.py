@@ -64,15 +64,19 @@ def check(student: str, caches: tuple[str, ...]) -> None:
     click.echo(f"ok: {student} can train from {', '.join(caches)} (shards not read: teacher-cache verify reads them)")
 
 
+_MAP = "'--attention-layer-map'"
+
+
 def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     if not value:
         return ()
+    bad = click.BadParameter(f"expected TEACHER:STUDENT pairs like 0:0,31:15, got {value!r}", param_hint=_MAP)
     try:
         pairs = [tuple(int(x) for x in item.split(":")) for item in value.split(",") if item.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected TEACHER:STUDENT pairs like 0:0,31:15, got {value!r}") from None
+        raise bad from None
     if any(len(p) != 2 for p in pairs):
-        raise click.BadParameter(f"expected TEACHER:STUDENT pairs like 0:0,31:15, got {value!r}")
+        raise bad
     return tuple(pairs)  # type: ignore[return-value]
 
 

@@ -33,8 +33,8 @@ from student_train.checks import (
 )
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
-from teacher_cache.errors import one_line, os_reason, parse_json
-from teacher_cache.storage import LockedError, exclusive, fsync_dir, is_url, remove_if_unused
+from teacher_cache.errors import first_of, one_line, os_reason, parse_json
+from teacher_cache.storage import LockedError, as_umask_allows, exclusive, fsync_dir, is_url, remove_if_unused
 
 
 class TrainError(RuntimeError):
@@ -485,6 +485,7 @@ def _write_checkpoint(
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save({**opt, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "config": asdict(cfg)}, indent=2))
+    as_umask_allows(tmp)  # safetensors writes the weights 0600: teammates could not read them
     for f in (p for p in tmp.iterdir() if p.is_file()):  # on disk before the rename shows the checkpoint
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -600,7 +601,7 @@ def _check_run_dir(out: Path) -> None:
     foreign = [n for n in names if not (RUN_FILE.fullmatch(n) or n.startswith("."))]  # .lock, .checkpoint-N.tmp
     if foreign and not any(RUN_FILE.fullmatch(n) for n in names):
         raise TrainError(
-            f"--out {out} holds files that are not a training run's ({foreign[0]}, ...): use an empty or new one"
+            f"--out {out} holds files that are not a training run's ({first_of(foreign)}): use an empty or new one"
         )
 
 

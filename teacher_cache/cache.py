@@ -329,6 +329,10 @@ def open_cache(path: str | Path | Location, *, check_files: bool = True) -> Cach
         parts = where.glob(f"{PARTS_DIR}/*.json")
         if parts:
             raise ManifestError(f"{where}: cache incomplete (no {MANIFEST} yet): {_unfinished(where, parts)}")
+        if where.is_local and where.local_path().is_file():
+            folder = where.local_path().parent
+            hint = f": give the cache's folder, {folder}" if where.local_path().name == MANIFEST else ""
+            raise ManifestError(f"{where} is a file, not a teacher cache's folder{hint}")
         raise ManifestError(f"{where}: no {MANIFEST} (not a teacher cache)")
     try:
         manifest = where.read_json(MANIFEST, MAX_MANIFEST_BYTES)

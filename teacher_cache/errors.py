@@ -34,3 +34,8 @@ def os_reason(e: OSError) -> str:
 def plural(n: int, noun: str, many: str | None = None) -> str:
     """'1 sample', '2 samples' (`many` for irregular plurals)."""
     return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
+def first_of(names: list[str]) -> str:
+    """'a.txt' or 'a.txt and 3 more': the first of some names, for a message."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from teacher_cache.errors import parse_json
 from teacher_cache.presets import Preset, get_preset
+from teacher_cache.storage import as_umask_allows
 
 # config keys that mean logits != lm_head(h): every logit path here computes exactly lm_head(h)
 LOGIT_TRANSFORMS = (
@@ -302,6 +303,7 @@ def _build_atomically(preset: Preset, target: Path) -> None:
         with hf_progress(False):  # our line above says what happens (builds take seconds); no bars
             _BUILDERS[preset.kind](preset, tmp)
         (tmp / "teacher_cache_preset.json").write_text(json.dumps(asdict(preset), indent=2, default=str))
+        as_umask_allows(tmp)  # mkdtemp made it 0700 and safetensors its weights 0600: a shared home is read by others
         try:
             os.rename(tmp, target)
         except OSError:

@@ -22,7 +22,7 @@ import torch
 from teacher_cache import __version__, codec
 from teacher_cache.backends import EngineFailure, TeacherBackend, TeacherOutput
 from teacher_cache.cache import inside_cache
-from teacher_cache.errors import one_line, parse_json, plural
+from teacher_cache.errors import first_of, one_line, parse_json, plural
 from teacher_cache.manifest import (
     FORMAT_NAME,
     LOGPROB_SCALE,
@@ -619,7 +619,7 @@ def _open_out(cfg: RunConfig) -> Location:
         names = out.glob("*")
         foreign = [n for n in names if not is_cache_file(n)]
         if foreign and not _is_cache(out, names):  # a cache's own folder always resumes
-            raise RunError(f"{out} holds files that are not a cache's ({foreign[0]}, ...): use an empty or new --out")
+            raise RunError(f"{out} holds files that are not a cache's ({first_of(foreign)}): use an empty or new --out")
     except StorageError as e:
         raise RunError(str(e)) from None
     return out

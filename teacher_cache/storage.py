@@ -387,6 +387,28 @@ def write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    """This process's umask (read, not changed: /proc/self/status has it on Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and put back
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(folder: Path) -> None:
+    """Give a folder, and the files directly in it, the modes new ones get under the umask: some
+    writers make them private (mkdtemp's 0700, safetensors' 0600), so a checkpoint or a built
+    model could not be read by the team it is shared with."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
 def remove_if_unused(made: Path, *own_files: Path) -> None:
     """Remove a local folder a command made if no file in it but `own_files` (its lock, its part
     file): a run that fails before writing anything leaves nothing behind."""

@@ -656,6 +656,10 @@ def test_the_training_bar_says_when_it_saves_and_no_bar_nests_under_it(tmp_path,
                       save_every=1, progress=True))  # fmt: skip
     err = capsys.readouterr().err
     assert "Writing model shards" not in err and "saving=checkpoint-1" in err and "saving=checkpoint-2" in err
+    from teacher_cache.storage import current_umask
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r" / "checkpoint-2").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~current_umask())  # safetensors wrote the weights 0600
     assert "2/2" in err.rsplit("saving=checkpoint-2", 1)[0].rsplit("training:", 1)[1]
 
 
@@ -1547,11 +1551,16 @@ def test_out_must_be_a_run_directory_of_its_own(tmp_path, kd_cache):
         (afile, "is a file, not a run directory"),
         (kd_cache, f"is inside the teacher cache {kd_cache.resolve()}"),
         (kd_cache / "run", f"is inside the teacher cache {kd_cache.resolve()}"),
-        (foreign, "holds files that are not a training run's (notes.txt, ...)"),
+        (foreign, "holds files that are not a training run's (notes.txt)"),
     ):
         with pytest.raises(TrainError, match=re.escape(message)):
             train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(out), max_steps=1))
     assert not (kd_cache / "run").exists() and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    (foreign / "plan.md").write_text("mine too")
+    with pytest.raises(TrainError, match=re.escape("not a training run's (notes.txt and 1 more)")):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(foreign), max_steps=1))
+    with pytest.raises(ValueError, match=f"^{kd_cache}/manifest.json is a file, not a teacher cache's folder: give "):
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache / "manifest.json"),), out=str(foreign)))
     run = tmp_path / "run"
     train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(run), max_steps=2, progress=False))
     (run / "eval.json").write_text("{}")

@@ -77,6 +77,14 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch, tiny_teacher):
     a = load_file(Path(tiny_teacher.path) / "model.safetensors")
     b = load_file(Path(again.path) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # readable by the team under a shared TEACHER_CACHE_HOME: the folder was 0700 (mkdtemp), the weights 0600
+    from teacher_cache.storage import current_umask
+
+    mask = current_umask()
+    assert Path(again.path).stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.name: p.stat().st_mode & 0o777 for p in Path(again.path).iterdir()} == {
+        p.name: 0o666 & ~mask for p in Path(again.path).iterdir()
+    }
 
 
 def test_tiny_models_load_in_transformers(tiny_teacher, tiny_student):
