@@ -17,13 +17,20 @@ def parse_json(data: str | bytes) -> Any:
 
 def one_line(e: BaseException, limit: int | None = None) -> str:
     """`e`'s message with every run of whitespace (newlines included) made one space, cut to
-    `limit` characters if given; the exception's class name when that leaves nothing. An OSError
+    at most `limit` characters if given (at a word's end where one is near, "..." marking the cut);
+    the exception's class name when that leaves nothing. An OSError
     about a file reads "PATH: why" (not "[Errno 30] Read-only file system: 'PATH'")."""
     text = str(e)
     if isinstance(e, OSError) and e.filename is not None and e.strerror and type(e).__str__ is OSError.__str__:
         why = os_reason(e)
         text = f"{e.filename}: {why}" if e.filename2 is None else f"{e.filename} -> {e.filename2}: {why}"
-    return " ".join(text.split())[:limit] or type(e).__name__
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:  # cut at a word's end, and say it was cut
+        cut = text[: max(limit - 3, 0)]
+        if text[len(cut)] != " " and " " in cut[limit // 2 :]:  # mid-word: back to the word's start
+            cut = cut.rsplit(" ", 1)[0]
+        text = cut.rstrip() + "..."
+    return text or type(e).__name__
 
 
 def os_reason(e: OSError) -> str:

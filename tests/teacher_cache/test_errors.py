@@ -18,12 +18,15 @@ def test_an_empty_message_falls_back_to_the_class_name(e):
     assert one_line(e, 3) == "RuntimeError"  # the name is never cut
 
 
-def test_limit_cuts_the_joined_message():
+def test_limit_cuts_the_joined_message_at_a_word_and_says_so():
+    """A cut mid-word ("... was transferred incorrectly, o)") read as a typo."""
     e = OSError("abc\ndef " + "x" * 500)
     assert one_line(e) == "abc def " + "x" * 500
-    assert one_line(e, 5) == "abc d"
-    assert one_line(e, 300) == ("abc def " + "x" * 500)[:300]
-    assert one_line(ValueError("short"), 300) == "short"
+    assert one_line(e, 300) == ("abc def " + "x" * 500)[:297] + "..."  # one long word: cut inside it
+    assert one_line(ValueError("short"), 300) == "short" and one_line(ValueError("12345"), 5) == "12345"
+    words = ValueError("the file was transferred incorrectly, or it was truncated")
+    assert one_line(words, 40) == "the file was transferred incorrectly,..."
+    assert len(one_line(words, 40)) <= 40
 
 
 def test_key_errors_keep_their_repr_quotes():
