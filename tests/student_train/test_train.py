@@ -135,6 +135,20 @@ def train_args(cache: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def endless_train_args(cache: Path, out: Path) -> list[str]:
+    """train_args of a run that neither ends nor checkpoints before the test stops it."""
+    args = train_args(cache, out)
+    for option in ("--max-steps", "--save-every"):
+        args[args.index(option) + 1] = "100000"
+    return args
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+
+
 def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     done = subprocess.run(train_args(kd_cache, clean), capture_output=True, text=True)
@@ -232,14 +246,10 @@ def test_kill_int_stops_a_training_started_with_sigint_ignored(tmp_path, kd_cach
 def test_a_training_stopped_before_its_first_checkpoint_says_so(tmp_path, kd_cache):
     """The stop line promised "checkpoints are kept" when none had been written yet."""
     out = tmp_path / "early"
-    args = train_args(kd_cache, out)
-    for option in ("--max-steps", "--save-every"):
-        args[args.index(option) + 1] = "100000"
+    args = endless_train_args(kd_cache, out)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
-            time.sleep(0.05)
+        wait_for(lambda: (out / "metrics.jsonl").is_file())
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -255,14 +265,10 @@ def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_pa
     """Two trainings in one --out would interleave metrics.jsonl and checkpoints: the second is
     refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL."""
     out = tmp_path / "busy"
-    args = train_args(kd_cache, out)
-    for option in ("--max-steps", "--save-every"):  # still running when the second starts, no checkpoint
-        args[args.index(option) + 1] = "100000"
+    args = endless_train_args(kd_cache, out)  # still running when the second starts, no checkpoint
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
-            time.sleep(0.05)
+        wait_for(lambda: (out / "metrics.jsonl").is_file())
         second = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
         assert first.poll() is None, "the first run must still be training"
         assert second.returncode == 1, second.stderr
