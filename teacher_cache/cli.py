@@ -309,7 +309,8 @@ def inspect(cache_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     for key, value in info.items():
-        line = f"{key:>26}: {value}"
+        shown = value if isinstance(value, (str, int, float)) else json.dumps(value, ensure_ascii=False)
+        line = f"{key:>26}: {shown}"  # nested values as JSON (null, not Python's None)
         click.echo(line.encode("utf-8", "backslashreplace").decode())  # a foreign manifest's lone surrogates
 
 

@@ -103,6 +103,8 @@ def test_run_writes_a_complete_verified_cache(tmp_path, chats_file):
     assert done.returncode == 0, done.stderr
     shown = json.loads(subprocess.run([*CLI, "inspect", str(out), "--json"], capture_output=True, text=True).stdout)
     assert shown["samples"] == 12 and shown["bytes_per_target_position"] > 0
+    human = subprocess.run([*CLI, "inspect", str(out)], capture_output=True, text=True).stdout.splitlines()
+    assert '                   backend: {"backend": "hf", "vllm_mode": null}' in human  # was Python's repr, None
 
 
 def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
