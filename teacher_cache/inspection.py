@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from array import array
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
         problems.append(f"{extra}: shard file not listed in the manifest")
     m = cache.manifest
     sums = {"tokens": 0, "target_positions": 0}  # over every row read, against the manifest's counts
-    ids: list[int] = []  # 8 bytes of each sample id's sha256 (a cache of 10M samples: 80 MB as numpy)
+    ids = array("Q")  # 8 bytes of each sample id's sha256, packed (a cache of 10M samples: 80 MB; a list: 640)
     domain = _DomainCheck(m["data"])
     read_all = True
     with tqdm(
@@ -102,7 +103,7 @@ def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     for key, n in sums.items():
         if read_all and m["counts"][key] != n:  # the totals are known only when every row was read
             problems.append(f"counts.{key}: rows hold {n}, the manifest says {m['counts'][key]}")
-    problems.extend(_repeated_ids(cache, np.array(ids, np.uint64)))
+    problems.extend(_repeated_ids(cache, np.frombuffer(ids, np.uint64)))
     return problems, checked
 
 

@@ -949,3 +949,29 @@ def test_a_second_process_for_the_same_worker_is_refused_while_the_first_runs(tm
     assert len(open_cache(out)) == 240
     done = subprocess.run([sys.executable, "-m", "teacher_cache.cli", "verify", str(out)], capture_output=True)
     assert done.returncode == 0
+
+
+def test_the_part_file_is_rewritten_per_shard_only_while_that_is_cheap():
+    """The part grows ~0.5 KB per shard and is rewritten whole: after every one of 10^4 shards that is
+    22 GiB of writes. Once a write costs over 50 ms the next waits until writes are 2 % of the time;
+    a stop writes what is pending, so its stop line's "kept" shards are the part's."""
+    from teacher_cache.run import _PartWrites
+
+    written: list[int] = []
+
+    def write(n: int, cost: float):
+        return lambda: (time.sleep(cost), written.append(n))
+
+    cheap = _PartWrites()
+    for n in range(3):
+        cheap.after_shard(write(n, 0.0))
+    assert written == [0, 1, 2]  # every shard, as before
+    written.clear()
+    slow = _PartWrites()
+    slow.after_shard(write(0, 0.06))  # due: the first
+    slow.after_shard(write(1, 0.06))  # 60 ms spent: the next waits ~3 s
+    slow.after_shard(write(2, 0.06))
+    assert written == [0]
+    slow.flush()  # a stop: the latest part (it lists every shard so far) is written
+    slow.flush()  # nothing left
+    assert written == [0, 2]
