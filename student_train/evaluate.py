@@ -43,15 +43,14 @@ def evaluate(
     model = load_causal_lm(ref.path, progress=progress, dtype=torch.float32, use_safetensors=True).eval()
     check_student_model(model.config.to_dict(), caches)
     plan = Plan(caches, seed=0, window=1)
-    items = [it for s in plan.streams if s is not None for it in s.items()]
-    if max_samples is not None:  # the first N of each cache: a domain cache given last is still in the report
-        taken = dict.fromkeys(range(len(caches)), 0)
-        kept = []
-        for item in items:  # item = (cache index, shard, row)
-            if taken[item[0]] < max_samples:
-                taken[item[0]] += 1
-                kept.append(item)
-        items = kept
+    # the first N of each cache (a domain cache given last is still in the report), listed as they
+    # are drawn: not every row of a large cache first
+    taken = dict.fromkeys(range(len(caches)), 0)
+    items = []  # (cache index, shard, row)
+    for item in (it for s in plan.streams if s is not None for it in s.items()):
+        if max_samples is None or taken[item[0]] < max_samples:
+            taken[item[0]] += 1
+            items.append(item)
     kind = caches[0].kind
     check_temperature(kind, temperature)
 
