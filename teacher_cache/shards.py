@@ -302,6 +302,8 @@ class ShardStream:
                 batch.validate(full=True)  # offsets in bounds, valid UTF-8: before any value is read
                 _check_nulls(batch, self.name)
                 yield batch
+        except GeneratorExit:  # closed unfinished, maybe at interpreter exit when this module's names are gone
+            raise
         except StorageError:
             raise
         except (pa.ArrowException, OSError) as e:

@@ -559,6 +559,23 @@ def test_a_domain_ratio_of_0_or_1_says_which_caches_go_unused(tmp_path, dae_cach
         assert want in capsys.readouterr().err.splitlines()
 
 
+def test_a_stream_left_unfinished_exits_without_tracebacks(kd_cache):
+    """Every loop over the (infinite) stream stops mid-way: at interpreter exit each open shard's
+    generator was closed after this module's names were cleared, and its `except StorageError`
+    printed "Exception ignored ... TypeError" once per shard."""
+    script = (
+        "import sys, torch\n"
+        "from teacher_cache import open_cache\n"
+        "from student_train.data import Plan, SampleStream\n"
+        "c = open_cache(sys.argv[1])\n"
+        "stream = SampleStream([c], Plan([c], seed=0), rank=0, world=1, start=0, window=4)\n"
+        "it = iter(torch.utils.data.DataLoader(stream, batch_size=None))\n"
+        "print(len([next(it) for _ in range(4)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(kd_cache)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "4\n" and "Exception ignored" not in done.stderr, done.stderr
+
+
 def test_plan_mixes_domain_and_general_on_every_rank(dae_caches):
     """Round by round: at a ratio of 1/world, routing index by index gave one rank every domain sample."""
     from student_train.data import Plan
