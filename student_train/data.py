@@ -71,6 +71,11 @@ class Plan:
     def __init__(
         self, caches: list[Cache], *, seed: int, window: int = 4, domain_ratio: float | None = None, world: int = 1
     ) -> None:
+        if not isinstance(caches, (list, tuple)):  # one Cache is iterable too: its samples, not caches
+            raise TypeError(f"caches must be a list of Cache, got {type(caches).__name__}")
+        if window < 1 or world < 1:
+            raise ValueError(f"window and world must be >= 1, got {window} and {world}")
+
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
             if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given

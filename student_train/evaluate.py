@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ from student_train.train import check_distinct
 @torch.no_grad()
 def evaluate(
     model_path: str,
-    cache_paths: list[str],
+    cache_paths: list[str] | str,
     *,
     batch_size: int = 8,
     max_samples: int | None = None,
@@ -33,6 +34,8 @@ def evaluate(
     from teacher_cache.models import load_causal_lm, resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
+    if isinstance(cache_paths, (str, os.PathLike)):  # one cache: evaluate("m", "caches/held") read "c", "a", ...
+        cache_paths = [cache_paths]
     caches = [open_cache(c) for c in cache_paths]
     check_distinct(caches)
     for cache in caches:  # as train: an empty cache (a domain filter that matched nothing) is no part of a report

@@ -107,8 +107,8 @@ def _tempered(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 # ------------------------------------------------------- per-row losses
@@ -134,6 +134,17 @@ def _sampled_rows(logits: Tensor, ids: Tensor, weights: Tensor, temperature: flo
     s_logp = z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # [P, m]
     w = weights.float()  # [P, m]
     return temperature**2 * torch.where(w != 0, -w * s_logp, 0.0).sum(-1)
+
+
+def _check_labels(labels: Tensor, keep: Tensor, vocab: int, ignore_index: int) -> None:
+    """Refuse a kept label outside the vocabulary: a -1 meant as "ignore" (with another
+    ignore_index) was read as token 0, silently (F.cross_entropy raises). One host sync."""
+    bad = keep & ((labels < 0) | (labels >= vocab))  # [P]
+    if bool(bad.any()):
+        raise ValueError(
+            f"{int(bad.sum())} labels outside [0, {vocab}) (the first: {int(labels[bad][0])}); mark positions "
+            f"to skip with ignore_index={ignore_index} or mask"
+        )
 
 
 def _ce_rows(logits: Tensor, labels: Tensor) -> Tensor:
@@ -282,6 +293,7 @@ def cross_entropy(
     ``F.cross_entropy`` this returns 0 (not NaN) when every position is skipped.
     """
     keep = labels != ignore_index if mask is None else mask & (labels != ignore_index)  # [P]
+    _check_labels(labels, keep, student_logits.shape[-1], ignore_index)
     return _masked_mean(_ce_rows(student_logits, labels), keep)
 
 
@@ -289,6 +301,8 @@ def total_loss(ce: Tensor, kd: Tensor, attn: Tensor | None, *, lam: float, attn_
     """``(1 - lam) * ce + lam * (kd + attn_weight * attn)``; ``attn=None`` counts as 0."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if not 0.0 <= attn_weight < math.inf:
+        raise ValueError(f"attn_weight must be finite and >= 0, got {attn_weight}")
     distill = kd if attn is None else kd + attn_weight * attn
     return (1.0 - lam) * ce + lam * distill
 
@@ -395,4 +409,5 @@ def chunked_ce(
 ) -> Tensor:
     """``cross_entropy(hidden @ lm_head_weight.T, labels)`` chunk by chunk; see ``chunked_topk_kl``."""
     keep = _full_mask(mask, hidden) & (labels != ignore_index)  # [P]
+    _check_labels(labels, keep, lm_head_weight.shape[0], ignore_index)
     return _chunked_mean(_ce_rows, hidden, lm_head_weight, (labels,), keep, chunk_size)

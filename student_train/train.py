@@ -34,6 +34,7 @@ from student_train.checks import (
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
+from teacher_cache.settings import normalise
 from teacher_cache.storage import LockedError, as_umask_allows, exclusive, fsync_dir, is_url, remove_if_unused
 
 
@@ -79,6 +80,7 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        normalise(self)  # built from Python: a Path, or one cache not in a tuple, is fine
         floats = ("lr", "min_lr_ratio", "weight_decay", "clip", "lam", "temperature", "attn_weight")
         bad = [f"--{k.replace('_', '-')}" for k in floats if not math.isfinite(getattr(self, k))]
         if bad or (self.domain_ratio is not None and not math.isfinite(self.domain_ratio)):

@@ -40,6 +40,7 @@ from teacher_cache.manifest import (
 )
 from teacher_cache.models import ModelRef, position_limit, resolve_model, weight_files, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
+from teacher_cache.settings import normalise
 from teacher_cache.shards import (
     CHUNK_BYTES,
     FORMAT_VERSION,
@@ -115,6 +116,7 @@ class RunConfig:
         return None if not d else d[0] if len(d) == 1 else d
 
     def __post_init__(self) -> None:
+        normalise(self)  # built from Python: a Path, or one data file not in a tuple, is fine
         checks = [
             (self.backend in ("auto", "vllm", "hf"), f"unknown backend {self.backend!r} (auto, vllm, hf)"),
             (self.targets in ("topk", "sampled"), f"unknown target kind {self.targets!r} (topk, sampled)"),

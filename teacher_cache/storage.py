@@ -124,6 +124,8 @@ class Location:
     """A directory: a local path or an fsspec URL, with the few operations a cache needs."""
 
     def __init__(self, url: str | Path, **storage_options: Any) -> None:
+        if not isinstance(url, (str, os.PathLike)) or not str(url):  # "" was the root folder, None "None"
+            raise ValueError(f"a location must be a non-empty path or URL, got {url!r}")
         self.url = str(url).rstrip("/") or "/"
         self._options = storage_options
         self._fs, root = self._connect()

@@ -634,3 +634,26 @@ def test_attention_kl_drops_a_rounding_tail_where_the_student_rest_is_zero() -> 
     rounding = attention_kl(rows, top.indices, lp, torch.full((T,), math.log(1e-8)))
     assert math.isfinite(float(exact)) and float(rounding) == pytest.approx(float(exact), abs=1e-6)
     assert float(attention_kl(rows, top.indices, lp, torch.full((T,), math.log(1e-2)))) == math.inf
+
+
+def test_a_label_outside_the_vocabulary_is_refused_not_read_as_token_0():
+    """A -1 meant as "ignore" (with the default ignore_index -100) gave the loss of token 0, silently;
+    F.cross_entropy raises. chunked_ce, which the trainer calls, checks the same."""
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"1 labels outside \[0, 10\) \(the first: -1\); mark positions to skip"):
+        cross_entropy(logits, torch.tensor([2, -1, 5]))
+    with pytest.raises(ValueError, match=r"the first: 10\)"):
+        chunked_ce(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([2, 10, 5]), 2)
+    ok = cross_entropy(logits, torch.tensor([2, -1, 5]), ignore_index=-1)  # skipped, as asked
+    assert ok == pytest.approx(float(F.cross_entropy(logits, torch.tensor([2, -100, 5]))))
+    masked = cross_entropy(logits, torch.tensor([2, -7, 5]), mask=torch.tensor([True, False, True]))
+    assert masked == pytest.approx(float(ok))  # a masked position's label is never read
+
+
+def test_settings_outside_their_range_are_refused():
+    logits, ids = torch.randn(2, 6), torch.tensor([[0, 1], [2, 3]])
+    lps, tail = torch.log(torch.full((2, 2), 0.25)), torch.log(torch.full((2,), 0.5))
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got inf"):
+        topk_kl(logits, ids, lps, tail, temperature=math.inf)
+    with pytest.raises(ValueError, match="attn_weight must be finite and >= 0, got -1"):
+        total_loss(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), lam=0.5, attn_weight=-1)

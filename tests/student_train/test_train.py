@@ -576,6 +576,22 @@ def test_a_stream_left_unfinished_exits_without_tracebacks(kd_cache):
     assert done.returncode == 0 and done.stdout == "4\n" and "Exception ignored" not in done.stderr, done.stderr
 
 
+def test_the_python_api_takes_one_cache_where_a_list_is_usual_or_says_what_it_needs(kd_cache):
+    """evaluate(model, "caches/held") looked for a cache at "/"; Plan(cache) decoded samples
+    as if they were caches ("'CachedSample' object has no attribute 'manifest'")."""
+    from student_train.data import Plan
+    from student_train.evaluate import evaluate
+
+    assert evaluate("tiny-mistral", kd_cache)["all"]["samples"] == 12  # a Path, not in a list
+    cache = open_cache(kd_cache)
+    with pytest.raises(TypeError, match="caches must be a list of Cache, got Cache"):
+        Plan(cache, seed=0)
+    with pytest.raises(ValueError, match="window and world must be >= 1, got 0 and 1"):
+        Plan([cache], seed=0, window=0)
+    config = TrainConfig(student="tiny-mistral", caches=kd_cache, out=Path("r"), lr=1)
+    assert config.caches == (str(kd_cache),) and config.out == "r" and config.lr == 1.0
+
+
 def test_plan_mixes_domain_and_general_on_every_rank(dae_caches):
     """Round by round: at a ratio of 1/world, routing index by index gave one rank every domain sample."""
     from student_train.data import Plan

@@ -975,3 +975,23 @@ def test_the_part_file_is_rewritten_per_shard_only_while_that_is_cheap():
     slow.flush()  # a stop: the latest part (it lists every shard so far) is written
     slow.flush()  # nothing left
     assert written == [0, 2]
+
+
+def test_settings_built_from_python_take_paths_and_refuse_wrong_types(chats_file):
+    """data="train.jsonl" was read letter by letter ("--data names a file twice", "data file not found:
+    t"), a Path out failed in json.dumps, top_k=8.5 deep inside torch.topk."""
+    c = RunConfig(teacher="tiny-mixtral", data=chats_file, out=Path("/tmp/o"))
+    assert c.data == (str(chats_file),) and c.out == "/tmp/o"
+    assert RunConfig(teacher="tiny-mixtral", data=[chats_file, "b.jsonl"], out="o").data == (str(chats_file), "b.jsonl")
+    for bad, message in (
+        (dict(top_k=8.5), "top_k must be an int, got 8.5"),
+        (dict(top_k="8"), "top_k must be an int, got '8'"),
+        (dict(batch_size=True), "batch_size must be an int, got True"),
+        (dict(skip_bad=1), "skip_bad must be True or False, got 1"),
+        (dict(attention_layers=(0, 1.0)), r"attention_layers must be ints, got \(0, 1.0\)"),
+        (dict(data=(chats_file, 3)), "data must be a str \\(a path may be a Path\\), got 3"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            RunConfig(**{"teacher": "tiny-mixtral", "data": (str(chats_file),), "out": "o", **bad})
+    with pytest.raises(ValueError, match="a location must be a non-empty path or URL, got ''"):
+        open_cache("")  # was the root folder: "/: no manifest.json"
