@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-__all__ = ["CachedSample", "__version__", "open_cache"]
+__all__ = ["Cache", "CachedSample", "__version__", "open_cache"]
 
 
 def __getattr__(name: str):
@@ -19,3 +19,8 @@ def __getattr__(name: str):
 
         return getattr(cache, name)
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, for tab completion (they load on first use)."""
+    return sorted({*globals(), *__all__})

@@ -995,3 +995,11 @@ def test_settings_built_from_python_take_paths_and_refuse_wrong_types(chats_file
             RunConfig(**{"teacher": "tiny-mixtral", "data": (str(chats_file),), "out": "o", **bad})
     with pytest.raises(ValueError, match="a location must be a non-empty path or URL, got ''"):
         open_cache("")  # was the root folder: "/: no manifest.json"
+
+
+def test_the_package_lists_its_lazy_names():
+    """dir(teacher_cache) showed none of open_cache, CachedSample, Cache: no tab completion."""
+    import teacher_cache
+
+    assert {"open_cache", "CachedSample", "Cache"} <= set(dir(teacher_cache)) and "Cache" in teacher_cache.__all__
+    assert teacher_cache.Cache.__name__ == "Cache"
