@@ -131,7 +131,11 @@ def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # one the signal caught mid-draw: end its line first
+        # a bar stopped inside its constructor, drawn but before its clock was set, closes silently
+        drawn = not hasattr(bar, "last_print_t") and getattr(bar, "sp", None) is not None
         bar.close()
+        if drawn:
+            bar.fp.write("\n")
     click.echo(f"{prefix}{'terminated' if term else 'interrupted'}: {what}", err=True)
     sys.exit(143 if term else 130)
 
