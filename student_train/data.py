@@ -184,6 +184,10 @@ class SampleStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, caches: list[Cache], plan: Plan, *, rank: int, world: int, start: int, window: int) -> None:
+        if not 0 <= rank < world or start < 0:  # rank 2 of 2 silently took rank 0's samples
+            raise ValueError(
+                f"rank must be in [0, world) and start >= 0, got rank {rank}, world {world}, start {start}"
+            )
         self.caches, self.plan = caches, plan
         self.rank, self.world, self.start, self.window = rank, world, start, window
 
@@ -225,6 +229,8 @@ class Batch:
 
 def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], attention: bool) -> Batch:
     """Stack samples into a padded batch with flattened sparse targets (host tensors, no vocab dim)."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
     B = len(samples)
     T = max(len(s.input_ids) for _, s in samples)
     ids = torch.zeros((B, T), dtype=torch.long)  # int64 [B, T]
@@ -319,6 +325,9 @@ def sampled_to_padded(
         ids int64 [P, m] and weights float32 [P, m] with m the longest row;
         padding is id 0 with weight 0.
     """
+    per_row = isinstance(num_draws, torch.Tensor)
+    if (int(num_draws.min()) if per_row and num_draws.numel() else 1 if per_row else num_draws) < 1:
+        raise ValueError("num_draws must be >= 1 (the weights are counts / num_draws)")
     if (teacher_logprobs is None) != (proposal_logprobs is None):
         raise ValueError("pass teacher_logprobs and proposal_logprobs together")
     offsets = offsets.long()

@@ -657,3 +657,12 @@ def test_settings_outside_their_range_are_refused():
         topk_kl(logits, ids, lps, tail, temperature=math.inf)
     with pytest.raises(ValueError, match="attn_weight must be finite and >= 0, got -1"):
         total_loss(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), lam=0.5, attn_weight=-1)
+
+
+def test_sampled_weights_refuse_zero_draws():
+    """num_draws=0 gave infinite weights without a word."""
+    offsets, ids, counts = torch.tensor([0, 1]), torch.tensor([3]), torch.tensor([2], dtype=torch.int32)
+    for draws in (0, torch.tensor([0])):
+        with pytest.raises(ValueError, match="num_draws must be >= 1"):
+            sampled_to_padded(offsets, ids, counts, draws)
+    assert sampled_to_padded(offsets, ids, counts, torch.tensor([4]))[1].tolist() == [[0.5]]

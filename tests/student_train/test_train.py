@@ -588,6 +588,12 @@ def test_the_python_api_takes_one_cache_where_a_list_is_usual_or_says_what_it_ne
         Plan(cache, seed=0)
     with pytest.raises(ValueError, match="window and world must be >= 1, got 0 and 1"):
         Plan([cache], seed=0, window=0)
+    from student_train.data import SampleStream, collate
+
+    with pytest.raises(ValueError, match="rank must be in \\[0, world\\) and start >= 0, got rank 2, world 2"):
+        SampleStream([cache], Plan([cache], seed=0), rank=2, world=2, start=0, window=4)  # took rank 0's samples
+    with pytest.raises(ValueError, match="collate needs at least one sample"):
+        collate([], [], attention=False)
     config = TrainConfig(student="tiny-mistral", caches=kd_cache, out=Path("r"), lr=1)
     assert config.caches == (str(kd_cache),) and config.out == "r" and config.lr == 1.0
 
