@@ -59,12 +59,21 @@ def check_student_model(config: dict, caches: list) -> None:
                 f"{cache.where}: token ids up to {cache.vocab_size - 1}, but the student's output layer has {rows} "
                 "rows (vocab_size): the ids past it have no logit"
             )
+    longer = longer_than(limit, caches) if limit is not None else None
+    if longer:
+        raise IncompatibleCacheError(
+            f"{longer[0]}: sequences up to {longer[1]} tokens, past the {limit} positions the student "
+            f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
+        )
+
+
+def longer_than(limit: int, caches: list) -> tuple[str, int] | None:
+    """(where, data.max_length) of the first cache whose sequences may be longer than `limit`."""
+    for cache in caches:
         longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
-        if limit is not None and longest > limit:
-            raise IncompatibleCacheError(
-                f"{cache.where}: sequences up to {longest} tokens, past the {limit} positions the student "
-                f"was trained on (max_position_embeddings): use caches made with --max-length <= {limit}"
-            )
+        if longest > limit:
+            return str(cache.where), longest
+    return None
 
 
 def template_differs(tokenizer: Any, caches: list) -> str | None:

@@ -29,6 +29,7 @@ from student_train.checks import (
     check_student_model,
     check_temperature,
     domain_overlap,
+    longer_than,
     template_differs,
 )
 from student_train.data import Batch, Plan, SampleStream, collate
@@ -318,21 +319,12 @@ def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], c
     if not mapped:
         return
     window = min(mapped)
-    longer = _longer_than(window, caches)
+    longer = longer_than(window, caches)
     if longer:
         raise TrainError(
             f"{longer[0]}: sequences up to {longer[1]} tokens, but the student attends within a sliding "
             f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
         )
-
-
-def _longer_than(limit: int, caches: list) -> tuple[str, int] | None:
-    """(where, data.max_length) of the first cache whose sequences may be longer than `limit`."""
-    for cache in caches:
-        longest = cache.manifest["data"]["max_length"]  # an int >= 2 (manifest.validate)
-        if longest > limit:
-            return str(cache.where), longest
-    return None
 
 
 METRICS = ("loss", "ce", "kd", "kd_domain", "kd_general", "attn")  # what DistillStep reports
@@ -799,11 +791,12 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             if metrics_file is not None:
                 _append(metrics_file, last)
             if bar is not None:
+                shown = {"loss": f"{sums['loss']:.4f}", "tok_s": f"{last['tokens_per_s']:,.0f}"}
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+                bar.set_postfix(shown)
             if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
                 if bar is not None:
-                    bar.set_postfix(loss=f"{sums['loss']:.4f}", saving=f"checkpoint-{state['step']}")
+                    bar.set_postfix(loss=shown["loss"], saving=f"checkpoint-{state['step']}")
                 if sharded:  # every rank joins the gathers, rank 0 writes
                     _save_sharded(out, state["step"], model, tok, optimizer, state, cfg, rank)
                 elif rank == 0:
@@ -811,7 +804,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 if rank == 0 and cfg.keep_last:
                     _prune(out, cfg.keep_last)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+                    bar.set_postfix(shown)
             if world > 1:
                 torch.distributed.barrier()
     finally:

@@ -43,6 +43,6 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
     return f"{n} {noun if n == 1 else many or noun + 's'}"
 
 
-def first_of(names: list[str]) -> str:
-    """'a.txt' or 'a.txt and 3 more': the first of some names, for a message."""
-    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+def first_of(names: list[str], shown: int = 1) -> str:
+    """'a.txt' or 'a.txt and 3 more' (`shown` names, then how many more), for a message."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

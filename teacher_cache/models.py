@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from teacher_cache.errors import parse_json
+from teacher_cache.errors import first_of, parse_json
 from teacher_cache.presets import Preset, get_preset
 from teacher_cache.storage import as_umask_allows
 
@@ -161,7 +161,7 @@ def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True,
 
     def listed(key: str) -> str:
         names = sorted(str(n) for n in info.get(key) or ())
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return first_of(names, 3)
 
     for key, what in (("missing_keys", "lacks"), ("mismatched_keys", "has misshapen"), ("error_msgs", "failed on")):
         if info.get(key):
@@ -218,8 +218,7 @@ def check_checkpoint(path: str, trust_remote_code: bool = False) -> None:
         return
     holes = weight_holes(list(stored))
     if holes:
-        listed = ", ".join(holes[:2]) + (f" and {len(holes) - 2} more" if len(holes) > 2 else "")
-        raise ValueError(f"{path}: the checkpoint lacks weights its other tensors imply: {listed}")
+        raise ValueError(f"{path}: the checkpoint lacks weights its other tensors imply: {first_of(holes, 2)}")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):  # shapes only, no memory
@@ -237,8 +236,7 @@ def check_checkpoint(path: str, trust_remote_code: bool = False) -> None:
     misshapen = [f"{k} (stored {stored[k]}, config {wanted[k]})" for k in sorted(wanted.keys() & stored.keys())
                  if stored[k] != wanted[k]]  # fmt: skip
     if misshapen:
-        listed = ", ".join(misshapen[:2]) + (f" and {len(misshapen) - 2} more" if len(misshapen) > 2 else "")
-        raise ValueError(f"{path}: the checkpoint has misshapen weights its config needs: {listed}")
+        raise ValueError(f"{path}: the checkpoint has misshapen weights its config needs: {first_of(misshapen, 2)}")
 
 
 def head_problem(config, head=None) -> str | None:
