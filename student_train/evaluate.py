@@ -57,56 +57,17 @@ def evaluate(
     kind = caches[0].kind
     check_temperature(kind, temperature)
 
-    def zero() -> dict:
-        return {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
-
-    sums = {"domain": zero(), "general": zero()}
+    sums = {"domain": _zero(), "general": _zero()}
     by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
     shards = ShardCache(caches, size=1)  # items run shard by shard
+    # the bar is closed (its line ended) before an error or Ctrl-C says anything
     with tqdm(total=len(items), desc="evaluating", unit="sample", file=sys.stderr, disable=not progress) as bar:
-        # closed (its line ended) before an error or Ctrl-C says anything
         for start in range(0, len(items), batch_size):
             chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
             bar.update(len(chunk))
-            b = collate(chunk, plan.domain_caches, attention=False)
-            hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-            # hidden float32 [B, T, D] -> the target positions' rows [P, D] -> logits float32 [P, V]
-            logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()
-            nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # float32 [P]
-            if kind == "topk":
-                teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
-            else:
-                # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
-                teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
-            agree = (logits.argmax(-1) == teacher_top1).float()  # float32 [P]
-            # each position's domain ("" outside domain caches): the sample's, by row of the batch
-            names = np.array([(s.domain or "") if c in plan.domain_caches else "" for c, s in chunk], dtype=object)
-            pos_names = names[b.row.numpy()]  # object [P]
-            groups = [(sums["domain"], b.is_domain), (sums["general"], ~b.is_domain)]  # sel bool [P]
-            for name in sorted({n for n in names if n}):
-                groups.append((by_domain.setdefault(name, zero()), torch.from_numpy(pos_names == name)))
-            for g, sel in groups:
-                n = int(sel.sum())
-                if n == 0:
-                    continue
-                if kind == "topk":
-                    kl = losses.topk_kl(
-                        logits[sel], b.topk_ids[sel], b.topk_logprobs[sel], b.tail_logprob[sel], temperature=temperature
-                    )
-                else:
-                    kl = losses.sampled_kl(
-                        logits[sel], b.sampled_ids[sel], b.sampled_weights[sel], temperature=temperature
-                    )
-                g["kl"] += float(kl) * n
-                g["nll"] += float(nll[sel].sum())
-                g["agree"] += float(agree[sel].sum())
-                g["positions"] += n
-            for (c, _), name in zip(chunk, names, strict=True):
-                sums["domain" if c in plan.domain_caches else "general"]["samples"] += 1
-                if name:  # its entry was made above
-                    by_domain[name]["samples"] += 1
+            _add_batch(model, chunk, plan.domain_caches, kind, temperature, sums, by_domain)
     report = {}
-    total = zero()
+    total = _zero()
     for group, g in sums.items():
         for k in total:
             total[k] += g[k]
@@ -121,6 +82,52 @@ def evaluate(
     report["model"] = model_path
     report["caches"] = cache_paths
     return report
+
+
+def _zero() -> dict:
+    return {"kl": 0.0, "nll": 0.0, "agree": 0.0, "positions": 0, "samples": 0}
+
+
+def _add_batch(
+    model, chunk: list, domain_caches: list[int], kind: str, temperature: float, sums: dict, by_domain: dict
+) -> None:
+    """Add one batch's KL, NLL, top-1 agreement and counts to `sums` (domain / general) and to
+    `by_domain` (each domain cache sample's own domain)."""
+    b = collate(chunk, domain_caches, attention=False)
+    hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+    # hidden float32 [B, T, D] -> the target positions' rows [P, D] -> logits float32 [P, V]
+    logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()
+    nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # float32 [P]
+    if kind == "topk":
+        teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
+    else:
+        # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
+        teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
+    agree = (logits.argmax(-1) == teacher_top1).float()  # float32 [P]
+    # each position's domain ("" outside domain caches): the sample's, by row of the batch
+    names = np.array([(s.domain or "") if c in domain_caches else "" for c, s in chunk], dtype=object)
+    pos_names = names[b.row.numpy()]  # object [P]
+    groups = [(sums["domain"], b.is_domain), (sums["general"], ~b.is_domain)]  # sel bool [P]
+    for name in sorted({n for n in names if n}):
+        groups.append((by_domain.setdefault(name, _zero()), torch.from_numpy(pos_names == name)))
+    for g, sel in groups:
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        if kind == "topk":
+            kl = losses.topk_kl(
+                logits[sel], b.topk_ids[sel], b.topk_logprobs[sel], b.tail_logprob[sel], temperature=temperature
+            )
+        else:
+            kl = losses.sampled_kl(logits[sel], b.sampled_ids[sel], b.sampled_weights[sel], temperature=temperature)
+        g["kl"] += float(kl) * n
+        g["nll"] += float(nll[sel].sum())
+        g["agree"] += float(agree[sel].sum())
+        g["positions"] += n
+    for (c, _), name in zip(chunk, names, strict=True):
+        sums["domain" if c in domain_caches else "general"]["samples"] += 1
+        if name:  # its entry was made above
+            by_domain[name]["samples"] += 1
 
 
 def _finish(g: dict) -> dict:
