@@ -135,7 +135,7 @@ def check_output_file(out: str, what: str, ours: Callable[[bytes], bool]) -> Pat
     """--out for a report or a plot, checked before the work: a local path (not a URL) in an
     existing folder that is not a teacher cache (nor inside one), and either new or an earlier
     file of this kind (`ours` on its first bytes); never a cache's, a run's or any other file."""
-    from student_train.train import TrainError
+    from student_train.config import TrainError
     from teacher_cache.cache import inside_cache
     from teacher_cache.storage import is_url
 

@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from student_train import losses
+from student_train.checkpoints import check_distinct
 from student_train.checks import check_student_matches, check_student_model, check_temperature
 from student_train.data import Plan, ShardCache, collate
-from student_train.train import check_distinct
 
 
 @torch.no_grad()

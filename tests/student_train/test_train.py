@@ -189,7 +189,7 @@ def test_a_resume_with_the_caches_in_another_order_names_the_order():
     called "the caches' contents", which sent the user looking for a changed cache."""
     from dataclasses import asdict
 
-    from student_train.train import _check_resume
+    from student_train.checkpoints import check_resume as _check_resume
 
     cfg = TrainConfig(student="tiny-mistral", caches=("ref", "expert"), out="o", domain_ratio=0.25)
     saved = {"config": json.loads(json.dumps(asdict(cfg))), "caches_sha256": ["r", "e"], "student_path": "s"}
@@ -820,7 +820,8 @@ def test_lora_checkpoint_is_a_plain_transformers_model(tmp_path, kd_cache):
     model = AutoModelForCausalLM.from_pretrained(result["checkpoint"])
     assert not any("lora" in n for n, _ in model.named_parameters())
     # the saved weights are the adapters merged into the student's weights, which they moved
-    from student_train.train import _lora, _merged_lora_state
+    from student_train.checkpoints import merged_lora_state as _merged_lora_state
+    from student_train.train import _lora
     from teacher_cache.models import resolve_model
 
     start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path)
