@@ -122,7 +122,8 @@ def domain_overlap(caches: list) -> str | None:
 def check_temperature(kind: str, temperature: float) -> None:
     """Refuse a KD temperature other than 1 with sampled caches: their draws come from the
     teacher at temperature 1 and estimate p, not p^(1/T), so the loss would train the student's
-    own distribution towards p^T (a sharper teacher). Top-k log-probs are re-tempered exactly."""
+    own distribution towards p^T (a sharper teacher). Top-k caches are tempered as k + 1 outcomes,
+    the student's alike (losses.topk_kl)."""
     if kind == "sampled" and temperature != 1.0:
         raise IncompatibleCacheError(
             f"--temperature {temperature:g} with a sampled cache: its draws come from the teacher at temperature 1 "

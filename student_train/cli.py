@@ -101,7 +101,13 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     show_default=True,
     help="(1 - lam) * CE + lam * (KD + attn-weight * attention); the paper uses 1.",
 )
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the KD loss.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Softmax temperature of the KD loss (top-k: the k ids and the tail tempered alike; sampled: 1 only).",
+)
 @click.option("--attn-weight", type=float, default=0.0, show_default=True, help="Weight of the attention loss.")
 @click.option("--attention-layer-map", default=None, help="TEACHER:STUDENT layer pairs (default: identity).")
 @click.option("--domain-ratio", type=float, default=None, help="DAE: share of samples from --only-domain caches.")

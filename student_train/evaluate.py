@@ -79,6 +79,9 @@ def evaluate(
     report["kl_kind"] = (
         "KL over the cached top-k + tail" if kind == "topk" else "sampled cross-entropy estimate (KL + teacher entropy)"
     )
+    report["top1_kind"] = (  # a sampled cache's most-drawn id is the teacher's top-1 only most of the time
+        "the teacher's top-1" if kind == "topk" else "the most-drawn id (ties: the lowest id)"
+    )
     report["model"] = model_path
     report["caches"] = cache_paths
     return report

@@ -14,7 +14,8 @@ the k cached ids and one "tail" bucket holding everything else. The student is
 coarsened exactly (its tail is the log-sum-exp over the complement, never
 ``log(1 - sum)``), so each value is a true KL between two (k+1)-outcome
 distributions: exact at k = V, and a lower bound on the dense KL otherwise
-(data-processing inequality, at temperature 1).
+(data-processing inequality, at temperature 1). A temperature tempers both
+coarsened distributions alike (``topk_kl``).
 
 Cache ids may repeat only on padding entries whose teacher logprob is -inf;
 such entries carry no teacher mass and contribute nothing.
@@ -81,15 +82,19 @@ def _log_mass_outside(z: Tensor, ids: Tensor) -> Tensor:
 _NEAR_ONE = -0.01
 
 
+def _repeats(ids: Tensor) -> Tensor:
+    """bool [P, k]: True on each later copy of an id already in its row (``ids int64 [P, k]``)."""
+    sorted_ids, order = ids.sort(dim=-1)  # [P, k]
+    return torch.zeros_like(ids, dtype=torch.bool).scatter(-1, order[:, 1:], sorted_ids[:, 1:] == sorted_ids[:, :-1])
+
+
 def _student_tail(z: Tensor, lse: Tensor, s_top: Tensor, ids: Tensor) -> Tensor:
     """log of the student's mass outside ``ids`` per row -> [P]; ``z [P, V]``, ``lse [P]``, ``s_top [P, k]``.
 
     log1mexp of the kept mass costs O(k) per row; only rows where that cancels (kept mass
     above 1 - 1%) pay for the exact O(V) complement sum. Relative error <= ~1e-3 either way.
     """
-    sorted_ids, order = ids.sort(dim=-1)  # [P, k]
-    repeat = torch.zeros_like(ids, dtype=torch.bool).scatter(-1, order[:, 1:], sorted_ids[:, 1:] == sorted_ids[:, :-1])
-    kept = torch.logsumexp(s_top.masked_fill(repeat, -math.inf), dim=-1)  # [P] log mass on the distinct ids
+    kept = torch.logsumexp(s_top.masked_fill(_repeats(ids), -math.inf), dim=-1)  # [P] log mass on the distinct ids
     near_one = kept > _NEAR_ONE  # [P]
     x = torch.where(near_one, -1.0, kept)  # keep the cheap branch's gradient finite on rows it does not serve
     tail = torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))  # log1mexp, [P]
@@ -118,13 +123,16 @@ def _topk_kl_rows(
     logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, temperature: float
 ) -> Tensor:
     """temperature^2 * KL over k+1 outcomes per row -> float32 [P]; see ``topk_kl``."""
-    z = _tempered(logits, temperature)  # float32 [P, V]
+    z = logits.float()  # float32 [P, V]
     lse = torch.logsumexp(z, dim=-1)  # [P]
     s_top = z.gather(-1, topk_ids) - lse[:, None]  # [P, k]
     s_tail = _student_tail(z, lse, s_top, topk_ids)  # [P]
-    s_logp = torch.cat([s_top, s_tail[:, None]], dim=-1)  # [P, k+1]
-    t_raw = torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1]
-    t_logp = _log_normalize(t_raw / temperature)  # [P, k+1]
+    s_logp = torch.cat([s_top, s_tail[:, None]], dim=-1)  # [P, k+1], temperature 1
+    t_raw = torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1], temperature 1
+    t_logp = _log_normalize(t_raw / temperature)  # [P, k+1]; quantised values sum to 1 only within the codec's bound
+    if temperature != 1.0:  # the student's coarsened distribution tempered as the teacher's (padding repeats: no mass)
+        repeat = torch.cat([_repeats(topk_ids), torch.zeros_like(s_tail, dtype=torch.bool)[:, None]], dim=-1)
+        s_logp = _log_normalize(s_logp.masked_fill(repeat, -math.inf) / temperature)
     return temperature**2 * _bucket_kl(t_logp, s_logp)
 
 
@@ -193,15 +201,15 @@ def topk_kl(
         topk_ids: int64 [P, k] teacher top-k ids.
         topk_logprobs: float32 [P, k] teacher log-probs at temperature 1; may hold -inf.
         tail_logprob: float32 [P] log of teacher mass outside topk_ids; may be -inf.
-        temperature: student is ``log_softmax(logits / temperature)`` coarsened to
-            k+1 outcomes. The teacher is the (k+1)-outcome distribution tempered
-            as a categorical: logits ``[topk_logprobs, tail_logprob] / temperature``
-            renormalised, i.e. the tail is tempered as one bucket. The cache holds
-            one number for the tail, so this is the only tempering computable from
-            it; it is exact at temperature 1 or when the tail is -inf (k = V), and
-            otherwise under-weights the tail for temperature > 1 (sum p^(1/t) >=
-            (sum p)^(1/t)) and over-weights it for temperature < 1. The result is
-            multiplied by temperature^2 (Hinton) so gradients keep their scale.
+        temperature: teacher and student are both coarsened to the k+1 outcomes
+            at temperature 1, then tempered alike as (k+1)-outcome categoricals
+            (each outcome's log-mass / temperature, renormalised), so the loss is 0
+            when the student equals the teacher. The cache holds one number for the
+            tail, so it is tempered as one bucket: within the k ids the ratios are
+            those of the dense tempered softmax, but the tail's share is not (for
+            temperature > 1 it gets less than sum p^(1/t), for < 1 more); at k = V
+            (tail -inf) this is the dense tempered KL. The result is multiplied by
+            temperature^2 (Hinton) so gradients keep their scale.
         mask: bool [P], True where a position counts.
 
     Returns:

@@ -69,14 +69,16 @@ def coarse(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def coarse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ids: torch.Tensor, t: float) -> torch.Tensor:
     """Reference for topk_kl at temperature t, per row float64 [P].
 
-    Teacher: coarsened to k+1 outcomes at temperature 1, then tempered as a
-    (k+1)-outcome categorical (each bucket's mass to the power 1/t, renormalised).
-    Student: softmax(student / t) coarsened. Times t^2.
+    Teacher and student alike: coarsened to k+1 outcomes at temperature 1, then
+    tempered as a (k+1)-outcome categorical (each bucket's mass to the power 1/t,
+    renormalised). Times t^2.
     """
-    p = coarse(torch.softmax(teacher_logits.double(), -1), ids) ** (1.0 / t)
-    p = p / p.sum(-1, keepdim=True)
-    q = coarse(torch.softmax(student_logits.double() / t, -1), ids)
-    return t**2 * kl_rows(p, q)
+
+    def tempered(x: torch.Tensor) -> torch.Tensor:
+        c = coarse(torch.softmax(x.double(), -1), ids) ** (1.0 / t)
+        return c / c.sum(-1, keepdim=True)
+
+    return t**2 * kl_rows(tempered(teacher_logits), tempered(student_logits))
 
 
 def causal_attention(t: int, h: int, seed: int) -> torch.Tensor:
@@ -130,6 +132,16 @@ def test_topk_kl_equals_coarsened_kl(k: int, t: float) -> None:
     if t == 1.0:  # data-processing inequality: coarsening cannot increase the KL
         assert (got.double() <= dense_kl(teacher, student, 1.0) + 1e-6).all()
         assert (got.double() < dense_kl(teacher, student, 1.0) - 1e-3).any()  # and is lossy here
+
+
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_topk_kl_is_zero_for_a_student_equal_to_the_teacher(t: float) -> None:
+    """At any temperature the target is the teacher: a student with the teacher's logits has
+    loss 0, with a tail outside the top-k (it was ~0.3 nats at
+    t = 2 when only the teacher's buckets were tempered and the student's whole softmax)."""
+    teacher = logits(16, 50, 12)
+    got = topk_kl(teacher.clone(), *cache_topk(teacher, 5), temperature=t)
+    assert abs(float(got)) < 1e-5
 
 
 def test_topk_kl_coarsened_large_vocab() -> None:
@@ -189,13 +201,16 @@ def test_topk_kl_neg_inf_teacher_entries(t: float) -> None:
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_topk_kl_padding_entries_change_nothing() -> None:
-    # a row padded past its real entries: repeated ids with -inf logprob
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_topk_kl_padding_entries_change_nothing(t: float) -> None:
+    # a row padded past its real entries: repeated ids with -inf logprob (at t != 1 the student's
+    # buckets are renormalised, where a repeat must not count its id's mass twice)
     teacher, student = logits(6, 50, 10), logits(6, 50, 11)
     ids, lp, tail = cache_topk(teacher, 4)
     pad_ids = torch.cat([ids, ids[:, :1].expand(6, 3)], -1)  # [P, 7]
     pad_lp = torch.cat([lp, torch.full((6, 3), -math.inf)], -1)
-    torch.testing.assert_close(topk_kl(student, pad_ids, pad_lp, tail), topk_kl(student, ids, lp, tail))
+    got = topk_kl(student, pad_ids, pad_lp, tail, temperature=t)
+    torch.testing.assert_close(got, topk_kl(student, ids, lp, tail, temperature=t))
 
 
 def test_topk_kl_mask() -> None:

@@ -662,6 +662,9 @@ def test_a_sampled_cache_refuses_another_temperature(tmp_path, sampled_cache):
     with pytest.raises(IncompatibleCacheError, match="--temperature 0.5 with a sampled cache"):
         evaluate("tiny-mistral", [str(sampled_cache)], temperature=0.5)
     assert train(TrainConfig(out=str(tmp_path / "ce"), temperature=2.0, lam=0.0, **common))["step"] == 1
+    report = evaluate("tiny-mistral", [str(sampled_cache)], max_samples=2)  # at temperature 1: what it reports
+    assert report["kl_kind"] == "sampled cross-entropy estimate (KL + teacher entropy)"
+    assert report["top1_kind"] == "the most-drawn id (ties: the lowest id)"
 
 
 def test_a_micro_batch_without_target_positions_has_a_zero_loss(kd_cache, tiny_student):
@@ -1217,6 +1220,7 @@ def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher, capsys):
     from student_train.evaluate import evaluate
 
     report = evaluate(str(kd_teacher), [str(kd_cache)], batch_size=5, progress=True)
+    assert (report["kl_kind"], report["top1_kind"]) == ("KL over the cached top-k + tail", "the teacher's top-1")
     err = capsys.readouterr().err
     assert "evaluating: 100%" in err and "12/12" in err  # progress, on stderr
     model = AutoModelForCausalLM.from_pretrained(kd_teacher, dtype=torch.float32).eval()
