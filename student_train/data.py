@@ -231,6 +231,8 @@ def collate(samples: list[tuple[int, CachedSample]], domain_caches: list[int], a
     """Stack samples into a padded batch with flattened sparse targets (host tensors, no vocab dim)."""
     if not samples:
         raise ValueError("collate needs at least one sample")
+    if len({s.topk_ids is None for _, s in samples}) > 1:  # train refuses such caches before it starts
+        raise ValueError("collate needs samples of one kind: top-k and sampled targets cannot share a batch")
     B = len(samples)
     T = max(len(s.input_ids) for _, s in samples)
     ids = torch.zeros((B, T), dtype=torch.long)  # int64 [B, T]

@@ -598,6 +598,17 @@ def test_the_python_api_takes_one_cache_where_a_list_is_usual_or_says_what_it_ne
     assert config.caches == (str(kd_cache),) and config.out == "r" and config.lr == 1.0
 
 
+def test_collate_refuses_a_batch_of_top_k_and_sampled_samples(kd_cache, sampled_cache):
+    """It failed on the sampled ones' missing top-k arrays ("'NoneType' object has no attribute
+    'shape'"); train refuses such caches long before, so this guards the Python API."""
+    from student_train.data import collate
+
+    topk, sampled = next(iter(open_cache(kd_cache))), next(iter(open_cache(sampled_cache)))
+    with pytest.raises(ValueError, match="top-k and sampled targets cannot share a batch"):
+        collate([(0, topk), (1, sampled)], [], attention=False)
+    assert collate([(0, topk), (0, topk)], [], attention=False).topk_ids is not None
+
+
 def test_plan_mixes_domain_and_general_on_every_rank(dae_caches):
     """Round by round: at a ratio of 1/world, routing index by index gave one rank every domain sample."""
     from student_train.data import Plan
