@@ -465,6 +465,7 @@ def decode_topk(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode a top-k blob -> (ids int64 [P, k], logprobs float32 [P, k] descending,
     tail_logprob float32 [P]). Raises CodecError on any malformed or out-of-limit blob."""
+    vocab_size = _check_vocab(vocab_size)  # the caller's argument: a ValueError, not the blob's fault
     fields, frames = _open(blob, _TOPK_HEADER, KIND_TOPK)
     mode, P, k, V, n_uniq = fields[3], fields[5], fields[6], fields[7], fields[8]
     nb_a, nb_m, nb_t, nb_d, nb_gap, nb_cnt, nb_idx, units = fields[9:17]
@@ -613,6 +614,7 @@ def decode_sampled(
     """Decode a sampled blob -> (offsets int64 [P+1], ids int64 [N], counts int32 [N],
     num_draws); within a position ids are strictly ascending (checked). With `num_draws`, a blob
     of another number of draws is refused before anything is decompressed."""
+    vocab_size = _check_vocab(vocab_size)  # the caller's argument: a ValueError, not the blob's fault
     fields, frames = _open(blob, _SAMPLED_HEADER, KIND_SAMPLED)
     mode, P, N, V, n_uniq, draws = fields[3], *fields[5:10]
     nb_len, nb_cnt, nb_gap, nb_dc, nb_idx, *pad = fields[10:18]

@@ -845,3 +845,16 @@ def test_header_lies_with_a_valid_checksum_raise_or_decode_in_range(which, data)
     except CodecError:
         return
     (_check_decoded_topk if name.startswith("topk") else _check_decoded_sampled)(out, 5000)
+
+
+@pytest.mark.parametrize("vocab_size", ["10", 10.0, None, True])
+def test_decoders_refuse_a_vocab_size_that_is_not_an_int(vocab_size) -> None:
+    """decode_topk(vocab_size="10") said "blob vocab_size 10 != expected 10" (a CodecError, as if
+    the blob were wrong); the encoders already refused such arguments."""
+    ids, lps = np.array([[1, 2]]), np.array([[-0.1, -3.0]], dtype=np.float32)
+    topk = codec.encode_topk(ids, lps, np.array([-5.0], dtype=np.float32), vocab_size=10)
+    sampled = codec.encode_sampled(np.array([0, 1]), np.array([3]), np.array([4]), vocab_size=10, num_draws=4)
+    for decode, blob in ((codec.decode_topk, topk), (codec.decode_sampled, sampled)):
+        with pytest.raises(ValueError, match="vocab_size must be an int") as e:
+            decode(blob, vocab_size=vocab_size)
+        assert not isinstance(e.value, codec.CodecError)
