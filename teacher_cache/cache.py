@@ -33,7 +33,7 @@ from teacher_cache.manifest import (
     validate,
 )
 from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardError, ShardStream, shard_metadata
-from teacher_cache.storage import Location, as_location
+from teacher_cache.storage import Location, as_location, not_a_regular_file
 
 
 @dataclass
@@ -131,26 +131,24 @@ class Cache:
                 size = self.where.size(name)
             except FileNotFoundError:
                 size = None
+        odd = self._not_a_file(name)  # a FIFO lists its size as 0: a shard listed at 0 bytes would hang a read
+        if odd:
+            raise ShardError(f"{self.where.describe(name)}: {odd}, not a shard file")
         if size != (expected := self.entry(name)["bytes"]):
-            odd = self._not_a_file(name)
-            if odd:
-                raise ShardError(f"{self.where.describe(name)}: {odd}, not a shard file")
             if size is None:
                 raise ShardError(f"{name}: listed in the manifest but missing from {self.where}")
             raise ShardError(f"{self.where.describe(name)}: {size} bytes stored, manifest says {expected}")
         return size
 
     def _not_a_file(self, name: str) -> str | None:
-        """What stands where a local shard should be, if not a file (a listing reports a folder's
-        or a dangling link's own size)."""
+        """What stands where a local shard should be, if not a regular file (a listing reports a
+        folder's or a dangling link's own size, a FIFO's as 0; opening a FIFO waits for a writer)."""
         if not self.where.is_local:
             return None
         path = self.where.local_path(name)
         if path.is_symlink() and not path.exists():
             return f"a symbolic link to {os.readlink(path)}, which does not exist"
-        if path.is_dir():
-            return "a directory"
-        return None
+        return not_a_regular_file(path)
 
     def open_shard(self, name: str) -> ShardStream:
         """Check a shard's size and header against the manifest; stream its record batches."""

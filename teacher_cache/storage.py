@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,22 @@ def _storage_errors(method):
             raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
 
     return wrapper
+
+
+def _kind_of(mode: int) -> str:
+    """A stat mode's file type, for messages."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """What `path` is if it exists and is not a regular file (after links): "a FIFO", ...; else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _kind_of(mode)
 
 
 class Location:
@@ -254,8 +271,12 @@ class Location:
             if len(data) > max_bytes:
                 raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
             return data
-        with open(self.local_path(name), "rb") as f:
-            size = os.fstat(f.fileno()).st_size  # of the file opened, whatever replaces it later
+        # O_NONBLOCK: a FIFO opens at once (a plain open waits for a writer), then is refused
+        with open(os.open(self.local_path(name), os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())  # of the file opened, whatever replaces it later
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{self.describe(name)}: {_kind_of(st.st_mode)}, not a regular file")
+            size = st.st_size
             if size > max_bytes:
                 raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")
             data = f.read(size + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -411,6 +412,27 @@ def test_a_folder_or_a_dangling_link_in_place_of_a_shard_is_named(cache, stand_i
     else:
         shard.symlink_to(cache / "gone.arrow")
         refused(cache, f"{shard.name}: a symbolic link to {cache / 'gone.arrow'}, which does not exist, not a shard")
+
+
+@pytest.mark.parametrize("where", ["shard", "manifest"])
+def test_a_fifo_in_place_of_a_shard_or_the_manifest_is_named_not_waited_on(cache, where):
+    """Opening a FIFO waits for a writer: inspect hung on a manifest.json FIFO, and train, verify
+    and merge on a shard FIFO listed at 0 bytes (a FIFO's listed size); tar and rsync copy FIFOs.
+    Run in subprocesses with a timeout, so a regression fails instead of hanging the suite."""
+    path = first_shard(cache) if where == "shard" else cache / "manifest.json"
+    if where == "shard":
+        m = json.loads((cache / "manifest.json").read_text())
+        m["shards"][0]["bytes"] = 0
+        (cache / "manifest.json").write_text(json.dumps(m))
+    path.unlink()
+    os.mkfifo(path)
+    for command in ("verify", "inspect") if where == "manifest" else ("verify",):  # inspect reads no shard
+        done = subprocess.run([*CLI, command, str(cache)], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert f"{path.name}: a FIFO, not a " in done.stderr, done.stderr
+    if where == "shard":
+        with pytest.raises(ShardError, match=f"{path.name}: a FIFO, not a shard file"):
+            open_cache(cache).check_files()
 
 
 def test_missing_shard_file(cache):
