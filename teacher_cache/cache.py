@@ -215,7 +215,9 @@ class Cache:
 
     def _check_row(self, where: str, input_ids: np.ndarray, positions: np.ndarray) -> None:
         T = len(input_ids)
-        if T and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+        if T == 0:  # the trainer would fail on it naming no row
+            raise ShardError(f"{where}: a row with no tokens")
+        if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
             raise ShardError(f"{where}: token id outside the vocabulary of {self.vocab_size}")
         if len(positions) and (positions.min() < 0 or positions.max() >= T - 1 or np.any(np.diff(positions) <= 0)):
             raise ShardError(f"{where}: target positions not strictly increasing within [0, {T - 1})")

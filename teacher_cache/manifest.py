@@ -213,7 +213,7 @@ def validate(manifest: object, where: str) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise ManifestError(f"{where}: not a teacher-cache manifest (format={manifest.get('format')!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):  # true == 1 to Python
         raise ManifestError(
             f"{where}: format version {version!r} is not supported by this reader (reads v{FORMAT_VERSION}); "
             "upgrade teacher-cache or regenerate the cache"
@@ -239,6 +239,8 @@ def validate(manifest: object, where: str) -> dict:
         for key in ("rows", "bytes"):
             if not _int(s.get(key)):  # a bool is an int to Python, not a count
                 raise ManifestError(f"{where}: shard {name} has no valid {key!r}")
+        if s["rows"] > s["bytes"]:  # every row takes bytes; readers size their sample index by rows
+            raise ManifestError(f"{where}: shard {name} lists {s['rows']} rows in {s['bytes']} bytes")
         if not isinstance(s.get("sha256"), str) or not s["sha256"].startswith("sha256:"):
             raise ManifestError(f"{where}: shard {name} has no sha256")
         if "config_hash" in s and not isinstance(s["config_hash"], str):  # merged caches: the run that wrote it

@@ -292,7 +292,10 @@ class ShardStream:
                 if message.type != "record batch":  # the format has no dictionaries
                     raise ShardError(f"{self.name}: unexpected {message.type} message")
                 rows, size = batch_size(message, self.name)
-                limit = MAX_BATCH_BYTES if self._row_bytes is None else min(MAX_BATCH_BYTES, rows * self._row_bytes)
+                # a batch's own buffers (one offset per list column, even at 0 rows) on top of its rows'
+                limit = (
+                    MAX_BATCH_BYTES if self._row_bytes is None else min(MAX_BATCH_BYTES, rows * self._row_bytes + 4096)
+                )
                 if size > limit:
                     raise ShardError(
                         f"{self.name}: a record batch of {rows} rows declares {size} bytes decompressed, more "
@@ -324,7 +327,8 @@ def batch_size(message: pa.ipc.Message, name: str) -> tuple[int, int]:
     try:
         header = _fb_field(meta, _fb_deref(meta, 0), 2)  # Message.header, the RecordBatch table
         batch = _fb_deref(meta, header)
-        rows = _fb_read(meta, "<q", _fb_field(meta, batch, 0))  # RecordBatch.length
+        length = _fb_field(meta, batch, 0, optional=True)  # RecordBatch.length; absent = its default, 0
+        rows = 0 if length is None else _fb_read(meta, "<q", length)
         buffers = _fb_deref(meta, _fb_field(meta, batch, 2))  # RecordBatch.buffers: [Buffer{offset, length}]
         compressed = _fb_field(meta, batch, 3, optional=True) is not None  # RecordBatch.compression
         size = 0

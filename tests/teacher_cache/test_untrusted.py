@@ -217,6 +217,10 @@ def unchecked_topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, V: int) -
         (lambda m: m["shards"][0].update(name=m["shards"][0]["name"] + "\n"), "bad shard name"),
         (lambda m: m["targets"].update(kind="sampled", num_draws=1 << 31, proposal="teacher"),
          r"targets.num_draws must be an integer in \[1, 65536\]"),
+        # a trainer allocated an index of 24 bytes per listed row before reading a shard (192 GiB)
+        (lambda m: (m["shards"][0].update(rows=2**33), m["counts"].update(samples=2**33 + 6)),
+         r"lists 8589934592 rows in .* bytes"),
+        (lambda m: m.update(format_version=True), "format version True is not supported"),
     ],
 )  # fmt: skip
 def test_manifest_fields_the_reader_bounds_by(cache, edit, match):
@@ -380,11 +384,38 @@ def _with_config_hash(meta: dict) -> dict:
         (lambda rows: rows[2].update(sample_id=None), None, ": column sample_id holds nulls"),
         (lambda rows: rows[2].update(targets=None), None, ": column targets holds nulls"),
         (lambda rows: rows[0]["attention"].__setitem__(0, None), None, ": column attention holds nulls"),
+        # the trainer failed on it in torch ("cannot reshape tensor of 0 elements"), naming no row
+        (lambda rows: rows[0].update(input_ids=[], target_positions=[]), None, " row 0: a row with no tokens"),
     ],
 )  # fmt: skip
 def test_rows_that_break_the_readers_checks_are_refused_by_name(cache, edit, schema, match):
     rewrite_shard(cache, edit, schema(cache) if schema else None)
     refused(cache, first_shard(cache).name + match)
+
+
+def test_a_shard_with_an_empty_record_batch_is_read(cache):
+    """A record batch of 0 rows (another writer's; Arrow allows it) omits its length from the
+    flatbuffer (the default, 0): it read as 'malformed record batch message (field 0 missing)'."""
+    path = first_shard(cache)
+    reader = pa.ipc.open_file(pa.BufferReader(path.read_bytes()))
+    table = reader.read_all()
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, reader.schema, options=options) as w:
+        w.write_batch(
+            table.slice(0, 0).to_batches()[0]
+            if table.slice(0, 0).to_batches()
+            else pa.RecordBatch.from_pylist([], schema=reader.schema)
+        )
+        w.write_table(table)
+    data = sink.getvalue().to_pybytes()
+    assert pa.ipc.open_file(pa.BufferReader(data)).num_record_batches == 1 + reader.num_record_batches
+    path.write_bytes(data)
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"][0].update(checksums_of(data))
+    mpath.write_text(json.dumps(m))
+    assert len(list(open_cache(cache))) == m["counts"]["samples"]
 
 
 def test_attention_rows_in_a_cache_that_declares_none(cache):
