@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from teacher_cache import __version__
-from teacher_cache.errors import one_line, plural
+from teacher_cache.errors import one_line, plural, printable
 from teacher_cache.manifest import MAX_NUM_DRAWS
 from teacher_cache.shards import worker_glob
 from teacher_cache.storage import is_url
@@ -314,8 +314,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
         return
     for key, value in info.items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, ensure_ascii=False)
-        line = f"{key:>26}: {shown}"  # nested values as JSON (null, not Python's None)
-        click.echo(line.encode("utf-8", "backslashreplace").decode())  # a foreign manifest's lone surrogates
+        click.echo(printable(f"{key:>26}: {shown}"))  # nested values as JSON (null, not Python's None)
 
 
 @main.command()
@@ -330,7 +329,7 @@ def verify(cache_dir: str, no_progress: bool) -> None:
     except (ValueError, OSError) as e:
         raise UserError(one_line(e)) from None
     for p in problems:
-        click.echo(f"PROBLEM: {p}", err=True)
+        click.echo(printable(f"PROBLEM: {p}"), err=True)  # ids and names come from the cache
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {cache_dir}")
     click.echo(f"ok: {plural(checked, 'sample')} in {cache_dir} verified")

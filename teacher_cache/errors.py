@@ -24,13 +24,24 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror and type(e).__str__ is OSError.__str__:
         why = os_reason(e)
         text = f"{e.filename}: {why}" if e.filename2 is None else f"{e.filename} -> {e.filename2}: {why}"
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))  # names from a foreign cache may hold escape sequences
     if limit is not None and len(text) > limit:  # cut at a word's end, and say it was cut
         cut = text[: max(limit - 3, 0)]
         if text[len(cut)] != " " and " " in cut[limit // 2 :]:  # mid-word: back to the word's start
             cut = cut.rsplit(" ", 1)[0]
         text = cut.rstrip() + "..."
     return text or type(e).__name__
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}  # C0, DEL, C1
+_CONTROLS |= {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r"}
+
+
+def printable(text: str) -> str:
+    """`text` safe to print as one line of a terminal: control characters (a newline that would
+    start a fake line, an escape sequence that would recolour or rewrite the screen) shown as
+    escapes, as are lone surrogates (a foreign manifest's, which a terminal cannot encode)."""
+    return text.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode()
 
 
 def os_reason(e: OSError) -> str:

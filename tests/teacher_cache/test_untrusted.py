@@ -573,6 +573,20 @@ def test_verify_checks_each_rows_domain_against_the_filter(cache, edit, match):
     assert done.returncode == 1
 
 
+def test_verify_and_inspect_print_a_caches_strings_as_one_escaped_line(cache):
+    """A sample id or teacher name holding a newline and an escape sequence printed a forged
+    "PROBLEM: nothing, all fine" line and recoloured the terminal."""
+    evil = "x\nPROBLEM: nothing, all fine\x1b[32m"
+    rewrite_shard(cache, lambda rows: rows[0].update(sample_id=evil, domain="geography"))
+    forge_settings(cache, lambda m: (m["data"].update(only_domain="math"), m["teacher"].update(name=evil)))
+    done = subprocess.run([*CLI, "verify", str(cache), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 1 and "sample x\\nPROBLEM: nothing, all fine\\x1b[32m: domain" in done.stderr
+    shown = subprocess.run([*CLI, "inspect", str(cache)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "x\\nPROBLEM: nothing, all fine\\x1b[32m" in shown.stdout
+    for out in (done.stderr, shown.stdout):
+        assert "\x1b" not in out and not any(line.startswith("PROBLEM: nothing") for line in out.splitlines())
+
+
 def test_shard_not_in_manifest_is_reported(cache):
     shutil.copy(first_shard(cache), cache / "shard-w00009-000000.arrow")
     done = subprocess.run([*CLI, "verify", str(cache)], capture_output=True, text=True)
