@@ -6,4 +6,4 @@ teacher is never loaded here; only `teacher_cache.open_cache` is.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"

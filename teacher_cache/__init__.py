@@ -7,7 +7,7 @@ transformers) -> targets (top-k or sampled) -> codec -> Arrow shards + manifest.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = ["Cache", "CachedSample", "__version__", "open_cache"]
 

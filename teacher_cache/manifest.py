@@ -70,6 +70,25 @@ def config_hash_v010(header: dict) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def runs_of(manifest: dict) -> list[dict]:
+    """The runs whose rows a cache holds, each as {"config_hash", "settings": its hashed header
+    keys}: a run's own, or a merged cache's `runs` (sources merged before are flattened)."""
+    if manifest.get("merged_from") is None:
+        return [{"config_hash": manifest["config_hash"], "settings": {k: manifest.get(k) for k in _HEADER_KEYS}}]
+    return manifest["runs"]
+
+
+def merged_data(runs: list[dict]) -> dict:
+    """The data settings a merged cache's reader goes by, from its runs': the longest max_length
+    (every row is bounded by it) and a domain filter only where every run has the same one."""
+    data = [r["settings"]["data"] for r in runs]
+    merged = {"max_length": max(d["max_length"] for d in data)}
+    for key in ("only_domain", "exclude_domain"):  # a str, a list or None
+        values = {json.dumps(d.get(key)) for d in data}
+        merged[key] = json.loads(values.pop()) if len(values) == 1 else None
+    return merged
+
+
 def merged_config_hash(merged_from: list[dict]) -> str:
     """A merged cache's config hash: sha256 over its sources' config hashes, sorted."""
     return "sha256:" + hashlib.sha256(json.dumps(sorted(m["config_hash"] for m in merged_from)).encode()).hexdigest()
@@ -278,6 +297,45 @@ def _check_config_hash(m: dict, where: str) -> None:
     bare = next((s.get("name") for s in m["shards"] if isinstance(s, dict) and "config_hash" not in s), None)
     if bare is not None:
         raise ManifestError(f"{where}: shard {bare} of a merged cache has no config_hash")
+    _check_runs(m, where)
+
+
+def _check_runs(m: dict, where: str) -> None:
+    """A merged cache's settings are bound to its shards through `runs`: each run's settings hash
+    to its config_hash, every shard names one of them, and the settings that decide how rows are
+    read (tokenizer, teacher, targets, attention, source; data's max_length and domain filter)
+    are the runs' own. Else its manifest could say anything its merge did not check."""
+    runs = m.get("runs")
+    ok = isinstance(runs, list) and runs and all(
+        isinstance(r, dict) and isinstance(r.get("config_hash"), str) and isinstance(r.get("settings"), dict)
+        and isinstance(r["settings"].get("data"), dict) and _int(r["settings"]["data"].get("max_length"), 2)
+        for r in runs
+    )  # fmt: skip
+    if not ok:
+        raise ManifestError(
+            f"{where}: a merged cache must list the settings of the runs its shards come from (runs); one "
+            "merged before teacher-cache 0.2.1 has none: merge its sources again"
+        )
+    for r in runs:
+        if r["config_hash"] not in (config_hash(r["settings"]), config_hash_v010(r["settings"])):
+            raise ManifestError(
+                f"{where}: runs: settings that do not hash to {r['config_hash']}: edited after the merge"
+            )
+        differ = header_differences({**m, "data": None}, {**r["settings"], "data": None})
+        if differ:
+            raise ManifestError(
+                f"{where}: {', '.join(differ)} differ from the run {r['config_hash']} its shards come from: "
+                "edited after the merge"
+            )
+    hashes = {r["config_hash"] for r in runs}
+    stray = next((s["name"] for s in m["shards"] if s["config_hash"] not in hashes), None)
+    if stray is not None:
+        raise ManifestError(f"{where}: shard {stray} names a run (config_hash) that runs does not list")
+    data = m["data"]
+    expected = merged_data(runs)
+    differ = [f"data.{k}" for k, v in expected.items() if data.get(k) != v]
+    if differ:
+        raise ManifestError(f"{where}: {', '.join(differ)} differ from what its runs give: edited after the merge")
 
 
 def _int(v: object, least: int = 0) -> bool:

@@ -6,8 +6,9 @@ spec and source tag.
 Sample ids may overlap only with the same input (tokens, target positions, domain, source): the
 first row is kept. Its targets may differ from a repeat's by numerics (another batch
 composition or engine computed them) and the manifest counts such repeats; the merged manifest lists
-each shard with the config hash of the run that wrote it, and each source cache with its
-backend (the manifest's `backend` is "mixed" when they differ).
+each shard with the config hash of the run that wrote it, each run with its settings (`runs`,
+which the reader checks the merged settings against), and each source cache with its backend
+(the manifest's `backend` is "mixed" when they differ).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from teacher_cache.manifest import (
     MANIFEST,
     codec_version,
     combine_backends,
+    header_differences,
     merged_config_hash,
+    merged_data,
+    runs_of,
     union_engines,
 )
 from teacher_cache.shards import (
@@ -52,6 +56,7 @@ def _compat(m: dict) -> dict:
     return {
         "format version": m["format_version"],
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
+        "vocab size": m["tokenizer"]["vocab_size"],
         "chat template": m["tokenizer"].get("chat_template_sha256"),
         "teacher": {k: t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")},
         "targets (kind, k, draws, logprob_error)": m["targets"],
@@ -72,6 +77,10 @@ def check_compatible(caches: list[Cache]) -> None:
                     why = f"{caches[0].manifest['teacher']['name']} vs {cache.manifest['teacher']['name']}; {why}"
                 why = f"{key} differs ({why})"
                 raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {why}")
+        # the rest of what the reader compares between a merged cache and each of its runs
+        differ = header_differences({**caches[0].manifest, "data": None}, {**cache.manifest, "data": None})
+        if differ:
+            raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {', '.join(differ)} differ")
 
 
 def _difference(a: object, b: object) -> str:
@@ -307,14 +316,17 @@ def _merged_manifest(caches: list[Cache], shards: list[dict], repeats: _Repeats)
     drop = ("shards", "counts", "timing", "bad_records", "config", "engines")
     manifest = {k: v for k, v in first.items() if k not in drop}
     manifest["engines"] = union_engines([c.manifest.get("engines") or [] for c in caches])
+    runs: dict[str, dict] = {}  # each run whose rows the sources hold, once (a merged source's flattened)
+    for c in caches:
+        runs.update((r["config_hash"], r) for r in runs_of(c.manifest) if r["config_hash"] not in runs)
+    manifest["runs"] = list(runs.values())
     manifest["data"] = {
         **first["data"],
         "files": [f for c in caches for f in c.manifest["data"]["files"]],
-        "max_length": max(c.manifest["data"]["max_length"] for c in caches),  # the reader bounds every row by it
+        # the longest max_length (the reader bounds every row by it); a filter the merged rows do not
+        # all share is no filter
+        **merged_data(manifest["runs"]),
     }
-    for key in ("only_domain", "exclude_domain"):  # a filter the merged rows do not all share is no filter
-        values = {json.dumps(c.manifest["data"].get(key)) for c in caches}  # a str, a list or None
-        manifest["data"][key] = json.loads(values.pop()) if len(values) == 1 else None
     manifest["merged_from"] = [
         {
             "path": str(c.where.local_path().resolve()) if c.where.is_local else str(c.where),  # not as typed

@@ -34,7 +34,7 @@ def test_help_lists_commands_and_each_command_has_help(cli, commands):
 @pytest.mark.parametrize("cli,name", [(TC, "teacher-cache"), (ST, "student-train")])
 def test_version(cli, name):
     done = sh([*cli, "--version"])
-    assert done.returncode == 0 and done.stdout.startswith(f"{name}, version 0.2.0")
+    assert done.returncode == 0 and done.stdout.startswith(f"{name}, version 0.2.1")
 
 
 def test_help_does_not_import_heavy_engines():

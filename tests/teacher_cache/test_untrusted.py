@@ -288,10 +288,21 @@ def test_only_a_merged_caches_shards_carry_their_own_config_hash(cache, good_cac
     assert len(list(open_cache(merged))) == 12  # as merged
     mpath = merged / "manifest.json"
     good = json.loads(mpath.read_text())
+    other = "sha256:" + "6" * 64
     for edit, match in [
         (lambda m: m["merged_from"][0].update(config_hash="sha256:" + "5" * 64), "merged_from does not hash"),
         (lambda m: m["shards"][0].pop("config_hash"), "of a merged cache has no config_hash"),
         (lambda m: m.update(merged_from=[]), "merged_from must list each source's config_hash"),
+        # a merged cache's settings were not checked at all: a student whose tokenizer swaps ids,
+        # or attention layers listed in another order, trained on silently
+        (lambda m: m["tokenizer"].update(fingerprint=other), "tokenizer.fingerprint differ from the run sha256:"),
+        (lambda m: m["attention"].update(layers=[0]), "attention.layers\\[0\\] differ from"),  # its rows are layer 1's
+        (lambda m: m["teacher"].update(weights_sha256=other), "teacher.weights_sha256 differ from the run"),
+        (lambda m: m["runs"][0]["settings"]["tokenizer"].update(fingerprint=other), "runs: settings that do not hash"),
+        (lambda m: m["shards"][0].update(config_hash=other), "names a run \\(config_hash\\) that runs does not list"),
+        (lambda m: m["data"].update(max_length=1 << 20), "data.max_length differ from what its runs give"),
+        (lambda m: m["data"].update(only_domain="math"), "data.only_domain differ from what its runs give"),
+        (lambda m: m.pop("runs"), "one merged before teacher-cache 0.2.1 has none: merge its sources again"),
     ]:
         m = json.loads(json.dumps(good))
         edit(m)
@@ -445,15 +456,17 @@ def test_a_folder_or_a_dangling_link_in_place_of_a_shard_is_named(cache, stand_i
         refused(cache, f"{shard.name}: a symbolic link to {cache / 'gone.arrow'}, which does not exist, not a shard")
 
 
-@pytest.mark.parametrize("where", ["shard", "manifest"])
+@pytest.mark.parametrize("where", ["shard", "empty shard", "manifest"])
 def test_a_fifo_in_place_of_a_shard_or_the_manifest_is_named_not_waited_on(cache, where):
     """Opening a FIFO waits for a writer: inspect hung on a manifest.json FIFO, and train, verify
-    and merge on a shard FIFO listed at 0 bytes (a FIFO's listed size); tar and rsync copy FIFOs.
-    Run in subprocesses with a timeout, so a regression fails instead of hanging the suite."""
-    path = first_shard(cache) if where == "shard" else cache / "manifest.json"
-    if where == "shard":
+    and merge on a shard FIFO listed at 0 bytes (a FIFO's listed size; at other sizes it read as
+    '0 bytes stored'); tar and rsync copy FIFOs. Run in subprocesses with a timeout, so a
+    regression fails instead of hanging the suite."""
+    path = first_shard(cache) if where != "manifest" else cache / "manifest.json"
+    if where == "empty shard":  # listed with no rows in 0 bytes, the size a FIFO lists at
         m = json.loads((cache / "manifest.json").read_text())
-        m["shards"][0]["bytes"] = 0
+        m["counts"]["samples"] -= m["shards"][0]["rows"]
+        m["shards"][0].update(bytes=0, rows=0)
         (cache / "manifest.json").write_text(json.dumps(m))
     path.unlink()
     os.mkfifo(path)
@@ -461,7 +474,7 @@ def test_a_fifo_in_place_of_a_shard_or_the_manifest_is_named_not_waited_on(cache
         done = subprocess.run([*CLI, command, str(cache)], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert f"{path.name}: a FIFO, not a " in done.stderr, done.stderr
-    if where == "shard":
+    if where != "manifest":
         with pytest.raises(ShardError, match=f"{path.name}: a FIFO, not a shard file"):
             open_cache(cache).check_files()
 
@@ -863,7 +876,8 @@ def test_merge_into_a_killed_merges_leftovers_says_what_they_are(tmp_path, good_
 
 def test_reading_a_manifest_allocates_its_size_not_the_limit(good_cache, tmp_path):
     """The read asks for the stated size + 1 byte (a read allocates what it asks for: 256 MiB per
-    open_cache before); more bytes than stated (a device file, a file being written) are refused."""
+    open_cache before); more bytes than stated (a file being written) are refused, and a device
+    file before it is read."""
     import tracemalloc
 
     from teacher_cache.storage import Location
@@ -875,7 +889,7 @@ def test_reading_a_manifest_allocates_its_size_not_the_limit(good_cache, tmp_pat
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20, f"{peak} bytes at peak"
-    with pytest.raises(ValueError, match="holds more than its stated size of 0 bytes"):
+    with pytest.raises(ValueError, match="zero: a character device, not a regular file"):
         Location("/dev").read_json("zero", 1 << 20)
     (tmp_path / "m.json").write_text("[" + "1," * 100 + "1]")
     with pytest.raises(ValueError, match=r"implausibly large \(203 bytes\)"):
