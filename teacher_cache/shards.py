@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
 MAX_SHARD_BYTES = 4 << 30  # readers refuse a bigger shard; the writer stops before it
 CHUNK_BYTES = 1 << 20  # a reader checks (and can use) a shard one chunk of this many bytes at a time
+MAX_SCHEMA_BYTES = 1 << 20  # a shard's schema message (its metadata included; ours take ~1 KB)
 MAX_BATCH_BYTES = 1 << 30  # a record batch declaring more bytes once decompressed is refused unread
 
 SCHEMA = pa.schema(
@@ -223,6 +224,10 @@ class _CheckedReader:
             out.append(take)
         return b"".join(out)
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes just read back in front (already checked: they came from read)."""
+        self._buf, self._pos = data + self._buf[self._pos :], 0
+
     def drain(self) -> None:
         while self._next_chunk():
             pass
@@ -271,6 +276,7 @@ class ShardStream:
         try:
             if self._src.read(len(ARROW_MAGIC)) != ARROW_MAGIC:
                 raise ShardError(f"{name}: not an Arrow IPC file (bad magic)")
+            self._check_schema_size(name)
             # message by message, so each batch's declared sizes are checked before Arrow decompresses it
             self._messages = pa.ipc.MessageReader.open_stream(self._src)
             first = self._messages.read_next_message()
@@ -285,6 +291,16 @@ class ShardStream:
             raise _unreadable(name, e) from None
         check_schema(schema, name)
         self.schema = schema
+
+    def _check_schema_size(self, name: str) -> None:
+        """Refuse a schema message whose declared length is past MAX_SCHEMA_BYTES before it is
+        read: its metadata is free-form, and tens of MB of it expanded ~15x in memory."""
+        prefix = self._src.read(8)  # [0xFFFFFFFF continuation] int32 metadata length (older streams: no marker)
+        head = prefix[4:8] if prefix[:4] == b"\xff\xff\xff\xff" else prefix[:4]
+        length = struct.unpack("<i", head)[0] if len(head) == 4 else 0
+        if length > MAX_SCHEMA_BYTES:
+            raise ShardError(f"{name}: a schema of {length} bytes, over the reader's limit of {MAX_SCHEMA_BYTES}")
+        self._src.unread(prefix)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         try:
