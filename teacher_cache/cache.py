@@ -184,17 +184,30 @@ class Cache:
         for batch in self.open_shard(name):
             if i + batch.num_rows > expected:
                 raise ShardError(f"{self.where.describe(name)}: more rows than the {expected} the manifest lists")
-            cols = {
-                c: batch.column(c).to_pylist()
-                if c in ("sample_id", "source", "domain", "targets", "attention")
-                else batch.column(c)
-                for c in batch.schema.names
-            }
-            for j in range(batch.num_rows):
-                yield RawRow(f"{self.where.describe(name)} row {i}", cols, j)
-                i += 1
+            yield from self._raw_rows(name, batch, i)
+            i += batch.num_rows
         if i != expected:
             raise ShardError(f"{self.where.describe(name)}: {i} rows, manifest says {expected}")
+
+    def _raw_rows(self, name: str, batch: pa.RecordBatch, first: int) -> Iterator[RawRow]:
+        """A record batch's rows, undecoded; `first` is the shard's row number of its first."""
+        cols = {
+            c: batch.column(c).to_pylist()
+            if c in ("sample_id", "source", "domain", "targets", "attention")
+            else batch.column(c)
+            for c in batch.schema.names
+        }
+        for j in range(batch.num_rows):
+            yield RawRow(f"{self.where.describe(name)} row {first + j}", cols, j)
+
+    def check_rows(self, name: str, table: pa.Table) -> None:
+        """Decode every row of a shard read whole (`read_table`): what a trainer would refuse
+        (ShardError naming the row) is refused here, before a merge passes the rows on."""
+        i = 0
+        for batch in table.to_batches():
+            for row in self._raw_rows(name, batch, i):
+                self.decode(row)
+            i += batch.num_rows
 
     def decode(self, row: RawRow) -> CachedSample:
         """A row from `iter_rows`, checked and decoded (ShardError naming shard and row if bad)."""

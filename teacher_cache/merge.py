@@ -44,7 +44,7 @@ from teacher_cache.shards import (
     shard_metadata,
     shard_name,
 )
-from teacher_cache.storage import Location, StorageError
+from teacher_cache.storage import Location, StorageError, remove_if_unused
 
 
 class MergeError(ValueError):
@@ -159,13 +159,19 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
             print(f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
                   "duplicate, kept once", file=sys.stderr, flush=True)  # fmt: skip
     check_compatible(caches)
+    made = dest.local_path() if dest.is_local and not dest.local_path().exists() else None
     try:
-        dest.check_writable("")  # before the planning pass reads every shard (a web server takes no writes)
-    except StorageError as e:
-        raise MergeError(str(e)) from None
-    n_shards = sum(len(c.manifest["shards"]) for c in caches)
-    with _bar(progress, n_shards, "checking") as bar:
-        plans, repeats = _plan(caches, bar)
+        try:
+            dest.check_writable("")  # before the planning pass reads every shard (a web server takes no writes)
+        except StorageError as e:
+            raise MergeError(str(e)) from None
+        n_shards = sum(len(c.manifest["shards"]) for c in caches)
+        with _bar(progress, n_shards, "checking") as bar:
+            plans, repeats = _plan(caches, bar)
+    except BaseException:  # a bad source row, Ctrl-C: nothing written yet, no empty --out left behind
+        if made is not None:
+            remove_if_unused(made)
+        raise
     dest.makedirs()
     with _bar(progress, len(plans), "writing", unit="source shard") as bar:  # those that keep no row: none
         shards = _write_shards(dest, plans, bar)
@@ -214,6 +220,7 @@ def _plan(caches: list[Cache], bar) -> tuple[list[_ShardPlan], _Repeats]:
     for cache in caches:
         for entry in cache.manifest["shards"]:
             table = cache.read_table(entry["name"])  # checked; dropped once planned
+            cache.check_rows(entry["name"], table)  # every row decodes: no bad row reaches the merged cache
             chash = shard_metadata(table.schema, entry["name"])["config_hash"]
             shards.append(cache.where.describe(entry["name"]))
             keep, repeats = _new_rows(table, shards, seen)

@@ -785,6 +785,19 @@ def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, ch
             summary(str(tmp_path / "m"))
 
 
+def test_merge_refuses_a_source_row_the_trainer_would_refuse_before_writing(tmp_path, good_cache, cache):
+    """A source row with garbage targets was merged (exit 0) and found only by a later verify or
+    train of the merged cache, which named the merged shard, not the source's."""
+    rewrite_shard(cache, lambda rows: rows[2].update(targets=b"garbage"))
+    out = tmp_path / "merged"
+    done = subprocess.run(
+        [*CLI, "merge", str(good_cache), str(cache), "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"{cache / first_shard(cache).name} row 2: blob truncated" in done.stderr, done.stderr
+    assert not out.exists()
+
+
 def test_merge_refuses_same_id_with_different_content(tmp_path, chats_file):
     other = tmp_path / "other.jsonl"
     rec = json.loads(chats_file.read_text().splitlines()[0])
