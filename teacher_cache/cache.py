@@ -78,6 +78,7 @@ class Cache:
         self.manifest = manifest
         self.kind = manifest["targets"]["kind"]
         self.vocab_size = manifest["tokenizer"]["vocab_size"]
+        self.logprob_error = manifest["targets"].get("logprob_error", codec.MAX_ERROR)  # top-k and attention
         att = manifest.get("attention") or {}
         self.attention_layers = tuple(att.get("layers", ()))
         self._entries = {s["name"]: s for s in manifest["shards"]}  # names are unique (validate)
@@ -240,11 +241,14 @@ class Cache:
         if self.kind == "topk":
             k = self.manifest["targets"]["k"]
             # ids int64 [P, k], lps float32 [P, k], tail float32 [P]
-            ids, lps, tail = codec.decode_topk(blob, vocab_size=self.vocab_size, max_positions=P, max_k=k)
+            ids, lps, tail = codec.decode_topk(
+                blob, vocab_size=self.vocab_size, max_positions=P, max_k=k, max_error=self.logprob_error
+            )
             if ids.shape != (P, min(k, self.vocab_size)):
                 raise ShardError(f"{where}: targets hold {ids.shape}, expected ({P}, {min(k, self.vocab_size)})")
             if _repeats_an_id(ids):  # an id named twice in a row would count its mass twice
                 raise ShardError(f"{where}: a top-k row names the same id twice")
+            self._check_mass(lps, tail, where, "a top-k row's probabilities")
             s.topk_ids, s.topk_logprobs, s.tail_logprob = ids, lps, tail
         else:
             # offsets int64 [P + 1], ids int64 [N], counts int32 [N], n draws per position
@@ -257,6 +261,18 @@ class Cache:
                 raise ShardError(f"{where}: sampled targets for {len(offsets) - 1} positions, expected {P}")
             s.sampled_offsets, s.sampled_ids, s.sampled_counts, s.num_draws = offsets, ids, counts, n
 
+    def _check_mass(self, lps: np.ndarray, tail: np.ndarray, where: str, what: str) -> None:
+        """Rows of log-probs float32 [P, k] + tail [P] must hold a total mass of 1 within the codec's
+        bound: a row of zero log-probs (mass k), or one of no mass at all, decodes but is no distribution."""
+        if not len(tail):
+            return
+        with np.errstate(divide="ignore"):  # a row of no mass: log(0) = -inf, refused below
+            total = np.log(np.exp(lps).sum(1, dtype=np.float64) + np.exp(tail))  # float64 [P]
+        off = np.abs(total)
+        if not off.max() <= mass_tolerance(self.logprob_error):  # NaN fails too
+            worst = float(np.exp(total[np.argmax(off)]))
+            raise ShardError(f"{where}: {what} and tail sum to {worst:.4g}, not 1 within the cache's error bound")
+
     def _decode_attention(self, s: CachedSample, blobs: list[bytes] | None, where: str) -> None:
         if not self.attention_layers:
             if blobs:
@@ -267,20 +283,29 @@ class Cache:
         T, P = len(s.input_ids), len(s.target_positions)
         ka = self.manifest["attention"]["top_k"]
         # per layer: key ids int64 [P, ka], logprobs float32 [P, ka], tail float32 [P]
-        decoded = [codec.decode_topk(b, vocab_size=T, max_positions=P, max_k=ka) for b in blobs]
+        decoded = [
+            codec.decode_topk(b, vocab_size=T, max_positions=P, max_k=ka, max_error=self.logprob_error) for b in blobs
+        ]
         shapes = {d[0].shape for d in decoded}
         if shapes != {(P, min(ka, T))}:
             raise ShardError(f"{where}: attention blocks hold {shapes}, expected ({P}, {min(ka, T)})")
         # a query at position t attends to keys <= t only (entries past t pad short rows, weight 0)
-        for ids, lps, _ in decoded:
+        for ids, lps, tail in decoded:
             if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):  # [P, ka] vs queries [P, 1]
                 raise ShardError(f"{where}: attention key after its query")
             if _repeats_an_id(ids):  # a key named twice would count its weight twice
                 raise ShardError(f"{where}: an attention row names the same key twice")
+            self._check_mass(lps, tail, where, "an attention row's weights")
         s.attention_layers = self.attention_layers
         s.attention_ids = np.stack([d[0] for d in decoded])  # int64 [L, P, ka]
         s.attention_logprobs = np.stack([d[1] for d in decoded])  # float32 [L, P, ka]
         s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # float32 [L, P]
+
+
+def mass_tolerance(logprob_error: float) -> float:
+    """How far (in nats) a decoded row's total mass may be from 1: the codec's bound (CODEC.md)
+    with room for float32 rounding and the coarse entries far below the top-1."""
+    return 0.03 + logprob_error
 
 
 def _repeats_an_id(ids: np.ndarray) -> bool:

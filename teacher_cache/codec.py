@@ -462,9 +462,11 @@ def decode_topk(
     max_positions: int = 1 << 20,
     max_k: int = 4096,
     max_entries: int = 1 << 24,
+    max_error: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode a top-k blob -> (ids int64 [P, k], logprobs float32 [P, k] descending,
-    tail_logprob float32 [P]). Raises CodecError on any malformed or out-of-limit blob."""
+    tail_logprob float32 [P]). Raises CodecError on any malformed or out-of-limit blob, and
+    with `max_error` on a blob encoded with another error bound."""
     vocab_size = _check_vocab(vocab_size)  # the caller's argument: a ValueError, not the blob's fault
     fields, frames = _open(blob, _TOPK_HEADER, KIND_TOPK)
     mode, P, k, V, n_uniq = fields[3], fields[5], fields[6], fields[7], fields[8]
@@ -490,6 +492,8 @@ def decode_topk(
         units = STEP_UNITS
     elif units == 0:
         raise CodecError("log-prob step of 0 units")
+    if max_error is not None and units != step_units(max_error):
+        raise CodecError(f"encoded with a log-prob error bound of {units / 200:g} nats, expected {max_error:g}")
     grid = _Grid(units)
     n = P * k
     expect = P * (nb_a + nb_m + nb_t) + P * (k - 1) * nb_d + n_uniq * (nb_gap + nb_cnt) + n * nb_idx

@@ -432,6 +432,46 @@ def test_a_shard_with_an_empty_record_batch_is_read(cache):
     assert len(list(open_cache(cache))) == m["counts"]["samples"]
 
 
+def _reencoded(column: str, change) -> callable:
+    """A rewrite_shard edit: row 0's `column` block (the first attention layer's for "attention")
+    decoded, changed by change(ids, lps, tail, V) -> (lps, tail, max_error), encoded again by the
+    official encoder: valid bytes, wrong values."""
+
+    def edit(rows: list[dict]) -> None:
+        row = rows[0]
+        V = 32000 if column == "targets" else len(row["input_ids"])
+        blob = row[column] if column == "targets" else row[column][0]
+        ids, lps, tail = codec.decode_topk(blob, vocab_size=V)
+        lps, tail, err = change(ids, lps, tail, V)
+        new = codec.encode_topk(ids, lps, tail, vocab_size=V, max_error=err)
+        if column == "targets":
+            row["targets"] = new
+        else:
+            row["attention"][0] = new
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        # every log-prob 0: a mass of k, which train renormalised into a uniform teacher
+        (_reencoded("targets", lambda i, lp, t, V: (np.zeros_like(lp), np.full_like(t, -np.inf), 0.02)),
+         "a top-k row's probabilities and tail sum to 8, not 1 within the cache's error bound"),
+        (_reencoded("targets", lambda i, lp, t, V: (np.full_like(lp, -np.inf), np.full_like(t, -np.inf), 0.02)),
+         "a top-k row's probabilities and tail sum to 0, not 1"),
+        (_reencoded("attention", lambda i, lp, t, V: (np.full_like(lp, -np.inf), np.full_like(t, -np.inf), 0.02)),
+         "an attention row's weights and tail sum to 0, not 1"),
+        # the manifest says 0.02 nats: blocks of a coarser bound were read as if they held to it
+        (_reencoded("targets", lambda i, lp, t, V: (lp, t, 1.275)),
+         "encoded with a log-prob error bound of 1.275 nats, expected 0.02"),
+    ],
+)  # fmt: skip
+def test_blocks_that_decode_but_hold_no_distribution_are_refused_by_name(cache, edit, match):
+    rewrite_shard(cache, edit)
+    refused(cache, f"{first_shard(cache).name} row 0: .*{match}")
+
+
 def test_attention_rows_in_a_cache_that_declares_none(cache):
     forge_settings(cache, lambda m: m.update(attention=None))
     refused(cache, "row 0: attention present but the manifest declares none")
