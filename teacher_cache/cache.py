@@ -31,9 +31,10 @@ from teacher_cache.manifest import (
     parse_part_name,
     read_part,
     validate,
+    worker_lock_name,
 )
 from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardError, ShardStream, shard_metadata
-from teacher_cache.storage import Location, as_location, not_a_regular_file
+from teacher_cache.storage import Location, as_location, holder, not_a_regular_file
 
 
 @dataclass
@@ -342,6 +343,10 @@ def _unfinished(where: Location, parts: list[str]) -> str:
     ((n, seen),) = runs.items()
     missing = [w for w in range(n) if w not in seen]
     running = [w for w, done in sorted(seen.items()) if not done]
+    held = {w: holder(where.local_path() / worker_lock_name(w)) for w in running} if where.is_local else {}
+    busy = [f"{f'worker {w} ' if n > 1 else ''}pid {pid}" for w, pid in held.items() if pid is not None]
+    if busy:  # a run writing it now (its lock held): resuming would be refused; waiting is the answer
+        return f"a run is writing it now ({', '.join(busy)}): wait for it to finish"
     if not missing and not running:  # e.g. workers' folders copied together: the last to end writes it
         return f"all {n} workers are finished: rerun any worker's command with this --out to write {MANIFEST}"
     if n == 1:

@@ -36,6 +36,11 @@ def part_name(worker: int, num_workers: int) -> str:
     return f"worker-{worker:05d}-of-{num_workers:05d}.json"
 
 
+def worker_lock_name(worker: int) -> str:
+    """The lock file a running worker holds in its --out (per worker index, whatever --num-workers)."""
+    return f"{PARTS_DIR}/.worker-{worker:05d}.lock"
+
+
 def parse_part_name(name: str) -> tuple[int, int] | None:
     """(worker, num_workers) of a part file's name (as part_name makes it), else None."""
     m = re.fullmatch(r"worker-(\d{5})-of-(\d{5})\.json", name)

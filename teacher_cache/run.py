@@ -36,6 +36,7 @@ from teacher_cache.manifest import (
     part_path,
     read_part,
     union_engines,
+    worker_lock_name,
 )
 from teacher_cache.models import ModelRef, position_limit, resolve_model, weight_files, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
@@ -387,7 +388,7 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
     root = out.local_path().absolute()
     own = (
         root / part_path(cfg.worker_index, cfg.num_workers),
-        root / PARTS_DIR / f".worker-{cfg.worker_index:05d}.lock",
+        root / worker_lock_name(cfg.worker_index),
     )
     try:
         with exclusive(own[1]):

@@ -466,6 +466,24 @@ def exclusive(lock_file: Path) -> Iterator[None]:
         yield
 
 
+def holder(lock_file: Path) -> str | None:
+    """The pid written in `lock_file` if a live process holds it (`exclusive`), else None; a
+    reader's probe: it creates nothing and takes the lock for no longer than the test."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:  # missing, or unreadable: nothing to say
+        return None
+    with open(fd) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read(64).strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -522,6 +522,22 @@ def test_a_fifo_in_place_of_a_shard_or_the_manifest_is_named_not_waited_on(cache
             open_cache(cache).check_files()
 
 
+def test_a_cache_still_being_written_says_to_wait_not_to_resume(cache):
+    """Readers of a cache a run is writing were told "its command, run again, resumes it", which
+    the run's lock would refuse; with the worker's lock held they are told to wait, naming its pid."""
+    from teacher_cache.manifest import worker_lock_name
+    from teacher_cache.storage import exclusive
+
+    (cache / "manifest.json").unlink()
+    part = cache / "parts" / "worker-00000-of-00001.json"
+    part.write_text(json.dumps({**json.loads(part.read_text()), "complete": False}))
+    with exclusive(cache / worker_lock_name(0)), pytest.raises(ManifestError) as held:
+        open_cache(cache)
+    assert str(held.value).endswith(f"a run is writing it now (pid {os.getpid()}): wait for it to finish")
+    with pytest.raises(ManifestError, match="the run is unfinished: its command, run again, resumes it"):
+        open_cache(cache)  # the lock released: a run that stopped
+
+
 def test_missing_shard_file(cache):
     first_shard(cache).unlink()
     refused(cache, "listed in the manifest but missing from")
