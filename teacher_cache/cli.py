@@ -74,6 +74,17 @@ class OneLineGroup(click.Group):
         with _one_line_usage(ctx.command_path):
             return super().invoke(ctx)
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's main; a Ctrl-C that `stopped` reported leaves as an uncaught KeyboardInterrupt
+        (click would make it "Aborted!"), printed by no one: Python then ends the process with
+        SIGINT itself, after every exit handler, so a shell loop or make stops as well (an exit
+        status of 130 tells bash the program handled the signal, and its loop went on)."""
+        try:
+            return super().main(*args, **kwargs)
+        except _Interrupted:
+            sys.excepthook = _quiet_interrupt
+            raise KeyboardInterrupt from None
+
 
 class NonBlankPath(click.ParamType):
     """A path or fsspec URL: any non-blank string ("" would resolve to the working directory or /)."""
@@ -125,8 +136,19 @@ def finished(line: str | None) -> None:
         signal.signal(sig, leave)
 
 
+class _Interrupted(SystemExit):
+    """Ctrl-C, reported: OneLineGroup.main ends the process by the signal."""
+
+
+def _quiet_interrupt(kind: type, value: BaseException, tb: object) -> None:
+    """sys.excepthook once a Ctrl-C is reported: no traceback for it, others as usual."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+
+
 def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
-    """The one line for a run stopped by a signal, and its exit status (128 + the signal)."""
+    """The one line for a run stopped by a signal, then its end: by SIGINT itself for Ctrl-C (see
+    OneLineGroup.main; status 130 where the signal cannot be re-raised), 143 for SIGTERM."""
     term = isinstance(e, Terminated)
     from tqdm import tqdm
 
@@ -137,7 +159,9 @@ def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
         if drawn:
             bar.fp.write("\n")
     click.echo(f"{prefix}{'terminated' if term else 'interrupted'}: {what}", err=True)
-    sys.exit(143 if term else 130)
+    if term:
+        sys.exit(143)
+    raise _Interrupted(130)
 
 
 def _kept_shards(out: str, worker: int) -> str:

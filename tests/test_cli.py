@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +321,37 @@ def test_a_signal_after_the_done_line_ends_the_process_quietly(signame):
     assert rc == 0 and err == "" and time.time() - t < 10, err
 
 
+def test_ctrl_c_stops_a_shell_loop_of_runs_not_only_the_run(tmp_path, chats_file):
+    """Ctrl-C reaches the whole foreground group; bash ends its loop only if the child died of
+    SIGINT. The run caught it and exited 130, so `for d in A B; do teacher-cache run ...; done`
+    went on to the next run. Now the run says what it kept, then ends by the signal."""
+    import signal
+    import time
+
+    outs = [tmp_path / "A", tmp_path / "B"]
+    data = tmp_path / "many.jsonl"
+    records = [json.loads(line) for line in chats_file.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{i}"}) + "\n" for i in range(5) for r in records))
+    run = " ".join(map(shlex.quote, [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(data), "--backend", "hf",
+                                     "--shard-size", "1", "--batch-size", "1", "--no-progress"]))  # fmt: skip
+    loop = f"for d in {' '.join(map(str, outs))}; do {run} --out $d; echo next; done"
+    proc = subprocess.Popen(["bash", "-c", loop], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        part = outs[0] / "parts" / "worker-00000-of-00001.json"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the shell and the run
+        out, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "interrupted: " in err and "Traceback" not in err, err
+    assert "next" not in out and not outs[1].exists(), (out, err)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_keeps_finished_shards_and_says_how_to_resume(tmp_path, chats_file, signame):
     """SIGTERM (Slurm, Kubernetes, timeout) is handled as Ctrl-C is; it killed the run where it stood."""
@@ -347,7 +380,7 @@ def test_ctrl_c_or_sigterm_keeps_finished_shards_and_says_how_to_resume(tmp_path
         time.sleep(0.05)  # until a shard is durable (listed in the part file), not merely on disk
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    status, word = (130, "interrupted") if signame == "SIGINT" else (143, "terminated")
+    status, word = (-signal.SIGINT, "interrupted") if signame == "SIGINT" else (143, "terminated")
     assert proc.returncode == status and "Traceback" not in err, (err, f"SIGINT here: {inherited}")
     kept = len(list(out.glob("shard-*.arrow")))
     assert 1 <= kept < 60, "interrupted mid-run"
