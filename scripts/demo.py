@@ -11,25 +11,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from run_dir import start_over
+from run_dir import step as run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "teacher_cache" / "sample_data" / "instructions.jsonl"
 BIN = Path(sys.executable).parent
 
 
-def step(title: str, args: list[str]) -> None:
-    print(f"\n== {title}\n$ {' '.join(str(a) for a in args)}", flush=True)
-    t0 = time.time()
-    done = subprocess.run([str(a) for a in args])
-    if done.returncode != 0:
-        sys.exit(f"demo: '{title}' failed (exit {done.returncode})")
-    print(f"   ({time.time() - t0:.0f}s)", flush=True)
+def step(title: str, args: list) -> None:
+    print(f"   ({run_step(title, args, 'demo'):.0f}s)", flush=True)
 
 
 def split(data: Path, out: Path, heldout_every: int) -> tuple[Path, Path]:

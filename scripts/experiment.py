@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from run_dir import start_over
+from run_dir import start_over, step
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "teacher_cache" / "sample_data" / "instructions.jsonl"
@@ -39,12 +37,7 @@ DOMAIN = "science"
 
 
 def sh(title: str, args: list) -> float:
-    print(f"\n== {title}\n$ {' '.join(map(str, args))}", flush=True)
-    t0 = time.time()
-    done = subprocess.run([str(a) for a in args])
-    if done.returncode != 0:
-        sys.exit(f"experiment: '{title}' failed (exit {done.returncode})")
-    return time.time() - t0
+    return step(title, args, "experiment")
 
 
 def split(out: Path) -> tuple[Path, Path]:

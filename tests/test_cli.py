@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 TC = [sys.executable, "-m", "teacher_cache.cli"]
+ROOT = Path(__file__).resolve().parents[1]
 ST = [sys.executable, "-m", "student_train.cli"]
 
 
@@ -325,31 +326,59 @@ def test_ctrl_c_stops_a_shell_loop_of_runs_not_only_the_run(tmp_path, chats_file
     """Ctrl-C reaches the whole foreground group; bash ends its loop only if the child died of
     SIGINT. The run caught it and exited 130, so `for d in A B; do teacher-cache run ...; done`
     went on to the next run. Now the run says what it kept, then ends by the signal."""
-    import signal
-    import time
 
     outs = [tmp_path / "A", tmp_path / "B"]
+    run = " ".join(map(shlex.quote, long_run(tmp_path, chats_file)))
+    loop = f"for d in {' '.join(map(str, outs))}; do {run} --out $d; echo next; done"
+    out, err, _ = ctrl_c_once_a_shard_is_durable(["bash", "-c", loop], outs[0])
+    assert "interrupted: " in err and "Traceback" not in err, err
+    assert "next" not in out and not outs[1].exists(), (out, err)
+
+
+def test_the_demo_scripts_steps_pass_ctrl_c_on_and_end_by_it(tmp_path, chats_file):
+    """make demo / make experiment run the CLIs through scripts/run_dir.step: Ctrl-C printed a
+    KeyboardInterrupt traceback from subprocess.run, which killed the command 0.25 s later, before
+    its 'interrupted: ... kept' line."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from run_dir import step\n"
+        "step('cache', sys.argv[2:], 'demo')\n"
+    )
+    args = [sys.executable, "-c", script, str(ROOT / "scripts"), *long_run(tmp_path, chats_file)]
+    import signal
+
+    _, err, code = ctrl_c_once_a_shard_is_durable([*args, "--out", str(tmp_path / "c")], tmp_path / "c")
+    assert "Traceback" not in err and code == -signal.SIGINT, err
+    assert err.strip().splitlines()[-1].endswith(" kept; the same command resumes after them"), err
+
+
+def long_run(tmp_path: Path, chats_file: Path) -> list[str]:
+    """A teacher-cache run of 60 one-sample shards (no --out): it outlasts a signal on a busy machine."""
     data = tmp_path / "many.jsonl"
     records = [json.loads(line) for line in chats_file.read_text().splitlines()]
     data.write_text("".join(json.dumps({**r, "id": f"{r['id']}-{i}"}) + "\n" for i in range(5) for r in records))
-    run = " ".join(map(shlex.quote, [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(data), "--backend", "hf",
-                                     "--shard-size", "1", "--batch-size", "1", "--no-progress"]))  # fmt: skip
-    loop = f"for d in {' '.join(map(str, outs))}; do {run} --out $d; echo next; done"
-    proc = subprocess.Popen(["bash", "-c", loop], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(data), "--backend", "hf",
+            "--shard-size", "1", "--batch-size", "1", "--no-progress"]  # fmt: skip
+
+
+def ctrl_c_once_a_shard_is_durable(args: list[str], out: Path) -> tuple[str, str, int]:
+    """Start `args` in a process group of its own, send the group SIGINT (a terminal's Ctrl-C) once
+    the run writing `out` has a durable shard; -> (stdout, stderr, exit status)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        part = outs[0] / "parts" / "worker-00000-of-00001.json"
+        part = out / "parts" / "worker-00000-of-00001.json"
         deadline = time.time() + 120
         while time.time() < deadline and not (part.is_file() and json.loads(part.read_text() or "{}").get("shards")):
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the shell and the run
-        out, err = proc.communicate(timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert "interrupted: " in err and "Traceback" not in err, err
-    assert "next" not in out and not outs[1].exists(), (out, err)
+    return stdout, stderr, proc.returncode
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
