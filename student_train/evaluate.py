@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from student_train import losses
 from student_train.checkpoints import check_distinct
 from student_train.checks import check_student_matches, check_student_model, check_temperature
 from student_train.data import Plan, ShardCache, collate
+from teacher_cache.progress import bar as progress_bar
 
 
 @torch.no_grad()
@@ -61,7 +60,7 @@ def evaluate(
     by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
     shards = ShardCache(caches, size=1)  # items run shard by shard
     # the bar is closed (its line ended) before an error or Ctrl-C says anything
-    with tqdm(total=len(items), desc="evaluating", unit="sample", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(len(items), "evaluating", "sample", enabled=progress) as bar:
         for start in range(0, len(items), batch_size):
             chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
             bar.update(len(chunk))

@@ -45,6 +45,7 @@ from student_train.config import TrainConfig, TrainError
 from student_train.data import Batch, Plan, SampleStream, collate
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
+from teacher_cache.progress import bar as progress_bar
 from teacher_cache.storage import LockedError, exclusive, remove_if_unused
 
 # the API (TrainConfig and TrainError live in config.py); the rest is the loop's
@@ -265,11 +266,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     samples = _samples(cfg, caches, plan, rank, world, state["samples_per_rank"])
 
     # ---- loop
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", file=sys.stderr)
+    bar = progress_bar(cfg.max_steps, "training", "step", initial=state["step"]) if cfg.progress and rank == 0 else None
     logs = _RunLogs(out, rank, state["step"], resume=cfg.resume)
     t_start = time.time() - state["elapsed_s"]
     last: dict = {}
@@ -278,8 +275,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             last, seen = _step(cfg, student, samples, plan, state, world, t_start)
             logs.append(last, seen)
             if bar is not None:
-                bar.update(1)
                 _show(bar, last)
+                bar.update(1)  # draws the step's postfix with it (at most every 30 s into a log)
             if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
                 if bar is not None:
                     _show(bar, last, saving=f"checkpoint-{state['step']}")
@@ -476,7 +473,7 @@ def _show(bar, last: dict, saving: str | None = None) -> None:
         shown["saving"] = saving
     else:
         shown["tok_s"] = f"{last['tokens_per_s']:,.0f}"
-    bar.set_postfix(shown)
+    bar.set_postfix(shown, refresh=bool(saving))  # a checkpoint is said at once; the rest waits for update()
 
 
 def _checkpoint(out: Path, cfg: TrainConfig, student: _Student, tok, state: dict, rank: int) -> None:

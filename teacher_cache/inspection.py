@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from array import array
 
 import numpy as np
@@ -61,7 +60,7 @@ def _merged_from(m: dict) -> list[str]:
 
 def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     """Decode every row of every shard; return (problems, samples checked)."""
-    from tqdm import tqdm
+    from teacher_cache.progress import bar as progress_bar
 
     cache = open_cache(path, check_files=False)  # reports a damaged cache, shard by shard
     problems: list[str] = []
@@ -75,9 +74,7 @@ def verify(path: str, *, progress: bool = False) -> tuple[list[str], int]:
     ids = array("Q")  # 8 bytes of each sample id's sha256, packed (a cache of 10M samples: 80 MB; a list: 640)
     domain = _DomainCheck(m["data"])
     read_all = True
-    with tqdm(
-        total=m["counts"]["samples"], desc="verifying", unit="sample", file=sys.stderr, disable=not progress
-    ) as bar:
+    with progress_bar(m["counts"]["samples"], "verifying", "sample", enabled=progress) as bar:
         for name in cache.shard_names:
             shard = {"tokens": 0, "target_positions": 0}
             try:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teacher_cache import progress
 from teacher_cache.cache import Cache, inside_cache, open_cache
 from teacher_cache.manifest import (
     COUNT_KEYS,
@@ -198,9 +199,7 @@ def _check_dest(dest: Location) -> None:
 
 def _bar(enabled: bool, total: int, desc: str, unit: str = "shard"):
     """A progress bar over shards on stderr (a no-op when disabled)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
+    return progress.bar(total, desc, unit, enabled=enabled)
 
 
 class _Repeats(NamedTuple):

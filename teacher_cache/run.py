@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from teacher_cache import __version__, codec
+from teacher_cache import __version__, codec, progress
 from teacher_cache.backends import EngineFailure, TeacherBackend, TeacherOutput
 from teacher_cache.cache import inside_cache
 from teacher_cache.config import RunConfig, RunError, same_file
@@ -788,17 +788,7 @@ class _Progress:
             return
         self.started, self.t0 = True, time.time()
         if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=self.total,
-                initial=self.initial,
-                unit="sample",
-                desc="caching",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file: a line per 30 s, not per batch
-            )
+            self.bar = progress.bar(self.total, "caching", "sample", initial=self.initial)
 
     def update(self, samples: int, tokens: int) -> None:
         self.tokens += tokens

@@ -340,8 +340,7 @@ def test_the_demo_scripts_steps_pass_ctrl_c_on_and_end_by_it(tmp_path, chats_fil
     KeyboardInterrupt traceback from subprocess.run, which killed the command 0.25 s later, before
     its 'interrupted: ... kept' line."""
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from run_dir import step\n"
-        "step('cache', sys.argv[2:], 'demo')\n"
+        "import sys; sys.path.insert(0, sys.argv[1]); from run_dir import step\nstep('cache', sys.argv[2:], 'demo')\n"
     )
     args = [sys.executable, "-c", script, str(ROOT / "scripts"), *long_run(tmp_path, chats_file)]
     import signal

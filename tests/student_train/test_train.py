@@ -720,6 +720,12 @@ def test_the_training_bar_says_when_it_saves_and_no_bar_nests_under_it(tmp_path,
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r" / "checkpoint-2").iterdir()}
     assert modes == dict.fromkeys(modes, 0o666 & ~current_umask())  # safetensors wrote the weights 0600
     assert "2/2" in err.rsplit("saving=checkpoint-2", 1)[0].rsplit("training:", 1)[1]
+    # into a log (not a terminal) each redraw is a line: the start, each checkpoint, the end; the
+    # steps themselves at most every 30 s (it drew two lines per step: 300 for 150 steps)
+    train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "long"), max_steps=12,
+                      save_every=6, progress=True))  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "training:" in line]
+    assert len(lines) <= 5, lines
 
 
 def test_resume_refuses_another_process_count_and_a_lora_run(tmp_path, kd_cache, capsys):

@@ -1,0 +1,26 @@
+"""The progress bars of every long command (run, merge, verify, train, eval): one look."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def bar(total: int, desc: str, unit: str, *, enabled: bool = True, initial: int = 0, **kwargs: Any):
+    """A tqdm bar on stderr (a no-op when not `enabled`), redrawn at most every 0.1 s on a
+    terminal and every 30 s into a log file or pipe, where each redraw is a line of its own (a
+    training of 150 steps wrote 300 lines). Set postfixes with refresh=False: update() draws them."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.1 if tty else 30.0,
+        **kwargs,
+    )
