@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def load_tokenizer(path: str, revision: str | None = None, *, trust_remote_code:
     local = Path(path)
     if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):  # transformers' words run long
         raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the model's tokenizer there")
+    if not local.is_dir():  # a hub id: the first thing every command fetches
+        check_hub(path, revision)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot build
@@ -50,6 +53,35 @@ def load_tokenizer(path: str, revision: str | None = None, *, trust_remote_code:
     if not tok.chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template")
     return tok
+
+
+def check_hub(repo: str, revision: str | None) -> None:
+    """Before transformers reaches for a hub model that is not in the local Hugging Face cache (it
+    retried for ~50 s without a network, and waited forever on a proxy that never answers): the hub
+    must answer within TEACHER_CACHE_HUB_TIMEOUT seconds (default 10), else one line on what to do.
+    HF_HUB_OFFLINE=1 skips the question (transformers then reads the cache only)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        return  # downloaded before: transformers can fall back on it
+    timeout = float(os.environ.get("TEACHER_CACHE_HUB_TIMEOUT") or 10)
+    try:
+        HfApi().model_info(repo, revision=revision, timeout=timeout)
+    except HfHubHTTPError as e:  # it answered: no such repo or revision, or gated without a token
+        raise ValueError(
+            f"{repo}: the Hugging Face hub refuses it ({one_line(e, 160)}); a gated model needs "
+            "`huggingface-cli login` with a token that has access, or give a local checkpoint folder"
+        ) from None
+    except Exception as e:  # no network, DNS, a proxy that never answers: httpx/requests errors
+        why = one_line(e, 120) if str(e).strip() else f"no answer in {timeout:g} s"
+        raise ValueError(
+            f"{repo}: a hub model, not in the local Hugging Face cache, and the hub cannot be reached ({why}): "
+            "download it where the hub is reachable (huggingface-cli download "
+            f"{repo}) and copy ~/.cache/huggingface here, or give a local checkpoint folder"
+        ) from None
 
 
 def tokenizer_fingerprint(tok: Any) -> str:

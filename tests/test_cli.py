@@ -350,6 +350,30 @@ def test_the_demo_scripts_steps_pass_ctrl_c_on_and_end_by_it(tmp_path, chats_fil
     assert err.strip().splitlines()[-1].endswith(" kept; the same command resumes after them"), err
 
 
+def test_a_hub_preset_when_the_hub_does_not_answer_is_one_line_not_a_wait(tmp_path, chats_file):
+    """`make cache TEACHER=mixtral` without a network retried for ~50 s and ended on transformers'
+    words; behind a proxy that accepts and never answers it printed nothing, forever. Here a real
+    server on loopback that accepts connections and never answers stands for the hub."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        hub = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"), "TEACHER_CACHE_HUB_TIMEOUT": "2"}
+        env.pop("HF_HUB_OFFLINE", None)
+        args = [*TC, "run", "--teacher", "mixtral", "--data", str(chats_file), "--out", str(tmp_path / "c")]
+        done = subprocess.run([*args, "--backend", "hf"], capture_output=True, text=True, env=env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert (
+        "mistralai/Mixtral-8x7B-Instruct-v0.1: a hub model, not in the local Hugging Face cache, and the hub"
+        in lines[0]
+    )
+    assert "huggingface-cli download mistralai/" in lines[0] and "or give a local checkpoint folder" in lines[0]
+    assert not (tmp_path / "c").exists()
+
+
 def long_run(tmp_path: Path, chats_file: Path) -> list[str]:
     """A teacher-cache run of 60 one-sample shards (no --out): it outlasts a signal on a busy machine."""
     data = tmp_path / "many.jsonl"
