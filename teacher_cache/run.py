@@ -583,8 +583,13 @@ def _share_size(cfg: RunConfig) -> int:
     bad: list[str] = []
     met: set[str] = set()
     total = sum(1 for _ in _my_records(cfg, bad, [], met))
-    for domain in sorted(set(cfg.excluded) - met):  # domains are case-sensitive: a typo excludes nothing
-        _log(f"warning: no record has domain {domain!r}: --exclude-domain {domain} excludes nothing")
+    typos = sorted(set(cfg.excluded) - met)  # domains are case-sensitive: a typo excludes nothing
+    domains = _data_domains(cfg) if typos or (total == 0 and cfg.only_domain) else []
+    listed = f" (the data's domains: {first_of([repr(d) for d in domains], 8)})" if domains else ""
+    for domain in typos:
+        _log(f"warning: no record has domain {domain!r}: --exclude-domain {domain} excludes nothing{listed}")
+    if total == 0 and cfg.only_domain and cfg.only_domain not in domains:  # in no worker's share: a typo
+        raise RunError(f"--only-domain {cfg.only_domain}: no record of the data has that domain{listed}")
     if total == 0 and bad:
         _log(
             f"warning: every record of worker {cfg.worker_index}'s share is malformed ({len(bad)} skipped by "
@@ -595,6 +600,11 @@ def _share_size(cfg: RunConfig) -> int:
         kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {others}"
         _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
     return total
+
+
+def _data_domains(cfg: RunConfig) -> list[str]:
+    """The domains the data's records have, sorted (a parse pass; records without one are left out)."""
+    return sorted({rec.domain for rec in iter_records(list(cfg.data), skip_bad=True) if rec.domain is not None})
 
 
 def _cache_shards(

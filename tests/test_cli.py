@@ -290,8 +290,14 @@ def test_exclude_domain_repeats_and_a_domain_no_record_has_is_said(tmp_path, cha
     done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--data", str(chats_file), "--no-progress",
                "--out", str(tmp_path / "c"), "--exclude-domain", "Math", "--exclude-domain", "code"])  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "warning: no record has domain 'Math': --exclude-domain Math excludes nothing" in done.stderr
+    listed = "(the data's domains: 'code', 'geography', 'math')"
+    assert f"warning: no record has domain 'Math': --exclude-domain Math excludes nothing {listed}" in done.stderr
     assert done.stdout == f"done: 10 samples in {tmp_path / 'c'}\n"  # the 2 code samples left out
+    # --only-domain with a typo made an empty cache (exit 0) that only train refused, later
+    typo = sh([*TC, "run", "--teacher", "tiny-mixtral", "--backend", "hf", "--data", str(chats_file),
+               "--out", str(tmp_path / "typo"), "--only-domain", "Science"])  # fmt: skip
+    assert typo.returncode == 1 and not (tmp_path / "typo").exists(), typo.stderr
+    assert typo.stderr.strip() == f"Error: --only-domain Science: no record of the data has that domain {listed}"
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
