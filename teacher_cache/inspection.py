@@ -46,6 +46,10 @@ def summary(path: str) -> dict:
         "bytes": size,
         "bytes_per_target_position": round(size / c["target_positions"], 2) if c["target_positions"] else None,
         "data_files": list(dict.fromkeys(f["path"] for f in m["data"]["files"])),  # once each, merged or not
+        # a domain cache (a DAE expert's) or a general one, and the longest rows the reader takes
+        "only_domain": m["data"].get("only_domain"),
+        "exclude_domain": m["data"].get("exclude_domain"),
+        "max_length": m["data"]["max_length"],
         "wall_s": (m.get("timing") or {}).get("wall_s"),  # None for a merged cache: see merged_from
         **({"merged_from": merged} if (merged := _merged_from(m)) else {}),
     }

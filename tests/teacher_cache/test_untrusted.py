@@ -655,6 +655,7 @@ def test_verify_and_inspect_print_a_caches_strings_as_one_escaped_line(cache):
     assert done.returncode == 1 and "sample x\\nPROBLEM: nothing, all fine\\x1b[32m: domain" in done.stderr
     shown = subprocess.run([*CLI, "inspect", str(cache)], capture_output=True, text=True)
     assert shown.returncode == 0 and "x\\nPROBLEM: nothing, all fine\\x1b[32m" in shown.stdout
+    assert "only_domain: math\n" in shown.stdout and "max_length: 2048\n" in shown.stdout  # a DAE cache's role
     for out in (done.stderr, shown.stdout):
         assert "\x1b" not in out and not any(line.startswith("PROBLEM: nothing") for line in out.splitlines())
 
