@@ -165,13 +165,15 @@ def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
 
 
 def _kept_shards(out: str, worker: int) -> str:
-    """What a stopped run leaves, for its message: local --out is looked at, an object store is not."""
+    """What a stopped run leaves and how to go on, for its message: local --out is looked at, an
+    object store is not."""
     if is_url(out):
-        return "finished shards are kept"
-    if not Path(out).is_dir():
-        return "nothing was written"
-    n = len(list(Path(out).glob(worker_glob(worker))))
-    return f"{n} finished shard{'s are' if n != 1 else ' is'} kept" if n else "no shard was finished"
+        return "finished shards are kept; the same command resumes after them"
+    n = len(list(Path(out).glob(worker_glob(worker)))) if Path(out).is_dir() else 0
+    if not n:
+        what = "no shard was finished" if Path(out).is_dir() else "nothing was written"
+        return f"{what}; the same command starts again"
+    return f"{n} finished shard{'s are' if n != 1 else ' is'} kept; the same command resumes after them"
 
 
 def _refuse_unused_options(kw: dict) -> None:
@@ -316,7 +318,7 @@ def run(**kw) -> None:
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(one_line(e)) from None
     except KeyboardInterrupt as e:
-        stopped(e, f"{_kept_shards(cfg.out, cfg.worker_index)}; the same command resumes after them")
+        stopped(e, _kept_shards(cfg.out, cfg.worker_index))
     worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
     samples = plural(part["counts"]["samples"], "sample")
     finished(f"done: {worker}{samples} in {cfg.out}")  # the log above is on stderr

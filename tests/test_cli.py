@@ -471,3 +471,15 @@ def test_data_nested_too_deeply_and_too_many_draws_are_refused_in_one_line(tmp_p
     run[-1] = str(tmp_path / "d")
     done = sh([*run, "--data", str(chats_file), "--targets", "sampled", "--num-draws", "3000000000"])
     assert done.returncode == 2 and "--num-draws" in done.stderr and not (tmp_path / "d").exists()
+
+
+def test_a_stopped_runs_line_says_resume_only_when_a_shard_is_kept(tmp_path):
+    """A Ctrl-C before the first shard said 'nothing was written; the same command resumes after them'."""
+    from teacher_cache.cli import _kept_shards
+
+    out = tmp_path / "c"
+    assert _kept_shards(str(out), 0) == "nothing was written; the same command starts again"
+    out.mkdir()
+    assert _kept_shards(str(out), 0) == "no shard was finished; the same command starts again"
+    (out / "shard-w00000-000000.arrow").write_bytes(b"")
+    assert _kept_shards(str(out), 0) == "1 finished shard is kept; the same command resumes after them"
