@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import threading
 import warnings
@@ -164,6 +165,8 @@ class VllmBackend:
             # binding) are about choices made here, a dozen lines a user cannot act on
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our progress bar
+        if os.environ["VLLM_LOGGING_LEVEL"].upper() == "ERROR":  # one warning comes before vLLM's logging is set up
+            logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
         # torch deprecations that vLLM's own code triggers: nothing a user of this tool can act on
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         from vllm import LLM
