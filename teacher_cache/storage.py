@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import functools
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -113,7 +114,11 @@ def _storage_errors(method):
     def wrapper(self: Location, name: str = "", *args: Any, **kwargs: Any):
         try:
             return method(self, name, *args, **kwargs)
-        except (OSError, ValueError):
+        except OSError as e:
+            if type(e).__module__.split(".")[0] == "aiohttp":  # a connection error (gcsfs): name the location
+                raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
+            raise
+        except ValueError:
             raise
         except Exception as e:
             raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
@@ -152,6 +157,8 @@ class Location:
 
     def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
         options = {**client_options(self.url), **self._options}
+        if self.url.startswith(("gs://", "gcs://")):  # gcsfs logs each failure whole (tracebacks, credential
+            logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # notes) before raising it: the error says it
         try:
             return fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:
