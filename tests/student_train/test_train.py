@@ -379,9 +379,11 @@ def test_dae_mix_trains_each_sample_against_its_own_source(tmp_path, chats_file,
                       max_steps=1, warmup_steps=0, progress=False))  # fmt: skip
     assert f"warning: {warning}\n" in capsys.readouterr().err
 
-    # a domain cache whose filter matched nothing: the error names it, not the general cache too
+    # an empty domain cache (every record refused, skipped by --skip-bad; a filter no record matches
+    # is refused by run): the error names it, not the general cache too
     empty = tmp_path / "empty"
-    run(RunConfig(teacher="tiny-mixtral", out=str(empty), only_domain="maths", source="math-expert", **common))
+    run(RunConfig(teacher="tiny-mixtral", out=str(empty), only_domain="math", source="math-expert", max_length=4,
+                  skip_bad=True, **{k: v for k, v in common.items() if k != "max_length"}))  # fmt: skip
     with pytest.raises(ValueError, match=r"no samples in [^,]*empty: it is empty$"):
         Plan([open_cache(reference), open_cache(empty)], seed=3, window=2, domain_ratio=0.25)
 
@@ -1322,8 +1324,10 @@ def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file
     assert open_cache(reference).manifest["data"]["exclude_domain"] == ["code", "math"]
     assert {s.domain for s in open_cache(reference)} == {None, "geography"}
     assert open_cache(general).manifest["data"]["exclude_domain"] == "math"  # one: a string, as before
-    law = tmp_path / "law"  # an expert's filter that matched nothing: refused, as train does (not left out)
-    run(RunConfig(out=str(law), only_domain="law", **common))
+    law = tmp_path / "law"  # an empty expert's cache (every record refused at --max-length 4, skipped):
+    data = tmp_path / "law.jsonl"  # refused, as train does (not left out)
+    data.write_text("".join(json.dumps({**json.loads(line), "domain": "law"}) + "\n" for line in chats_file.open()))
+    run(RunConfig(out=str(law), only_domain="law", max_length=4, skip_bad=True, **{**common, "data": (str(data),)}))
     with pytest.raises(ValueError, match=f"no samples in {law}: it is empty"):
         evaluate("tiny-mistral", [str(reference), str(law)])
     check = [*ST, "check", "--student", "tiny-mistral", "--cache"]  # check: as train, not "ok"
