@@ -452,10 +452,19 @@ def test_ctrl_c_or_sigterm_keeps_finished_shards_and_says_how_to_resume(tmp_path
 
 
 def test_a_domain_filter_that_matches_nothing_is_reported(tmp_path, chats_file):
-    out = tmp_path / "c"
-    done = sh([*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(out), "--backend",
-               "hf", "--only-domain", "maths", "--no-progress"])  # fmt: skip
-    assert done.returncode == 0 and "warning: no record of worker 0's share has domain 'maths'" in done.stderr
+    """A filter no record of the data matches is refused (test_exclude_domain_...); one that leaves
+    a worker's share empty is warned about; an empty cache is refused by train and eval."""
+    from teacher_cache.run import _belongs_to
+
+    math_ids = [r["id"] for r in map(json.loads, chats_file.read_text().splitlines()) if r.get("domain") == "math"]
+    idle = next(w for w in range(8) if not any(_belongs_to(i, w, 8) for i in math_ids))
+    run = [*TC, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--backend", "hf", "--no-progress"]
+    done = sh([*run, "--out", str(tmp_path / "w"), "--only-domain", "math", "--num-workers", "8", "--worker-index",
+               str(idle)])  # fmt: skip
+    assert done.returncode == 0 and f"warning: no record of worker {idle}'s share has domain 'math'" in done.stderr
+    out = tmp_path / "c"  # every math record refused (too long for --max-length 4), skipped
+    done = sh([*run, "--out", str(out), "--only-domain", "math", "--max-length", "4", "--skip-bad"])
+    assert done.returncode == 0 and "this part of the cache is empty" in done.stderr
     for command in (["train", "--out", str(tmp_path / "r")], ["eval"]):
         err = one_line_error(sh([*ST, command[0], "--student" if command[0] == "train" else "--model", "tiny-mistral",
                                  "--cache", str(out), *command[1:]]))  # fmt: skip
