@@ -165,7 +165,9 @@ class VllmBackend:
             # binding) are about choices made here, a dozen lines a user cannot act on
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury our progress bar
-        if os.environ["VLLM_LOGGING_LEVEL"].upper() == "ERROR":  # one warning comes before vLLM's logging is set up
+        # one warning comes before vLLM's logging is set up (this process's; an engine process of its
+        # own, VLLM_ENABLE_V1_MULTIPROCESSING=1 or several ranks, still prints it)
+        if os.environ["VLLM_LOGGING_LEVEL"].upper() == "ERROR":
             logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
         # torch deprecations that vLLM's own code triggers: nothing a user of this tool can act on
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")

@@ -659,7 +659,6 @@ def test_a_vllm_engine_killed_mid_run_is_one_line_and_keeps_the_shards(tmp_path)
         proc.wait()
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert said == "", said[-3000:]  # vLLM's log (its own default: stdout) goes to stderr with ours
-    assert "Triton is installed" not in err  # logged while vLLM is imported, before its logging is set up
     # (the multiprocessing resource tracker may still warn after it, of the dead engine's shared memory)
     (line,) = [ln for ln in err.splitlines() if ln.startswith("Error")]
     assert line == (
