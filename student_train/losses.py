@@ -89,12 +89,13 @@ def _repeats(ids: Tensor) -> Tensor:
 
 
 def _student_tail(z: Tensor, lse: Tensor, s_top: Tensor, ids: Tensor) -> Tensor:
-    """log of the student's mass outside ``ids`` per row -> [P]; ``z [P, V]``, ``lse [P]``, ``s_top [P, k]``.
+    """log of the student's mass outside ``ids`` per row -> [P]; ``z [P, V]``, ``lse [P]``, ``s_top [P, k]``
+    with a repeated id's later copies at -inf (``_repeats``), so each id's mass counts once.
 
     log1mexp of the kept mass costs O(k) per row; only rows where that cancels (kept mass
     above 1 - 1%) pay for the exact O(V) complement sum. Relative error <= ~1e-3 either way.
     """
-    kept = torch.logsumexp(s_top.masked_fill(_repeats(ids), -math.inf), dim=-1)  # [P] log mass on the distinct ids
+    kept = torch.logsumexp(s_top, dim=-1)  # [P] log mass on the distinct ids
     near_one = kept > _NEAR_ONE  # [P]
     x = torch.where(near_one, -1.0, kept)  # keep the cheap branch's gradient finite on rows it does not serve
     tail = torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))  # log1mexp, [P]
@@ -125,14 +126,14 @@ def _topk_kl_rows(
     """temperature^2 * KL over k+1 outcomes per row -> float32 [P]; see ``topk_kl``."""
     z = logits.float()  # float32 [P, V]
     lse = torch.logsumexp(z, dim=-1)  # [P]
-    s_top = z.gather(-1, topk_ids) - lse[:, None]  # [P, k]
+    # padding repeats of an id (teacher mass -inf) hold no student mass either: each id counts once
+    s_top = (z.gather(-1, topk_ids) - lse[:, None]).masked_fill(_repeats(topk_ids), -math.inf)  # [P, k]
     s_tail = _student_tail(z, lse, s_top, topk_ids)  # [P]
     s_logp = torch.cat([s_top, s_tail[:, None]], dim=-1)  # [P, k+1], temperature 1
     t_raw = torch.cat([topk_logprobs.float(), tail_logprob.float()[:, None]], dim=-1)  # [P, k+1], temperature 1
     t_logp = _log_normalize(t_raw / temperature)  # [P, k+1]; quantised values sum to 1 only within the codec's bound
-    if temperature != 1.0:  # the student's coarsened distribution tempered as the teacher's (padding repeats: no mass)
-        repeat = torch.cat([_repeats(topk_ids), torch.zeros_like(s_tail, dtype=torch.bool)[:, None]], dim=-1)
-        s_logp = _log_normalize(s_logp.masked_fill(repeat, -math.inf) / temperature)
+    if temperature != 1.0:  # the student's coarsened distribution tempered as the teacher's
+        s_logp = _log_normalize(s_logp / temperature)
     return temperature**2 * _bucket_kl(t_logp, s_logp)
 
 
