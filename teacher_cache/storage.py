@@ -114,13 +114,11 @@ def _storage_errors(method):
     def wrapper(self: Location, name: str = "", *args: Any, **kwargs: Any):
         try:
             return method(self, name, *args, **kwargs)
-        except OSError as e:
-            if type(e).__module__.split(".")[0] == "aiohttp":  # a connection error (gcsfs): name the location
-                raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
-            raise
-        except ValueError:
-            raise
         except Exception as e:
+            # aiohttp's connection errors (gcsfs) are OSErrors that name no file: they name the location too
+            connection = isinstance(e, OSError) and type(e).__module__.split(".")[0] == "aiohttp"
+            if isinstance(e, (OSError, ValueError)) and not connection:
+                raise
             raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
 
     return wrapper
