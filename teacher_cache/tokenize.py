@@ -60,10 +60,11 @@ def check_hub(repo: str, revision: str | None) -> None:
     retried for ~50 s without a network, and waited forever on a proxy that never answers): the hub
     must answer within TEACHER_CACHE_HUB_TIMEOUT seconds (default 10), else one line on what to do.
     HF_HUB_OFFLINE=1 skips the question (transformers then reads the cache only)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return
-    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline_mode():  # HF_HUB_OFFLINE, as the hub library reads it
+        return
 
     if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
         return  # downloaded before: transformers can fall back on it
