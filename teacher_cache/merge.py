@@ -57,7 +57,6 @@ def _compat(m: dict) -> dict:
     return {
         "format version": m["format_version"],
         "tokenizer fingerprint": m["tokenizer"]["fingerprint"],
-        "vocab size": m["tokenizer"]["vocab_size"],
         "chat template": m["tokenizer"].get("chat_template_sha256"),
         "teacher": {k: t.get(k) for k in ("config_sha256", "weights_sha256", "dtype", "hub_id", "revision")},
         "targets (kind, k, draws, logprob_error)": m["targets"],
