@@ -119,6 +119,39 @@ def domain_overlap(caches: list) -> str | None:
     return None
 
 
+def attention_layer_map(mapping: tuple[tuple[int, int], ...], caches: list, config: Any) -> list[tuple[int, int]]:
+    """With the attention loss on: [(index in the caches' attention layers, student layer)] from
+    --attention-layer-map's (teacher layer, student layer) pairs (() = identity), refused when a
+    teacher layer is not cached, a student layer does not exist in `config` (the student's
+    transformers config), or a mapped student layer's sliding window is shorter than the caches'
+    sequences (rows on keys beyond it would have an infinite KL). Reads no weight: check and
+    train call it alike."""
+    from student_train.config import TrainError
+    from teacher_cache.attention import layer_windows
+
+    cached = caches[0].attention_layers  # the same in every cache (check_student_matches, attention=True)
+    if not cached:
+        raise TrainError("--attn-weight > 0 but the cache holds no attention summaries (cache with --attention-layers)")
+    pairs = dict(mapping) if mapping else {t: t for t in cached}
+    unknown = [t for t in pairs if t not in cached]
+    if unknown:
+        raise TrainError(f"--attention-layer-map names teacher layers {unknown} not in the cache ({list(cached)})")
+    n = config.num_hidden_layers
+    bad = [s for s in pairs.values() if not 0 <= s < n]
+    if bad:
+        raise TrainError(f"student layers {bad} out of range: the student has {n} layers")
+    layer_map = [(cached.index(t), s) for t, s in sorted(pairs.items())]
+    windows = layer_windows(config)  # None: full causal attention
+    mapped = [windows[s] for _, s in layer_map if windows[s] is not None]
+    longer = longer_than(min(mapped), caches) if mapped else None
+    if longer:
+        raise TrainError(
+            f"{longer[0]}: sequences up to {longer[1]} tokens, but the student attends within a sliding "
+            f"window of {min(mapped)}: the attention loss needs caches made with --max-length <= {min(mapped)}"
+        )
+    return layer_map
+
+
 def check_temperature(kind: str, temperature: float) -> None:
     """Refuse a KD temperature other than 1 with sampled caches: their draws come from the
     teacher at temperature 1 and estimate p, not p^(1/T), so the loss would train the student's

@@ -31,23 +31,40 @@ def main() -> None:
 @main.command()
 @click.option("--student", type=PATH, required=True, help="Preset name or checkpoint directory.")
 @click.option("--cache", "caches", type=PATH, multiple=True, required=True, help="Cache directory; repeatable.")
-def check(student: str, caches: tuple[str, ...]) -> None:
+@click.option(
+    "--attn-weight", type=float, default=0.0, show_default=True, help="As train's: > 0 checks the attention layers too."
+)
+@click.option("--attention-layer-map", "pairs", default=None, help="As train's: TEACHER:STUDENT layer pairs.")
+def check(student: str, caches: tuple[str, ...], attn_weight: float, pairs: str | None) -> None:
     """Check that STUDENT can train from the caches (same tokenizer, same format, an output row for
-    every id, the positions the caches need, every shard there at its size). Reads no shard and no
-    weight: `teacher-cache verify` checks every byte."""
+    every id, the positions the caches need, every shard there at its size; with --attn-weight > 0,
+    the cached attention layers map onto the student's). Reads no shard and no weight: `teacher-cache
+    verify` checks every byte."""
     from transformers import AutoConfig
 
-    from student_train.checks import check_student_matches, check_student_model, domain_overlap, template_differs
+    from student_train.checks import (
+        attention_layer_map,
+        check_student_matches,
+        check_student_model,
+        domain_overlap,
+        template_differs,
+    )
     from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
     try:
+        mapping = _parse_map(pairs)
+        if mapping and not attn_weight > 0:  # as train refuses it
+            raise UserError("--attention-layer-map needs --attn-weight > 0 (the attention loss is off)")
         ref = resolve_model(student)
         opened = [open_cache(c) for c in caches]
         tok = load_tokenizer(ref.path, ref.revision)
-        check_student_matches(tok, opened)
-        check_student_model(AutoConfig.from_pretrained(ref.path, revision=ref.revision).to_dict(), opened)
+        check_student_matches(tok, opened, attention=attn_weight > 0)
+        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision)
+        check_student_model(config.to_dict(), opened)
+        if attn_weight > 0:
+            attention_layer_map(mapping, opened, config)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
     empty = [c for c, o in zip(caches, opened, strict=True) if not o.manifest["counts"]["samples"]]

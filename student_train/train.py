@@ -34,11 +34,11 @@ from student_train.checkpoints import (
     weights_digest,
 )
 from student_train.checks import (
+    attention_layer_map,
     check_student_matches,
     check_student_model,
     check_temperature,
     domain_overlap,
-    longer_than,
     template_differs,
 )
 from student_train.config import TrainConfig, TrainError
@@ -136,39 +136,6 @@ class DistillStep(nn.Module):
             padded = torch.cat([nn.functional.pad(r, (0, T - r.shape[1])) for r in rows])  # [P, T]
             per_layer.append(losses.attention_kl(padded, b.attn_ids[li], b.attn_logprobs[li], b.attn_tail[li]))
         return torch.stack(per_layer).mean()
-
-
-def _layer_map(cfg: TrainConfig, cache_layers: tuple[int, ...], n_student_layers: int) -> list[tuple[int, int]]:
-    if cfg.attn_weight <= 0 or cfg.lam <= 0:
-        return []
-    if not cache_layers:
-        raise TrainError("--attn-weight > 0 but the cache holds no attention summaries (cache with --attention-layers)")
-    mapping = dict(cfg.attention_layer_map) if cfg.attention_layer_map else {t: t for t in cache_layers}
-    unknown = [t for t in mapping if t not in cache_layers]
-    if unknown:
-        raise TrainError(
-            f"--attention-layer-map names teacher layers {unknown} not in the cache ({list(cache_layers)})"
-        )
-    bad = [s for s in mapping.values() if not 0 <= s < n_student_layers]
-    if bad:
-        raise TrainError(f"student layers {bad} out of range: the student has {n_student_layers} layers")
-    return [(cache_layers.index(t), s) for t, s in sorted(mapping.items())]
-
-
-def _check_window(layer_map: list[tuple[int, int]], windows: list[int | None], caches: list) -> None:
-    """A student layer that attends within a sliding window cannot match teacher attention rows
-    on keys beyond it (the KL is +inf), so if a mapped layer has one (windows[layer], None =
-    full attention), the caches' sequences must fit in it."""
-    mapped = [windows[s] for _, s in layer_map if windows[s] is not None]
-    if not mapped:
-        return
-    window = min(mapped)
-    longer = longer_than(window, caches)
-    if longer:
-        raise TrainError(
-            f"{longer[0]}: sequences up to {longer[1]} tokens, but the student attends within a sliding "
-            f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
-        )
 
 
 def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attention_rows: bool, ckpt: Path | None):
@@ -371,12 +338,10 @@ def _build_student(
 ) -> _Student:
     """The student loaded, checked against the caches, wrapped for the ranks, with its AdamW
     (state and RNG restored from ckpt on a resume)."""
-    from teacher_cache import attention
 
     device = torch.device("cuda", distributed.local_gpu(rank)) if torch.cuda.is_available() else torch.device("cpu")
     model = _load_student(load_from, cfg, device, wants_attention, ckpt)
-    layer_map = _layer_map(cfg, caches[0].attention_layers, model.config.num_hidden_layers)
-    _check_window(layer_map, attention.layer_windows(model.config), caches)
+    layer_map = attention_layer_map(cfg.attention_layer_map, caches, model.config) if wants_attention else []
     check_student_model(model.config.to_dict(), caches)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -906,6 +906,24 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
                              capture_output=True, text=True)  # fmt: skip
     assert checked.returncode == 1 and past in checked.stderr and not checked.stdout  # check said "ok"
 
+    # check gives train's attention refusals before any weight is read (attention loss on only)
+    def check(student: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*ST, "check", "--student", student, "--cache", str(kd_cache), *args],
+                              capture_output=True, text=True)  # fmt: skip
+
+    for student, args, said in (
+        ("tiny-mistral", ["--attn-weight", "1", "--attention-layer-map", "1:5"], "student layers [5] out of range"),
+        ("tiny-mistral", ["--attn-weight", "1", "--attention-layer-map", "3:0"], "teacher layers [3] not in the cache"),
+        ("tiny-mistral", ["--attention-layer-map", "1:0"], "needs --attn-weight > 0"),
+        (str(windowed), ["--attn-weight", "1"], "sliding window of 64: the attention loss needs caches made with"),
+        ("tiny-mistral", ["--attn-weight", "1", "--cache", str(k4_cache)], "the attention loss needs the same layers"),
+    ):
+        checked = check(student, *args)
+        assert checked.returncode == 1 and said in checked.stderr and not checked.stdout, (args, checked.stderr)
+    assert check(str(windowed)).returncode == 0  # the attention loss off: the window does not matter
+    checked = check("tiny-mistral", "--attn-weight", "1", "--attention-layer-map", "1:0")
+    assert checked.returncode == 0 and checked.stdout.startswith("ok: "), checked.stderr
+
     mixed = (str(kd_cache), str(k4_cache))  # attention of layers (0, 1) and none at all
     with pytest.raises(IncompatibleCacheError, match=r"teacher layers \[\].*the attention loss needs the same layers"):
         train(TrainConfig(student="tiny-mistral", caches=mixed, out=str(tmp_path / "d"), attn_weight=1.0))
