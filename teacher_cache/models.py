@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,19 +137,22 @@ def hf_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True, **kwargs):
+def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True, layers: int | None = None, **kwargs):
     """AutoModelForCausalLM.from_pretrained(path, **kwargs), refusing weights that do not fit the
     config: transformers would initialise a missing or misshapen tensor at random and go on (a
     damaged checkpoint, or a config.json of another architecture). Every failure is one
     ValueError starting with `path`: the tensors at fault named, or "cannot load {role} (why)";
     tensors the config has no place for only get a one-line warning. progress=False hides its
-    "Loading weights" bar."""
+    "Loading weights" bar. layers=N loads only the first N decoder layers (fewer than the
+    config's: the later layers' tensors are left unread)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from teacher_cache.errors import one_line
 
     check_checkpoint(path, kwargs.get("trust_remote_code", False))
+    if layers is not None:
+        kwargs["config"] = _first_layers(path, layers, kwargs)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line load report: said in one line below instead
     try:
@@ -158,6 +162,9 @@ def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True,
         raise ValueError(f"{path}: cannot load {role} ({one_line(e, 300)})") from None
     finally:
         hf_logging.set_verbosity(level)
+
+    if layers is not None:  # the tensors of the layers left out are expected to be unused
+        info["unexpected_keys"] = [n for n in info.get("unexpected_keys") or () if not _layer_past(str(n), layers)]
 
     def listed(key: str) -> str:
         names = sorted(str(n) for n in info.get(key) or ())
@@ -173,6 +180,26 @@ def load_causal_lm(path: str, *, role: str = "the model", progress: bool = True,
     if problem:
         raise ValueError(f"{path}: {problem}; logits are computed here as h @ lm_head.weight^T, so it is not supported")
     return model
+
+
+def _first_layers(path: str, layers: int, kwargs: dict):
+    """The checkpoint's config cut to its first `layers` decoder layers (as it is, if it has no more)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        path, revision=kwargs.get("revision"), trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    if layers < config.num_hidden_layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (Gemma, Qwen2 windows)
+            config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def _layer_past(name: str, layers: int) -> bool:
+    """Whether tensor `name` belongs to a decoder layer numbered `layers` or more."""
+    found = re.search(r"\.layers\.(\d+)\.", name)
+    return found is not None and int(found.group(1)) >= layers
 
 
 def weight_holes(names: list[str]) -> list[str]:

@@ -41,6 +41,8 @@ class HfBackend:
             model.path,
             role="the teacher",
             progress=progress,
+            # attention rows only: the layers past the deepest summarised one are never needed
+            layers=None if logits or not self.attention_layers else max(self.attention_layers) + 1,
             revision=model.revision,
             dtype=self.dtype,
             attn_implementation=impl,

@@ -104,6 +104,20 @@ def test_attention_rows_match_eager_attention(tiny_teacher, chats_tokenized, ref
             torch.testing.assert_close(got.sum(-1), torch.ones(len(pos)), atol=1e-5, rtol=0)
 
 
+def test_the_attention_pass_loads_only_the_layers_it_summarises(tiny_teacher, chats_tokenized, reference, capfd):
+    """Beside vLLM (logits=False) the attention pass stops at the deepest summarised layer: the
+    layers after it change no row of the ones before, so their weights are left unread."""
+    from teacher_cache.backends.hf import HfBackend
+
+    backend = HfBackend(tiny_teacher, attention_layers=(0,), logits=False)
+    assert backend.model.config.num_hidden_layers == 1 and len(backend.model.get_decoder().layers) == 1
+    assert "tensors its config has no place for" not in capfd.readouterr().err  # layer 1's: left out, not odd
+    for s, o, (_, attn) in zip(chats_tokenized, backend.forward(chats_tokenized), reference, strict=True):
+        expected = attn[0].mean(0)[torch.from_numpy(s.target_positions)]  # [P, T] head-averaged rows
+        torch.testing.assert_close(o.attention[0].cpu(), expected.float(), atol=1e-5, rtol=1e-4)
+    assert HfBackend(tiny_teacher, attention_layers=(0,)).model.config.num_hidden_layers == 2  # logits: all
+
+
 def test_the_hf_backend_projects_in_float32_for_a_bf16_teacher(tiny_teacher, chats_tokenized):
     """A bf16 output projection is ~0.2 nats off at logits ~40: the backend multiplies the bf16
     hidden state by the head in float32, as vLLM's hidden mode does."""
