@@ -59,29 +59,31 @@ def check_hub(repo: str, revision: str | None) -> None:
     """Before transformers reaches for a hub model that is not in the local Hugging Face cache (it
     retried for ~50 s without a network, and waited forever on a proxy that never answers): the hub
     must answer within TEACHER_CACHE_HUB_TIMEOUT seconds (default 10), else one line on what to do.
-    HF_HUB_OFFLINE=1 skips the question (transformers then reads the cache only)."""
+    With HF_HUB_OFFLINE=1 the hub is not asked: a model not in the cache is refused at once."""
     from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
 
-    if is_offline_mode():  # HF_HUB_OFFLINE, as the hub library reads it
-        return
-
     if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
         return  # downloaded before: transformers can fall back on it
+    fetch = (
+        f"download it where the hub is reachable (hf download {repo}) and copy ~/.cache/huggingface here, "
+        "or give a local checkpoint folder"
+    )
+    if is_offline_mode():  # HF_HUB_OFFLINE, as the hub library reads it
+        raise ValueError(f"{repo}: a hub model, not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                         f"{fetch}")  # fmt: skip
     timeout = float(os.environ.get("TEACHER_CACHE_HUB_TIMEOUT") or 10)
     try:
         HfApi().model_info(repo, revision=revision, timeout=timeout)
     except HfHubHTTPError as e:  # it answered: no such repo or revision, or gated without a token
         raise ValueError(
             f"{repo}: the Hugging Face hub refuses it ({one_line(e, 160)}); a gated model needs "
-            "`huggingface-cli login` with a token that has access, or give a local checkpoint folder"
+            "`hf auth login` with a token that has access, or give a local checkpoint folder"
         ) from None
     except Exception as e:  # no network, DNS, a proxy that never answers: httpx/requests errors
         why = one_line(e, 120) if str(e).strip() else f"no answer in {timeout:g} s"
         raise ValueError(
-            f"{repo}: a hub model, not in the local Hugging Face cache, and the hub cannot be reached ({why}): "
-            "download it where the hub is reachable (huggingface-cli download "
-            f"{repo}) and copy ~/.cache/huggingface here, or give a local checkpoint folder"
+            f"{repo}: a hub model, not in the local Hugging Face cache, and the hub cannot be reached ({why}): {fetch}"
         ) from None
 
 

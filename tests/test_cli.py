@@ -376,7 +376,14 @@ def test_a_hub_preset_when_the_hub_does_not_answer_is_one_line_not_a_wait(tmp_pa
         "mistralai/Mixtral-8x7B-Instruct-v0.1: a hub model, not in the local Hugging Face cache, and the hub"
         in lines[0]
     )
-    assert "huggingface-cli download mistralai/" in lines[0] and "or give a local checkpoint folder" in lines[0]
+    assert "hf download mistralai/" in lines[0] and "or give a local checkpoint folder" in lines[0]
+    assert not (tmp_path / "c").exists()
+    # offline (HF_HUB_OFFLINE=1): the same advice at once, not transformers' words about its tokenizer
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*args, "--backend", "hf"], capture_output=True, text=True, env=offline, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: download it" in lines[0], lines[0]
     assert not (tmp_path / "c").exists()
 
 
