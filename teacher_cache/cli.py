@@ -384,11 +384,17 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     except ValueError as e:
         raise UserError(one_line(e)) from None
     c, other = m["counts"], m["duplicates_with_other_targets"]
-    numerics = f"; {other} of them with other target values, from another batch or engine" if other else ""
+    # counts.duplicates also holds the sources' own (a run's repeated records): this merge's are these
+    dropped = sum(source["samples"] for source in m["merged_from"]) - c["samples"]
+    numerics = (
+        f"; {plural(other, 'row')} of the cache kept once over copies with other target values, from another "
+        "batch or engine"
+        if other
+        else ""
+    )
     click.echo(
         f"merged {len(caches)} caches into {out}: {plural(c['samples'], 'sample')} in "
-        f"{plural(len(m['shards']), 'shard')}"
-        f" ({plural(c['duplicates'], 'duplicate row')} kept once{numerics})"
+        f"{plural(len(m['shards']), 'shard')} ({plural(dropped, 'duplicate row')} dropped{numerics})"
     )
 
 

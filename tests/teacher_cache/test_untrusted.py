@@ -738,7 +738,11 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
     common = dict(teacher="tiny-mixtral", data=(str(chats_file),), backend="hf", top_k=8, progress=False)
     a, b = tmp_path / "a", tmp_path / "b"
     run(RunConfig(out=str(a), only_domain="math", **common))
-    run(RunConfig(out=str(b), exclude_domain="math", **common))
+    repeated = tmp_path / "repeated.jsonl"  # b's data repeats its first record: b keeps it once
+    lines = chats_file.read_text().splitlines(keepends=True)
+    repeated.write_text("".join([*lines, lines[0]]))
+    run(RunConfig(out=str(b), exclude_domain="math", **{**common, "data": (str(repeated),)}))
+    assert open_cache(b).manifest["counts"]["duplicates"] == 1
     with pytest.raises(MergeError, match=r": targets \(kind, k, draws, logprob_error\) differs \(k: 8 vs 4\)$"):
         c = tmp_path / "c"
         run(RunConfig(out=str(c), **{**common, "top_k": 4}))
@@ -747,7 +751,8 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
         [*CLI, "merge", str(a), str(b), str(b), "--out", str(tmp_path / "m")], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "12 samples" in done.stdout and "10 duplicate rows kept once" in done.stdout
+    assert "12 samples" in done.stdout and "(10 duplicate rows dropped)" in done.stdout, done.stdout  # b's own: not
+    assert open_cache(tmp_path / "m").manifest["counts"]["duplicates"] == 1 + 1 + 10  # b's twice, and the merge's
     assert "checking: 100%" in done.stderr and "writing: 100%" in done.stderr  # progress over shards
     merged = open_cache(tmp_path / "m")
     assert merged.manifest["codec_version"] == codec.CODEC_VERSION
