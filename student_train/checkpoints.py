@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from student_train.checks import check_distinct
 from student_train.config import RESUMABLE, TrainConfig, TrainError
 from student_train.distributed import full_state
 from teacher_cache.errors import one_line, parse_json
@@ -25,15 +26,6 @@ from teacher_cache.storage import as_umask_allows, fsync_dir
 def aside(ckpt: Path | None) -> str:
     """How to go on past a damaged checkpoint: resume from the one before it."""
     return f"; move {ckpt} aside to resume from the checkpoint before it" if ckpt else ""
-
-
-def check_distinct(caches: list) -> list[str]:
-    """The caches' digests; TrainError if one is given twice (its samples would count twice)."""
-    digests = [c.digest for c in caches]
-    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
-    if twice:
-        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
-    return digests
 
 
 def resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student_path: str) -> tuple[dict, Path | None]:

@@ -7,10 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from student_train.config import TrainError
+
 
 class IncompatibleCacheError(ValueError):
     """The cache cannot train this student (different tokenizer or format), or caches that
     cannot share a batch."""
+
+
+def check_distinct(caches: list) -> list[str]:
+    """The caches' digests; TrainError if one is given twice (its samples would count twice)."""
+    digests = [c.digest for c in caches]
+    twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
+    if twice:
+        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+    return digests
 
 
 def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = False) -> None:
@@ -126,7 +137,6 @@ def attention_layer_map(mapping: tuple[tuple[int, int], ...], caches: list, conf
     transformers config), or a mapped student layer's sliding window is shorter than the caches'
     sequences (rows on keys beyond it would have an infinite KL). Reads no weight: check and
     train call it alike."""
-    from student_train.config import TrainError
     from teacher_cache.attention import layer_windows
 
     cached = caches[0].attention_layers  # the same in every cache (check_student_matches, attention=True)
@@ -169,7 +179,6 @@ def check_output_file(out: str, what: str, ours: Callable[[bytes], bool]) -> Pat
     """--out for a report or a plot, checked before the work: a local path (not a URL) in an
     existing folder that is not a teacher cache (nor inside one), and either new or an earlier
     file of this kind (`ours` on its first bytes); never a cache's, a run's or any other file."""
-    from student_train.config import TrainError
     from teacher_cache.cache import inside_cache
     from teacher_cache.storage import is_url
 

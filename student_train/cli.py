@@ -44,6 +44,7 @@ def check(student: str, caches: tuple[str, ...], attn_weight: float, pairs: str 
 
     from student_train.checks import (
         attention_layer_map,
+        check_distinct,
         check_student_matches,
         check_student_model,
         domain_overlap,
@@ -60,6 +61,7 @@ def check(student: str, caches: tuple[str, ...], attn_weight: float, pairs: str 
         ref = resolve_model(student)
         opened = [open_cache(c) for c in caches]
         tok = load_tokenizer(ref.path, ref.revision)
+        check_distinct(opened)  # as train and eval refuse it
         check_student_matches(tok, opened, attention=attn_weight > 0)
         config = AutoConfig.from_pretrained(ref.path, revision=ref.revision)
         check_student_model(config.to_dict(), opened)

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from student_train import losses
-from student_train.checkpoints import check_distinct
-from student_train.checks import check_student_matches, check_student_model, check_temperature
+from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
 from student_train.data import Plan, ShardCache, collate
 from teacher_cache.progress import bar as progress_bar
 

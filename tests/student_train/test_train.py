@@ -921,6 +921,8 @@ def test_refusals(tmp_path, kd_cache, k4_cache, sampled_cache):
         checked = check(student, *args)
         assert checked.returncode == 1 and said in checked.stderr and not checked.stdout, (args, checked.stderr)
     assert check(str(windowed)).returncode == 0  # the attention loss off: the window does not matter
+    twice = check("tiny-mistral", "--cache", str(kd_cache))  # as train and eval refuse it
+    assert twice.returncode == 1 and "the same cache is given twice" in twice.stderr and not twice.stdout
     checked = check("tiny-mistral", "--attn-weight", "1", "--attention-layer-map", "1:0")
     assert checked.returncode == 0 and checked.stdout.startswith("ok: "), checked.stderr
 
