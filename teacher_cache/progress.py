@@ -22,5 +22,8 @@ def bar(total: int, desc: str, unit: str, *, enabled: bool = True, initial: int 
         disable=not enabled,
         dynamic_ncols=True,
         mininterval=0.1 if tty else 30.0,
+        # tqdm's monitor thread redraws a bar not drawn for maxinterval (10 s): into a log, that was
+        # a line every 10-20 s between the 30 s ones
+        maxinterval=10.0 if tty else 30.0,
         **kwargs,
     )
