@@ -15,6 +15,7 @@ resuming is skipping the consumed count, with no decoding.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -377,3 +378,18 @@ def _pad_entries(parts: list[tuple[np.ndarray, np.ndarray]], axis: int) -> tuple
         out_ids.append(ids)
         out_lps.append(lps)
     return np.concatenate(out_ids, axis=axis), np.concatenate(out_lps, axis=axis)
+
+
+def die_with(trainer: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn` (as functools.partial(die_with, os.getpid())): the worker is
+    killed when the trainer dies (Linux: PR_SET_PDEATHSIG), kill -9 included. A worker blocked
+    on a full queue never notices its parent is gone, and lived on with its memory."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own watchdog is all there is
+        return
+    if os.getppid() != trainer:  # the trainer died before the call: no signal will come
+        os._exit(1)

@@ -9,6 +9,7 @@ checkpoints and resume: checkpoints.py; torchrun ranks: distributed.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from student_train.checks import (
     template_differs,
 )
 from student_train.config import TrainConfig, TrainError
-from student_train.data import Batch, Plan, SampleStream, collate
+from student_train.data import Batch, Plan, SampleStream, collate, die_with
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
@@ -366,7 +367,9 @@ def _build_student(
 def _samples(cfg: TrainConfig, caches: list, plan: Plan, rank: int, world: int, start: int) -> Iterator:
     """This rank's samples from its `start`-th on (a resume continues where the checkpoint stopped)."""
     stream = SampleStream(caches, plan, rank=rank, world=world, start=start, window=cfg.shuffle_window)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=functools.partial(die_with, os.getpid())
+    )
     rng = torch.get_rng_state()
     samples = iter(loader)  # draws a base seed from the global RNG: put back, so a resume is exact
     torch.set_rng_state(rng)

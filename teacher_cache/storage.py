@@ -452,10 +452,30 @@ class LockedError(OSError):
         self.pid = pid
 
 
+_HELD: set[int] = set()  # descriptors of the locks this process holds (`exclusive`)
+
+
+def _let_go_in_child() -> None:
+    """In a forked child (a DataLoader worker, say): point each held lock's descriptor at
+    /dev/null. A flock belongs to the open file, which a fork shares: a child outliving a killed
+    parent would otherwise keep the lock held. The descriptor numbers stay valid for the child's
+    copies of the file objects, which close /dev/null instead."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 @contextlib.contextmanager
 def exclusive(lock_file: Path) -> Iterator[None]:
     """Hold an exclusive flock on `lock_file` (made if missing, this pid written in it); the OS
-    drops it when the process dies, kill -9 included. LockedError at once if another holds it."""
+    drops it when the process dies, kill -9 included, even if forked children live on (they let
+    go of it at the fork). LockedError at once if another holds it."""
     import fcntl
 
     with open(lock_file, "a+") as f:
@@ -468,7 +488,11 @@ def exclusive(lock_file: Path) -> Iterator[None]:
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
-        yield
+        _HELD.add(f.fileno())
+        try:
+            yield
+        finally:
+            _HELD.discard(f.fileno())
 
 
 def holder(lock_file: Path) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -261,14 +262,69 @@ def test_a_training_stopped_before_its_first_checkpoint_says_so(tmp_path, kd_cac
     )
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie nobody reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+FORKS_HOLDING_A_LOCK = """
+import os, sys, time
+from pathlib import Path
+from student_train.data import die_with
+from teacher_cache.storage import exclusive
+with exclusive(Path(sys.argv[1])):
+    trainer = os.getpid()
+    for dies in (False, True):  # a child that lives on, and one set up as DataLoader workers are
+        pid = os.fork()
+        if pid == 0:
+            if dies:
+                die_with(trainer, 0)
+            time.sleep(120)
+            os._exit(0)
+        print(pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_process_s_lock_is_free_though_its_forked_children_live(tmp_path):
+    """A flock belongs to the open file, which a fork shares: DataLoader workers that outlived a
+    trainer killed by SIGKILL (blocked on a full pipe) held its run directory's lock for minutes, and
+    --resume was refused. Children let go of held locks when forked, and workers die with the trainer."""
+    from teacher_cache.storage import holder
+
+    lock = tmp_path / ".lock"
+    proc = subprocess.Popen([sys.executable, "-c", FORKS_HOLDING_A_LOCK, str(lock)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        lives_on, dies = (int(proc.stdout.readline()) for _ in range(2))
+        assert holder(lock) == str(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert alive(lives_on) and holder(lock) is None
+        wait_for(lambda: not alive(dies), timeout=10)
+        assert not alive(dies), "the worker outlived its trainer"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_path, kd_cache):
     """Two trainings in one --out would interleave metrics.jsonl and checkpoints: the second is
-    refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL."""
+    refused at once, naming the first's pid; the lock dies with its process, even by SIGKILL of
+    the trainer alone: its DataLoader workers (forked with the lock's open file) let go of the
+    lock when forked and die with it (they lived on, holding the run directory)."""
     out = tmp_path / "busy"
-    args = endless_train_args(kd_cache, out)  # still running when the second starts, no checkpoint
+    args = [*endless_train_args(kd_cache, out), "--num-workers", "2"]  # still running at the second's start
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file())
+        tasks = Path(f"/proc/{first.pid}/task").iterdir()
+        workers = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        assert len(workers) >= 2, workers
         second = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
         assert first.poll() is None, "the first run must still be training"
         assert second.returncode == 1, second.stderr
@@ -277,8 +333,13 @@ def test_a_second_training_into_a_busy_out_is_refused_and_a_kill_frees_it(tmp_pa
             line
             == f"Error: {out} is in use by another training (pid {first.pid}); wait for it to end or use another --out"
         )
+        os.kill(first.pid, signal.SIGKILL)  # the trainer, not its workers
+        first.wait()
+        wait_for(lambda: not any(alive(w) for w in workers), timeout=10)
+        assert not any(alive(w) for w in workers), "the workers outlived the trainer"
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     steps = len(metrics(out))
     resumed = subprocess.run(train_args(kd_cache, out, "--resume"), capture_output=True, text=True)
