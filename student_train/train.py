@@ -47,7 +47,7 @@ from student_train.data import Batch, Plan, SampleStream, collate, die_with
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
-from teacher_cache.storage import LockedError, exclusive, remove_if_unused
+from teacher_cache.storage import LockedError, exclusive, remove_if_unused, write_atomic
 
 # the API (TrainConfig and TrainError live in config.py); the rest is the loop's
 __all__ = ["DistillStep", "TrainConfig", "TrainError", "latest_checkpoint", "lr_at", "train"]
@@ -531,7 +531,8 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     """Keep the lines of steps <= max_step; a torn last line (a kill or full disk mid-write) is dropped."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    raw = path.read_text()
+    lines = [line for line in raw.splitlines() if line.strip()]
     keep = []
     for i, line in enumerate(lines):
         try:
@@ -542,7 +543,8 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
             raise TrainError(f"{path}:{i + 1}: not a JSON line with a step; fix or delete that line") from None
         if isinstance(step, int) and step <= max_step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    if len(keep) < len(lines) or not raw.endswith("\n"):
+        write_atomic(path, "".join(line + "\n" for line in keep).encode())  # a kill mid-way keeps the old file
 
 
 def _lora(model: nn.Module, rank: int) -> nn.Module:

@@ -1772,3 +1772,23 @@ def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
     (odd / "config.json").write_text("[1, 2]")
     with pytest.raises(RuntimeError, match="not a model config"):
         resolve_model(str(odd))
+
+
+def test_a_resume_replaces_its_logs_whole_never_in_place(tmp_path):
+    """A resume drops the log lines of steps after its checkpoint. It rewrote metrics.jsonl in
+    place (emptied, then written): a kill between the two left it empty, and the next resume
+    ended with steps 1..N gone from the log. Now the kept lines go to a new file renamed over it:
+    the old file (here: a hard link to it) is never touched."""
+    from student_train.train import _truncate_jsonl
+
+    log, old = tmp_path / "metrics.jsonl", tmp_path / "old"
+    lines = [json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 7)]
+    log.write_text("".join(lines) + '{"step": 7, "lo')  # torn by a kill mid-line
+    os.link(log, old)
+    _truncate_jsonl(log, 4)
+    assert log.read_text() == "".join(lines[:4])
+    assert old.read_text() == "".join(lines) + '{"step": 7, "lo'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "old"]  # no temp file left
+    inode = log.stat().st_ino
+    _truncate_jsonl(log, 4)  # nothing to drop: not rewritten
+    assert log.stat().st_ino == inode
