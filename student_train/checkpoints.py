@@ -162,6 +162,13 @@ def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     return old
 
 
+def sweep_partial_checkpoints(out: Path) -> None:
+    """Remove what a killed run left of its checkpoint writes and removals (.checkpoint-N.tmp,
+    .checkpoint-N.old: up to a whole checkpoint's size each); called with the run directory locked."""
+    for left in (*out.glob(".checkpoint-*.tmp"), *out.glob(".checkpoint-*.old")):
+        shutil.rmtree(left, ignore_errors=True)
+
+
 def prune(out: Path, keep: int) -> None:
     """--keep-last after a checkpoint is on disk; a failure to delete (permissions) is one line."""
     try:
@@ -203,7 +210,10 @@ def save(
     tmp = out / f".checkpoint-{step}.tmp"
     try:
         return _write_checkpoint(out, step, tmp, model, tok, optimizer, state, cfg, weights, fsdp_optimizer)
-    except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
+    except BaseException as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError; Ctrl-C
+        if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: no partial checkpoint left behind either
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
         why, fix = ("no space left on the device", "free space") if full else (one_line(e), "fix that")
@@ -236,7 +246,11 @@ def _write_checkpoint(
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # an incomplete checkpoint-N: set aside first, never half-deleted under its name
+        old = out / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(out)
     return final

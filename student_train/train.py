@@ -32,6 +32,7 @@ from student_train.checkpoints import (
     resume_point,
     save,
     save_sharded,
+    sweep_partial_checkpoints,
     weights_digest,
 )
 from student_train.checks import (
@@ -317,6 +318,7 @@ def _open_run_dir(cfg: TrainConfig, locks: contextlib.ExitStack, rank: int) -> P
         raise TrainError(f"--out {cfg.out}: cannot create it ({os_reason(e)})") from None
     if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
         locks.enter_context(_hold_run_dir(out))
+        sweep_partial_checkpoints(out)  # a killed run's, now that no other run can be writing one
     return out
 
 

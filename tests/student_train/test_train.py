@@ -165,8 +165,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, kd_cache, k4_cache):
     assert not (killed / "checkpoint-8").exists(), "the kill must land mid-run"
     again = subprocess.run(train_args(kd_cache, killed), capture_output=True, text=True)
     assert again.returncode == 1 and "--resume" in again.stderr
+    for left in (".checkpoint-6.tmp", ".checkpoint-2.old"):  # what a kill mid-save or mid-prune leaves
+        (killed / left).mkdir(exist_ok=True)
+        (killed / left / "model.safetensors").write_bytes(b"partial")
     resumed = subprocess.run(train_args(kd_cache, killed, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert not any(p.name.startswith(".checkpoint-") for p in killed.iterdir()), "partial checkpoints are swept"
     a, b = json.loads((clean / "rank0.json").read_text()), json.loads((killed / "rank0.json").read_text())
     assert a["weights_sha256"] == b["weights_sha256"]
     assert [r["step"] for r in metrics(killed)] == list(range(1, 9))
