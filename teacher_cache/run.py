@@ -754,13 +754,15 @@ def _counts(part: dict, bad: list[str], dups: list[int]) -> dict:
 
 
 class _PartWrites:
-    """Rewrites the part file after each shard while that is cheap. The part grows ~0.5 KB per shard
-    and is rewritten whole (one PUT on object stores), so after every one of 10^4 shards the writes
-    would grow with the square of the count (22 GiB, minutes); once one write takes over 50 ms, the
-    next waits until the writes are at most 2 % of the time. Shards made since the last write are
-    redone by a resume after a kill -9; a stop (an error, Ctrl-C) writes them first (`flush`)."""
+    """Rewrites the part file after a shard when the writes so far leave room: each write waits
+    until writing takes at most 2 % of the time. The part grows ~0.5 KB per shard and is rewritten
+    whole (one PUT on object stores): after every one of 10^4 shards the writes would grow with the
+    square of the count (22 GiB, minutes), and even writes of 5-50 ms took 20-60 % of a run of
+    small, fast shards. Shards that take longer than 50 writes are each written at once. Those made
+    since the last write are redone by a resume after a kill -9; a stop (an error, Ctrl-C) writes
+    them first (`flush`)."""
 
-    CHEAP_S, SHARE = 0.05, 0.02
+    SHARE = 0.02
 
     def __init__(self) -> None:
         self._write: Callable[[], None] | None = None  # the latest shard's write, not yet done
@@ -778,7 +780,7 @@ class _PartWrites:
         start = time.monotonic()
         write()
         cost = time.monotonic() - start
-        self._next = start + cost / self.SHARE if cost > self.CHEAP_S else 0.0
+        self._next = start + cost / self.SHARE
 
 
 class _Progress:
