@@ -48,7 +48,14 @@ from teacher_cache.shards import (
     shard_name,
     spool_glob,
 )
-from teacher_cache.storage import Location, LockedError, StorageError, exclusive, remove_if_unused
+from teacher_cache.storage import (
+    Location,
+    LockedError,
+    StorageError,
+    exclusive,
+    remove_if_unused,
+    sweep_atomic_temps,
+)
 from teacher_cache.targets import TopKTargets, attention_summary, sampled_from_logits, topk_from_logits
 from teacher_cache.tokenize import (
     Tokenized,
@@ -392,6 +399,10 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
     )
     try:
         with exclusive(own[1]):
+            # what a kill -9 mid-write left: its own part's temps (this lock makes it their only
+            # writer), and the manifest's once an hour old (any worker may write that one)
+            sweep_atomic_temps(own[0])
+            sweep_atomic_temps(root / MANIFEST, older_than=3600)
             yield own
     except LockedError as e:
         if made is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import glob
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import posixpath
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -413,6 +415,20 @@ def write_atomic(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(OSError):  # a read-only folder refuses even this: the error above says why
             tmp.unlink(missing_ok=True)
+
+
+def sweep_atomic_temps(path: Path, *, older_than: float = 0.0) -> list[Path]:
+    """Remove the temp files `write_atomic` leaves for `path` (.NAME.<pid>-<hex>.tmp) when its
+    writer is killed mid-write, those older than `older_than` seconds: the caller holds the lock
+    that makes it the file's only writer (0), or only age can tell (another machine's worker may
+    be writing one now). Returns what was removed."""
+    now, removed = time.time(), []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            if now - tmp.lstat().st_mtime >= older_than:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def current_umask() -> int:

@@ -111,9 +111,18 @@ def test_finished_run_does_nothing_when_restarted(tmp_path, chats_file, capsys):
     out = tmp_path / "cache"
     run(cfg(chats_file, out))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    # temps of writes a kill -9 cut short: the worker's own part's go, the manifest's once an hour old
+    part = next(out.glob("parts/worker-*.json"))
+    left = [part.with_name(f".{part.name}.4242-0badc0de.tmp"), out / ".manifest.json.4242-0badc0de.tmp"]
+    fresh = out / ".manifest.json.4343-0badc0de.tmp"  # another machine's worker may be writing it now
+    for tmp in (*left, fresh):
+        tmp.write_text('{"half": ')
+    os.utime(left[1], (time.time() - 7200,) * 2)
     run(cfg(chats_file, out))
     assert "nothing to do" in capsys.readouterr().err
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert not any(p.exists() for p in left) and fresh.exists()
+    fresh.unlink()
     # a damaged manifest (written whole by a run, so damaged from outside): refused, with the way out
     manifest = (out / "manifest.json").read_bytes()
     (out / "manifest.json").write_bytes(manifest[:100])
