@@ -53,6 +53,7 @@ from teacher_cache.storage import (
     LockedError,
     StorageError,
     exclusive,
+    holder,
     remove_if_unused,
     sweep_atomic_temps,
 )
@@ -97,8 +98,16 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
         if owner is None or owner == (cfg.worker_index, cfg.num_workers):
             continue  # not a part file; or this worker's own, which _previous_part checks
         part = read_part(out, *owner)
-        if part is None or (not part["shards"] and not part.get("complete")) or part["config_hash"] == chash:
+        if part is None or part["config_hash"] == chash:
             continue
+        if not part["shards"] and not part.get("complete"):
+            running = out.is_local and holder(out.local_path(worker_lock_name(owner[0]))) is not None
+            if not running:
+                continue
+            raise RunError(
+                f"{out}: worker {owner[0]} of {owner[1]} is being written now by a run with different settings "
+                f"({_differences(part, header)}); use another --out, or the arguments and data of that run"
+            )
         raise RunError(
             f"{out} holds {plural(len(part['shards']), 'shard')} of worker {owner[0]} of {owner[1]}, made with "
             f"different settings ({_differences(part, header)}); use another --out, or the arguments and data of "
@@ -396,6 +405,7 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
     own = (
         root / part_path(cfg.worker_index, cfg.num_workers),
         root / worker_lock_name(cfg.worker_index),
+        root / PARTS_DIR / ".start.lock",  # _starting's: shared, but a failed run's own folder may go with it
     )
     try:
         with exclusive(own[1]):
@@ -416,23 +426,26 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
 def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, chash: str, made: Path | None,
               own: tuple[Path, ...], backend: TeacherBackend | None, t0: float) -> dict:  # fmt: skip
     """run() once --out is made and this worker's lock held."""
-    previous = _previous_part(cfg, out, header, chash)  # its refusals need a part file: --out was there
     try:
-        if previous is not None and previous.get("complete"):
-            _log(
-                f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
-                f"({plural(previous['counts']['samples'], 'sample')} in {plural(len(previous['shards']), 'shard')})"
-            )
-            assemble(out, cfg.num_workers)
-            return previous
-        if previous is not None and previous.get("redo") and out.exists(MANIFEST):
-            out.remove(MANIFEST)  # it lists shards being redone: readers say "incomplete" until the end
-            _log(f"{MANIFEST} removed: the cache is incomplete until the redo ends")
-        part = _new_part(cfg, header, chash, previous)
-        if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
-            for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
-                stale.unlink()
-        _write_part(cfg, out, part, [], [], 0.0)
+        with _starting(out, own):  # one worker at a time, from its check to its first part file
+            _check_other_runs(cfg, out, header, chash)  # again: a run with other settings may have started since
+            previous = _previous_part(cfg, out, header, chash)
+            if previous is not None and previous.get("complete"):
+                _log(
+                    f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
+                    f"({plural(previous['counts']['samples'], 'sample')} in "
+                    f"{plural(len(previous['shards']), 'shard')})"
+                )
+                assemble(out, cfg.num_workers)
+                return previous
+            if previous is not None and previous.get("redo") and out.exists(MANIFEST):
+                out.remove(MANIFEST)  # it lists shards being redone: readers say "incomplete" until the end
+                _log(f"{MANIFEST} removed: the cache is incomplete until the redo ends")
+            part = _new_part(cfg, header, chash, previous)
+            if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
+                for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
+                    stale.unlink()
+            _write_part(cfg, out, part, [], [], 0.0)
 
         total = _share_size(cfg)
         done = len(part["shards"])
@@ -447,6 +460,18 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
         if made is not None:  # what this run made, if it holds no more than its part file and lock
             remove_if_unused(made, *own)
         raise
+
+
+@contextlib.contextmanager
+def _starting(out: Location, own: tuple[Path, ...]) -> Iterator[None]:
+    """Workers of a local --out start one at a time (parts/.start.lock, held for a moment): two runs
+    with other settings started together both passed the check of the other's part before either
+    had written one, and mixed their shards in one cache."""
+    if not own:  # an object store: no locks (its workers must be started once each)
+        yield
+        return
+    with exclusive(own[2], wait=True):
+        yield
 
 
 def _first_missing(out: Location, parts_dir: str) -> Path | None:

@@ -488,15 +488,16 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path) -> Iterator[None]:
+def exclusive(lock_file: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive flock on `lock_file` (made if missing, this pid written in it); the OS
     drops it when the process dies, kill -9 included, even if forked children live on (they let
-    go of it at the fork). LockedError at once if another holds it."""
+    go of it at the fork). LockedError at once if another holds it, or (wait=True: for locks held
+    a moment) wait for it."""
     import fcntl
 
     with open(lock_file, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             raise LockedError(lock_file, f.read().strip() or "?") from None

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -776,6 +777,49 @@ def test_a_redo_removes_the_manifest_until_it_ends(tmp_path, chats_file):
     assert [s["name"] for s in open_cache(out).manifest["shards"]] == names
 
 
+class _WaitsToStart(_DiesAfter):
+    """The real hf engine, held at its first batch until `go` is set, then failing: a run caught
+    between its first part file and its first shard."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def forward(self, batch):
+        self.started.set()
+        self.go.wait(120)
+        return super().forward(batch)
+
+
+def test_a_run_with_other_settings_is_refused_while_another_starts_in_the_same_out(tmp_path, chats_file):
+    """Two runs with other settings and other worker indexes started together into one --out both
+    passed the check of the other's part before either had a shard, and mixed their shards in one
+    cache (verify: shard files not listed). A part with no shard yet whose worker's lock is held is
+    a running run, and workers start one at a time from that check to their first part file."""
+    out = tmp_path / "c"
+    engine, ended = _WaitsToStart(), []
+
+    def first_run() -> None:
+        try:
+            run(cfg(chats_file, out, worker_index=1, num_workers=2), engine)
+        except RuntimeError as e:  # the engine's failure once let go
+            ended.append(str(e))
+
+    first = threading.Thread(target=first_run)
+    first.start()
+    try:
+        assert engine.started.wait(120), "the first run never reached its first batch"
+        with pytest.raises(RunError, match=r"worker 1 of 2 is being written now by a run with different settings"):
+            run(cfg(chats_file, out, top_k=16))
+    finally:
+        engine.go.set()
+        first.join()
+    assert ended == ["the machine went away"]
+    assert not list(out.glob("shard-*")), "the refused run wrote a shard"
+    run(cfg(chats_file, out, top_k=16))  # the first run is gone (its part holds no shard): a failed start
+    assert open_cache(out).manifest["targets"]["k"] == 16
+
+
 def test_a_cache_folder_named_like_a_pattern_is_still_seen(tmp_path, chats_file):
     """Folders are listed literally: in team[law] (a glob pattern to fsspec, which matched
     nothing there) the checks before writing still see the cache, so a run with other settings
@@ -826,7 +870,8 @@ def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes
                                        r"\(data.num_workers differ\)"):  # fmt: skip
         run(cfg(chats_file, out, num_workers=2))
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert sorted(p.name for p in (out / "parts").iterdir()) == [".worker-00000.lock", "worker-00000-of-00001.json"]
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    assert parts == [".start.lock", ".worker-00000.lock", "worker-00000-of-00001.json"]
     (out / "parts" / "worker-00000-of-00001.json").unlink()  # parts gone, the manifest still says
     with pytest.raises(RunError, match=r"holds a finished cache made with different settings \(data.num_workers"):
         run(cfg(chats_file, out, num_workers=2))
