@@ -350,8 +350,11 @@ def verify(cache_dir: str, no_progress: bool) -> None:
     """Check every shard's checksum, schema, value bounds and counts; exit 1 on any problem."""
     from teacher_cache.inspection import verify as verify_cache
 
+    interruptible()
     try:
         problems, checked = verify_cache(cache_dir, progress=not no_progress)
+    except KeyboardInterrupt as e:
+        stopped(e, f"{cache_dir} was not fully verified (verify only reads: nothing changed)")
     except (ValueError, OSError) as e:
         raise UserError(one_line(e)) from None
     for p in problems:
@@ -372,8 +375,12 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
 
     if len(caches) < 2:
         raise SettingsError("merge needs at least two caches")
+    interruptible()
     try:
         m = merge_caches(list(caches), out, progress=not no_progress)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: one line, as for run
+        left = not is_url(out) and Path(out).is_dir()
+        stopped(e, f"the merge is unfinished: delete {out} and merge again" if left else "nothing was written")
     except OSError as e:
         if e.errno in DISK_FULL:  # merges do not resume: the shards copied so far are whole, but start over
             raise UserError(

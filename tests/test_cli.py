@@ -499,3 +499,54 @@ def test_a_stopped_runs_line_says_resume_only_when_a_shard_is_kept(tmp_path):
     assert _kept_shards(str(out), 0) == "no shard was finished; the same command starts again"
     (out / "shard-w00000-000000.arrow").write_bytes(b"")
     assert _kept_shards(str(out), 0) == "1 finished shard is kept; the same command resumes after them"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stopped_merge_or_verify_says_so_in_one_line(tmp_path, chats_file, sig):
+    """merge and verify read every shard, for minutes on a large cache: Ctrl-C printed click's
+    "Aborted!" and SIGTERM nothing at all. Here a real web server on loopback, slow to serve each
+    shard, holds the commands in their reading until the signal comes."""
+    import functools
+    import http.server
+    import signal
+    import threading
+    import time
+
+    from teacher_cache.run import RunConfig, run
+
+    cache = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(cache), backend="hf", top_k=8, shard_size=2, progress=False))
+    asked = threading.Event()
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "shard-" in self.path:
+                asked.set()
+                time.sleep(0.5)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cache"
+    out = tmp_path / "merged"
+    try:
+        for args, said in (
+            (["merge", url, str(cache), "--out", str(out)], "nothing was written"),
+            (["verify", url], f"{url} was not fully verified (verify only reads: nothing changed)"),
+        ):
+            asked.clear()
+            proc = subprocess.Popen([*TC, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert asked.wait(120), "the command never asked for a shard"
+            proc.send_signal(getattr(signal, sig))
+            stdout, stderr = proc.communicate(timeout=120)
+            kind = "interrupted" if sig == "SIGINT" else "terminated"
+            assert stderr.strip().splitlines()[-1] == f"{kind}: {said}", stderr
+            assert "Traceback" not in stderr and "Aborted" not in stderr and not stdout, stderr
+            assert proc.returncode == (-signal.SIGINT if sig == "SIGINT" else 143), proc.returncode
+        assert not out.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
