@@ -71,8 +71,11 @@ class OneLineGroup(click.Group):
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:  # parses the subcommand's options, then runs it
-        with _one_line_usage(ctx.command_path):
-            return super().invoke(ctx)
+        try:
+            with _one_line_usage(ctx.command_path):
+                return super().invoke(ctx)
+        except KeyboardInterrupt as e:  # one no command reported (before its own handler): said here
+            stopped(e, f"{ctx.command_path} {ctx.invoked_subcommand or ''}".rstrip() + " stopped")
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """click's main; a Ctrl-C that `stopped` reported leaves as an uncaught KeyboardInterrupt

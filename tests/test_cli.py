@@ -550,3 +550,45 @@ def test_a_stopped_merge_or_verify_says_so_in_one_line(tmp_path, chats_file, sig
     finally:
         server.shutdown()
         server.server_close()
+
+
+SIGINT_WHILE_LOADING = """
+import os, signal, sys, time
+sys.modules.pop("slow_cli", None)
+os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the CLI's modules load
+time.sleep(30)
+"""
+
+SIGINT_IN_A_COMMAND = """
+import os, signal, time
+import click
+from teacher_cache.cli import OneLineGroup
+
+@click.group(cls=OneLineGroup)
+def main():
+    pass
+
+@main.command()
+def build():
+    os.kill(os.getpid(), signal.SIGINT)  # before the command has a handler of its own
+    time.sleep(30)
+
+main(["build"], prog_name="teacher-cache")
+"""
+
+
+def test_a_ctrl_c_before_a_command_handles_it_is_one_line_and_ends_by_sigint(tmp_path):
+    """A Ctrl-C in a command's first second printed a traceback from inside an import, or click's
+    "Aborted!" with status 1: now the console scripts' entry (teacher_cache.launch) and the command
+    group say one line and end by SIGINT, as a later Ctrl-C does."""
+    import signal
+
+    (tmp_path / "slow_cli.py").write_text(SIGINT_WHILE_LOADING)
+    loading = [sys.executable, "-c", "from teacher_cache.launch import _main; _main('slow_cli')"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for args, line in (
+        (loading, "interrupted: stopped while starting; nothing was done"),
+        ([sys.executable, "-c", SIGINT_IN_A_COMMAND], "interrupted: teacher-cache build stopped"),
+    ):
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == -signal.SIGINT and done.stderr.strip() == line, (done.returncode, done.stderr)
