@@ -523,9 +523,14 @@ def _append(file, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
         file.flush()
     except OSError as e:
+        kept = (
+            "the checkpoints before it are kept"
+            if latest_checkpoint(Path(file.name).parent)
+            else "no checkpoint was written yet (--resume starts again at step 0)"
+        )
         raise TrainError(
-            f"could not write {file.name} at step {record['step']} ({one_line(e)}); the checkpoints before it "
-            "are kept: free space or fix that, then rerun with --resume (steps after the checkpoint are redone)"
+            f"could not write {file.name} at step {record['step']} ({one_line(e)}); {kept}: free space or fix "
+            "that, then rerun with --resume (steps after the checkpoint are redone)"
         ) from None
 
 
