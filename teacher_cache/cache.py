@@ -290,17 +290,19 @@ class Cache:
         shapes = {d[0].shape for d in decoded}
         if shapes != {(P, min(ka, T))}:
             raise ShardError(f"{where}: attention blocks hold {shapes}, expected ({P}, {min(ka, T)})")
-        # a query at position t attends to keys <= t only (entries past t pad short rows, weight 0)
-        for ids, lps, tail in decoded:
-            if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):  # [P, ka] vs queries [P, 1]
-                raise ShardError(f"{where}: attention key after its query")
-            if _repeats_an_id(ids):  # a key named twice would count its weight twice
-                raise ShardError(f"{where}: an attention row names the same key twice")
-            self._check_mass(lps, tail, where, "an attention row's weights")
+        ids = np.stack([d[0] for d in decoded])  # int64 [L, P, ka]
+        lps = np.stack([d[1] for d in decoded])  # float32 [L, P, ka]
+        tail = np.stack([d[2] for d in decoded])  # float32 [L, P]
+        # every layer's rows checked at once: a query at position t attends to keys <= t only
+        # (entries past t pad short rows, weight 0)
+        if np.any((ids > s.target_positions[:, None]) & (lps > -np.inf)):  # [L, P, ka] vs queries [P, 1]
+            raise ShardError(f"{where}: attention key after its query")
+        k = ids.shape[-1]
+        if _repeats_an_id(ids.reshape(-1, k)):  # a key named twice would count its weight twice
+            raise ShardError(f"{where}: an attention row names the same key twice")
+        self._check_mass(lps.reshape(-1, k), tail.reshape(-1), where, "an attention row's weights")
         s.attention_layers = self.attention_layers
-        s.attention_ids = np.stack([d[0] for d in decoded])  # int64 [L, P, ka]
-        s.attention_logprobs = np.stack([d[1] for d in decoded])  # float32 [L, P, ka]
-        s.attention_tail_logprob = np.stack([d[2] for d in decoded])  # float32 [L, P]
+        s.attention_ids, s.attention_logprobs, s.attention_tail_logprob = ids, lps, tail
 
 
 def mass_tolerance(logprob_error: float) -> float:
