@@ -427,9 +427,9 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
               own: tuple[Path, ...], backend: TeacherBackend | None, t0: float) -> dict:  # fmt: skip
     """run() once --out is made and this worker's lock held."""
     try:
+        previous = _previous_part(cfg, out, header, chash)  # rereads its kept shards: not under the start lock
         with _starting(out, own):  # one worker at a time, from its check to its first part file
             _check_other_runs(cfg, out, header, chash)  # again: a run with other settings may have started since
-            previous = _previous_part(cfg, out, header, chash)
             if previous is not None and previous.get("complete"):
                 _log(
                     f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
