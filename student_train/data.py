@@ -381,9 +381,10 @@ def _pad_entries(parts: list[tuple[np.ndarray, np.ndarray]], axis: int) -> tuple
 
 
 def die_with(trainer: int, worker_id: int) -> None:
-    """DataLoader `worker_init_fn` (as functools.partial(die_with, os.getpid())): the worker is
-    killed when the trainer dies (Linux: PR_SET_PDEATHSIG), kill -9 included. A worker blocked
-    on a full queue never notices its parent is gone, and lived on with its memory."""
+    """DataLoader `worker_init_fn` for workers forked by the trainer (as functools.partial(die_with,
+    os.getpid()), with multiprocessing_context="fork"): the worker is killed when the trainer dies
+    (Linux: PR_SET_PDEATHSIG), kill -9 included. A worker blocked on a full queue never notices
+    its parent is gone, and lived on with its memory."""
     import ctypes
     import signal
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -310,14 +311,16 @@ def _open_run_dir(cfg: TrainConfig, locks: contextlib.ExitStack, rank: int) -> P
     first file leaves no empty --out behind."""
     out = Path(cfg.out)
     _check_run_dir(out)
-    if not out.exists():
-        locks.callback(remove_if_unused, out, out / ".lock")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainError(f"--out {cfg.out}: cannot create it ({os_reason(e)})") from None
     if rank == 0:  # the other ranks write only their own samples.rankN.jsonl
         locks.enter_context(_hold_run_dir(out))
+        if made:  # removed (if it holds nothing but the lock) before the lock is let go; a run
+            # refused the lock removes nothing: the folder is the holder's, even if both made it
+            locks.callback(remove_if_unused, out, out / ".lock")
         sweep_partial_checkpoints(out)  # a killed run's, now that no other run can be writing one
     return out
 
@@ -369,8 +372,15 @@ def _build_student(
 def _samples(cfg: TrainConfig, caches: list, plan: Plan, rank: int, world: int, start: int) -> Iterator:
     """This rank's samples from its `start`-th on (a resume continues where the checkpoint stopped)."""
     stream = SampleStream(caches, plan, rank=rank, world=world, start=start, window=cfg.shuffle_window)
+    # forked workers, as die_with and the lock's release at a fork assume (Python 3.14 on Linux
+    # would otherwise start them from a forkserver)
+    forked = cfg.num_workers and "fork" in multiprocessing.get_all_start_methods()
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=functools.partial(die_with, os.getpid())
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        worker_init_fn=functools.partial(die_with, os.getpid()) if forked else None,
+        multiprocessing_context="fork" if forked else None,
     )
     rng = torch.get_rng_state()
     samples = iter(loader)  # draws a base seed from the global RNG: put back, so a resume is exact

@@ -346,7 +346,7 @@ def _unfinished(where: Location, parts: list[str]) -> str:
     missing = [w for w in range(n) if w not in seen]
     running = [w for w, done in sorted(seen.items()) if not done]
     held = {w: holder(where.local_path() / worker_lock_name(w)) for w in running} if where.is_local else {}
-    busy = [f"{f'worker {w} ' if n > 1 else ''}pid {pid}" for w, pid in held.items() if pid is not None]
+    busy = [f"{f'worker {w} ' if n > 1 else ''}pid {h[0]}" for w, h in held.items() if h is not None]
     if busy:  # a run writing it now (its lock held): resuming would be refused; waiting is the answer
         return f"a run is writing it now ({', '.join(busy)}): wait for it to finish"
     if not missing and not running:  # e.g. workers' folders copied together: the last to end writes it

@@ -33,6 +33,7 @@ from teacher_cache.manifest import (
     config_hash,
     header_differences,
     parse_part_name,
+    part_name,
     part_path,
     read_part,
     union_engines,
@@ -92,7 +93,9 @@ def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
 def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -> None:
     """Refuse, before any work, an --out holding shards of a run with other settings: other
     workers' parts (of this or another --num-workers, whose shards this run would overwrite or
-    never assemble with) or a finished manifest. Parts without shards are failed starts: ignored."""
+    never assemble with) or a finished manifest. A part without shards is a failed start (ignored)
+    unless a live run is writing it: its worker's lock held with that part's name as its note
+    (this worker's index is not probed: this run holds that lock, or is refused it next)."""
     for name in out.glob(f"{PARTS_DIR}/*.json"):
         owner = parse_part_name(name.removeprefix(f"{PARTS_DIR}/"))
         if owner is None or owner == (cfg.worker_index, cfg.num_workers):
@@ -101,8 +104,10 @@ def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -
         if part is None or part["config_hash"] == chash:
             continue
         if not part["shards"] and not part.get("complete"):
-            running = out.is_local and holder(out.local_path(worker_lock_name(owner[0]))) is not None
-            if not running:
+            held = None
+            if out.is_local and owner[0] != cfg.worker_index:
+                held = holder(out.local_path(worker_lock_name(owner[0])))
+            if held is None or held[1] != part_name(*owner):
                 continue
             raise RunError(
                 f"{out}: worker {owner[0]} of {owner[1]} is being written now by a run with different settings "
@@ -388,16 +393,17 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         out.check_writable()  # makes --out and its parts/: only now, after the refusals above
     except StorageError as e:
         raise RunError(str(e)) from None
-    with _hold_worker(cfg, out, made) as own:
+    with _hold_worker(cfg, out) as own:
         return _run_held(cfg, ref, tok, out, header, chash, made, own, backend, t0)
 
 
 @contextlib.contextmanager
-def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[tuple[Path, ...]]:
+def _hold_worker(cfg: RunConfig, out: Location) -> Iterator[tuple[Path, ...]]:
     """One process per worker of a local --out (a second one deleted the first's half-written
     shard, and the first then listed it at 0 bytes in a cache it called complete). Yields the
-    files this run owns in --out's folders (its part file and lock), which a failed run that made
-    them removes. Object stores take no lock: their workers must be started once each."""
+    files a run that made --out may remove with it when it fails (its part file and lock, and the
+    workers' shared start lock), holding its lock; a run refused the lock removes nothing (the
+    folder is the holder's). Object stores take no lock: their workers must be started once each."""
     if not out.is_local:
         yield ()
         return
@@ -408,15 +414,13 @@ def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[t
         root / PARTS_DIR / ".start.lock",  # _starting's: shared, but a failed run's own folder may go with it
     )
     try:
-        with exclusive(own[1]):
+        with exclusive(own[1], note=part_name(cfg.worker_index, cfg.num_workers)):
             # what a kill -9 mid-write left: its own part's temps (this lock makes it their only
             # writer), and the manifest's once an hour old (any worker may write that one)
             sweep_atomic_temps(own[0])
             sweep_atomic_temps(root / MANIFEST, older_than=3600)
             yield own
-    except LockedError as e:
-        if made is not None:
-            remove_if_unused(made, *own)
+    except LockedError as e:  # the holder's folder: nothing here is this run's to remove
         raise RunError(
             f"{out}: worker {cfg.worker_index} of {cfg.num_workers} is being written by another run (pid {e.pid}); "
             "wait for it to end, or stop it and run again (it resumes)"
@@ -470,7 +474,12 @@ def _starting(out: Location, own: tuple[Path, ...]) -> Iterator[None]:
     if not own:  # an object store: no locks (its workers must be started once each)
         yield
         return
-    with exclusive(own[2], wait=True):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(own[2]))
+        except LockedError as e:  # held a moment by another worker's check: said, then waited for
+            _log(f"waiting for another worker of {out} to start (pid {e.pid})")
+            held.enter_context(exclusive(own[2], wait=True))
         yield
 
 

@@ -107,21 +107,28 @@ def _unreachable(e: FileNotFoundError) -> BaseException | None:
     return cause if cause is not None and getattr(cause, "status", None) is None else None
 
 
-def _storage_errors(method):
+@contextlib.contextmanager
+def _store_errors(where: Location, name: str) -> Iterator[None]:
     """Let OSError and ValueError through (callers act on FileNotFoundError and friends) and turn
     any other failure of the store's client (botocore's EndpointConnectionError, NoCredentialsError,
     ...) into one StorageError line naming the location."""
+    try:
+        yield
+    except Exception as e:
+        # aiohttp's connection errors (gcsfs) are OSErrors that name no file: they name the location too
+        connection = isinstance(e, OSError) and type(e).__module__.split(".")[0] == "aiohttp"
+        if isinstance(e, (OSError, ValueError)) and not connection:
+            raise
+        raise StorageError(f"{where.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
+
+
+def _storage_errors(method):
+    """`_store_errors` around a Location method whose first argument is the file's name."""
 
     @functools.wraps(method)
     def wrapper(self: Location, name: str = "", *args: Any, **kwargs: Any):
-        try:
+        with _store_errors(self, name):
             return method(self, name, *args, **kwargs)
-        except Exception as e:
-            # aiohttp's connection errors (gcsfs) are OSErrors that name no file: they name the location too
-            connection = isinstance(e, OSError) and type(e).__module__.split(".")[0] == "aiohttp"
-            if isinstance(e, (OSError, ValueError)) and not connection:
-                raise
-            raise StorageError(f"{self.describe(name)}: {type(e).__name__}: {one_line(e)}") from None
 
     return wrapper
 
@@ -339,6 +346,7 @@ class Location:
         except Exception as e:  # any backend's error: permissions, credentials, bucket missing
             raise StorageError(f"cannot write to {self.url}: {_why(e)}") from None
 
+    @_storage_errors
     def write_json(self, name: str, obj: Any) -> None:
         """Write JSON atomically: tmp + fsync + rename locally, one PUT on an object store."""
         data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -374,7 +382,8 @@ class Location:
             fsync_dir(final.parent)
             return
         try:
-            self.fs.put_file(str(spool), self.path(name))
+            with _store_errors(self, name):
+                self.fs.put_file(str(spool), self.path(name))
         finally:
             spool.unlink(missing_ok=True)
 
@@ -389,11 +398,13 @@ class Location:
             except OSError:  # another filesystem (EXDEV), or links not supported
                 pass
         elif not self.is_local and type(self.fs) is type(src.fs) and self.fs.storage_options == src.fs.storage_options:
-            self.fs.copy(src.path(src_name), self.path(name))
+            with _store_errors(self, name):
+                self.fs.copy(src.path(src_name), self.path(name))
             return
         spool = self.spool_path(name, ".tmp")
         try:
-            src.fs.get_file(src.path(src_name), str(spool))
+            with _store_errors(src, src_name):
+                src.fs.get_file(src.path(src_name), str(spool))
             self.publish(spool, name)
         finally:
             spool.unlink(missing_ok=True)  # a failed copy (full disk) leaves nothing behind
@@ -488,22 +499,27 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path, *, wait: bool = False) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_file` (made if missing, this pid written in it); the OS
-    drops it when the process dies, kill -9 included, even if forked children live on (they let
-    go of it at the fork). LockedError at once if another holds it, or (wait=True: for locks held
-    a moment) wait for it."""
+def exclusive(lock_file: Path, *, note: str = "", wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (made if missing; "<pid> <note>" written in it); the
+    OS drops it when the process dies, kill -9 included, even if forked children live on (they
+    let go of it at the fork). LockedError if another holds it (after a few tries over ~0.1 s: a
+    reader's `holder` probe takes it for an instant), or (wait=True: for locks held a moment)
+    wait for it."""
     import fcntl
 
     with open(lock_file, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.seek(0)
-            raise LockedError(lock_file, f.read().strip() or "?") from None
+        for attempt in range(6):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if attempt == 5:
+                    f.seek(0)
+                    raise LockedError(lock_file, _pid_of(f.read(256))) from None
+                time.sleep(0.02)
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {note}".rstrip() + "\n")
         f.flush()
         _HELD.add(f.fileno())
         try:
@@ -512,9 +528,14 @@ def exclusive(lock_file: Path, *, wait: bool = False) -> Iterator[None]:
             _HELD.discard(f.fileno())
 
 
-def holder(lock_file: Path) -> str | None:
-    """The pid written in `lock_file` if a live process holds it (`exclusive`), else None; a
-    reader's probe: it creates nothing and takes the lock for no longer than the test."""
+def _pid_of(text: str) -> str:
+    return (text.split() or ["?"])[0]
+
+
+def holder(lock_file: Path) -> tuple[str, str] | None:
+    """(pid, note) written in `lock_file` if a live process holds it (`exclusive`), else None; a
+    reader's probe: it creates nothing and takes the lock for no longer than the test. Never
+    probe a lock this process holds: on NFS (locks per process) the probe would release it."""
     import fcntl
 
     try:
@@ -525,7 +546,8 @@ def holder(lock_file: Path) -> str | None:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read(64).strip() or "?"
+            text = f.read(256)
+            return _pid_of(text), " ".join(text.split()[1:])
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 

@@ -270,6 +270,24 @@ def test_an_unreachable_or_credential_less_store_is_one_line(tmp_path):
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith("Error: s3://bucket/cache/manifest.json: EndpointConnectionError"), line
+    # writes too (a network lost mid-run): a StorageError naming the object, not botocore's own
+    spool = tmp_path / "spool"
+    writes = f"""
+from pathlib import Path
+from teacher_cache.storage import Location, StorageError
+where, spool = Location("s3://bucket/cache"), Path({str(spool)!r})
+for write in (lambda: where.write_json("parts/p.json", {{}}), lambda: where.publish(spool, "shard.arrow")):
+    spool.write_bytes(b"x")
+    try:
+        write()
+    except StorageError as e:
+        print(e)
+"""
+    done = subprocess.run([sys.executable, "-c", writes], capture_output=True, text=True, env=env, timeout=240)
+    said = done.stdout.splitlines()
+    assert len(said) == 2, done.stdout + done.stderr[-3000:]
+    assert said[0].startswith("s3://bucket/cache/parts/p.json: EndpointConnectionError: "), said
+    assert said[1].startswith("s3://bucket/cache/shard.arrow: EndpointConnectionError: "), said
 
 
 @pytest.mark.slow

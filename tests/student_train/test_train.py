@@ -304,7 +304,7 @@ def test_a_killed_process_s_lock_is_free_though_its_forked_children_live(tmp_pat
                             text=True, start_new_session=True)  # fmt: skip
     try:
         lives_on, dies = (int(proc.stdout.readline()) for _ in range(2))
-        assert holder(lock) == str(proc.pid)
+        assert holder(lock) == (str(proc.pid), "")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert alive(lives_on) and holder(lock) is None

@@ -820,6 +820,21 @@ def test_a_run_with_other_settings_is_refused_while_another_starts_in_the_same_o
     assert open_cache(out).manifest["targets"]["k"] == 16
 
 
+def test_empty_parts_of_failed_starts_refuse_no_run(tmp_path, chats_file):
+    """Parts with no shard, left by runs that failed at once (here as 2 workers), are failed starts:
+    a run as 1 worker into that --out took its own lock (the index it shares with worker 0 of 2)
+    for a live run writing that part, and refused itself."""
+    out = tmp_path / "c"
+    (out / "parts").mkdir(parents=True)  # not made by the runs: their failures leave their parts
+    for worker in (0, 1):
+        with pytest.raises(RuntimeError, match="the machine went away"):
+            run(cfg(chats_file, out, worker_index=worker, num_workers=2), backend=_DiesAfter(0))
+    parts = sorted(p.name for p in (out / "parts").glob("*.json"))
+    assert parts == ["worker-00000-of-00002.json", "worker-00001-of-00002.json"]
+    run(cfg(chats_file, out))
+    assert len(open_cache(out)) == 12
+
+
 def test_a_cache_folder_named_like_a_pattern_is_still_seen(tmp_path, chats_file):
     """Folders are listed literally: in team[law] (a glob pattern to fsspec, which matched
     nothing there) the checks before writing still see the cache, so a run with other settings
