@@ -35,7 +35,10 @@ def main() -> None:
     "--attn-weight", type=float, default=0.0, show_default=True, help="As train's: > 0 checks the attention layers too."
 )
 @click.option("--attention-layer-map", "pairs", default=None, help="As train's: TEACHER:STUDENT layer pairs.")
-def check(student: str, caches: tuple[str, ...], attn_weight: float, pairs: str | None) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Allow the student's own modelling code.")
+def check(
+    student: str, caches: tuple[str, ...], attn_weight: float, pairs: str | None, trust_remote_code: bool
+) -> None:
     """Check that STUDENT can train from the caches (same tokenizer, same format, an output row for
     every id, the positions the caches need, every shard there at its size; with --attn-weight > 0,
     the cached attention layers map onto the student's). Reads no shard and no weight: `teacher-cache
@@ -57,13 +60,13 @@ def check(student: str, caches: tuple[str, ...], attn_weight: float, pairs: str 
     try:
         mapping = _parse_map(pairs)
         if mapping and not attn_weight > 0:  # as train refuses it
-            raise UserError("--attention-layer-map needs --attn-weight > 0 (the attention loss is off)")
+            raise SettingsError("--attention-layer-map needs --attn-weight > 0 (the attention loss is off)")
         ref = resolve_model(student)
         opened = [open_cache(c) for c in caches]
-        tok = load_tokenizer(ref.path, ref.revision)
+        tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=trust_remote_code)
         check_distinct(opened)  # as train and eval refuse it
         check_student_matches(tok, opened, attention=attn_weight > 0)
-        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision)
+        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=trust_remote_code)
         check_student_model(config.to_dict(), opened)
         if attn_weight > 0:
             attention_layer_map(mapping, opened, config)

@@ -382,8 +382,13 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     try:
         m = merge_caches(list(caches), out, progress=not no_progress)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: one line, as for run
-        left = not is_url(out) and Path(out).is_dir()
-        stopped(e, f"the merge is unfinished: delete {out} and merge again" if left else "nothing was written")
+        if is_url(out):  # not listed: the store may be what stopped it
+            what = f"the merge is unfinished: if {out} holds shards, delete them and merge again"
+        elif any(Path(out).glob("shard-*")):
+            what = f"the merge is unfinished: delete {out} and merge again"
+        else:
+            what = "nothing was written"
+        stopped(e, what)
     except OSError as e:
         if e.errno in DISK_FULL:  # merges do not resume: the shards copied so far are whole, but start over
             raise UserError(

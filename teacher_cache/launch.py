@@ -10,7 +10,8 @@ import signal
 import sys
 
 
-def _main(module: str) -> None:
+def start(module: str) -> None:
+    """Import the CLI `module` and run its click group `main`."""
     try:
         cli = importlib.import_module(module)
     except KeyboardInterrupt:
@@ -21,11 +22,6 @@ def _main(module: str) -> None:
     cli.main()
 
 
-def teacher_cache() -> None:
+def main() -> None:
     """`teacher-cache`."""
-    _main("teacher_cache.cli")
-
-
-def student_train() -> None:
-    """`student-train`."""
-    _main("student_train.cli")
+    start("teacher_cache.cli")

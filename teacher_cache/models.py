@@ -189,10 +189,12 @@ def _first_layers(path: str, layers: int, kwargs: dict):
     config = AutoConfig.from_pretrained(
         path, revision=kwargs.get("revision"), trust_remote_code=kwargs.get("trust_remote_code", False)
     )
-    if layers < config.num_hidden_layers:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):  # per-layer attention kinds (Gemma, Qwen2 windows)
-            config.layer_types = config.layer_types[:layers]
+    text = config.get_text_config()  # the decoder's own (a composite model's text_config), or config itself
+    n = getattr(text, "num_hidden_layers", None)
+    if isinstance(n, int) and layers < n:  # else loaded whole
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):  # per-layer attention kinds (Gemma, Qwen2 windows)
+            text.layer_types = text.layer_types[:layers]
     return config
 
 

@@ -584,7 +584,7 @@ def test_a_ctrl_c_before_a_command_handles_it_is_one_line_and_ends_by_sigint(tmp
     import signal
 
     (tmp_path / "slow_cli.py").write_text(SIGINT_WHILE_LOADING)
-    loading = [sys.executable, "-c", "from teacher_cache.launch import _main; _main('slow_cli')"]
+    loading = [sys.executable, "-c", "from teacher_cache.launch import start; start('slow_cli')"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     for args, line in (
         (loading, "interrupted: stopped while starting; nothing was done"),
