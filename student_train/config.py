@@ -69,10 +69,19 @@ class TrainConfig:
             ("--domain-ratio", ratio, ratio is None or 0 <= ratio <= 1, "within [0, 1]"),
             ("--seed", self.seed, self.seed >= 0, ">= 0"),
             ("--keep-last", self.keep_last, self.keep_last >= 0, ">= 0 (0 keeps every checkpoint)"),
+            # the CLI's ranges, for configs built in Python (save_every=0 failed after the first step)
+            ("--warmup-steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("--save-every", self.save_every, self.save_every >= 1, ">= 1"),
+            ("--shuffle-window", self.shuffle_window, self.shuffle_window >= 1, ">= 1"),
+            ("--num-workers", self.num_workers, self.num_workers >= 0, ">= 0"),
+            ("--chunk-size", self.chunk_size, self.chunk_size >= 1, ">= 1"),
+            ("--lora-rank", self.lora_rank, self.lora_rank >= 0, ">= 0 (0: no LoRA)"),
         )
         for option, value, holds, want in rules:
             if not holds:
                 raise TrainError(f"{option} must be {want}, got {value:g}")
+        if not self.caches:
+            raise TrainError("no caches given (--cache)")
         if is_url(self.out):  # checkpoints are written, renamed and locked locally
             raise TrainError(f"--out {self.out}: a local run directory is needed (copy it to the store after)")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -34,6 +35,12 @@ def evaluate(
 
     if isinstance(cache_paths, (str, os.PathLike)):  # one cache: evaluate("m", "caches/held") read "c", "a", ...
         cache_paths = [cache_paths]
+    model_path, cache_paths = os.fspath(model_path), [os.fspath(c) for c in cache_paths]  # the report is JSON
+    if not cache_paths:
+        raise ValueError("no caches given to evaluate")
+    for name, value, least in (("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least):
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     caches = [open_cache(c) for c in cache_paths]
     check_distinct(caches)
     for cache in caches:  # as train: an empty cache (a domain filter that matched nothing) is no part of a report

@@ -37,10 +37,24 @@ RowsFn = Callable[..., Tensor]  # (logits [c, V], *per-row args) -> per-row loss
 # ---------------------------------------------------------------- helpers
 
 
+def _check_mask(mask: Tensor, positions: int) -> None:
+    """A mask must be bool [P]: a [P, 1] one broadcast against [P] rows silently, counting each P times."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (positions,):
+        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor [P] = [{positions}], got {got}")
+
+
+def _check_rows(name: str, t: Tensor, dims: int, what: str) -> None:
+    """Inputs are flattened positions: a batched [B, P, ...] tensor would be taken apart wrongly."""
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {what} (positions flattened), got shape {list(t.shape)}")
+
+
 def _masked_mean(per_pos: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of ``per_pos float32 [P]`` where ``mask bool [P]``; 0 with grad if none count."""
     if mask is None:
         mask = torch.ones_like(per_pos, dtype=torch.bool)
+    _check_mask(mask, per_pos.shape[0])
     total = torch.where(mask, per_pos, 0.0).sum()  # where, not *, so masked inf/NaN rows drop out
     return total / mask.sum().clamp_min(1)
 
@@ -58,7 +72,7 @@ def _bucket_kl(t_logp: Tensor, s_logp: Tensor) -> Tensor:
     Outcomes with teacher log-prob -inf contribute exactly 0 (0 log 0 = 0) and pass
     no gradient, even where the student log-prob is -inf too.
     """
-    has_mass = t_logp > -math.inf  # [P, O]
+    has_mass = t_logp != -math.inf  # [P, O]; a NaN teacher value counts (the loss is NaN), never dropped
     t_safe = torch.where(has_mass, t_logp, 0.0)
     s_safe = torch.where(has_mass, s_logp, 0.0)
     return torch.where(has_mass, t_safe.exp() * (t_safe - s_safe), 0.0).sum(-1)
@@ -301,6 +315,10 @@ def cross_entropy(
     Positions with ``labels == ignore_index`` or ``mask`` False are skipped; unlike
     ``F.cross_entropy`` this returns 0 (not NaN) when every position is skipped.
     """
+    _check_rows("student_logits", student_logits, 2, "[P, V]")
+    _check_rows("labels", labels, 1, "[P]")
+    if mask is not None:
+        _check_mask(mask, labels.shape[0])
     keep = labels != ignore_index if mask is None else mask & (labels != ignore_index)  # [P]
     _check_labels(labels, keep, student_logits.shape[-1], ignore_index)
     return _masked_mean(_ce_rows(student_logits, labels), keep)
@@ -358,7 +376,11 @@ def _chunked_mean(
 
 
 def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:
-    return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask
+    _check_rows("hidden", hidden, 2, "[P, D]")
+    if mask is None:
+        return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    _check_mask(mask, hidden.shape[0])
+    return mask
 
 
 def chunked_topk_kl(
@@ -417,6 +439,7 @@ def chunked_ce(
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """``cross_entropy(hidden @ lm_head_weight.T, labels)`` chunk by chunk; see ``chunked_topk_kl``."""
+    _check_rows("labels", labels, 1, "[P]")
     keep = _full_mask(mask, hidden) & (labels != ignore_index)  # [P]
     _check_labels(labels, keep, lm_head_weight.shape[0], ignore_index)
     return _chunked_mean(_ce_rows, hidden, lm_head_weight, (labels,), keep, chunk_size)

@@ -37,7 +37,7 @@ from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardErr
 from teacher_cache.storage import Location, as_location, holder, not_a_regular_file
 
 
-@dataclass
+@dataclass(eq=False)  # its fields are numpy arrays: == compares by identity, not elementwise (ambiguous)
 class CachedSample:
     """One cached sample; T tokens, P target positions, k top-k, N sampled ids over all positions,
     L attention layers, ka attention top-k."""
@@ -106,6 +106,11 @@ class Cache:
 
     def __len__(self) -> int:
         return int(self.manifest["counts"]["samples"])
+
+    def __repr__(self) -> str:
+        t = self.manifest["targets"]
+        what = f"top-{t['k']}" if self.kind == "topk" else f"sampled, {t['num_draws']} draws"
+        return f"<Cache {self.where}: {len(self)} samples, {what}, {len(self.manifest['shards'])} shards>"
 
     def __iter__(self) -> Iterator[CachedSample]:
         for name in self.shard_names:

@@ -366,8 +366,9 @@ def _build_tiny(preset: Preset, out: Path) -> None:
         initializer_range=0.1,
         **preset.shape,
     )
-    torch.manual_seed(preset.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG left as it was
+        torch.manual_seed(preset.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         model.lm_head.weight.mul_(preset.lm_head_init_scale)
     model.save_pretrained(out, safe_serialization=True)

@@ -681,3 +681,34 @@ def test_sampled_weights_refuse_zero_draws():
         with pytest.raises(ValueError, match="num_draws must be >= 1"):
             sampled_to_padded(offsets, ids, counts, draws)
     assert sampled_to_padded(offsets, ids, counts, torch.tensor([4]))[1].tolist() == [[0.5]]
+
+
+def test_inputs_of_the_wrong_shape_or_kind_are_refused_not_misread():
+    """Batched [B, P, V] logits went through cross_entropy as classes on dim 1, a [P, 1] mask
+    broadcast to [P, P] (the loss P times too large), and a NaN teacher row was taken for a row
+    of no mass (dropped from the sum but counted in the mean): each gave a wrong number, silently."""
+    torch.manual_seed(0)
+    P, V, D, k = 6, 50, 8, 4
+    logits, labels = torch.randn(P, V), torch.randint(0, V, (P,))
+    hidden, weight = torch.randn(P, D), torch.randn(V, D)
+    ids = torch.stack([torch.randperm(V)[:k] for _ in range(P)])  # [P, k]
+    teacher = torch.log_softmax(torch.randn(P, V), -1)
+    lps, tail = teacher.gather(-1, ids), torch.log1p(-teacher.gather(-1, ids).exp().sum(-1).clamp(max=1 - 1e-6))
+    for call, said in (
+        (lambda: cross_entropy(logits[None], labels[None]), r"student_logits must be \[P, V\]"),
+        (lambda: chunked_ce(hidden[None], weight, labels[None], 4), r"labels must be \[P\]"),
+        (lambda: chunked_ce(hidden[None], weight, labels, 4), r"hidden must be \[P, D\]"),
+        (lambda: topk_kl(logits, ids, lps, tail, mask=torch.ones(P, 1, dtype=torch.bool)), r"got torch.bool \[6, 1\]"),
+        (lambda: topk_kl(logits, ids, lps, tail, mask=torch.ones(P)), r"got torch.float32 \[6\]"),
+        (lambda: cross_entropy(logits, labels, mask=[True] * P), r"mask must be a bool tensor \[P\] = \[6\], got list"),
+        (lambda: chunked_topk_kl(hidden, weight, ids, lps, tail, mask=torch.ones(3, dtype=torch.bool)), r"\[3\]"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            call()
+    assert torch.isfinite(topk_kl(logits, ids, lps, tail))
+    bad = lps.clone()
+    bad[0] = math.nan
+    assert torch.isnan(topk_kl(logits, ids, bad, tail))  # as sampled_kl: a NaN teacher is never a number
+    bad_tail = tail.clone()
+    bad_tail[0] = math.nan
+    assert torch.isnan(topk_kl(logits, ids, lps, bad_tail))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -1641,14 +1642,41 @@ def test_a_damaged_checkpoint_or_log_is_one_line_and_the_one_before_resumes(tmp_
             "--attention-layer-map names a teacher layer twice: [(0, 0), (0, 1)]",
         ),
         ("attention_layer_map", ((0, 0),), "--attention-layer-map needs --attn-weight > 0 (the attention loss is off)"),
+        # the CLI's ranges, for configs built in Python (save_every=0 failed after the first step)
+        ("save_every", 0, "--save-every must be >= 1, got 0"),
+        ("warmup_steps", -5, "--warmup-steps must be >= 0, got -5"),
+        ("shuffle_window", 0, "--shuffle-window must be >= 1, got 0"),
+        ("num_workers", -1, "--num-workers must be >= 0, got -1"),
+        ("chunk_size", 0, "--chunk-size must be >= 1, got 0"),
+        ("lora_rank", -1, "--lora-rank must be >= 0 (0: no LoRA), got -1"),
+        ("caches", (), "no caches given (--cache)"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_anything_runs(tmp_path, setting, value, message):
     """A negative clip threshold or lr floor would train backwards, a negative attention weight
     would silently drop the attention loss: each is refused by name instead."""
     with pytest.raises(TrainError) as err:
-        TrainConfig(student="tiny-mistral", caches=("c",), out=str(tmp_path / "r"), **{setting: value})
+        TrainConfig(**{"student": "tiny-mistral", "caches": ("c",), "out": str(tmp_path / "r"), setting: value})
     assert str(err.value) == message
+
+
+def test_settings_from_python_take_numpy_numbers_and_any_iterable_and_refuse_by_name(tmp_path):
+    """Notebook values: numpy ints and floats are numbers, lists are stored as tuples (the config
+    stays hashable), and a layer map of other types is refused by its field's name when built, not
+    by json.dumps at the first checkpoint (numpy ints) or a comparison deep in the run."""
+    import numpy as np
+
+    common = dict(student="tiny-mistral", out=str(tmp_path / "r"), attn_weight=1.0)
+    cfg = TrainConfig(caches=["c"], max_steps=np.int64(3), lr=np.float32(1e-3), **common,
+                      attention_layer_map=[[np.int64(0), np.int64(1)]])  # fmt: skip
+    assert cfg.max_steps == 3 and type(cfg.max_steps) is int and type(cfg.lr) is float
+    assert cfg.attention_layer_map == ((0, 1),) and type(cfg.attention_layer_map[0][0]) is int
+    assert hash(cfg) and json.dumps(dataclasses.asdict(cfg))
+    for bad in ([(0, "1")], [(0.0, 0.0)], {0: 1}, "0:1", [(0, 1, 2)], 3):
+        with pytest.raises(TypeError, match=r"^attention_layer_map must be pairs of ints, got "):
+            TrainConfig(caches=("c",), **common, attention_layer_map=bad)
+    with pytest.raises(TypeError, match=r"^max_steps must be an int, got 3.0"):
+        TrainConfig(caches=("c",), **common, max_steps=3.0)
 
 
 def test_an_attention_weight_that_lam_zero_would_drop_is_refused(tmp_path):
@@ -1799,3 +1827,26 @@ def test_a_resume_replaces_its_logs_whole_never_in_place(tmp_path):
     inode = log.stat().st_ino
     _truncate_jsonl(log, 4)  # nothing to drop: not rewritten
     assert log.stat().st_ino == inode
+
+
+def test_the_python_api_leaves_the_caller_s_rng_and_returns_json(tmp_path, kd_cache):
+    """A notebook's torch RNG was reseeded by train() (even one that failed at once); evaluate()
+    took max_samples=0 (a KL of 0 over no position, read as a perfect student) and returned the
+    caller's Path objects in a report json.dumps refused."""
+    from student_train.evaluate import evaluate
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match="not a teacher cache|does not exist|no manifest"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(tmp_path / "none"),), out=str(tmp_path / "r")))
+    assert torch.equal(torch.get_rng_state(), before)
+    for bad, said in ((dict(max_samples=0), "max_samples must be an int >= 1, got 0"),
+                      (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                      (dict(max_samples=1.5), "max_samples must be an int >= 1, got 1.5")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(said)):
+            evaluate("tiny-mistral", kd_cache, **bad)
+    with pytest.raises(ValueError, match="no caches given"):
+        evaluate("tiny-mistral", [])
+    report = evaluate(Path(resolve_model("tiny-mistral").path), Path(kd_cache), max_samples=2)
+    assert json.loads(json.dumps(report))["caches"] == [str(kd_cache)]
+    assert torch.equal(torch.get_rng_state(), before)

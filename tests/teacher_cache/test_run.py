@@ -1061,9 +1061,17 @@ def test_settings_built_from_python_take_paths_and_refuse_wrong_types(chats_file
         (dict(skip_bad=1), "skip_bad must be True or False, got 1"),
         (dict(attention_layers=(0, 1.0)), r"attention_layers must be ints, got \(0, 1.0\)"),
         (dict(data=(chats_file, 3)), "data must be a str \\(a path may be a Path\\), got 3"),
+        (dict(data=None), "data must be paths, got None"),  # was "'NoneType' object is not iterable"
+        (dict(attention_layers=1), "attention_layers must be ints, got 1"),
+        (dict(exclude_domain=5), "exclude_domain must be a str, strs or None, got 5"),
+        (dict(exclude_domain=["law", 5]), r"exclude_domain must be a str, strs or None, got \('law', 5\)"),
     ):
         with pytest.raises(TypeError, match=message):
             RunConfig(**{"teacher": "tiny-mixtral", "data": (str(chats_file),), "out": "o", **bad})
+    import numpy as np  # a notebook's numbers; lists stored as tuples (the settings stay hashable)
+
+    c = RunConfig(teacher="tiny-mixtral", data=chats_file, out="o", top_k=np.int64(8), exclude_domain=["law", "tax"])
+    assert c.top_k == 8 and type(c.top_k) is int and c.exclude_domain == ("law", "tax") and hash(c)
     with pytest.raises(ValueError, match="a location must be a non-empty path or URL, got ''"):
         open_cache("")  # was the root folder: "/: no manifest.json"
 

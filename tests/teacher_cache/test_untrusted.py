@@ -988,3 +988,13 @@ def test_a_manifest_nested_too_deeply_or_with_lone_surrogates_is_one_line(cache)
         done = subprocess.run([*CLI, command, str(cache)], capture_output=True, text=True)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().splitlines()[-1].endswith("manifest.json: not valid JSON (nested too deeply)")
+
+
+def test_a_cache_and_its_samples_behave_as_python_values(good_cache):
+    """A notebook's `cache` shows what it is (it was <...Cache object at 0x...>), and comparing two
+    samples (numpy fields) raised "The truth value of an array ... is ambiguous": samples compare
+    by identity now."""
+    cache = open_cache(good_cache)
+    assert repr(cache) == f"<Cache {good_cache}: {len(cache)} samples, top-8, {len(cache.shard_names)} shards>"
+    first, again = next(iter(cache)), next(iter(cache))
+    assert first == first and first != again and len({first, again}) == 2
