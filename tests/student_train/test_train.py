@@ -598,7 +598,7 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
 
     by_id = {s.sample_id: s for s in open_cache(kd_cache)}
     start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path, dtype=torch.float32)
-    step = DistillStep(start.train(), TrainConfig(student="tiny-mistral", caches=(), out=""), "topk", [])
+    step = DistillStep(start.train(), TrainConfig(student="tiny-mistral", caches=("c",), out=""), "topk", [])
     batches = [json.loads((ddp / f"samples.rank{r}.jsonl").read_text().splitlines()[0])["samples"] for r in (0, 1)]
     with torch.no_grad():
         per_rank = [float(step(collate([(0, by_id[i]) for i in ids], [], attention=False))["loss"]) for ids in batches]
