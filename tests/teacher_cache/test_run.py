@@ -1007,7 +1007,7 @@ def test_a_second_process_for_the_same_worker_is_refused_while_the_first_runs(tm
         deadline = time.time() + 120
         while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        assert lock.read_text().strip() == str(first.pid)
+        assert lock.read_text() == f"{first.pid} worker-00000-of-00001.json\n"  # its pid and the part it writes
         with pytest.raises(RunError, match=rf"worker 0 of 1 is being written by another run \(pid {first.pid}\)"):
             run(RunConfig("tiny-mixtral", (str(data),), str(out), backend="hf", top_k=8, shard_size=40, progress=False))
         _, err = first.communicate(timeout=600)
