@@ -163,9 +163,9 @@ def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attent
 
 def train(cfg: TrainConfig) -> dict:
     """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
-    # the run seeds and restores torch's RNGs: the caller's (a notebook's) are put back after
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as locks:  # --out's lock, however it ends
+    # the run seeds torch's RNG: the caller's (a notebook's) CPU RNG is put back after (not the GPUs':
+    # saving those would start a CUDA context on every GPU in every rank)
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as locks:  # --out's lock, however it ends
         return _train(cfg, locks)
 
 
