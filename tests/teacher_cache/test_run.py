@@ -263,14 +263,14 @@ def test_kill_midway_then_resume_equals_uninterrupted(tmp_path, chats_file):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     part = killed / "parts" / "worker-00000-of-00001.json"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if part.is_file() and len(json.loads(part.read_text())["shards"]) >= 2:
-            break
+    # durable shards, not the part's list: its rewrites are paced (at most 2 % of the run), so with
+    # shards this small it may list the first and then all six
+    while time.time() < deadline and len(list(killed.glob("shard-*.arrow"))) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(json.loads(part.read_text())["shards"])
-    assert 2 <= done_before < 6, "the kill must land mid-run"
+    assert 2 <= len(list(killed.glob("shard-*.arrow"))) < 6, "the kill must land mid-run"
+    assert len(json.loads(part.read_text())["shards"]) >= 1  # the first shard is listed at once
     assert not (killed / "manifest.json").exists()
     with pytest.raises(ValueError, match="incomplete"):
         open_cache(killed)
