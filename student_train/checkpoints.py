@@ -153,13 +153,20 @@ def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     complete = [p for p in _complete(out) if p.name.removeprefix("checkpoint-").isdigit()]
     old = complete[:-keep] if keep else []
     for ckpt in old:
-        gone = out / f".{ckpt.name}.old"
-        shutil.rmtree(gone, ignore_errors=True)
-        os.replace(ckpt, gone)
+        _set_aside(ckpt)
     fsync_dir(out)
     for gone in out.glob(".checkpoint-*.old"):
         shutil.rmtree(gone, ignore_errors=True)
     return old
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """Rename checkpoint-N to the hidden .checkpoint-N.old (one atomic step, so no half-deleted
+    checkpoint-N ever looks resumable); -> the new name, for the caller to delete."""
+    gone = ckpt.with_name(f".{ckpt.name}.old")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(ckpt, gone)
+    return gone
 
 
 def sweep_partial_checkpoints(out: Path) -> None:
@@ -210,10 +217,7 @@ def save(
     tmp = out / f".checkpoint-{step}.tmp"
     try:
         return _write_checkpoint(out, step, tmp, model, tok, optimizer, state, cfg, weights, fsdp_optimizer)
-    except BaseException as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError; Ctrl-C
-        if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: no partial checkpoint left behind either
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except Exception as e:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError
         full = shutil.disk_usage(out).free < (64 << 20)  # before the partial checkpoint frees its space
         shutil.rmtree(tmp, ignore_errors=True)
         why, fix = ("no space left on the device", "free space") if full else (one_line(e), "fix that")
@@ -221,6 +225,9 @@ def save(
         raise TrainError(
             f"could not write checkpoint-{step} in {out} ({why}); {kept}: {fix}, then rerun with --resume"
         ) from None
+    except BaseException:  # Ctrl-C, SIGTERM: no partial checkpoint left behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_checkpoint(
@@ -247,10 +254,7 @@ def _write_checkpoint(
             os.fsync(fh.fileno())
     fsync_dir(tmp)
     if final.exists():  # an incomplete checkpoint-N: set aside first, never half-deleted under its name
-        old = out / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_set_aside(final), ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(out)
     return final
