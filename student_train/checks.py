@@ -152,12 +152,12 @@ def attention_layer_map(mapping: tuple[tuple[int, int], ...], caches: list, conf
         raise TrainError(f"student layers {bad} out of range: the student has {n} layers")
     layer_map = [(cached.index(t), s) for t, s in sorted(pairs.items())]
     windows = layer_windows(config)  # None: full causal attention
-    mapped = [windows[s] for _, s in layer_map if windows[s] is not None]
-    longer = longer_than(min(mapped), caches) if mapped else None
+    window = min((windows[s] for _, s in layer_map if windows[s] is not None), default=None)
+    longer = longer_than(window, caches) if window is not None else None
     if longer:
         raise TrainError(
             f"{longer[0]}: sequences up to {longer[1]} tokens, but the student attends within a sliding "
-            f"window of {min(mapped)}: the attention loss needs caches made with --max-length <= {min(mapped)}"
+            f"window of {window}: the attention loss needs caches made with --max-length <= {window}"
         )
     return layer_map
 

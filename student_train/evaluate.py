@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ from student_train import losses
 from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
 from student_train.data import Plan, ShardCache, collate
 from teacher_cache.progress import bar as progress_bar
+from teacher_cache.settings import is_int
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def evaluate(
     if not cache_paths:
         raise ValueError("no caches given to evaluate")
     for name, value, least in (("batch_size", batch_size, 1), ("max_samples", max_samples, 1)):
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least):
+        if value is not None and not (is_int(value) and value >= least):
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     caches = [open_cache(c) for c in cache_paths]
     check_distinct(caches)

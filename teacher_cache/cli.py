@@ -172,9 +172,10 @@ def _kept_shards(out: str, worker: int) -> str:
     object store is not."""
     if is_url(out):
         return "finished shards are kept; the same command resumes after them"
-    n = len(list(Path(out).glob(worker_glob(worker)))) if Path(out).is_dir() else 0
+    there = Path(out).is_dir()
+    n = len(list(Path(out).glob(worker_glob(worker)))) if there else 0
     if not n:
-        what = "no shard was finished" if Path(out).is_dir() else "nothing was written"
+        what = "no shard was finished" if there else "nothing was written"
         return f"{what}; the same command starts again"
     return f"{n} finished shard{'s are' if n != 1 else ' is'} kept; the same command resumes after them"
 

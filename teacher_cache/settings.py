@@ -9,6 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 
+def is_int(v: object) -> bool:
+    """An integer, numpy's included; not a bool (True is no count) and not 8.0."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def normalise(config: Any) -> None:
     """Make a frozen settings dataclass hold what its annotations say, or raise TypeError naming the
     field. A path may be a `Path`; a lone path where a tuple of paths is expected is that one path
@@ -29,7 +34,7 @@ def normalise(config: Any) -> None:
         return tuple(v)
 
     def integer(name: str, v: object, shown: object, what: str = "an int") -> int:
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+        if not is_int(v):
             raise TypeError(f"{name} must be {what}, got {shown!r}")
         return int(v)
 

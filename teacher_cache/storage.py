@@ -487,6 +487,8 @@ def _let_go_in_child() -> None:
     /dev/null. A flock belongs to the open file, which a fork shares: a child outliving a killed
     parent would otherwise keep the lock held. The descriptor numbers stay valid for the child's
     copies of the file objects, which close /dev/null instead."""
+    if not _HELD:  # most forks: nothing to let go of
+        return
     null = os.open(os.devnull, os.O_RDONLY)
     for fd in _HELD:
         os.dup2(null, fd)
