@@ -7,14 +7,18 @@ time). With `domain_ratio`, domain caches (made with --only-domain) and general
 caches are two streams interleaved at that ratio, round by round: the `world`
 indices of one round (one per rank) take the same kind, so every rank's samples
 mix at the ratio (per-index routing would give one rank every domain sample at a
-ratio of 1/world). Global index i goes to rank i % world; within a rank, the
-n-th sample since the (resume) start goes to dataloader worker n % num_workers;
-resuming is skipping the consumed count, with no decoding.
+ratio of 1/world). Global index i goes to rank i % world. With dataloader
+workers, shard j of an epoch's shard order is read by worker j % num_workers
+alone (each shard's bytes are fetched once, not once per worker), and the rank's
+samples are put back in plan order as they are consumed; resuming is skipping the
+consumed count, with no decoding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -38,17 +42,19 @@ class Stream:
     seed: int
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """int64 [N, 3] (cache, shard, row): shards permuted, rows shuffled within each window."""
+        """int64 [N, 4] (cache, shard, row, slot): shards permuted, rows shuffled within each
+        window; slot is the shard's place in the epoch's shard order (which worker reads it)."""
         rng = np.random.default_rng([self.seed, epoch])
         shards = list(self.shard_rows)
         order = [shards[i] for i in rng.permutation(len(shards))]
-        parts = [np.empty((0, 3), np.int64)]
+        parts = [np.empty((0, 4), np.int64)]
         for start in range(0, len(order), self.window):
             group = order[start : start + self.window]
             sizes = [self.shard_rows[key] for key in group]
-            rows = np.empty((sum(sizes), 3), np.int64)  # the group's rows, shard after shard
+            rows = np.empty((sum(sizes), 4), np.int64)  # the group's rows, shard after shard
             rows[:, :2] = np.repeat(np.array(group, np.int64).reshape(-1, 2), sizes, axis=0)
             rows[:, 2] = np.arange(len(rows)) - np.repeat(np.cumsum([0, *sizes[:-1]]), sizes)
+            rows[:, 3] = np.repeat(np.arange(start, start + len(group)), sizes)
             parts.append(rows[rng.permutation(len(rows))])
         return np.concatenate(parts)
 
@@ -99,7 +105,7 @@ class Plan:
                 stream(self.domain_caches, 1) if domain_ratio > 0 else None,
                 stream(general, 2) if domain_ratio < 1 else None,
             ]
-        self._epochs: dict[tuple[int, int], np.ndarray] = {}  # (stream, epoch) -> its order, int64 [N, 3]
+        self._epochs: dict[tuple[int, int], np.ndarray] = {}  # (stream, epoch) -> its order, int64 [N, 4]
 
     def _route(self, i: int) -> tuple[int, int]:
         """Global index -> (stream, index within that stream)."""
@@ -121,6 +127,16 @@ class Plan:
         return min(short) if short else None
 
     def item(self, i: int) -> Item:
+        c, shard, row, _ = self._locate(i)
+        return c, shard, row
+
+    def reader(self, i: int, workers: int) -> int:
+        """Which of `workers` dataloader workers reads sample i: each shard is read by one worker
+        per epoch (its slot in the epoch's shard order, modulo workers; a window's consecutive
+        slots spread its shards over the workers)."""
+        return self._locate(i)[3] % workers
+
+    def _locate(self, i: int) -> tuple[int, int, int, int]:
         s, j = self._route(i)
         stream = self.streams[s]
         epoch, k = divmod(j, len(stream))
@@ -129,8 +145,8 @@ class Plan:
             for old in [k for k in self._epochs if k[0] == s and k[1] < epoch - 1]:
                 del self._epochs[old]
             self._epochs[key] = stream.epoch_order(epoch)
-        c, shard, row = self._epochs[key][k].tolist()
-        return c, shard, row
+        c, shard, row, slot = self._epochs[key][k].tolist()
+        return c, shard, row, slot
 
 
 class _OpenShard:
@@ -178,28 +194,85 @@ def rank_indices(start: int, rank: int, world: int) -> Iterator[int]:
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    """This rank's samples from position `start`, split across dataloader workers.
+    """This rank's samples from position `start` as (cache index, sample), in plan order; with
+    `workers` > 1, only those of the shards that reader `worker` reads (see Plan.reader).
 
-    Workers take every num_workers-th sample; the DataLoader's round-robin over
-    workers restores the rank's order exactly (use batch_size=None).
+    One stream per dataloader worker (a DataLoader of num_workers=1 each): `load_samples`
+    builds them and puts their samples back in order.
     """
 
-    def __init__(self, caches: list[Cache], plan: Plan, *, rank: int, world: int, start: int, window: int) -> None:
-        if not 0 <= rank < world or start < 0:  # rank 2 of 2 silently took rank 0's samples
+    def __init__(
+        self,
+        caches: list[Cache],
+        plan: Plan,
+        *,
+        rank: int,
+        world: int,
+        start: int,
+        window: int,
+        worker: int = 0,
+        workers: int = 1,
+    ) -> None:
+        if not 0 <= rank < world or start < 0 or not 0 <= worker < workers:  # rank 2 of 2 took rank 0's samples
             raise ValueError(
-                f"rank must be in [0, world) and start >= 0, got rank {rank}, world {world}, start {start}"
+                f"rank must be in [0, world), worker in [0, workers) and start >= 0, got rank {rank}, world {world},"
+                f" worker {worker}, workers {workers}, start {start}"
             )
         self.caches, self.plan = caches, plan
         self.rank, self.world, self.start, self.window = rank, world, start, window
+        self.worker, self.workers = worker, workers
 
     def __iter__(self) -> Iterator[tuple[int, CachedSample]]:
         info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None and info.num_workers > 1:  # each of its workers would yield every sample
+            raise RuntimeError("a SampleStream is read by one DataLoader worker: use load_samples(num_workers=N)")
         shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)  # both streams' windows
-        for n, i in enumerate(rank_indices(self.start, self.rank, self.world)):
-            if n % nw == wid:
+        for i in rank_indices(self.start, self.rank, self.world):
+            if self.workers == 1 or self.plan.reader(i, self.workers) == self.worker:
                 item = self.plan.item(i)
                 yield item[0], shards.get(item)
+
+
+PREFETCH = 4  # samples each worker decodes ahead (a sample's targets: ~12 bytes x k per position)
+
+
+def load_samples(
+    caches: list[Cache], plan: Plan, *, rank: int, world: int, start: int, window: int, num_workers: int = 0
+) -> Iterator[tuple[int, CachedSample]]:
+    """This rank's samples from its `start`-th on, in plan order, as (cache index, sample).
+
+    With num_workers, each worker process reads and decodes the shards Plan.reader gives it
+    (every shard's bytes are fetched by one process) and runs at most PREFETCH samples ahead;
+    the samples are taken from the worker that holds each next one, so the order is the plan's
+    whatever the worker count. Workers are forked (where the platform can) and die with this
+    process (die_with). Torch's global RNG is left as it was (a resume stays exact).
+    """
+    common = dict(rank=rank, world=world, start=start, window=window)
+    if not num_workers:
+        return iter(SampleStream(caches, plan, **common))
+    forked = "fork" in multiprocessing.get_all_start_methods()  # Python 3.14 on Linux defaults to a forkserver
+    rng = torch.get_rng_state()
+    readers = [
+        iter(  # each iter() draws a base seed from the global RNG: put back below
+            torch.utils.data.DataLoader(
+                SampleStream(caches, plan, **common, worker=w, workers=num_workers),
+                batch_size=None,
+                num_workers=1,
+                prefetch_factor=PREFETCH,
+                worker_init_fn=functools.partial(die_with, os.getpid()) if forked else None,
+                multiprocessing_context="fork" if forked else None,
+            )
+        )
+        for w in range(num_workers)
+    ]
+    torch.set_rng_state(rng)
+    return _in_order(readers, plan, rank, world, start)
+
+
+def _in_order(readers: list[Iterator], plan: Plan, rank: int, world: int, start: int) -> Iterator:
+    """Each next sample from the worker that reads it."""
+    for i in rank_indices(start, rank, world):
+        yield next(readers[plan.reader(i, len(readers))])
 
 
 @dataclass

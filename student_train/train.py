@@ -9,10 +9,8 @@ checkpoints and resume: checkpoints.py; torchrun ranks: distributed.py.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
-import multiprocessing
 import os
 import re
 import sys
@@ -45,7 +43,7 @@ from student_train.checks import (
     template_differs,
 )
 from student_train.config import TrainConfig, TrainError
-from student_train.data import Batch, Plan, SampleStream, collate, die_with
+from student_train.data import Batch, Plan, collate, load_samples
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
@@ -373,21 +371,8 @@ def _build_student(
 
 def _samples(cfg: TrainConfig, caches: list, plan: Plan, rank: int, world: int, start: int) -> Iterator:
     """This rank's samples from its `start`-th on (a resume continues where the checkpoint stopped)."""
-    stream = SampleStream(caches, plan, rank=rank, world=world, start=start, window=cfg.shuffle_window)
-    # forked workers, as die_with and the lock's release at a fork assume (Python 3.14 on Linux
-    # would otherwise start them from a forkserver)
-    forked = cfg.num_workers and "fork" in multiprocessing.get_all_start_methods()
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.num_workers,
-        worker_init_fn=functools.partial(die_with, os.getpid()) if forked else None,
-        multiprocessing_context="fork" if forked else None,
-    )
-    rng = torch.get_rng_state()
-    samples = iter(loader)  # draws a base seed from the global RNG: put back, so a resume is exact
-    torch.set_rng_state(rng)
-    return samples
+    window = cfg.shuffle_window
+    return load_samples(caches, plan, rank=rank, world=world, start=start, window=window, num_workers=cfg.num_workers)
 
 
 def _step(

@@ -1426,32 +1426,61 @@ def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file
 
 
 def test_dataloader_workers_keep_the_ranks_order(kd_cache):
-    """--num-workers 2 yields exactly the samples, in the order, of one process (and of the plan)."""
-    from student_train.data import Plan, SampleStream
+    """--num-workers 2 or 3 yields exactly the samples, in the order, of one process (and of the plan)."""
+    from student_train.data import Plan, SampleStream, load_samples
 
     caches = [open_cache(kd_cache)]
     plan = Plan(caches, seed=1, window=2)
     orders = []
-    for workers in (0, 2):
-        stream = SampleStream(caches, plan, rank=1, world=2, start=3, window=2)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-        it = iter(loader)
+    for workers in (0, 2, 3):
+        rng = torch.get_rng_state()
+        it = load_samples(caches, plan, rank=1, world=2, start=3, window=2, num_workers=workers)
+        assert torch.equal(torch.get_rng_state(), rng)  # a resume draws what the run would have drawn
         orders.append([next(it)[1].sample_id for _ in range(18)])
         del it
+    # one stream read by two DataLoader workers would yield every sample twice: refused
+    stream = SampleStream(caches, plan, rank=0, world=1, start=0, window=2)
+    with pytest.raises(RuntimeError, match="use load_samples"):
+        next(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)))
     at = {
         (si, r): s.sample_id
         for si, name in enumerate(caches[0].shard_names)
         for r, s in enumerate(caches[0].iter_shard(name))
     }
     expect = [at[(s, r)] for _, s, r in (plan.item(i) for i in range(3 * 2 + 1, 3 * 2 + 1 + 36, 2))]  # rank 1 of 2
-    assert orders[0] == orders[1] == expect
+    assert orders[0] == orders[1] == orders[2] == expect
     assert len(set(orders[0])) > 6
     assert plan.short_stream(12) is None and plan.short_stream(13) == 12  # the cache holds 12 samples
 
 
+def test_each_dataloader_worker_fetches_only_the_shards_it_reads(tmp_path, kd_cache):
+    """A shard's bytes are fetched by one worker, not by every worker (each of N workers fetched
+    the whole window: N times the bytes, from an object store N times the egress). With the
+    shards worker 1 reads in the first epoch removed, worker 0 still yields all of its samples."""
+    from student_train.data import Plan, SampleStream
+
+    shutil.copytree(kd_cache, tmp_path / "cache")
+    cache = open_cache(tmp_path / "cache")
+    plan = Plan([cache], seed=1, window=2)
+    epoch = range(len(plan.streams[0]))  # 12 samples in 3 shards: slots 0 and 2 to worker 0, 1 to worker 1
+    mine = [i for i in epoch if plan.reader(i, 2) == 0]
+    theirs = {plan.item(i)[1] for i in epoch if plan.reader(i, 2) == 1}
+    assert len(mine) == 8 and len(theirs) == 1 and not theirs & {plan.item(i)[1] for i in mine}
+    at = {
+        (si, r): s.sample_id for si, name in enumerate(cache.shard_names) for r, s in enumerate(cache.iter_shard(name))
+    }
+    for s in theirs:
+        os.unlink(cache.where.path(cache.shard_names[s]))
+    stream = iter(SampleStream([cache], plan, rank=0, world=1, start=0, window=2, worker=0, workers=2))
+    assert [next(stream)[1].sample_id for _ in mine] == [at[plan.item(i)[1:]] for i in mine]
+    other = iter(SampleStream([cache], plan, rank=0, world=1, start=0, window=2, worker=1, workers=2))
+    with pytest.raises(Exception, match=cache.shard_names[next(iter(theirs))]):
+        next(other)
+
+
 def test_a_shard_decodes_only_the_rows_asked_for(kd_cache, monkeypatch):
-    """Rows are fetched in order, but only the rows asked for are decoded: a dataloader worker,
-    which takes every n-th sample of a shuffled window, decodes its own rows, not its peers'."""
+    """Rows are fetched in order, but only the rows asked for are decoded (a resume skips to
+    its sample, and a window's shard is read row by row as the shuffle asks)."""
     from student_train.data import ShardCache
     from teacher_cache.cache import Cache
 
