@@ -213,11 +213,12 @@ class SampleStream(torch.utils.data.IterableDataset):
         worker: int = 0,
         workers: int = 1,
     ) -> None:
-        if not 0 <= rank < world or start < 0 or not 0 <= worker < workers:  # rank 2 of 2 took rank 0's samples
+        if not 0 <= rank < world or start < 0:  # rank 2 of 2 silently took rank 0's samples
             raise ValueError(
-                f"rank must be in [0, world), worker in [0, workers) and start >= 0, got rank {rank}, world {world},"
-                f" worker {worker}, workers {workers}, start {start}"
+                f"rank must be in [0, world) and start >= 0, got rank {rank}, world {world}, start {start}"
             )
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker must be in [0, workers), got worker {worker}, workers {workers}")
         self.caches, self.plan = caches, plan
         self.rank, self.world, self.start, self.window = rank, world, start, window
         self.worker, self.workers = worker, workers

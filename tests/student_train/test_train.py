@@ -660,6 +660,8 @@ def test_the_python_api_takes_one_cache_where_a_list_is_usual_or_says_what_it_ne
 
     with pytest.raises(ValueError, match="rank must be in \\[0, world\\) and start >= 0, got rank 2, world 2"):
         SampleStream([cache], Plan([cache], seed=0), rank=2, world=2, start=0, window=4)  # took rank 0's samples
+    with pytest.raises(ValueError, match="worker must be in \\[0, workers\\), got worker 2, workers 2"):
+        SampleStream([cache], Plan([cache], seed=0), rank=0, world=1, start=0, window=4, worker=2, workers=2)
     with pytest.raises(ValueError, match="collate needs at least one sample"):
         collate([], [], attention=False)
     config = TrainConfig(student="tiny-mistral", caches=kd_cache, out=Path("r"), lr=1)
