@@ -63,3 +63,20 @@ def test_the_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
         assert pipeline[precision]["finite"] and pipeline[precision]["steps"] == 4
         assert pipeline[precision]["last_loss"] < pipeline[precision]["first_loss"]
     assert pipeline["bf16_resume_max_abs_loss_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_training_bench_runs_end_to_end(tmp_path):
+    """bench/bench_train.py (stage two's published ratios) imported a helper train.py no longer
+    had, and `make bench` failed on it unnoticed: a small run of the tiny pair keeps it working."""
+    out = tmp_path / "train.json"
+    printed = run("bench_train.py", "--pairs", "tiny", "--samples", "8", "--batch-size", "2", "--repeats", "2",
+                  "--out", str(out))  # fmt: skip
+    tiny = json.loads(out.read_text())["pairs"]["tiny"]
+    assert {m: len(t) for m, t in tiny["step_s"].items()} == {"ce": 2, "kd": 2, "kd+attn": 2}  # raw, per repeat
+    for mode, key in (("kd", "kd_over_ce"), ("kd+attn", "kd_attn_over_ce")):
+        low, high = tiny["ratio_range"][mode]
+        assert 0 < low <= tiny[key] <= high  # the median of the paired ratios
+    assert tiny["reader_samples_per_s"] > 0 and tiny["reader_samples_per_s_2_workers"] > 0
+    assert set(tiny["reader_first_batch_s"]) == {"0", "2"} and all(v > 0 for v in tiny["peak_rss_mb"].values())
+    assert printed.splitlines()[1].startswith("tiny ")
