@@ -8,8 +8,9 @@ engine and its worker in processes of their own: vLLM's default, and what a GPU 
 VllmBackend does on CPU with one rank). In each, on one batch of the bench workload with the
 hidden-mode engine:
 
-- burn: CPU seconds the engine's processes use in each 0.1 s after an encode call returns, while
-  the caller sleeps (0 in `inproc`, which has no such processes);
+- burn: CPU seconds used in each 0.1 s after an encode call returns, while the caller's thread
+  sleeps, by the engine's processes and by this process (whose other threads are the engine's in
+  `inproc`; a sleeping caller uses none);
 - the caller's projection + top-k of that batch (what `teacher-cache run` does after every
   encode), timed right after an encode call and after 2 s idle; the ratio is the slowdown.
 
@@ -84,10 +85,11 @@ def measure(model: str, repeats: int) -> dict:
             busy.append(after_encode())
             time.sleep(2)
             encode()
-            steps, before = [], _cpu_seconds(engines)
+            watched = [*engines, os.getpid()]  # inproc: the engine's threads are this process's
+            steps, before = [], _cpu_seconds(watched)
             for _ in range(15):
                 time.sleep(0.1)
-                now = _cpu_seconds(engines)
+                now = _cpu_seconds(watched)
                 steps.append(round(now - before, 3))
                 before = now
             burn.append(steps)
