@@ -722,16 +722,23 @@ def _cache_shard(
     shard (tagged with part's config hash and source); returns its entry for the part file."""
     tokenized, shard_bad = _tokenize_shard(cfg, tok, records, finished=len(part["shards"]))
     metadata = {"format_version": FORMAT_VERSION, "config_hash": part["config_hash"], "shard": name}
+    # batches of similar lengths (the hf backend pads each batch to its longest: ~1.3x the tokens
+    # in data order); rows are written in data order, each as soon as those before it are encoded
+    order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i][1].input_ids))
+    encoded: dict[int, Row] = {}  # index in tokenized -> its row, until written
     with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
-        for start in range(0, len(tokenized), cfg.batch_size):
-            batch = tokenized[start : start + cfg.batch_size]
+        for start in range(0, len(order), cfg.batch_size):
+            indices = order[start : start + cfg.batch_size]
+            batch = [tokenized[i] for i in indices]
             # one sample's [P, V] logits at a time: consumed as the backend yields them
             outputs = backend.forward([tk for _, tk in batch])
             attns = attn_backend.forward([tk for _, tk in batch]) if attn_backend else None
-            for (rec, tk), o in zip(batch, outputs, strict=True):
+            for i, (rec, tk), o in zip(indices, batch, outputs, strict=True):
                 if attns is not None:
                     o.attention = next(attns).attention
-                writer.write(_encode_row(cfg, rec, tk, o, vocab, part["source"]))
+                encoded[i] = _encode_row(cfg, rec, tk, o, vocab, part["source"])
+            while writer.rows in encoded:  # the next row in data order is ready
+                writer.write(encoded.pop(writer.rows))
             bar.update(len(batch), sum(len(tk.input_ids) for _, tk in batch))
         bar.update(len(records) - len(tokenized), 0)
         info = writer.finalize()

@@ -1082,3 +1082,31 @@ def test_the_package_lists_its_lazy_names():
 
     assert {"open_cache", "CachedSample", "Cache"} <= set(dir(teacher_cache)) and "Cache" in teacher_cache.__all__
     assert teacher_cache.Cache.__name__ == "Cache"
+
+
+class _Watched(_DiesAfter):
+    """The real hf engine, with the lengths of each batch it is given noted."""
+
+    def __init__(self) -> None:
+        super().__init__(n=-1)  # never fails
+        self.batches: list[list[int]] = []
+
+    def forward(self, batch):
+        self.batches.append([len(s.input_ids) for s in batch])
+        return self.engine.forward(batch)
+
+
+def test_batches_group_similar_lengths_and_rows_keep_the_data_order(tmp_path, chats_file):
+    """The hf engine pads a batch to its longest sample: batches in data order ran ~1.3x the
+    tokens. Each shard's samples go in length order, and the rows still land in data order."""
+    out, watched = tmp_path / "c", _Watched()
+    run(cfg(chats_file, out, shard_size=6, batch_size=2), backend=watched)
+    for shard in range(0, len(watched.batches), 3):  # 6 samples a shard, 2 a batch
+        lengths = [n for b in watched.batches[shard : shard + 3] for n in b]
+        assert lengths == sorted(lengths)
+    data_order = [json.loads(line)["id"] for line in chats_file.read_text().splitlines()]
+    cache = open_cache(out)
+    assert [s.sample_id for s in cache] == data_order
+    # the data order is not the length order, so the test above means something
+    lengths = {s.sample_id: len(s.input_ids) for s in cache}
+    assert [lengths[i] for i in data_order[:6]] != sorted(lengths[i] for i in data_order[:6])
