@@ -87,13 +87,21 @@ def summary(codec_jsons: list[Path], throughput_json: Path, since: float) -> lis
                 f"  {r['model']:<14} prefill {r['prefill_tok_s']:>8,.0f}  caching {r['caching_tok_s']:>8,.0f}  "
                 f"stock {stock:>8}  ratio {r['ratio']:.3f}  ceiling {r['ceiling']:.3f}  "
                 f"ratio/ceiling {r['ratio_over_ceiling']:.2f} (at P/T {r['workload']['target_fraction']:.2f}: "
-                f"{r['ratio_over_ceiling_workload']:.2f})  encode/prefill {q['encode']:.2f}  "
-                f"proposed ratio {r['ratio_proposed']:.3f} ({r['proposed_over_ceiling']:.2f} of ceiling)"
+                f"{r['ratio_over_ceiling_workload']:.2f})  encode/prefill {q['encode']:.2f}{_verdict(r)}"
             )
         for c in t["ceilings"]:
             if c["model"] not in {r["model"] for r in t["results"]}:
                 lines.append(f"  {c['model']:<14} ceiling {c['ceiling']:.3f} (from its config)")
     return lines
+
+
+def _verdict(r: dict) -> str:
+    """'  target 0.9 of ceiling: met (0.91-0.95 per repeat)', or '' for a JSON from before the field."""
+    if "target_met" not in r:
+        return ""
+    lo, hi = r["ratio_over_ceiling_min_max"]
+    ok = "met" if r["target_met"] else "NOT met"
+    return f"  target {r['target_over_ceiling']:g} of ceiling: {ok} ({lo:.2f}-{hi:.2f} per repeat)"
 
 
 def main() -> None:
