@@ -9,8 +9,8 @@ VllmBackend does on CPU with one rank). In each, on one batch of the bench workl
 hidden-mode engine:
 
 - burn: CPU seconds used in each 0.1 s after an encode call returns, while the caller's thread
-  sleeps, by the engine's processes and by this process (whose other threads are the engine's in
-  `inproc`; a sleeping caller uses none);
+  sleeps, by the engine's processes (`process`) or by this process, whose other threads are the
+  engine's (`inproc`; a sleeping caller uses none);
 - the caller's projection + top-k of that batch (what `teacher-cache run` does after every
   encode), timed right after an encode call and after 2 s idle; the ratio is the slowdown.
 
@@ -85,7 +85,8 @@ def measure(model: str, repeats: int) -> dict:
             busy.append(after_encode())
             time.sleep(2)
             encode()
-            watched = [*engines, os.getpid()]  # inproc: the engine's threads are this process's
+            inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+            watched = [*engines, os.getpid()] if inproc else engines  # inproc: the engine's threads are ours
             steps, before = [], _cpu_seconds(watched)
             for _ in range(15):
                 time.sleep(0.1)

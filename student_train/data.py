@@ -249,6 +249,9 @@ def load_samples(
     process (die_with). Torch's global RNG is left as it was (a resume stays exact).
     """
     common = dict(rank=rank, world=world, start=start, window=window)
+    # a worker past the largest stream's shard count would read no shard: it would skip every
+    # index for ever (a spinning process, and a join timeout at the end)
+    num_workers = min(num_workers, max(len(s.shard_rows) for s in plan.streams if s is not None))
     if not num_workers:
         return iter(SampleStream(caches, plan, **common))
     forked = "fork" in multiprocessing.get_all_start_methods()  # Python 3.14 on Linux defaults to a forkserver

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
 import signal
@@ -130,9 +129,6 @@ def finished(line: str | None) -> None:
         signal.signal(sig, signal.SIG_IGN)  # while the line is written
     if line is not None:
         click.echo(line)
-    # the interpreter's last collection walks every object vLLM, torch and transformers made
-    # (~1-2 s after a run); nothing left needs collecting: exit handlers still run
-    gc.freeze()
 
     def leave(signum: int, frame: object) -> None:
         sys.stdout.flush()

@@ -706,6 +706,9 @@ def _cache_shards(
     return bad, dups
 
 
+SORT_BATCHES = 8  # a shard's records go to the teacher sorted by length within runs of this many batches
+
+
 def _cache_shard(
     cfg: RunConfig,
     tok,
@@ -723,8 +726,14 @@ def _cache_shard(
     tokenized, shard_bad = _tokenize_shard(cfg, tok, records, finished=len(part["shards"]))
     metadata = {"format_version": FORMAT_VERSION, "config_hash": part["config_hash"], "shard": name}
     # batches of similar lengths (the hf backend pads each batch to its longest: ~1.3x the tokens
-    # in data order); rows are written in data order, each as soon as those before it are encoded
-    order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i][1].input_ids))
+    # in data order), sorted within runs of SORT_BATCHES batches; rows are written in data order,
+    # each as soon as those before it are encoded (so at most a run's rows wait in memory)
+    run_len = SORT_BATCHES * cfg.batch_size
+    order = [
+        i
+        for lo in range(0, len(tokenized), run_len)
+        for i in sorted(range(lo, min(lo + run_len, len(tokenized))), key=lambda i: len(tokenized[i][1].input_ids))
+    ]
     encoded: dict[int, Row] = {}  # index in tokenized -> its row, until written
     with ShardWriter(out, name, metadata, chunk_bytes=cfg.chunk_bytes) as writer:
         for start in range(0, len(order), cfg.batch_size):

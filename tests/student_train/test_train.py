@@ -25,6 +25,7 @@ from student_train.train import TrainConfig, TrainError, train
 from teacher_cache import open_cache
 from teacher_cache.models import resolve_model
 from teacher_cache.run import RunConfig, run
+from tests.procs import descendants
 
 ST = [sys.executable, "-m", "student_train.cli"]
 
@@ -1434,12 +1435,16 @@ def test_dataloader_workers_keep_the_ranks_order(kd_cache):
     caches = [open_cache(kd_cache)]
     plan = Plan(caches, seed=1, window=2)
     orders = []
-    for workers in (0, 2, 3):
+    before = set(descendants(os.getpid()))
+    for workers in (0, 2, 3, 5):
         rng = torch.get_rng_state()
         it = load_samples(caches, plan, rank=1, world=2, start=3, window=2, num_workers=workers)
         assert torch.equal(torch.get_rng_state(), rng)  # a resume draws what the run would have drawn
         orders.append([next(it)[1].sample_id for _ in range(18)])
+        # a worker past the cache's 3 shards would read none, spinning over indices for ever
+        assert len(set(descendants(os.getpid())) - before) == min(workers, 3)
         del it
+        wait_for(lambda: not set(descendants(os.getpid())) - before, timeout=10)
     # one stream read by two DataLoader workers would yield every sample twice: refused
     stream = SampleStream(caches, plan, rank=0, world=1, start=0, window=2)
     with pytest.raises(RuntimeError, match="use load_samples"):
@@ -1450,7 +1455,7 @@ def test_dataloader_workers_keep_the_ranks_order(kd_cache):
         for r, s in enumerate(caches[0].iter_shard(name))
     }
     expect = [at[(s, r)] for _, s, r in (plan.item(i) for i in range(3 * 2 + 1, 3 * 2 + 1 + 36, 2))]  # rank 1 of 2
-    assert orders[0] == orders[1] == orders[2] == expect
+    assert orders[0] == orders[1] == orders[2] == orders[3] == expect
     assert len(set(orders[0])) > 6
     assert plan.short_stream(12) is None and plan.short_stream(13) == 12  # the cache holds 12 samples
 

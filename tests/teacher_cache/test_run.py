@@ -1096,7 +1096,7 @@ class _Watched(_DiesAfter):
         return self.engine.forward(batch)
 
 
-def test_batches_group_similar_lengths_and_rows_keep_the_data_order(tmp_path, chats_file):
+def test_batches_group_similar_lengths_and_rows_keep_the_data_order(tmp_path, chats_file, monkeypatch):
     """The hf engine pads a batch to its longest sample: batches in data order ran ~1.3x the
     tokens. Each shard's samples go in length order, and the rows still land in data order."""
     out, watched = tmp_path / "c", _Watched()
@@ -1110,3 +1110,10 @@ def test_batches_group_similar_lengths_and_rows_keep_the_data_order(tmp_path, ch
     # the data order is not the length order, so the test above means something
     lengths = {s.sample_id: len(s.input_ids) for s in cache}
     assert [lengths[i] for i in data_order[:6]] != sorted(lengths[i] for i in data_order[:6])
+    # sorted within runs of SORT_BATCHES batches only: at most a run's rows wait to be written
+    monkeypatch.setattr(sys.modules["teacher_cache.run"], "SORT_BATCHES", 1)
+    watched.batches.clear()
+    run(cfg(chats_file, tmp_path / "runs_of_one", shard_size=6, batch_size=2), backend=watched)
+    pairs = [[lengths[i] for i in data_order[j : j + 2]] for j in range(0, len(data_order), 2)]
+    assert watched.batches == [sorted(p) for p in pairs] != pairs
+    assert [s.sample_id for s in open_cache(tmp_path / "runs_of_one")] == data_order
