@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one after the other, then one combined summary.
 
-    .venv/bin/python bench/run_all.py            # full: about 10-15 minutes on 2 CPU cores
+    .venv/bin/python bench/run_all.py            # full: ~20 minutes on 2 CPU cores (an estimate, below)
     .venv/bin/python bench/run_all.py --quick    # smaller workloads: about 9 minutes, into bench/results/quick/
 
 Each benchmark runs as its own process (vLLM starts worker processes; a fresh interpreter per
