@@ -127,16 +127,15 @@ class Plan:
         return min(short) if short else None
 
     def item(self, i: int) -> Item:
-        c, shard, row, _ = self._locate(i)
-        return c, shard, row
+        return self.locate(i, 1)[0]
 
     def reader(self, i: int, workers: int) -> int:
-        """Which of `workers` dataloader workers reads sample i: each shard is read by one worker
-        per epoch (its slot in the epoch's shard order, modulo workers; a window's consecutive
-        slots spread its shards over the workers)."""
-        return self._locate(i)[3] % workers
+        return self.locate(i, workers)[1]
 
-    def _locate(self, i: int) -> tuple[int, int, int, int]:
+    def locate(self, i: int, workers: int) -> tuple[Item, int]:
+        """Sample i -> (its (cache, shard, row), which of `workers` dataloader workers reads it).
+        Each shard is read by one worker per epoch: its slot in the epoch's shard order, modulo
+        workers (a window's consecutive slots spread its shards over the workers)."""
         s, j = self._route(i)
         stream = self.streams[s]
         epoch, k = divmod(j, len(stream))
@@ -146,7 +145,7 @@ class Plan:
                 del self._epochs[old]
             self._epochs[key] = stream.epoch_order(epoch)
         c, shard, row, slot = self._epochs[key][k].tolist()
-        return c, shard, row, slot
+        return (c, shard, row), slot % workers
 
 
 class _OpenShard:
@@ -229,8 +228,8 @@ class SampleStream(torch.utils.data.IterableDataset):
             raise RuntimeError("a SampleStream is read by one DataLoader worker: use load_samples(num_workers=N)")
         shards = ShardCache(self.caches, self.window * len(self.plan.streams) + 1)  # both streams' windows
         for i in rank_indices(self.start, self.rank, self.world):
-            if self.workers == 1 or self.plan.reader(i, self.workers) == self.worker:
-                item = self.plan.item(i)
+            item, reader = self.plan.locate(i, self.workers)
+            if reader == self.worker:
                 yield item[0], shards.get(item)
 
 
