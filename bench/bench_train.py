@@ -82,8 +82,7 @@ def setup(student: str, cache: Path, mode: str, batch_size: int):
         dtype=torch.float32,
         attn_implementation=attention.register() if mode == "kd+attn" else "sdpa",
     )
-    attends = cfg.attn_weight > 0 and cfg.lam > 0
-    layer_map = attention_layer_map(cfg.attention_layer_map, caches, model.config) if attends else []
+    layer_map = attention_layer_map(cfg.attention_layer_map, caches, model.config) if cfg.wants_attention else []
     step = DistillStep(model, cfg, caches[0].kind, layer_map)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     plan = Plan(caches, seed=0)

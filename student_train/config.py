@@ -51,6 +51,11 @@ class TrainConfig:
     progress: bool = True
     trust_remote_code: bool = False
 
+    @property
+    def wants_attention(self) -> bool:
+        """The attention loss is on (it is part of the KD term: lam > 0 too)."""
+        return self.attn_weight > 0 and self.lam > 0
+
     def __post_init__(self) -> None:
         normalise(self)  # built from Python: a Path, or one cache not in a tuple, is fine
         floats = ("lr", "min_lr_ratio", "weight_decay", "clip", "lam", "temperature", "attn_weight")

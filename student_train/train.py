@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     caches = [open_cache(c) for c in cfg.caches]
     ref = resolve_model(cfg.student)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
-    wants_attention = cfg.attn_weight > 0 and cfg.lam > 0
+    wants_attention = cfg.wants_attention
     check_student_matches(tok, caches, attention=wants_attention)
     if cfg.lam > 0:
         check_temperature(caches[0].kind, cfg.temperature)
