@@ -10,7 +10,8 @@ cache stores: top-128 ids / log-probs / tail (targets.topk_from_logits), 50 samp
 Smaller k are prefixes of the top-128 with the tail recomputed in fp64.
 
 The arrays (~25 MB) are cached as an .npz under $TEACHER_CACHE_HOME/bench (default
-~/.cache/teacher-cache/bench), keyed by model, data file and settings, outside the repository.
+~/.cache/teacher-cache/bench), keyed by model, data file, settings, the code that makes them and the
+torch / transformers / gguf / numpy versions, outside the repository.
 """
 
 from __future__ import annotations
@@ -38,10 +39,32 @@ def cache_dir() -> Path:
     return home / "bench"
 
 
+# What the arrays depend on besides the model, data and settings: the code that reads, tokenises
+# and reduces the logits (this file included) and the libraries whose numerics make the logits.
+KEY_SOURCES = (
+    "bench/bench_codec_data.py",
+    "teacher_cache/records.py",
+    "teacher_cache/tokenize.py",
+    "teacher_cache/targets.py",
+)
+KEY_PACKAGES = ("torch", "transformers", "gguf", "numpy")
+
+
 def _key(model_path: str, data: Path, samples: int | None) -> str:
+    """A change to any input of `compute` (code and library versions included) gives another key,
+    so a stale .npz is never reused."""
+    from importlib.metadata import PackageNotFoundError, version
+
     h = hashlib.sha256()
-    h.update(f"v1|{model_path}|{samples}|{KMAX}|{NUM_DRAWS}|".encode())
+    h.update(f"v2|{model_path}|{samples}|{KMAX}|{NUM_DRAWS}|".encode())
     h.update(data.read_bytes())
+    for src in KEY_SOURCES:
+        h.update((ROOT / src).read_bytes())
+    for pkg in KEY_PACKAGES:
+        try:
+            h.update(f"|{pkg}={version(pkg)}".encode())
+        except PackageNotFoundError:
+            h.update(f"|{pkg}=none".encode())
     return h.hexdigest()[:16]
 
 
