@@ -116,6 +116,16 @@ class Cache:
         for name in self.shard_names:
             yield from self.iter_shard(name)
 
+    def find(self, sample_id: str | None = None) -> CachedSample:
+        """The sample with this id (the cache's first when None), decoded: rows are scanned in
+        shard order, their bytes checked as they stream, and only the match is decoded. KeyError
+        when no row has the id."""
+        for name in self.shard_names:
+            for row in self.iter_rows(name):
+                if sample_id is None or row.cols["sample_id"][row.j] == sample_id:
+                    return self.decode(row)
+        raise KeyError(sample_id)
+
     def entry(self, name: str) -> dict:
         entry = self._entries.get(name)
         if entry is None:

@@ -349,6 +349,43 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("cache_dir", type=PATH)
+@click.argument("sample_id", required=False)
+@click.option(
+    "--tokenizer",
+    type=PATH,
+    help="Preset, model folder or tokenizer folder to print tokens with (it must be the cache's tokenizer). "
+    "Default: the cache's teacher where it is on this machine, else token ids.",
+)
+@click.option("--positions", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Target positions to show, from the first (0: all).")  # fmt: skip
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Teacher entries per position.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sample as JSON.")
+def show(cache_dir: str, sample_id: str | None, tokenizer: str | None, positions: int, top: int, as_json: bool) -> None:
+    """Show one sample's teacher targets position by position (SAMPLE_ID, or the cache's first
+    sample): the true next token, the teacher's probability and rank for it, its top entries."""
+    from teacher_cache.cache import open_cache
+    from teacher_cache.show import format_view, load_view_tokenizer, sample_view
+
+    try:
+        cache = open_cache(cache_dir, check_files=False)
+        try:
+            sample = cache.find(sample_id)
+        except KeyError:
+            what = f"no sample {sample_id!r}" if sample_id is not None else "no samples"
+            raise UserError(printable(f"{cache_dir}: {what}")) from None
+        tok, said = load_view_tokenizer(cache.manifest, tokenizer)
+        view = sample_view(cache, sample, tok, top=top, positions=positions)
+    except (ValueError, OSError) as e:
+        raise UserError(one_line(e)) from None
+    if as_json:
+        click.echo(json.dumps(view, indent=1, ensure_ascii=False))
+        return
+    for line in format_view(view, said):
+        click.echo(printable(line))  # ids, domains and tokens come from the cache
+
+
+@main.command()
+@click.argument("cache_dir", type=PATH)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(cache_dir: str, no_progress: bool) -> None:
     """Check every shard's checksum, schema, value bounds and counts; exit 1 on any problem."""

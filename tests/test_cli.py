@@ -24,7 +24,7 @@ def sh(args: list[str], env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.parametrize(
     "cli,commands",
-    [(TC, ["run", "inspect", "verify", "merge", "presets", "build"]), (ST, ["check", "train", "eval", "plot"])],
+    [(TC, ["run", "inspect", "show", "verify", "merge", "presets", "build"]), (ST, ["check", "train", "eval", "plot"])],
 )
 def test_help_lists_commands_and_each_command_has_help(cli, commands):
     top = sh([*cli, "--help"])
