@@ -167,6 +167,20 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     show_default=True,
     help="Autocast of the forward pass; auto = bf16 on CUDA devices that support it, else fp32.",
 )
+@click.option(
+    "--eval-cache",
+    "eval_caches",
+    type=PATH,
+    multiple=True,
+    help="Held-out cache, repeatable: KL to the teacher, NLL and top-1 agreement to eval.jsonl as it trains.",
+)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps between evaluations (default: --save-every; and at the last step).",
+)
+@click.option("--eval-samples", type=click.IntRange(min=1), default=None, help="Samples per eval cache (default: all).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the student's own modelling code.")
@@ -175,7 +189,7 @@ def train(**kw) -> None:
     from student_train.train import TrainConfig
     from student_train.train import train as run_training
 
-    kw["caches"] = tuple(kw["caches"])
+    kw["caches"], kw["eval_caches"] = tuple(kw["caches"]), tuple(kw["eval_caches"])
     kw["attention_layer_map"] = _parse_map(kw["attention_layer_map"])
     kw["progress"] = not kw.pop("no_progress")
     rank, prefix = _rank()

@@ -50,6 +50,14 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     trust_remote_code: bool = False
+    eval_caches: tuple[str, ...] = ()  # held-out caches: KL to the teacher, NLL, top-1 agreement -> eval.jsonl
+    eval_every: int | None = None  # steps between evaluations; None: at every checkpoint (save_every)
+    eval_samples: int | None = None  # per eval cache: its first N samples; None: all
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between held-out evaluations (with --eval-cache): --eval-every, else --save-every."""
+        return self.eval_every if self.eval_every is not None else self.save_every
 
     @property
     def wants_attention(self) -> bool:
@@ -108,6 +116,11 @@ class TrainConfig:
             raise TrainError(
                 "--attn-weight needs --lam > 0: the loss is (1 - lam) CE + lam (KD + attn-weight x attention)"
             )
+        if not self.eval_caches and (self.eval_every is not None or self.eval_samples is not None):
+            raise TrainError("--eval-every and --eval-samples need --eval-cache (no evaluation is set)")
+        for option, value in (("--eval-every", self.eval_every), ("--eval-samples", self.eval_samples)):
+            if value is not None and value < 1:
+                raise TrainError(f"{option} must be >= 1, got {value}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -117,3 +130,4 @@ RESUMABLE = {"out", "resume", "save_every", "num_workers", "progress", "chunk_si
 
 
 RESUMABLE |= {"keep_last", "precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
+RESUMABLE |= {"eval_caches", "eval_every", "eval_samples"}  # evaluation reads the student, changes nothing

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from student_train import losses
 from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
-from student_train.data import Plan, ShardCache, collate
+from student_train.data import Batch, Plan, ShardCache, collate
+from teacher_cache.manifest import excluded_domains
 from teacher_cache.progress import bar as progress_bar
 from teacher_cache.settings import is_int
 
@@ -51,31 +54,99 @@ def evaluate(
     model = load_causal_lm(ref.path, progress=progress, dtype=torch.float32, use_safetensors=True).eval()
     check_student_model(model.config.to_dict(), caches)
     plan = Plan(caches, seed=0, window=1)
-    # the first N of each cache (a domain cache given last is still in the report), listed as they
-    # are drawn: not every row of a large cache first
-    taken = dict.fromkeys(range(len(caches)), 0)
-    items = []  # (cache index, shard, row)
+    items = eval_items(plan, len(caches), max_samples)
+    kind = caches[0].kind
+    check_temperature(kind, temperature)
+    with progress_bar(len(items), "evaluating", "sample", enabled=progress) as bar:
+        report = measure(
+            lambda b: target_logits(model, b),
+            caches,
+            plan,
+            items,
+            batch_size=batch_size,
+            temperature=temperature,
+            bar=bar,
+        )
+    report["model"] = model_path
+    report["caches"] = cache_paths
+    return report
+
+
+def eval_items(plan: Plan, num_caches: int, max_samples: int | None) -> list[tuple[int, int, int]]:
+    """The (cache index, shard, row) of the samples to evaluate: the first `max_samples` of each
+    cache (all when None), listed as the plan draws them (not every row of a large cache first,
+    and a domain cache given last is still in the report)."""
+    taken = dict.fromkeys(range(num_caches), 0)
+    items = []
     for item in (it for s in plan.streams if s is not None for it in s.items()):
         if max_samples is None or taken[item[0]] < max_samples:
             taken[item[0]] += 1
             items.append(item)
-    kind = caches[0].kind
-    check_temperature(kind, temperature)
+    return items
 
+
+def target_logits(model: torch.nn.Module, b: Batch) -> torch.Tensor:
+    """A causal LM's logits float32 [P, V] at a batch's target positions (the head applied to those rows only)."""
+    hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state  # [B, T, D]
+    return model.get_output_embeddings()(hidden[b.row, b.pos]).float()
+
+
+@torch.no_grad()
+def measure(
+    forward: Callable[[Batch], torch.Tensor],
+    caches: list,
+    plan: Plan,
+    items: list[tuple[int, int, int]],
+    *,
+    batch_size: int,
+    temperature: float = 1.0,
+    device: torch.device | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    rank: int = 0,
+    world: int = 1,
+    lockstep: bool = False,
+    bar=None,
+) -> dict:
+    """KL to the teacher, NLL and top-1 agreement on `items` of the model whose target logits
+    `forward` gives (`target_logits`; the model in eval mode), as `evaluate` reports them (without
+    "model" and "caches").
+
+    Under torchrun each rank takes every world-th item and the sums are gathered, so every rank
+    returns the whole report. `lockstep` (FSDP: every forward gathers the shards of all ranks)
+    makes every rank run as many forward passes as the rank with the most batches: the spare ones
+    repeat its first batch and count for nothing."""
+    kind = caches[0].kind
+    mine = items[rank::world]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if lockstep and world > 1:
+        first_ranks = -(-len(items) // world)  # items of rank 0, which has the most: ceil(n / world)
+        batches += [None] * (-(-first_ranks // batch_size) - len(batches))
     sums = {"domain": _zero(), "general": _zero()}
     by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
     shards = ShardCache(caches, size=1)  # items run shard by shard
-    # the bar is closed (its line ended) before an error or Ctrl-C says anything
-    with progress_bar(len(items), "evaluating", "sample", enabled=progress) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = [(item[0], shards.get(item)) for item in items[start : start + batch_size]]
+    for batch in batches:
+        spare = batch is None
+        chunk = [(item[0], shards.get(item)) for item in (mine[:batch_size] if spare else batch)]
+        if spare and not chunk:  # this rank has no item at all: the first of all items
+            chunk = [(items[0][0], shards.get(items[0]))]
+        if bar is not None and not spare:
             bar.update(len(chunk))
-            _add_batch(model, chunk, plan.domain_caches, kind, temperature, sums, by_domain)
+        into = ({"domain": _zero(), "general": _zero()}, {}) if spare else (sums, by_domain)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            _add_batch(forward, chunk, plan.domain_caches, kind, temperature, *into, device)
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, (sums, by_domain))
+        sums, by_domain = {"domain": _zero(), "general": _zero()}, {}
+        for part_sums, part_domains in gathered:
+            for group, g in part_sums.items():
+                _add(sums[group], g)
+            for name, g in part_domains.items():
+                _add(by_domain.setdefault(name, _zero()), g)
     report = {}
     total = _zero()
     for group, g in sums.items():
-        for k in total:
-            total[k] += g[k]
+        _add(total, g)
         if g["positions"]:
             report[group] = _finish(g)
     report["all"] = _finish(total)
@@ -87,9 +158,12 @@ def evaluate(
     report["top1_kind"] = (  # a sampled cache's most-drawn id is the teacher's top-1 only most of the time
         "the teacher's top-1" if kind == "topk" else "the most-drawn id (ties: the lowest id)"
     )
-    report["model"] = model_path
-    report["caches"] = cache_paths
     return report
+
+
+def _add(into: dict, g: dict) -> None:
+    for k in into:
+        into[k] += g[k]
 
 
 def _zero() -> dict:
@@ -97,14 +171,21 @@ def _zero() -> dict:
 
 
 def _add_batch(
-    model, chunk: list, domain_caches: list[int], kind: str, temperature: float, sums: dict, by_domain: dict
+    forward: Callable[[Batch], torch.Tensor],
+    chunk: list,
+    domain_caches: list[int],
+    kind: str,
+    temperature: float,
+    sums: dict,
+    by_domain: dict,
+    device: torch.device | None = None,
 ) -> None:
     """Add one batch's KL, NLL, top-1 agreement and counts to `sums` (domain / general) and to
     `by_domain` (each domain cache sample's own domain)."""
     b = collate(chunk, domain_caches, attention=False)
-    hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
-    # hidden float32 [B, T, D] -> the target positions' rows [P, D] -> logits float32 [P, V]
-    logits = model.get_output_embeddings()(hidden[b.row, b.pos]).float()
+    if device is not None:
+        b = b.to(device)
+    logits = forward(b)  # float32 [P, V]
     nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # float32 [P]
     if kind == "topk":
         teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
@@ -147,3 +228,62 @@ def _finish(g: dict) -> dict:
         "positions": g["positions"],
         "samples": g["samples"],
     }
+
+
+class HeldOut:
+    """`train --eval-cache`: held-out caches measured as the student trains (what `evaluate`
+    reports, on the student in memory), each report a line of eval.jsonl."""
+
+    def __init__(self, paths: tuple[str, ...], max_samples: int | None, tokenizer) -> None:
+        from teacher_cache import open_cache
+
+        self.caches = [open_cache(c) for c in paths]
+        check_distinct(self.caches)
+        for cache in self.caches:
+            if not len(cache):
+                raise ValueError(f"--eval-cache {cache.where}: no samples in it")
+        check_student_matches(tokenizer, self.caches)
+        self.plan = Plan(self.caches, seed=0, window=1)
+        self.items = eval_items(self.plan, len(self.caches), max_samples)
+
+    def not_held_out(self, training: list) -> list[str]:
+        """Warnings for eval caches whose samples may be trained on: the same cache as a training
+        one, or one made from the same data files (by sha256) with domain filters that do not keep
+        them apart (a math expert's cache and a reference made without math do not overlap)."""
+        said = []
+        for e in self.caches:
+            for t in training:
+                if e.digest == t.digest:
+                    said.append(f"--eval-cache {e.where} is also a --cache: it is not held out")
+                elif _may_share_samples(e.manifest["data"], t.manifest["data"]):
+                    said.append(
+                        f"--eval-cache {e.where} was made from the same data files as --cache {t.where}: "
+                        "its samples may be trained on"
+                    )
+        return said
+
+    def measure(self, model: torch.nn.Module, forward: Callable[[Batch], torch.Tensor], *, batch_size: int, device,
+                autocast, rank: int, world: int, lockstep: bool) -> dict:  # fmt: skip
+        """The report on `model` as it is now, its target logits from `forward`; `model` is in
+        eval mode while measured, in train mode after."""
+        model.eval()
+        try:
+            return measure(forward, self.caches, self.plan, self.items, batch_size=batch_size, device=device,
+                           autocast=autocast, rank=rank, world=world, lockstep=lockstep)  # fmt: skip
+        finally:
+            model.train()
+
+
+def _may_share_samples(a: dict, b: dict) -> bool:
+    """Whether two caches' data settings can hold the same sample: a data file in common (sha256)
+    and domain filters that let one domain through both."""
+    if not {f["sha256"] for f in a["files"]} & {f["sha256"] for f in b["files"]}:
+        return False
+    only_a, only_b = a.get("only_domain"), b.get("only_domain")
+    if only_a is not None and only_b is not None:
+        return only_a == only_b
+    if only_a is not None:
+        return only_a not in excluded_domains(b)
+    if only_b is not None:
+        return only_b not in excluded_domains(a)
+    return True  # both general: each keeps every domain the other does not exclude, "none" included

@@ -14,7 +14,8 @@ def _number(x: object) -> bool:
 
 
 def plot_run(run_dir: str, out: str | None = None) -> Path:
-    """Loss, lr and grad-norm curves of a run's metrics.jsonl -> a PNG (default RUN_DIR/curves.png)."""
+    """Loss, lr and grad-norm curves of a run's metrics.jsonl, with the held-out KL to the teacher
+    of its eval.jsonl (train --eval-cache) beside the losses -> a PNG (default RUN_DIR/curves.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +43,9 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         axes[0].plot(*zip(*pts, strict=True), label=k)
+    held_out = _eval_points(Path(run_dir) / "eval.jsonl")
+    if held_out:
+        axes[0].plot(*zip(*held_out, strict=True), marker="o", label="held-out KL to the teacher")
     axes[0].set_title("losses")
     axes[0].set_xlabel("step")
     axes[0].legend()
@@ -58,3 +62,28 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         plt.close(fig)
     write_atomic(target, image.getvalue())  # an old plot survives a failed save
     return target
+
+
+def _eval_points(path: Path) -> list[tuple[float, float]]:
+    """(step, KL to the teacher over all held-out samples) of each line of eval.jsonl; none
+    without the file. A torn last line (a killed run) is left out, any other bad line refused."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    points = []
+    for i, line in enumerate(lines):
+        try:
+            row = parse_json(line)
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+            continue
+        kl = (
+            row.get("all", {}).get("kl_to_teacher")
+            if isinstance(row, dict) and isinstance(row.get("all"), dict)
+            else None
+        )
+        if not (_number(row.get("step") if isinstance(row, dict) else None) and _number(kl)):
+            raise ValueError(f"{path}:{i + 1}: not an eval line (an object with step and all.kl_to_teacher)")
+        points.append((row["step"], kl))
+    return points

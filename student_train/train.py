@@ -44,6 +44,7 @@ from student_train.checks import (
 )
 from student_train.config import TrainConfig, TrainError
 from student_train.data import Batch, Plan, collate, load_samples
+from student_train.evaluate import HeldOut, target_logits
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
@@ -81,9 +82,13 @@ class DistillStep(nn.Module):
         super().__init__()
         self.model, self.cfg, self.kind, self.layer_map = model, cfg, kind, layer_map
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor | None]:
+    def forward(self, batch: Batch, logits_only: bool = False) -> dict[str, torch.Tensor | None]:
+        """Every loss of the batch; with `logits_only`, {"logits": float32 [P, V] at its target
+        positions} (held-out evaluation: under FSDP it must come through this module too)."""
         from teacher_cache import attention
 
+        if logits_only:
+            return {"logits": target_logits(self.model, batch)}
         cfg = self.cfg
         capture = None
         student_layers = [s for _, s in self.layer_map]
@@ -167,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, locks)
 
 
-RUN_FILE = re.compile(r"checkpoint-\d+|metrics\.jsonl|samples\.rank\d+\.jsonl|rank\d+\.json")  # what marks a run
+RUN_FILE = re.compile(r"checkpoint-\d+|(metrics|eval)\.jsonl|samples\.rank\d+\.jsonl|rank\d+\.json")  # what marks a run
 
 
 def _check_run_dir(out: Path) -> None:
@@ -215,7 +220,9 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     if cfg.lam > 0:
         check_temperature(caches[0].kind, cfg.temperature)
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio, world=world)
-    for warning in _start_warnings(cfg, caches, plan, tok, world):
+    held_out = HeldOut(cfg.eval_caches, cfg.eval_samples, tok) if cfg.eval_caches else None
+    warnings = _start_warnings(cfg, caches, plan, tok, world) + (held_out.not_held_out(caches) if held_out else [])
+    for warning in warnings:
         if rank == 0:
             _say(f"warning: {warning}")
     out = _open_run_dir(cfg, locks, rank)
@@ -233,11 +240,13 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
 
     # ---- student, optimizer, then the data from the exact position the last run stopped at
     student = _build_student(cfg, str(ckpt) if ckpt else ref.path, ckpt, caches, rank, world, wants_attention)
+    if held_out is not None:
+        check_student_model(student.model.config.to_dict(), held_out.caches)
     samples = _samples(cfg, caches, plan, rank, world, state["samples_per_rank"])
 
     # ---- loop
     bar = progress_bar(cfg.max_steps, "training", "step", initial=state["step"]) if cfg.progress and rank == 0 else None
-    logs = _RunLogs(out, rank, state["step"], resume=cfg.resume)
+    logs = _RunLogs(out, rank, state["step"], resume=cfg.resume, evaluating=held_out is not None)
     t_start = time.time() - state["elapsed_s"]
     last: dict = {}
     try:
@@ -247,7 +256,10 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             if bar is not None:
                 _show(bar, last)
                 bar.update(1)  # draws the step's postfix with it (at most every 30 s into a log)
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+            last_step = state["step"] == cfg.max_steps
+            if held_out is not None and (state["step"] % cfg.eval_interval == 0 or last_step):
+                _evaluate(held_out, cfg, student, rank, world, bar, logs, last)
+            if state["step"] % cfg.save_every == 0 or last_step:
                 if bar is not None:
                     _show(bar, last, saving=f"checkpoint-{state['step']}")
                 _checkpoint(out, cfg, student, tok, state, rank)
@@ -433,14 +445,35 @@ def _step(
     return last, seen
 
 
-def _show(bar, last: dict, saving: str | None = None) -> None:
-    """The training bar's postfix: the step's loss, and its tokens/s or the checkpoint being saved."""
+def _show(bar, last: dict, **doing: str) -> None:
+    """The training bar's postfix: the step's loss, and its tokens/s or what it is doing now
+    (saving=checkpoint-N, evaluating=...)."""
     shown = {"loss": f"{last['loss']:.4f}"}
-    if saving:
-        shown["saving"] = saving
-    else:
-        shown["tok_s"] = f"{last['tokens_per_s']:,.0f}"
-    bar.set_postfix(shown, refresh=bool(saving))  # a checkpoint is said at once; the rest waits for update()
+    shown.update(doing or {"tok_s": f"{last['tokens_per_s']:,.0f}"})
+    bar.set_postfix(shown, refresh=bool(doing))  # what it is doing is said at once; the rest waits for update()
+
+
+def _evaluate(held_out: HeldOut, cfg: TrainConfig, student: _Student, rank: int, world: int, bar, logs, last) -> None:
+    """Measure the held-out caches on the student as it is after this step: a line of eval.jsonl
+    (rank 0) and, with the bar, a line on the terminal."""
+    from teacher_cache import attention
+
+    if bar is not None:
+        _show(bar, last, evaluating=f"{len(held_out.items)} held-out samples")
+    if student.layer_map:  # the training step's row capture must not see the evaluation's forwards
+        attention.attach(student.model, [s for _, s in student.layer_map], None)
+    if student.sharded:  # through the sharded root (it gathers the head and embeddings), on every rank in step
+        forward = lambda b: student.step(b, logits_only=True)["logits"]  # noqa: E731
+    else:  # the model itself: a DDP wrapper's forward would sync buffers across ranks
+        forward = lambda b: target_logits(student.model, b)  # noqa: E731
+    report = held_out.measure(student.model, forward, batch_size=cfg.batch_size, device=student.device,
+                              autocast=student.autocast, rank=rank, world=world, lockstep=student.sharded)  # fmt: skip
+    logs.append_eval({"step": last["step"], **report})
+    if bar is not None:
+        _show(bar, last)  # drawn again under the line below
+        a = report["all"]
+        bar.write(f"step {last['step']}: held-out KL to the teacher {a['kl_to_teacher']:.4f}, NLL {a['nll']:.4f}, "
+                  f"top-1 agreement {a['top1_agreement']:.3f} ({a['samples']} samples)")  # fmt: skip
 
 
 def _checkpoint(out: Path, cfg: TrainConfig, student: _Student, tok, state: dict, rank: int) -> None:
@@ -468,12 +501,18 @@ class _RunLogs:
     """metrics.jsonl (rank 0) and samples.rankN.jsonl (the sample ids of each step), first cut
     back to `step` (the steps after the checkpoint are redone), then appended one line per step."""
 
-    def __init__(self, out: Path, rank: int, step: int, *, resume: bool) -> None:
+    def __init__(self, out: Path, rank: int, step: int, *, resume: bool, evaluating: bool = False) -> None:
         if rank == 0 and resume:
             _truncate_jsonl(out / "metrics.jsonl", step)
+            _truncate_jsonl(out / "eval.jsonl", step)
         _truncate_jsonl(out / f"samples.rank{rank}.jsonl", step)
         self.metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed by close())
         self.samples = open(out / f"samples.rank{rank}.jsonl", "a")  # noqa: SIM115
+        self.eval = open(out / "eval.jsonl", "a") if rank == 0 and evaluating else None  # noqa: SIM115
+
+    def append_eval(self, report: dict) -> None:
+        if self.eval is not None:
+            _append(self.eval, report)
 
     def append(self, last: dict, seen: list[str]) -> None:
         _append(self.samples, {"step": last["step"], "samples": seen})
@@ -481,7 +520,7 @@ class _RunLogs:
             _append(self.metrics, last)
 
     def close(self) -> None:
-        for log in (self.metrics, self.samples):
+        for log in (self.metrics, self.samples, self.eval):
             if log is not None:
                 with contextlib.suppress(OSError):  # a write that failed fails its flush again: said already
                     log.close()

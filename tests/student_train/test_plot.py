@@ -42,3 +42,17 @@ def test_metrics_with_nulls_and_a_torn_last_line_plot(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     done = subprocess.run([*ST, "plot", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "not a metrics line" in done.stderr
+
+
+def test_the_held_out_kl_of_eval_jsonl_is_drawn_beside_the_losses(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({**GOOD, "step": s}) + "\n" for s in (1, 2)))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"step": 2, "all": {"kl_to_teacher": 1.5}}) + '\n{"step": 4, "al')
+    svg = plot_run(str(tmp_path), out=str(tmp_path / "c.svg")).read_text()  # matplotlib names each text in a comment
+    assert "held-out KL to the teacher" in svg
+    (tmp_path / "eval.jsonl").write_text(
+        '{"step": 2}\n' + json.dumps({"step": 3, "all": {"kl_to_teacher": 1.0}}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"eval.jsonl:1: not an eval line"):
+        plot_run(str(tmp_path))
+    (tmp_path / "eval.jsonl").unlink()
+    assert "held-out KL" not in plot_run(str(tmp_path), out=str(tmp_path / "d.svg")).read_text()

@@ -577,8 +577,11 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
     from transformers import AutoModelForCausalLM
 
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    _torchrun(fsdp, kd_cache, "--fsdp")
-    _torchrun(ddp, kd_cache)
+    # measured at every step: 5 samples over 2 ranks in batches of 2 are 2 forwards on rank 0 and
+    # 1 on rank 1, which under FSDP must run a spare one (every forward gathers from both ranks)
+    held_out = ("--eval-cache", str(kd_cache), "--eval-samples", "5")
+    _torchrun(fsdp, kd_cache, "--fsdp", *held_out)
+    _torchrun(ddp, kd_cache, *held_out)
     weights = {name: load_file(d / "checkpoint-3" / "model.safetensors") for name, d in (("fsdp", fsdp), ("ddp", ddp))}
     first = load_file(ddp / "checkpoint-1" / "model.safetensors")
     assert weights["fsdp"].keys() == weights["ddp"].keys()
@@ -606,11 +609,19 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)
     assert ddp_loss[0] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
     AutoModelForCausalLM.from_pretrained(fsdp / "checkpoint-3")  # a plain transformers checkpoint
+    # the held-out report of both ranks' shares is what `student-train eval` gives the checkpoint
+    from student_train.evaluate import evaluate
+
+    for d in (fsdp, ddp):
+        lines = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2, 3] and lines[-1]["all"]["samples"] == 5
+        _same_report(lines[-1], evaluate(str(d / "checkpoint-3"), [str(kd_cache)], max_samples=5, batch_size=2))
     # resume from checkpoint-2 (sharded optimizer state gathered by name): step 3 again, exactly
     shutil.rmtree(fsdp / "checkpoint-3")
-    _torchrun(fsdp, kd_cache, "--fsdp", "--resume")
+    _torchrun(fsdp, kd_cache, "--fsdp", "--resume", *held_out)
     again = load_file(fsdp / "checkpoint-3" / "model.safetensors")
     assert all(torch.equal(again[k], weights["fsdp"][k]) for k in again)
+    assert [json.loads(line)["step"] for line in (fsdp / "eval.jsonl").read_text().splitlines()] == [1, 2, 3]
     # a checkpoint written without --fsdp is not resumed with it (different optimizer layout)
     args = ["--resume", "--fsdp"]
     with pytest.raises(AssertionError, match=r"other settings \(fsdp\); resume with the same ones"):
@@ -1380,6 +1391,63 @@ def test_eval_max_samples_is_per_cache(kd_cache, k4_cache):
 
     report = evaluate("tiny-mistral", [str(kd_cache), str(k4_cache)], max_samples=2)
     assert report["all"]["samples"] == 4
+
+
+def _same_report(a: dict, b: dict) -> None:
+    """Two eval reports with the same groups, counts and (to float noise) figures."""
+    groups = [g for g in ("all", "domain", "general") if g in a] + [f"by_domain.{d}" for d in a.get("by_domain", {})]
+    assert groups == [g for g in ("all", "domain", "general") if g in b] + [
+        f"by_domain.{d}" for d in b.get("by_domain", {})
+    ]
+    for g in groups:
+        x, y = (r["by_domain"][g[10:]] if g.startswith("by_domain.") else r[g] for r in (a, b))
+        assert (x["positions"], x["samples"]) == (y["positions"], y["samples"])
+        for k in ("kl_to_teacher", "nll", "top1_agreement"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (g, k)
+
+
+def test_training_measures_held_out_caches_as_eval_does_and_a_resume_keeps_one_line_a_step(
+    tmp_path, dae_caches, capsys
+):
+    """--eval-cache: at every checkpoint (and the last step) eval.jsonl gets what `student-train
+    eval` reports for that checkpoint; a resume cuts it back to the checkpoint and redoes the rest."""
+    from student_train.evaluate import evaluate
+
+    reference, expert = dae_caches  # trained on the reference, measured on the math expert's samples
+    out = tmp_path / "run"
+    cfg = dict(student="tiny-mistral", caches=(str(reference),), out=str(out), max_steps=5, batch_size=2,
+               save_every=2, lr=1e-3, warmup_steps=0, eval_caches=(str(expert),), progress=False)  # fmt: skip
+    train(TrainConfig(**cfg))
+    err = capsys.readouterr().err
+    assert "not held out" not in err and "trained on" not in err
+    lines = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 5]
+    for r in lines:
+        _same_report(r, evaluate(str(out / f"checkpoint-{r['step']}"), [str(expert)], batch_size=2))
+    assert set(lines[0]["by_domain"]) == {"math"} and lines[0]["all"]["samples"] == 2
+    assert lines[0]["all"]["kl_to_teacher"] != lines[-1]["all"]["kl_to_teacher"]  # the student moved
+    # killed after step 4's checkpoint: steps 5 redone, its line once; --eval-every may change on a resume
+    shutil.rmtree(out / "checkpoint-5")
+    train(TrainConfig(**{**cfg, "resume": True}))
+    again = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [2, 4, 5]
+    _same_report(again[-1], lines[-1])
+    shutil.rmtree(out / "checkpoint-5")
+    train(TrainConfig(**{**cfg, "resume": True, "eval_every": 1}))
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [2, 4, 5]
+
+
+def test_eval_cache_warnings_and_settings(tmp_path, dae_caches, capsys):
+    reference, _ = dae_caches
+    train(TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(tmp_path / "a"), max_steps=1,
+                      batch_size=2, eval_caches=(str(reference),), eval_samples=1, progress=False))  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"--eval-cache {reference} is also a --cache: it is not held out" in err
+    line = json.loads((tmp_path / "a" / "eval.jsonl").read_text())
+    assert line["step"] == 1 and line["all"]["samples"] == 1  # --eval-samples 1, and the last step is measured
+    for bad in (dict(eval_every=2), dict(eval_samples=3)):
+        with pytest.raises(TrainError, match="need --eval-cache"):
+            TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(tmp_path / "b"), **bad)
 
 
 def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file):
