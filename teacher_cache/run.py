@@ -43,6 +43,7 @@ from teacher_cache.models import ModelRef, position_limit, resolve_model, weight
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     FORMAT_VERSION,
+    SHARD_RE,
     Row,
     ShardWriter,
     is_cache_file,
@@ -459,11 +460,26 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
         if backend is not None and cfg.attention_layers and backend.name != "hf":
             raise RunError("an injected non-hf backend cannot provide attention summaries")
         bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
+        _check_data_unchanged(cfg, header)
         return _finish(cfg, out, part, bad, dups, t0)
     except BaseException:
         if made is not None:  # what this run made, if it holds no more than its part file and lock
             remove_if_unused(made, *own)
         raise
+
+
+def _check_data_unchanged(cfg: RunConfig, header: dict) -> None:
+    """Refuse to call a run complete whose data files changed while it read them (appended to,
+    rewritten): the header, and so the manifest, names each file by its sha256 at the start, but
+    the shards hold records read later (a cache of 252 samples named a file of 240)."""
+    for path, entry in zip(cfg.data, header["data"]["files"], strict=True):
+        now = file_sha256(path)
+        if now != entry["sha256"]:
+            raise RunError(
+                f"{path} changed while this run read it (sha256 {entry['sha256']} at the start, {now} now): "
+                "its shards may hold records of either version, so the run is not marked finished; "
+                "run again into a new --out once the file no longer changes"
+            )
 
 
 @contextlib.contextmanager
@@ -559,6 +575,15 @@ def _open_out(cfg: RunConfig) -> Location:
         foreign = [n for n in names if not is_cache_file(n)]
         if foreign and not _is_cache(out, names):  # a cache's own folder always resumes
             raise RunError(f"{out} holds files that are not a cache's ({first_of(foreign)}): use an empty or new --out")
+        # a run writes its part file before its first shard, so shards with neither a part nor a
+        # manifest are no run's of this folder (a killed merge's, a cache whose parts/ went): this
+        # run would overwrite some of them and leave the rest beside its own, unlisted
+        shards = [n for n in names if SHARD_RE.match(n)]
+        if shards and not _is_cache(out, names):
+            raise RunError(
+                f"{out} holds shards but no {MANIFEST} or worker part file ({first_of(shards)}): an unfinished "
+                "merge, or a cache whose parts/ were removed; use an empty or new --out"
+            )
     except StorageError as e:
         raise RunError(str(e)) from None
     return out

@@ -216,6 +216,22 @@ def test_parquet_rows_mix_chats_and_pairs_and_are_named_from_1(tmp_path):
     assert len(bad) == 1 and bad[0].startswith(f"{p}:3: 'prompt' and 'response'")
 
 
+def test_parquet_rows_are_decoded_a_batch_at_a_time(tmp_path):
+    """A Parquet file was read whole (the table, then every row as Python objects) on each of a
+    run's passes over the data: ~1 GB for 384k short chats, growing with the file, where JSON lines
+    stream. Reading the first record must not decode the whole file."""
+    p = tmp_path / "d.parquet"
+    rows = [{"id": f"r{i}", "prompt": f"q{i} " + "x" * 2000, "response": "y" * 2000} for i in range(10_000)]
+    pq.write_table(pa.Table.from_pylist(rows), p, row_group_size=500)  # ~40 MB of text
+    before = pa.total_allocated_bytes()
+    records = iter_records([str(p)], skip_bad=False)
+    first = next(records)
+    held = pa.total_allocated_bytes() - before
+    assert held < 15e6, f"{held / 1e6:.0f} MB of Arrow memory held to read one record"
+    assert first.sample_id == "r0" and first.where == f"{p}:1"
+    assert [r.where for r in records][-1] == f"{p}:10000"
+
+
 def test_a_file_of_only_bad_records_is_skipped_not_called_empty(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("{bad\n" + json.dumps({"x": 1}) + "\n")

@@ -901,6 +901,48 @@ def test_a_run_with_another_worker_count_or_settings_is_refused_before_it_writes
     assert len(open_cache(two)) == 12
 
 
+def test_shards_with_no_part_or_manifest_are_refused_not_overwritten(tmp_path, chats_file):
+    """A folder of shards with neither a worker part nor a manifest (a killed merge's, or a cache
+    whose parts/ and manifest.json were removed) is no run's: a run there overwrote some shards
+    and finished with the others beside its own, unlisted (verify then failed). Refused, untouched."""
+    old = tmp_path / "old"
+    run(cfg(chats_file, old, shard_size=2))  # 6 shards
+    out = tmp_path / "c"
+    out.mkdir()
+    for shard in old.glob("shard-*"):
+        shutil.copy(shard, out / shard.name)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RunError, match=r"holds shards but no manifest.json or worker part file \(shard-w00000-"):
+        run(cfg(chats_file, out))  # 4 shards of 3
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_data_that_changes_during_the_run_is_not_called_finished(tmp_path, chats_file, monkeypatch):
+    """The manifest names each data file by its sha256 at the start; records appended while the
+    run read the file ended up in the shards of a cache that named the file as it was before
+    (252 samples from "the" 240-record file). The run refuses to call such a cache finished."""
+    import teacher_cache.run as run_module
+
+    data = tmp_path / "d.jsonl"
+    shutil.copy(chats_file, data)
+    real, appended = run_module._cache_shard, []
+
+    def appending(*args, **kwargs):
+        entry = real(*args, **kwargs)
+        if not appended:  # once, after the first shard: a writer still filling the file
+            with data.open("a") as f:
+                f.write(json.dumps({"id": "late", "prompt": "Hi?", "response": "Hello."}) + "\n")
+            appended.append(entry["name"])
+        return entry
+
+    monkeypatch.setattr(run_module, "_cache_shard", appending)
+    out = tmp_path / "c"
+    with pytest.raises(RunError, match=r"d.jsonl changed while this run read it .*not marked finished"):
+        run(cfg(data, out))
+    assert not (out / "manifest.json").exists()
+    assert not json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["complete"]
+
+
 @pytest.mark.parametrize(
     "part,why",
     [
