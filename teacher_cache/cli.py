@@ -210,6 +210,13 @@ def main() -> None:
     """Cache a teacher model's targets (top-k or sampled log-probs, attention summaries) to Arrow shards."""
 
 
+def _refuse_memory_out(out: str) -> None:
+    """fsspec's memory:// lives in this process: a cache written there is gone when the command
+    ends (it said "done" and left nothing). From Python it is fine: the caller's process keeps it."""
+    if out.lower().startswith("memory:"):
+        raise SettingsError(f"--out {out}: memory:// ends with this process, so the cache would be lost")
+
+
 @main.command()
 @click.option(
     "--teacher", type=PATH, required=True, help="Preset name (see `teacher-cache presets`) or checkpoint directory."
@@ -305,6 +312,7 @@ def run(**kw) -> None:
     kw["exclude_domain"] = tuple(kw["exclude_domain"]) or None
     kw["attention_layers"] = _parse_layers(kw["attention_layers"])
     kw["progress"] = not kw.pop("no_progress")
+    _refuse_memory_out(kw["out"])
     try:
         cfg = RunConfig(**kw)
     except (ValueError, RuntimeError) as e:  # settings that contradict each other: a usage error (exit 2)
@@ -416,6 +424,7 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
 
     if len(caches) < 2:
         raise SettingsError("merge needs at least two caches")
+    _refuse_memory_out(out)
     interruptible()
     try:
         m = merge_caches(list(caches), out, progress=not no_progress)

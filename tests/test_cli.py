@@ -592,3 +592,22 @@ def test_a_ctrl_c_before_a_command_handles_it_is_one_line_and_ends_by_sigint(tmp
     ):
         done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
         assert done.returncode == -signal.SIGINT and done.stderr.strip() == line, (done.returncode, done.stderr)
+
+
+def test_an_out_in_memory_is_refused_as_it_would_end_with_the_command(tmp_path, chats_file):
+    """run/merge --out memory://... said "done" and the cache was gone with the process."""
+    run = [
+        *TC,
+        "run",
+        "--teacher",
+        "tiny-mixtral",
+        "--backend",
+        "hf",
+        "--data",
+        str(chats_file),
+        "--out",
+        "memory://x/c",
+    ]
+    for args in (run, [*TC, "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", "memory://x/m"]):
+        done = sh(args)
+        assert done.returncode == 2 and "memory:// ends with this process" in one_line_error(done)
