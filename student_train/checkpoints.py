@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from student_train.checks import check_distinct
+from student_train.checks import check_distinct, content_digest
 from student_train.config import RESUMABLE, TrainConfig, TrainError
 from student_train.distributed import full_state
 from teacher_cache.errors import one_line, parse_json
@@ -32,7 +32,8 @@ def resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student_
     """-> (state: step, samples per rank, elapsed, cache digests; the checkpoint to resume or None),
     after the checks: no cache twice, no run overwritten, the same settings and caches on resume."""
     digests = check_distinct(caches)
-    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": digests, "world_size": world}
+    contents = [content_digest(c) for c in caches]  # saved: a cache's timing may change (a redone shard)
+    state = {"step": 0, "samples_per_rank": 0, "elapsed_s": 0.0, "caches_sha256": contents, "world_size": world}
     state["domain_mix"] = "per_round"  # how Plan routes a DAE mix (data.py); "per_index" before it was saved
     state["student_path"] = student_path  # the --student folder, resolved (a preset's built folder)
     latest = latest_checkpoint(out)
@@ -43,7 +44,7 @@ def resume_point(cfg: TrainConfig, out: Path, caches: list, world: int, student_
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if ckpt:
         saved = _read_trainer_state(ckpt, cfg)
-        check_resume(ckpt, saved, cfg, digests, student_path)
+        check_resume(ckpt, saved, cfg, digests, student_path, contents=contents)
         if saved.get("world_size", world) != world:  # the data position is per rank (absent before it was saved)
             raise TrainError(
                 f"{ckpt} was trained by {saved['world_size']} processes, this run has {world}: the data position "
@@ -89,17 +90,29 @@ def _valid_trainer_state(saved: object, ckpt: Path, cfg: TrainConfig) -> bool:
     )
 
 
-def check_resume(ckpt: Path, saved: dict, cfg: TrainConfig, digests: list[str], student_path: str) -> None:
+def check_resume(
+    ckpt: Path,
+    saved: dict,
+    cfg: TrainConfig,
+    digests: list[str],
+    student_path: str,
+    *,
+    contents: list[str] | None = None,
+) -> None:
     """Refuse --resume with settings or caches other than the checkpoint's: the data position
     and the learning-rate schedule it saved would mean something else. The student is compared
-    by the folder its name resolves to (a relative path from another directory is the same)."""
+    by the folder its name resolves to (a relative path from another directory is the same).
+    The caches are compared by `contents` (checks.content_digest: what checkpoints record now),
+    or by `digests` (the whole manifest's: what older checkpoints recorded)."""
     before = saved.get("config", {})
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
     same = set(RESUMABLE) | ({"student"} if saved.get("student_path") == student_path else set())
     changed = sorted(k for k in now if k not in same and k in before and before[k] != now[k])
     was = saved.get("caches_sha256", digests)
-    if was != digests:  # the same caches in another order give another sample order
-        changed.append("the caches' order" if sorted(was) == sorted(digests) else "the caches' contents")
+    ways = [digests] if contents is None else [contents, digests]
+    if was not in ways:  # the same caches in another order give another sample order
+        reordered = any(sorted(was) == sorted(w) for w in ways)
+        changed.append("the caches' order" if reordered else "the caches' contents")
     if changed:
         raise TrainError(
             f"{ckpt} was trained with other settings ({', '.join(changed)}); resume with the same ones, or "

@@ -24,6 +24,18 @@ def check_distinct(caches: list) -> list[str]:
     return digests
 
 
+def content_digest(cache) -> str:
+    """sha256 of the cache's manifest without its `timing` (how fast the run went, not what it
+    made): what a checkpoint records of its caches. A lost shard that `teacher-cache run` redid
+    (the same bytes) rewrites the manifest with another timing, and a resume refused the cache as
+    "the caches' contents" changed."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in cache.manifest.items() if k != "timing"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = False) -> None:
     """Refuse a student whose tokenizer differs from the caches', or caches that disagree on
     the format, the target kind or (with attention=True: the attention loss is on) the teacher

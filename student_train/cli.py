@@ -264,9 +264,24 @@ def _is_report(head: bytes) -> bool:
     return head.lstrip().startswith(b"{") and b'"kl_kind"' in head
 
 
+# what `plot --out` writes, by its extension: formats whose files _is_image knows again, so a later
+# plot may replace them (matplotlib also writes raw, rgba, svgz...: files with no signature of their own)
+PLOT_FORMATS = ("png", "pdf", "svg", "eps", "ps", "jpg", "jpeg", "gif", "tif", "tiff", "webp")
+
+
 def _is_image(head: bytes) -> bool:
-    """Whether a file's first bytes are a PNG, PDF, SVG or PostScript file (what a plot writes)."""
-    return head.startswith((b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg", b"%!PS"))
+    """Whether a file's first bytes are one of PLOT_FORMATS' (what a plot writes)."""
+    signatures = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg", b"%!PS", b"\xff\xd8\xff", b"GIF8", b"II*\x00")
+    return head.startswith((*signatures, b"MM\x00*")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _plot_format(out: str) -> None:
+    """Refuse an --out whose extension names no format of PLOT_FORMATS (no extension: PNG)."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix and suffix not in PLOT_FORMATS:
+        raise SettingsError(
+            f"--out {out}: plot writes {', '.join('.' + f for f in PLOT_FORMATS)} (by the extension), not .{suffix}"
+        )
 
 
 @main.command()
@@ -275,13 +290,18 @@ def _is_image(head: bytes) -> bool:
     "--out",
     type=PATH,
     default=None,
-    help="Image path; its extension picks the format: .png, .pdf, .svg (default RUN_DIR/curves.png).",
+    help=(
+        "Image path; its extension picks the format: .png, .pdf, .svg, .eps, .ps, .jpg, .gif, .tif, .webp "
+        "(default RUN_DIR/curves.png)."
+    ),
 )
 def plot(run_dir: str, out: str | None) -> None:
     """Draw a run's loss, lr and grad-norm curves to an image (PNG by default)."""
     from student_train.checks import check_output_file
     from student_train.plot import plot_run
 
+    if out:  # a usage error, before the work
+        _plot_format(out)
     try:
         if out:
             check_output_file(out, "a plot", _is_image)

@@ -460,13 +460,26 @@ def die_with(trainer: int, worker_id: int) -> None:
     """DataLoader `worker_init_fn` for workers forked by the trainer (as functools.partial(die_with,
     os.getpid()), with multiprocessing_context="fork"): the worker is killed when the trainer dies
     (Linux: PR_SET_PDEATHSIG), kill -9 included. A worker blocked on a full queue never notices
-    its parent is gone, and lived on with its memory."""
+    its parent is gone, and lived on with its memory.
+
+    On SIGTERM the worker exits quietly (status 0): the trainer answers the signal (one line,
+    exit 143). A SIGTERM sent to the whole process group (Slurm's scancel and time limit, torchrun
+    ending the other ranks) killed the workers by the signal, and the trainer's DataLoader then
+    raised "DataLoader worker (pid N) is killed by signal: Terminated." instead: exit 1. (Ignored,
+    the signal would leave the loader's own terminate() at shutdown waiting for ever.)"""
     import ctypes
     import signal
 
+    signal.signal(signal.SIGTERM, _quiet_exit)  # replaces torch's worker handler (killed by the signal)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: torch's own watchdog is all there is
         return
     if os.getppid() != trainer:  # the trainer died before the call: no signal will come
         os._exit(1)
+
+
+def _quiet_exit(signum: int, frame: object) -> None:
+    """A DataLoader worker's SIGTERM: exit with status 0, which the trainer's loader does not report
+    as a worker killed (die_with)."""
+    os._exit(0)

@@ -56,3 +56,26 @@ def test_the_held_out_kl_of_eval_jsonl_is_drawn_beside_the_losses(tmp_path):
         plot_run(str(tmp_path))
     (tmp_path / "eval.jsonl").unlink()
     assert "held-out KL" not in plot_run(str(tmp_path), out=str(tmp_path / "d.svg")).read_text()
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "gif", "tif", "webp"])
+def test_a_plot_replaces_its_own_earlier_image_in_every_format_it_writes(tmp_path, suffix):
+    """plot --out x.jpg wrote a JPEG, then refused to replace it ("exists and is not a plot"):
+    only PNG, PDF, SVG and PostScript were known again."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(GOOD) + "\n")
+    out = tmp_path / f"curves.{suffix}"
+    for _ in range(2):
+        done = subprocess.run([*ST, "plot", str(tmp_path), "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0
+
+
+def test_a_plot_format_it_could_not_know_again_is_a_usage_error(tmp_path):
+    """.raw (no signature to know it by later) and .txt (no image format) are refused before the
+    work, not written (raw) or refused after drawing (txt, matplotlib's own message)."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(GOOD) + "\n")
+    for suffix in ("raw", "txt"):
+        out = tmp_path / f"curves.{suffix}"
+        done = subprocess.run([*ST, "plot", str(tmp_path), "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"not .{suffix}" in done.stderr
+        assert not out.exists()

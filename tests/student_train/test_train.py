@@ -207,6 +207,31 @@ def test_a_resume_with_the_caches_in_another_order_names_the_order():
         _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "x"], "s")
 
 
+def test_a_resume_takes_a_cache_whose_lost_shard_the_teacher_run_redid(tmp_path, chats_file):
+    """A shard lost from a cache is redone by the same `teacher-cache run` (the same bytes), which
+    rewrites manifest.json with the redo's timing: a resume refused the cache as "the caches'
+    contents", though no sample changed. A cache with other samples is still refused."""
+    cache = tmp_path / "cache"
+    made = RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(cache), backend="hf", top_k=4,
+                     shard_size=4, progress=False)  # fmt: skip
+    run(made)
+    common = dict(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "r"), max_steps=2, save_every=1,
+                  batch_size=2, progress=False)  # fmt: skip
+    train(TrainConfig(**common))
+    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
+    lost = sorted(cache.glob("shard-*.arrow"))[-1]
+    before = lost.read_bytes()
+    lost.unlink()
+    run(made)  # redoes the lost shard
+    assert lost.read_bytes() == before
+    assert train(TrainConfig(**common, resume=True))["step"] == 2
+    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
+    other = tmp_path / "other"
+    run(dataclasses.replace(made, out=str(other), top_k=3))
+    with pytest.raises(TrainError, match=r"other settings \(the caches' contents\)"):
+        train(TrainConfig(**{**common, "caches": (str(other),)}, resume=True))
+
+
 def test_resume_takes_the_same_student_by_another_path(tmp_path, kd_cache, monkeypatch):
     """--student is compared by the folder it resolves to: a run started with a relative path
     resumes with an absolute one (or from another directory); another folder is other settings."""
@@ -266,6 +291,31 @@ def test_a_training_stopped_before_its_first_checkpoint_says_so(tmp_path, kd_cac
     assert err.strip().splitlines()[-1] == (
         "terminated: no checkpoint was written yet: the same command with --resume starts again at step 0"
     )
+
+
+def test_a_sigterm_to_the_process_group_stops_a_training_with_workers_as_sigterm(tmp_path, kd_cache):
+    """Slurm (scancel, the time limit) and torchrun send SIGTERM to every process of the job: the
+    DataLoader workers died by it, and the trainer stopped with "DataLoader worker (pid N) is killed
+    by signal: Terminated." and exit 1, not the terminated line and 143."""
+    out = tmp_path / "group"
+    args = [*endless_train_args(kd_cache, out), "--num-workers", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(metrics(out)) >= 2 if (out / "metrics.jsonl").is_file() else False)
+        workers = descendants(proc.pid)
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "terminated: no checkpoint was written yet: the same command with --resume starts again at step 0"
+    )
+    wait_for(lambda: not any(alive(w) for w in workers), timeout=30)
+    assert not any(alive(w) for w in workers)
 
 
 def alive(pid: int) -> bool:
