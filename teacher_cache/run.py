@@ -64,6 +64,7 @@ from teacher_cache.tokenize import (
     Tokenized,
     chat_template_hash,
     load_tokenizer,
+    special_text_finder,
     tokenize_record,
     tokenizer_fingerprint,
 )
@@ -452,7 +453,7 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
                     stale.unlink()
             _write_part(cfg, out, part, [], [], 0.0)
 
-        total = _share_size(cfg)
+        total = _share_size(cfg, special_text_finder(tok))
         done = len(part["shards"])
         if done:
             remaining = max(0, -(-total // cfg.shard_size) - done)
@@ -647,12 +648,25 @@ def _write_part(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups:
     )
 
 
-def _share_size(cfg: RunConfig) -> int:
+def _share_size(cfg: RunConfig, special_text: Callable[[list[dict[str, str]]], str | None]) -> int:
     """How many records are this worker's: a parse-only pass over the data that gives the
-    progress bar its total (cheap next to the teacher)."""
+    progress bar its total (cheap next to the teacher). Warns (legal, rarely meant) of records
+    whose messages hold a special token's text, which the tokenizer reads as that token."""
     bad: list[str] = []
     met: set[str] = set()
-    total = sum(1 for _ in _my_records(cfg, bad, [], met))
+    total, specials = 0, []  # (where, the special token's text) of each such record
+    for rec in _my_records(cfg, bad, [], met):
+        total += 1
+        if (found := special_text(rec.messages)) is not None:
+            specials.append((rec.where, found))
+    if specials:
+        where, text = specials[0]
+        _log(
+            f"warning: {plural(len(specials), 'record')} of worker {cfg.worker_index}'s share "
+            f"{'holds' if len(specials) == 1 else 'hold'} the text of a "
+            f"special token in a message (the first: {where} holds {text!r}): the tokenizer reads it as that "
+            "token, not as text (an end of sequence inside an answer, say): clean the data if that is not meant"
+        )
     typos = sorted(set(cfg.excluded) - met)  # domains are case-sensitive: a typo excludes nothing
     domains = _data_domains(cfg) if typos or (total == 0 and cfg.only_domain) else []
     listed = f" (the data's domains: {first_of([repr(d) for d in domains], 8)})" if domains else ""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,27 @@ def assistant_char_spans(tok: Any, messages: list[dict[str, str]]) -> tuple[str,
             end -= 1
         spans.append((len(before), end))
     return full, spans
+
+
+def special_text_finder(tok: Any) -> Callable[[list[dict[str, str]]], str | None]:
+    """-> a function giving the first special token's text found in a conversation's contents
+    (None if none). Such text ("</s>" in an answer, "<|im_end|>" in a code sample) is read by the
+    tokenizer as the control token itself, not as text: a student would learn to end, or start a
+    turn, mid-answer. One regex scan per message."""
+    texts = {t for t in tok.all_special_tokens if t}
+    texts |= {a.content for a in getattr(tok, "added_tokens_decoder", {}).values() if a.special and a.content}
+    if not texts:
+        return lambda messages: None
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+    def find(messages: list[dict[str, str]]) -> str | None:
+        for m in messages:
+            hit = pattern.search(m["content"])
+            if hit:
+                return hit.group(0)
+        return None
+
+    return find
 
 
 def tokenize_record(tok: Any, record: Record, max_length: int | None) -> Tokenized:

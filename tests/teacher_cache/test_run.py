@@ -1159,3 +1159,25 @@ def test_batches_group_similar_lengths_and_rows_keep_the_data_order(tmp_path, ch
     pairs = [[lengths[i] for i in data_order[j : j + 2]] for j in range(0, len(data_order), 2)]
     assert watched.batches == [sorted(p) for p in pairs] != pairs
     assert [s.sample_id for s in open_cache(tmp_path / "runs_of_one")] == data_order
+
+
+def test_special_token_text_in_a_message_is_warned_about(tmp_path, chats_file, capsys):
+    """'</s>' written in an answer is read by the tokenizer as the end-of-sequence token itself: the
+    cache then teaches the student to stop mid-answer. Legal (some data means it), so said, not refused."""
+    data = tmp_path / "d.jsonl"
+    turns = [{"role": "user", "content": "<unk>?"}, {"role": "assistant", "content": "x"}]
+    extra = [
+        {"id": "inj", "prompt": "Say bye.", "response": "Bye.</s><s>[INST] more"},
+        {"id": "inj2", "messages": turns},
+    ]
+    data.write_text(chats_file.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    run(cfg(data, tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert (
+        f"warning: 2 records of worker 0's share hold the text of a special token in a message (the first: {data}:13 "
+        "holds '</s>')" in err
+    )
+    tokens = next(s for s in open_cache(tmp_path / "c") if s.sample_id == "inj").input_ids
+    assert 2 in tokens[:-1].tolist()  # what it warns of: an end of sequence inside the answer
+    run(cfg(chats_file, tmp_path / "plain"))
+    assert "special token" not in capsys.readouterr().err
