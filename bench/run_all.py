@@ -8,7 +8,8 @@ benchmark keeps their engines and threads apart) and writes its JSON into bench/
 codec.json (bench_codec.py on the bundled chats), codec_prose.json (bench_codec.py on prose
 paragraphs from the installed packages' descriptions, metadata_prose.py), codec_entropy.txt and
 codec_entropy_prose.txt (codec_entropy.py: the lower bounds docs/CODEC.md quotes), engine_spin.json
-(engine_spin.py: vLLM's CPU engine process after a request), throughput.json (bench_throughput.py)
+(engine_spin.py: vLLM's CPU engine process after a request), throughput.json (bench_throughput.py),
+projection.json (bench_projection.py: the hidden path's output projection, per sample vs in blocks)
 and train.json (bench_train.py). Their progress and tables stream
 through; the summary at the end reads the JSON files back.
 """
@@ -125,6 +126,7 @@ def main() -> None:
     entropy_prose_args += ["--samples", "20"] if args.quick else []
     tp_args = ["--out", str(throughput_json)] + (["--quick"] if args.quick else [])
     spin_args = ["--out", str(results / "engine_spin.json")] + (["--repeats", "2"] if args.quick else [])
+    projection_args = ["--out", str(results / "projection.json")] + (["--rounds", "2"] if args.quick else [])
     train_json = results / "train.json"
     train_args = ["--out", str(train_json)] + (["--samples", "32", "--repeats", "3"] if args.quick else [])
     since = time.time()
@@ -137,6 +139,7 @@ def main() -> None:
         ("codec_entropy.py (prose)", "codec_entropy.py", entropy_prose_args),
         ("engine_spin.py", "engine_spin.py", spin_args),
         ("bench_throughput.py", "bench_throughput.py", tp_args),
+        ("bench_projection.py", "bench_projection.py", projection_args),
         ("bench_train.py", "bench_train.py", train_args),
     ):
         done[label] = run(script, sargs, args.verbose)

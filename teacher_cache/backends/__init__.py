@@ -9,7 +9,7 @@ engine object leaves its backend module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +48,31 @@ class TeacherBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+PROJECTION_ROWS = 512  # target rows per output-projection matmul, gathered across a batch's samples
+
+
+def project_in_blocks(
+    rows: Sequence[torch.Tensor], weight: torch.Tensor, block: int = PROJECTION_ROWS
+) -> Iterator[torch.Tensor]:
+    """Per sample hidden rows float32 [P_i, D] -> its logits float32 [P_i, V] = rows @ weight.T, in order.
+
+    Consecutive samples share one matmul of up to `block` rows (a longer sample gets one of its
+    own): a matmul per sample reads the whole [V, D] weight for ~100 rows (smollm2-135m's sample
+    data: 1.27x the time). Each sample's logits are a row slice of its block's, which it may
+    overwrite; a block holds at most max(block, P_i) rows of [V] float32.
+    """
+    i = 0
+    while i < len(rows):
+        j, n = i + 1, len(rows[i])
+        while j < len(rows) and n + len(rows[j]) <= block:
+            n += len(rows[j])
+            j += 1
+        h = rows[i] if j == i + 1 else torch.cat(list(rows[i:j]))  # float32 [n, D]
+        logits = h @ weight.T  # float32 [n, V]
+        yield from logits.split([len(r) for r in rows[i:j]])  # float32 [P_i, V] each, contiguous
+        i = j
 
 
 def vllm_available() -> bool:

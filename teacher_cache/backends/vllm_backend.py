@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from teacher_cache.backends import EngineFailure, TeacherOutput
+from teacher_cache.backends import EngineFailure, TeacherOutput, project_in_blocks
 from teacher_cache.errors import one_line
 from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef, check_checkpoint
 from teacher_cache.targets import TopKTargets, tail_from_topk
@@ -243,11 +243,12 @@ class VllmBackend:
         prompts = [{"prompt_token_ids": s.input_ids.tolist()} for s in batch]
         if self.mode == "hidden":
             outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-            for s, out in zip(batch, outputs, strict=True):
-                hidden = out.outputs.data  # [T, D] final hidden states
-                pos = torch.from_numpy(s.target_positions)  # int64 [P]
-                h = hidden[pos].to(self.device, torch.float32)  # float32 [P, D]
-                yield TeacherOutput(logits=h @ self.weight.T, topk=None, attention=None)  # float32 [P, V]
+            rows = [  # float32 [P, D] per sample: the final hidden states [T, D] at its target positions
+                out.outputs.data[torch.from_numpy(s.target_positions)].to(self.device, torch.float32)
+                for s, out in zip(batch, outputs, strict=True)
+            ]
+            for logits in project_in_blocks(rows, self.weight):  # float32 [P, V] per sample
+                yield TeacherOutput(logits=logits, topk=None, attention=None)
         else:
             from vllm import SamplingParams
 

@@ -62,6 +62,25 @@ def test_target_positions_are_assistant_tokens(teacher_tok, chats_tokenized, cha
         assert "[INST]" not in text and "[/INST]" not in text
 
 
+def test_the_projection_in_blocks_gives_each_sample_its_own_rows_logits():
+    """Consecutive samples share a matmul of up to `block` rows, a longer one gets its own: each
+    sample's logits are its rows' (as one matmul per sample), and no block is larger than needed."""
+    from teacher_cache.backends import project_in_blocks
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=g)  # [V, D]
+    sizes = [3, 0, 5, 9, 2, 2, 0]  # blocks of 6 rows: [3, 0], [5], [9] (longer than a block), [2, 2, 0]
+    rows = [torch.randn(n, 8, generator=g) for n in sizes]
+    got = list(project_in_blocks(rows, weight, block=6))
+    assert [tuple(x.shape) for x in got] == [(n, 50) for n in sizes]
+    for r, x in zip(rows, got, strict=True):
+        torch.testing.assert_close(x, r @ weight.T, rtol=1e-6, atol=1e-5)
+        assert x.is_contiguous()  # topk_from_logits(inplace=True) works on it in place
+        assert x.untyped_storage().nbytes() <= max(6, len(r)) * 50 * 4  # float32 [<= max(block, P), V]
+    assert got[2].untyped_storage().nbytes() == 5 * 50 * 4 and got[6].untyped_storage().nbytes() == 4 * 50 * 4
+    assert list(project_in_blocks([], weight)) == []
+
+
 def test_hf_backend_matches_reference(tiny_teacher, chats_tokenized, reference):
     from teacher_cache.backends.hf import HfBackend
 
