@@ -83,6 +83,19 @@ def check_compatible(caches: list[Cache]) -> None:
             raise MergeError(f"cannot merge {caches[0].where} and {cache.where}: {', '.join(differ)} differ")
 
 
+def _warn_domain_lost(caches: list[Cache], paths: list[str]) -> None:
+    """Domain caches (--only-domain) merged with caches of another domain, or none, make a cache
+    with no single domain: stage two reads its rows as general samples (a DAE mix would train the
+    expert's rows as the reference's). Legal, so said, not refused."""
+    domains = [c.manifest["data"].get("only_domain") for c in caches]
+    if any(d is not None for d in domains) and len(set(domains)) > 1:
+        listed = ", ".join(f"{p} ({'--only-domain ' + d if d is not None else 'no domain filter'})"
+                           for p, d in zip(paths, domains, strict=True))  # fmt: skip
+        print(f"warning: the merged cache has no single domain ({listed}): student-train reads all its rows as "
+              "general samples, not a domain expert's (for DAE, merge caches of one domain only)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def _difference(a: object, b: object) -> str:
     """'a vs b', or for two dicts only their keys that differ: 'k: 32 vs 8, ...'."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -159,6 +172,7 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
             print(f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
                   "duplicate, kept once", file=sys.stderr, flush=True)  # fmt: skip
     check_compatible(caches)
+    _warn_domain_lost(caches, paths)
     made = dest.local_path() if dest.is_local and not dest.local_path().exists() else None
     try:
         try:

@@ -754,7 +754,12 @@ def test_merge_workers_into_one_cache(tmp_path, chats_file):
     assert "12 samples" in done.stdout and "(10 duplicate rows dropped)" in done.stdout, done.stdout  # b's own: not
     assert open_cache(tmp_path / "m").manifest["counts"]["duplicates"] == 1 + 1 + 10  # b's twice, and the merge's
     assert "checking: 100%" in done.stderr and "writing: 100%" in done.stderr  # progress over shards
+    # a math expert's cache merged with the rest: no single domain, so stage two reads it all as general
+    assert f"warning: the merged cache has no single domain ({a} (--only-domain math), {b} (no domain filter)" in (
+        done.stderr
+    )
     merged = open_cache(tmp_path / "m")
+    assert merged.manifest["data"]["only_domain"] is None
     assert merged.manifest["codec_version"] == codec.CODEC_VERSION
     assert sorted(s.sample_id for s in merged) == sorted(s.sample_id for s in [*open_cache(a), *open_cache(b)])
     assert subprocess.run([*CLI, "verify", str(tmp_path / "m")], capture_output=True).returncode == 0
