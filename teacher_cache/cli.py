@@ -322,10 +322,8 @@ def run(**kw) -> None:
         part = run_cache(cfg)
     except OSError as e:
         if e.errno in DISK_FULL:
-            raise UserError(
-                f"no space left on the device of {cfg.out}: finished shards are kept; free space and run the "
-                "same command again to resume"
-            ) from None
+            kept = _kept_shards(cfg.out, cfg.worker_index)  # none, before the first shard
+            raise UserError(f"no space left on the device of {cfg.out}: {kept}, once there is space") from None
         raise UserError(one_line(e)) from None
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(one_line(e)) from None

@@ -395,17 +395,19 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
         out.check_writable()  # makes --out and its parts/: only now, after the refusals above
     except StorageError as e:
         raise RunError(str(e)) from None
-    with _hold_worker(cfg, out) as own:
+    with _hold_worker(cfg, out, made) as own:
         return _run_held(cfg, ref, tok, out, header, chash, made, own, backend, t0)
 
 
 @contextlib.contextmanager
-def _hold_worker(cfg: RunConfig, out: Location) -> Iterator[tuple[Path, ...]]:
+def _hold_worker(cfg: RunConfig, out: Location, made: Path | None) -> Iterator[tuple[Path, ...]]:
     """One process per worker of a local --out (a second one deleted the first's half-written
     shard, and the first then listed it at 0 bytes in a cache it called complete). Yields the
     files a run that made --out may remove with it when it fails (its part file and lock, and the
     workers' shared start lock), holding its lock; a run refused the lock removes nothing (the
-    folder is the holder's). Object stores take no lock: their workers must be started once each."""
+    folder is the holder's; one that could not write its lock, on a full disk, removes `made`, the
+    folder it made, if it holds no more than those files). Object stores take no lock: their workers
+    must be started once each."""
     if not out.is_local:
         yield ()
         return
@@ -415,8 +417,10 @@ def _hold_worker(cfg: RunConfig, out: Location) -> Iterator[tuple[Path, ...]]:
         root / worker_lock_name(cfg.worker_index),
         root / PARTS_DIR / ".start.lock",  # _starting's: shared, but a failed run's own folder may go with it
     )
+    held = False
     try:
         with exclusive(own[1], note=part_name(cfg.worker_index, cfg.num_workers)):
+            held = True
             # what a kill -9 mid-write left: its own part's temps (this lock makes it their only
             # writer), and the manifest's once an hour old (any worker may write that one)
             sweep_atomic_temps(own[0])
@@ -427,6 +431,10 @@ def _hold_worker(cfg: RunConfig, out: Location) -> Iterator[tuple[Path, ...]]:
             f"{out}: worker {cfg.worker_index} of {cfg.num_workers} is being written by another run (pid {e.pid}); "
             "wait for it to end, or stop it and run again (it resumes)"
         ) from None
+    except OSError:
+        if not held and made is not None:  # the lock not written (a full disk): the folder is only this run's
+            remove_if_unused(made, *own)
+        raise
 
 
 def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, chash: str, made: Path | None,

@@ -976,6 +976,28 @@ cp -a "$DISK/c" "$OUTSIDE/final"
 """
 
 
+FULL_BEFORE = """
+dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null   # fills the device
+"$@" 2> "$OUTSIDE/err"; echo $? > "$OUTSIDE/rc"
+ls -A "$DISK" > "$OUTSIDE/left"
+"""
+
+
+def test_a_disk_full_before_the_first_shard_says_nothing_was_kept_and_leaves_nothing(tmp_path, chats_file, small_disk):
+    """The lock could not be written: the run said "finished shards are kept" (none were) and left
+    --out behind with its lock file in it."""
+    args = [*CLI, "run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", str(small_disk.disk / "c"),
+            "--backend", "hf", "--no-progress"]  # fmt: skip
+    small_disk.run(FULL_BEFORE, args, size="64k")
+    err = small_disk.read("err")
+    assert small_disk.read("rc").strip() == "1" and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"Error: no space left on the device of {small_disk.disk / 'c'}: nothing was written; the same command "
+        "starts again, once there is space"
+    )
+    assert small_disk.read("left").split() == ["filler"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, chats_file, small_disk):
     """A real full device with room for ~2 shards: one line, finished shards kept, resume completes."""
@@ -985,13 +1007,17 @@ def test_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, cha
     small_disk.run(FULL_DISK, args, size="20k")
     first_err = small_disk.read("first.err")
     assert small_disk.read("first.rc").strip() == "1" and "Traceback" not in first_err, first_err
-    assert first_err.strip().splitlines()[-1] == (
-        f"Error: no space left on the device of {disk / 'c'}: finished shards are kept; free space and run the same "
-        "command again to resume"
+    last = first_err.strip().splitlines()[-1]
+    said = re.fullmatch(
+        rf"Error: no space left on the device of {re.escape(str(disk / 'c'))}: (\d+) finished shards? (are|is) kept; "
+        r"the same command resumes after them, once there is space",
+        last,
     )
+    assert said, last
     # what the failed run had finished is intact: every shard its part lists, byte for byte
     kept = json.loads((outside / "after_first" / "parts" / "worker-00000-of-00001.json").read_text())["shards"]
     assert 1 <= len(kept) < 6, "the device must fill mid-run"
+    assert int(said.group(1)) == len(kept)
     final = json.loads((outside / "final" / "manifest.json").read_text())["shards"]
     assert [s["sha256"] for s in kept] == [s["sha256"] for s in final[: len(kept)]]
     for s in kept:
