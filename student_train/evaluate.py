@@ -87,7 +87,10 @@ def eval_items(plan: Plan, num_caches: int, max_samples: int | None) -> list[tup
 
 def target_logits(model: torch.nn.Module, b: Batch) -> torch.Tensor:
     """A causal LM's logits float32 [P, V] at a batch's target positions (the head applied to those rows only)."""
-    hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state  # [B, T, D]
+    # use_cache=False: in eval mode the decoder would otherwise keep every layer's keys and values
+    hidden = model.get_decoder()(
+        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+    ).last_hidden_state  # [B, T, D]
     return model.get_output_embeddings()(hidden[b.row, b.pos]).float()
 
 

@@ -257,14 +257,16 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 _show(bar, last)
                 bar.update(1)  # draws the step's postfix with it (at most every 30 s into a log)
             last_step = state["step"] == cfg.max_steps
-            if held_out is not None and (state["step"] % cfg.eval_interval == 0 or last_step):
-                _evaluate(held_out, cfg, student, rank, world, bar, logs, last)
             if state["step"] % cfg.save_every == 0 or last_step:
                 if bar is not None:
                     _show(bar, last, saving=f"checkpoint-{state['step']}")
                 _checkpoint(out, cfg, student, tok, state, rank)
                 if bar is not None:
                     _show(bar, last)
+            # after the checkpoint: an evaluation that fails (a damaged or unreachable eval cache,
+            # out of memory on the full [P, V] logits) loses no training
+            if held_out is not None and (state["step"] % cfg.eval_interval == 0 or last_step):
+                _evaluate(held_out, cfg, student, rank, world, bar, logs, last)
             if world > 1:
                 torch.distributed.barrier()
     finally:

@@ -381,7 +381,7 @@ def show(cache_dir: str, sample_id: str | None, tokenizer: str | None, positions
             raise UserError(printable(f"{cache_dir}: {what}")) from None
         tok, said = load_view_tokenizer(cache.manifest, tokenizer)
         view = sample_view(cache, sample, tok, top=top, positions=positions)
-    except (ValueError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError) as e:  # KeyError: --tokenizer names no preset nor folder
         raise UserError(one_line(e)) from None
     if as_json:
         click.echo(json.dumps(view, indent=1, ensure_ascii=False))

@@ -1500,6 +1500,43 @@ def test_eval_cache_warnings_and_settings(tmp_path, dae_caches, capsys):
             TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(tmp_path / "b"), **bad)
 
 
+def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, dae_caches):
+    """A damaged eval cache is found only when it is first read (its shards stream then): the
+    checkpoint of that step is written before the evaluation, so the steps trained are kept."""
+    from teacher_cache.shards import ShardError
+
+    reference, expert = dae_caches
+    damaged = tmp_path / "damaged"
+    shutil.copytree(expert, damaged)
+    shard = damaged / open_cache(damaged).shard_names[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    out = tmp_path / "run"
+    with pytest.raises(ShardError, match="sha256 mismatch"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(out), max_steps=2, batch_size=2,
+                          save_every=2, eval_caches=(str(damaged),), progress=False))  # fmt: skip
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_held_out_logits_keep_no_kv_cache(dae_caches, tiny_student):
+    """The evaluation forward is no generation: in eval mode the decoder would otherwise build a
+    cache of every layer's keys and values (memory beside the training's, for nothing)."""
+    from student_train.data import collate
+    from student_train.evaluate import target_logits
+    from teacher_cache.models import load_causal_lm
+
+    reference, _ = dae_caches
+    model = load_causal_lm(tiny_student.path, progress=False, dtype=torch.float32).eval()
+    kept = []
+    model.get_decoder().register_forward_hook(lambda _m, _a, out: kept.append(out.past_key_values))
+    samples = list(open_cache(reference))[:2]
+    with torch.no_grad():
+        logits = target_logits(model, collate([(0, s) for s in samples], [], attention=False))
+    assert logits.shape[0] == sum(len(s.target_positions) for s in samples)
+    assert kept == [None]
+
+
 def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file):
     """With two experts' caches (math, code) beside a general one, the report's "by_domain" gives
     each domain what evaluating its cache alone gives, and together they make the "domain" part."""

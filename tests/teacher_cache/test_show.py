@@ -118,6 +118,9 @@ def test_a_foreign_tokenizer_an_unknown_id_and_a_damaged_shard_are_one_line_erro
     for args, says in [
         ([str(topk_cache), "--tokenizer", str(other)], "not the cache's tokenizer"),
         ([str(topk_cache), "no-such-id"], "no sample 'no-such-id'"),
+        # a file, not a folder (a tokenizer.json), and a name that is no preset: one line, not a traceback
+        ([str(topk_cache), "--tokenizer", str(other / "tokenizer.json")], "not a preset"),
+        ([str(topk_cache), "--tokenizer", "no-such-preset"], "not a preset"),
     ]:
         done = sh(args)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
