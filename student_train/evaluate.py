@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 
@@ -58,15 +59,8 @@ def evaluate(
     kind = caches[0].kind
     check_temperature(kind, temperature)
     with progress_bar(len(items), "evaluating", "sample", enabled=progress) as bar:
-        report = measure(
-            lambda b: target_logits(model, b),
-            caches,
-            plan,
-            items,
-            batch_size=batch_size,
-            temperature=temperature,
-            bar=bar,
-        )
+        stats = functools.partial(position_stats, kind=kind, temperature=temperature)
+        report = measure(lambda b: stats(model, b), caches, plan, items, batch_size=batch_size, bar=bar)
     report["model"] = model_path
     report["caches"] = cache_paths
     return report
@@ -85,13 +79,38 @@ def eval_items(plan: Plan, num_caches: int, max_samples: int | None) -> list[tup
     return items
 
 
-def target_logits(model: torch.nn.Module, b: Batch) -> torch.Tensor:
-    """A causal LM's logits float32 [P, V] at a batch's target positions (the head applied to those rows only)."""
+EVAL_CHUNK = 1024  # target positions per [chunk, V] block of logits (a batch's [P, V] is GBs at V = 128k)
+
+
+def position_stats(
+    model: torch.nn.Module, b: Batch, *, kind: str, temperature: float = 1.0, chunk: int = EVAL_CHUNK
+) -> torch.Tensor:
+    """float32 [3, P]: at each target position of the batch, the KL to the teacher (`losses.topk_kl`
+    or `sampled_kl` per position), the NLL of the label and top-1 agreement with the teacher (1 or
+    0), from a causal LM's logits `chunk` rows at a time."""
     # use_cache=False: in eval mode the decoder would otherwise keep every layer's keys and values
     hidden = model.get_decoder()(
         input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
     ).last_hidden_state  # [B, T, D]
-    return model.get_output_embeddings()(hidden[b.row, b.pos]).float()
+    h = hidden[b.row, b.pos]  # [P, D] at the target positions
+    head = model.get_output_embeddings()
+    if kind == "topk":
+        teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
+    else:  # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
+        teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
+    blocks = []
+    for lo in range(0, h.shape[0], chunk):
+        rows = slice(lo, lo + chunk)
+        z = head(h[rows]).float()  # float32 [c, V]
+        if kind == "topk":
+            kl = losses.topk_kl_rows(z, b.topk_ids[rows], b.topk_logprobs[rows], b.tail_logprob[rows],
+                                     temperature=temperature)  # fmt: skip
+        else:
+            kl = losses.sampled_kl_rows(z, b.sampled_ids[rows], b.sampled_weights[rows], temperature=temperature)
+        nll = torch.nn.functional.cross_entropy(z, b.labels[rows], reduction="none")  # float32 [c]
+        agree = (z.argmax(-1) == teacher_top1[rows]).float()  # float32 [c]
+        blocks.append(torch.stack([kl.float(), nll, agree]))  # [3, c]
+    return torch.cat(blocks, 1) if blocks else h.new_zeros(3, 0, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -102,7 +121,6 @@ def measure(
     items: list[tuple[int, int, int]],
     *,
     batch_size: int,
-    temperature: float = 1.0,
     device: torch.device | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     rank: int = 0,
@@ -110,9 +128,9 @@ def measure(
     lockstep: bool = False,
     bar=None,
 ) -> dict:
-    """KL to the teacher, NLL and top-1 agreement on `items` of the model whose target logits
-    `forward` gives (`target_logits`; the model in eval mode), as `evaluate` reports them (without
-    "model" and "caches").
+    """KL to the teacher, NLL and top-1 agreement on `items` of the model whose per-position
+    figures `forward` gives (`position_stats`; the model in eval mode), as `evaluate` reports them
+    (without "model" and "caches"). Batches are collated on the CPU and moved to `device`.
 
     Under torchrun each rank takes every world-th item and the sums are gathered, so every rank
     returns the whole report. `lockstep` (FSDP: every forward gathers the shards of all ranks)
@@ -136,7 +154,7 @@ def measure(
             bar.update(len(chunk))
         into = ({"domain": _zero(), "general": _zero()}, {}) if spare else (sums, by_domain)
         with autocast if autocast is not None else contextlib.nullcontext():
-            _add_batch(forward, chunk, plan.domain_caches, kind, temperature, *into, device)
+            _add_batch(forward, chunk, plan.domain_caches, *into, device)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, (sums, by_domain))
@@ -177,25 +195,14 @@ def _add_batch(
     forward: Callable[[Batch], torch.Tensor],
     chunk: list,
     domain_caches: list[int],
-    kind: str,
-    temperature: float,
     sums: dict,
     by_domain: dict,
     device: torch.device | None = None,
 ) -> None:
     """Add one batch's KL, NLL, top-1 agreement and counts to `sums` (domain / general) and to
     `by_domain` (each domain cache sample's own domain)."""
-    b = collate(chunk, domain_caches, attention=False)
-    if device is not None:
-        b = b.to(device)
-    logits = forward(b)  # float32 [P, V]
-    nll = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")  # float32 [P]
-    if kind == "topk":
-        teacher_top1 = b.topk_ids[:, 0]  # int64 [P], ids come by descending log-prob
-    else:
-        # the id of each row's largest weight: argmax [P, 1] gathered from sampled_ids [P, m]
-        teacher_top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]  # int64 [P]
-    agree = (logits.argmax(-1) == teacher_top1).float()  # float32 [P]
+    b = collate(chunk, domain_caches, attention=False)  # host tensors: the groups are summed here
+    kl, nll, agree = forward(b if device is None else b.to(device)).cpu()  # float32 [P] each
     # each position's domain ("" outside domain caches): the sample's, by row of the batch
     names = np.array([(s.domain or "") if c in domain_caches else "" for c, s in chunk], dtype=object)
     pos_names = names[b.row.numpy()]  # object [P]
@@ -206,14 +213,8 @@ def _add_batch(
         n = int(sel.sum())
         if n == 0:
             continue
-        if kind == "topk":
-            kl = losses.topk_kl(
-                logits[sel], b.topk_ids[sel], b.topk_logprobs[sel], b.tail_logprob[sel], temperature=temperature
-            )
-        else:
-            kl = losses.sampled_kl(logits[sel], b.sampled_ids[sel], b.sampled_weights[sel], temperature=temperature)
-        g["kl"] += float(kl) * n
-        g["nll"] += float(nll[sel].sum())
+        g["kl"] += float(kl[sel].sum(dtype=torch.float64))
+        g["nll"] += float(nll[sel].sum(dtype=torch.float64))
         g["agree"] += float(agree[sel].sum())
         g["positions"] += n
     for (c, _), name in zip(chunk, names, strict=True):
@@ -265,10 +266,14 @@ class HeldOut:
                     )
         return said
 
+    @property
+    def kind(self) -> str:
+        return self.caches[0].kind
+
     def measure(self, model: torch.nn.Module, forward: Callable[[Batch], torch.Tensor], *, batch_size: int, device,
                 autocast, rank: int, world: int, lockstep: bool) -> dict:  # fmt: skip
-        """The report on `model` as it is now, its target logits from `forward`; `model` is in
-        eval mode while measured, in train mode after."""
+        """The report on `model` as it is now, its figures per position from `forward`
+        (`position_stats`); `model` is in eval mode while measured, in train mode after."""
         model.eval()
         try:
             return measure(forward, self.caches, self.plan, self.items, batch_size=batch_size, device=device,

@@ -235,6 +235,20 @@ def topk_kl(
     return _masked_mean(per_pos, mask)
 
 
+def topk_kl_rows(
+    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """``topk_kl`` per position, not averaged: float32 [P] (evaluation sums it by group)."""
+    _check_temperature(temperature)
+    return _topk_kl_rows(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)
+
+
+def sampled_kl_rows(student_logits: Tensor, ids: Tensor, weights: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """``sampled_kl`` per position, not averaged: float32 [P]."""
+    _check_temperature(temperature)
+    return _sampled_rows(student_logits, ids, weights, temperature)
+
+
 def sampled_kl(
     student_logits: Tensor,
     ids: Tensor,

@@ -9,13 +9,14 @@ checkpoints and resume: checkpoints.py; torchrun ranks: distributed.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from student_train.checks import (
 )
 from student_train.config import TrainConfig, TrainError
 from student_train.data import Batch, Plan, collate, load_samples
-from student_train.evaluate import HeldOut, target_logits
+from student_train.evaluate import HeldOut, position_stats
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
@@ -82,13 +83,14 @@ class DistillStep(nn.Module):
         super().__init__()
         self.model, self.cfg, self.kind, self.layer_map = model, cfg, kind, layer_map
 
-    def forward(self, batch: Batch, logits_only: bool = False) -> dict[str, torch.Tensor | None]:
-        """Every loss of the batch; with `logits_only`, {"logits": float32 [P, V] at its target
-        positions} (held-out evaluation: under FSDP it must come through this module too)."""
+    def forward(self, batch: Batch, stats_of: Callable | None = None) -> dict[str, torch.Tensor | None]:
+        """Every loss of the batch; with `stats_of` (evaluate.position_stats), {"stats": what it
+        gives for the model and batch} instead (held-out evaluation: under FSDP it must come
+        through this module, which gathers the head and embeddings)."""
         from teacher_cache import attention
 
-        if logits_only:
-            return {"logits": target_logits(self.model, batch)}
+        if stats_of is not None:
+            return {"stats": stats_of(self.model, batch)}
         cfg = self.cfg
         capture = None
         student_layers = [s for _, s in self.layer_map]
@@ -464,10 +466,11 @@ def _evaluate(held_out: HeldOut, cfg: TrainConfig, student: _Student, rank: int,
         _show(bar, last, evaluating=f"{len(held_out.items)} held-out samples")
     if student.layer_map:  # the training step's row capture must not see the evaluation's forwards
         attention.attach(student.model, [s for _, s in student.layer_map], None)
+    stats_of = functools.partial(position_stats, kind=held_out.kind)  # at temperature 1, as student-train eval
     if student.sharded:  # through the sharded root (it gathers the head and embeddings), on every rank in step
-        forward = lambda b: student.step(b, logits_only=True)["logits"]  # noqa: E731
+        forward = lambda b: student.step(b, stats_of=stats_of)["stats"]  # noqa: E731
     else:  # the model itself: a DDP wrapper's forward would sync buffers across ranks
-        forward = lambda b: target_logits(student.model, b)  # noqa: E731
+        forward = functools.partial(stats_of, student.model)
     report = held_out.measure(student.model, forward, batch_size=cfg.batch_size, device=student.device,
                               autocast=student.autocast, rank=rank, world=world, lockstep=student.sharded)  # fmt: skip
     logs.append_eval({"step": last["step"], **report})

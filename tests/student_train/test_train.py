@@ -1523,7 +1523,7 @@ def test_held_out_logits_keep_no_kv_cache(dae_caches, tiny_student):
     """The evaluation forward is no generation: in eval mode the decoder would otherwise build a
     cache of every layer's keys and values (memory beside the training's, for nothing)."""
     from student_train.data import collate
-    from student_train.evaluate import target_logits
+    from student_train.evaluate import position_stats
     from teacher_cache.models import load_causal_lm
 
     reference, _ = dae_caches
@@ -1532,9 +1532,39 @@ def test_held_out_logits_keep_no_kv_cache(dae_caches, tiny_student):
     model.get_decoder().register_forward_hook(lambda _m, _a, out: kept.append(out.past_key_values))
     samples = list(open_cache(reference))[:2]
     with torch.no_grad():
-        logits = target_logits(model, collate([(0, s) for s in samples], [], attention=False))
-    assert logits.shape[0] == sum(len(s.target_positions) for s in samples)
+        stats = position_stats(model, collate([(0, s) for s in samples], [], attention=False), kind="topk")
+    assert stats.shape == (3, sum(len(s.target_positions) for s in samples))
     assert kept == [None]
+
+
+def test_held_out_figures_per_position_are_the_same_in_chunks_of_logits(dae_caches, sampled_cache, tiny_student):
+    """position_stats projects `chunk` target positions at a time (a whole batch's [P, V] logits
+    are GBs for a 128k vocabulary): the same figures as the losses on the whole [P, V] logits."""
+    from student_train import losses
+    from student_train.data import collate
+    from student_train.evaluate import position_stats
+    from teacher_cache.models import load_causal_lm
+
+    model = load_causal_lm(tiny_student.path, progress=False, dtype=torch.float32).eval()
+    for cache, kind in ((dae_caches[0], "topk"), (sampled_cache, "sampled")):
+        b = collate([(0, s) for s in list(open_cache(cache))[:3]], [], attention=False)
+        with torch.no_grad():
+            chunked = position_stats(model, b, kind=kind, chunk=7)  # P is not a multiple of 7
+            h = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+            z = model.get_output_embeddings()(h[b.row, b.pos])  # [P, V] at once
+        if kind == "topk":
+            kl = losses.topk_kl_rows(z, b.topk_ids, b.topk_logprobs, b.tail_logprob)
+            top1 = b.topk_ids[:, 0]
+        else:
+            kl = losses.sampled_kl_rows(z, b.sampled_ids, b.sampled_weights)
+            top1 = b.sampled_ids.gather(1, b.sampled_weights.argmax(1, keepdim=True))[:, 0]
+        whole = torch.stack([kl, torch.nn.functional.cross_entropy(z, b.labels, reduction="none"),
+                             (z.argmax(-1) == top1).float()])  # fmt: skip
+        assert chunked.shape == whole.shape and chunked.shape[1] > 7
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+        if kind == "topk":  # the rows are the loss's: their mean is topk_kl
+            mean = float(losses.topk_kl(z, b.topk_ids, b.topk_logprobs, b.tail_logprob))
+            assert mean == pytest.approx(float(kl.mean()), rel=1e-6)
 
 
 def test_eval_splits_the_domain_part_by_each_experts_domain(tmp_path, chats_file):
