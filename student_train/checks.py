@@ -15,12 +15,12 @@ class IncompatibleCacheError(ValueError):
     cannot share a batch."""
 
 
-def check_distinct(caches: list) -> list[str]:
+def check_distinct(caches: list, option: str = "--cache") -> list[str]:
     """The caches' digests; TrainError if one is given twice (its samples would count twice)."""
     digests = [c.digest for c in caches]
     twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
     if twice:
-        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each --cache once")
+        raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each {option} once")
     return digests
 
 

@@ -242,7 +242,7 @@ class HeldOut:
         from teacher_cache import open_cache
 
         self.caches = [open_cache(c) for c in paths]
-        check_distinct(self.caches)
+        check_distinct(self.caches, "--eval-cache")
         for cache in self.caches:
             if not len(cache):
                 raise ValueError(f"--eval-cache {cache.where}: no samples in it")

@@ -45,7 +45,7 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         axes[0].plot(*zip(*pts, strict=True), label=k)
     held_out = _eval_points(Path(run_dir) / "eval.jsonl")
     if held_out:
-        axes[0].plot(*zip(*held_out, strict=True), marker="o", label="held-out KL to the teacher")
+        axes[0].plot(*zip(*held_out, strict=True), marker="o", label="held-out KL to the teacher (temperature 1)")
     axes[0].set_title("losses")
     axes[0].set_xlabel("step")
     axes[0].legend()

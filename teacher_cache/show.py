@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from teacher_cache.cache import Cache, CachedSample
+from teacher_cache.errors import one_line
 
 
 def load_view_tokenizer(manifest: dict, name: str | None) -> tuple[Any | None, str]:
@@ -55,8 +56,13 @@ def _load(name: str, *, build: bool) -> Any:
     from teacher_cache.tokenize import load_tokenizer
 
     folder = Path(name).expanduser()
-    if folder.is_dir():
-        return load_tokenizer(str(folder))
+    if folder.is_dir():  # show needs no chat template nor a fast tokenizer: only the ids' tokens
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: cannot load a tokenizer from it ({one_line(e, 200)})") from None
     ref = resolve_model(name, build=build)  # a preset (ModelBuildError when not built and not `build`)
     if not ref.is_local and not build:
         from huggingface_hub import try_to_load_from_cache

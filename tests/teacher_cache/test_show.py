@@ -132,3 +132,15 @@ def test_a_foreign_tokenizer_an_unknown_id_and_a_damaged_shard_are_one_line_erro
     shard.write_bytes(bytes(blob))
     done = sh([str(cache), last_sample(topk_cache).sample_id])
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and shard.name in done.stderr, done.stderr
+
+
+def test_a_tokenizer_folder_without_a_chat_template_is_enough_to_name_tokens(topk_cache, tiny_teacher, tmp_path):
+    """show names tokens only: the cache's vocabulary is what counts, not a chat template (run needs one)."""
+    tok = load_tokenizer(tiny_teacher.path)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert not cfg.get("chat_template") and not (tmp_path / "tok" / "chat_template.jinja").exists()
+    done = sh([str(topk_cache), "--positions", "1", "--tokenizer", str(tmp_path / "tok")])
+    assert done.returncode == 0, done.stderr
+    assert f"tokens: {tmp_path / 'tok'}'s tokenizer" in done.stdout and "▁" in done.stdout
