@@ -305,6 +305,10 @@ def plot(run_dir: str, out: str | None) -> None:
     try:
         if out:
             check_output_file(out, "a plot", _is_image)
+        else:  # RUN/curves.png: replaced only if an earlier plot
+            default = Path(run_dir) / "curves.png"
+            if default.is_file() and not _is_image(default.read_bytes()[: 1 << 16]):
+                raise UserError(f"{default} exists and is not a plot: it is left as it is; give --out another path")
         click.echo(str(plot_run(run_dir, out)))
     except (ValueError, RuntimeError, OSError) as e:
         raise UserError(one_line(e)) from None

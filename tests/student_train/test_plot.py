@@ -79,3 +79,14 @@ def test_a_plot_format_it_could_not_know_again_is_a_usage_error(tmp_path):
         done = subprocess.run([*ST, "plot", str(tmp_path), "--out", str(out)], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"not .{suffix}" in done.stderr
         assert not out.exists()
+
+
+def test_the_default_plot_path_is_not_written_over_a_file_that_is_not_a_plot(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "curves.png").write_text("my notes\n")  # not an image: a plot without --out replaced it
+    done = subprocess.run([*ST, "plot", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "is not a plot" in done.stderr, done.stderr
+    assert (tmp_path / "curves.png").read_text() == "my notes\n"
+    (tmp_path / "curves.png").unlink()
+    assert subprocess.run([*ST, "plot", str(tmp_path)], capture_output=True).returncode == 0
+    assert subprocess.run([*ST, "plot", str(tmp_path)], capture_output=True).returncode == 0  # its own: replaced
