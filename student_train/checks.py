@@ -25,14 +25,21 @@ def check_distinct(caches: list, option: str = "--cache") -> list[str]:
 
 
 def content_digest(cache) -> str:
-    """sha256 of the cache's manifest without its `timing` (how fast the run went, not what it
-    made): what a checkpoint records of its caches. A lost shard that `teacher-cache run` redid
-    (the same bytes) rewrites the manifest with another timing, and a resume refused the cache as
-    "the caches' contents" changed."""
+    """sha256 of the cache's manifest without what the rows do not depend on: its `timing` (how
+    fast the run went), its `config` (the arguments as typed: --out, --batch-size, --no-progress;
+    the settings that decide the rows are in its header keys and config_hash) and where the teacher
+    and data files were (provenance: each is named by its sha256). What a checkpoint records of
+    its caches. A lost shard that `teacher-cache run` redid (the same bytes), from another working
+    directory or without progress bars, rewrites the manifest with another timing and config, and
+    a resume refused the cache as "the caches' contents" changed. Shards are listed with their
+    sha256: rows that changed change this digest."""
     import hashlib
     import json
 
-    kept = {k: v for k, v in cache.manifest.items() if k != "timing"}
+    from teacher_cache.manifest import content_settings
+
+    kept = {k: v for k, v in cache.manifest.items() if k not in ("timing", "config")}
+    kept.update({k: v for k, v in content_settings(cache.manifest).items() if k in kept})  # no paths
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 

@@ -213,7 +213,7 @@ def main() -> None:
 def _refuse_memory_out(out: str) -> None:
     """fsspec's memory:// lives in this process: a cache written there is gone when the command
     ends (it said "done" and left nothing). From Python it is fine: the caller's process keeps it."""
-    if out.lower().startswith("memory:"):
+    if any(url.strip().lower().startswith("memory:") for url in out.split("::")):  # simplecache::memory:// too
         raise SettingsError(f"--out {out}: memory:// ends with this process, so the cache would be lost")
 
 

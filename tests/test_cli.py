@@ -608,6 +608,7 @@ def test_an_out_in_memory_is_refused_as_it_would_end_with_the_command(tmp_path, 
         "--out",
         "memory://x/c",
     ]
-    for args in (run, [*TC, "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", "memory://x/m"]):
+    chained = [*run[:-1], "simplecache::memory://x/c"]  # fsspec's chained URL: memory:// all the same
+    for args in (run, chained, [*TC, "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", "memory://x/m"]):
         done = sh(args)
         assert done.returncode == 2 and "memory:// ends with this process" in one_line_error(done)

@@ -205,6 +205,8 @@ def test_a_resume_with_the_caches_in_another_order_names_the_order():
         _check_resume(Path("o/checkpoint-2"), saved, cfg, ["e", "r"], "s")
     with pytest.raises(TrainError, match=r"other settings \(the caches' contents\)"):
         _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "x"], "s")
+    # a checkpoint that recorded the whole manifests' digests (before content digests) resumes
+    _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "e"], "s", contents=["R2", "E2"])
 
 
 def test_a_resume_takes_a_cache_whose_lost_shard_the_teacher_run_redid(tmp_path, chats_file):
@@ -230,6 +232,28 @@ def test_a_resume_takes_a_cache_whose_lost_shard_the_teacher_run_redid(tmp_path,
     run(dataclasses.replace(made, out=str(other), top_k=3))
     with pytest.raises(TrainError, match=r"other settings \(the caches' contents\)"):
         train(TrainConfig(**{**common, "caches": (str(other),)}, resume=True))
+
+
+def test_a_resume_takes_a_cache_whose_lost_shard_was_redone_from_another_directory(tmp_path, chats_file, monkeypatch):
+    """Paths, --batch-size and --no-progress are not settings of a cache: the redo of a lost shard
+    run from another directory, by a relative --out, without progress bars, makes the same bytes,
+    but rewrote the manifest's `config` (the arguments as typed), and a resume refused the cache as
+    "the caches' contents" changed."""
+    cache = tmp_path / "cache"
+    made = RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(cache), backend="hf", top_k=4,
+                     shard_size=4, progress=False)  # fmt: skip
+    run(made)
+    common = dict(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "r"), max_steps=2, save_every=1,
+                  batch_size=2, progress=False)  # fmt: skip
+    train(TrainConfig(**common))
+    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
+    lost = sorted(cache.glob("shard-*.arrow"))[-1]
+    before = lost.read_bytes()
+    lost.unlink()
+    monkeypatch.chdir(tmp_path)
+    run(dataclasses.replace(made, out="cache", batch_size=3))  # redoes the lost shard: the same bytes
+    assert lost.read_bytes() == before
+    assert train(TrainConfig(**common, resume=True))["step"] == 2
 
 
 def test_resume_takes_the_same_student_by_another_path(tmp_path, kd_cache, monkeypatch):
