@@ -482,10 +482,16 @@ def _check_data_unchanged(cfg: RunConfig, header: dict) -> None:
     rewritten): the header, and so the manifest, names each file by its sha256 at the start, but
     the shards hold records read later (a cache of 252 samples named a file of 240)."""
     for path, entry in zip(cfg.data, header["data"]["files"], strict=True):
-        now = file_sha256(path)
+        try:
+            now = file_sha256(path)
+        except (OSError, ValueError) as e:  # deleted or unreachable since it was read
+            raise RunError(
+                f"{path} cannot be read again to check it did not change during the run ({one_line(e, 200)}): "
+                "the run is not marked finished; make it readable and run the same command again"
+            ) from None
         if now != entry["sha256"]:
             raise RunError(
-                f"{path} changed while this run read it (sha256 {entry['sha256']} at the start, {now} now): "
+                f"{path} changed while this run read it ({entry['sha256']} at the start, {now} now): "
                 "its shards may hold records of either version, so the run is not marked finished; "
                 "run again into a new --out once the file no longer changes"
             )

@@ -943,6 +943,30 @@ def test_data_that_changes_during_the_run_is_not_called_finished(tmp_path, chats
     assert not json.loads((out / "parts" / "worker-00000-of-00001.json").read_text())["complete"]
 
 
+def test_data_deleted_during_the_run_is_one_line_and_a_rerun_finishes(tmp_path, chats_file, monkeypatch):
+    """The end-of-run check rereads each data file: one deleted since (still read through the open
+    handle) gave a raw errno line. Now one line; with the file back, the same command finishes."""
+    import teacher_cache.run as run_module
+
+    data = tmp_path / "d.jsonl"
+    shutil.copy(chats_file, data)
+    real = run_module._cache_shard
+
+    def deleting(*args, **kwargs):
+        entry = real(*args, **kwargs)
+        data.unlink(missing_ok=True)  # after the first shard; the reader's open handle goes on
+        return entry
+
+    monkeypatch.setattr(run_module, "_cache_shard", deleting)
+    out = tmp_path / "c"
+    with pytest.raises(RunError, match=r"d.jsonl cannot be read again to check .*not marked finished"):
+        run(cfg(data, out))
+    monkeypatch.setattr(run_module, "_cache_shard", real)
+    shutil.copy(chats_file, data)
+    run(cfg(data, out))
+    assert len(open_cache(out)) == 12
+
+
 @pytest.mark.parametrize(
     "part,why",
     [
