@@ -8,6 +8,7 @@ and an optional `domain`. Problems raise BadRecordError naming the file and line
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -116,16 +117,22 @@ def _lines(path: str) -> Iterator[bytes]:
         raise DataFileError(f"{path}: cannot decompress it ({one_line(e, 200)})") from None
 
 
-def _read_parquet(path: str, read: Callable[[Any], Any]):
-    """read(file) on a Parquet file (pq.read_table, pq.read_metadata); a file that is not
-    Parquet, or truncated or damaged, is one DataFileError naming it."""
+@contextlib.contextmanager
+def _parquet_errors(path: str) -> Iterator[None]:
+    """Arrow's errors on a file that is not Parquet, or is truncated or damaged, as one
+    DataFileError naming it."""
     import pyarrow as pa
 
-    with _open(path) as f:
-        try:
-            return read(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+
+
+def _read_parquet(path: str, read: Callable[[Any], Any]):
+    """read(file) on a Parquet file (pq.read_metadata); errors as `_parquet_errors`."""
+    with _open(path) as f, _parquet_errors(path):
+        return read(f)
 
 
 PARQUET_BATCH = 1024  # rows decoded at a time: a whole file as Python objects took ~7x its text in memory
@@ -134,19 +141,14 @@ PARQUET_BATCH = 1024  # rows decoded at a time: a whole file as Python objects t
 def _parquet_rows(path: str) -> Iterator[tuple[object, str]]:
     """A Parquet file's rows (and "file:row"), decoded a batch at a time, not the whole table at
     once; a file that is not Parquet, or is damaged, is one DataFileError naming it."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with _open(path) as f:
-        i = 0
-        try:
-            batches = pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH)
-            for batch in batches:
-                for row in batch.to_pylist():
-                    i += 1
-                    yield row, f"{path}:{i}"
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataFileError(f"{path}: not a readable Parquet file ({one_line(e, 200)})") from None
+    i = 0
+    with _open(path) as f, _parquet_errors(path):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist():
+                i += 1
+                yield row, f"{path}:{i}"
 
 
 def _raw_rows(path: str) -> Iterator[tuple[object, str]]:
