@@ -24,17 +24,11 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run directory?)")
+    parsed, lines = _json_lines(path)
     rows = []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        try:
-            row = parse_json(line)
-        except ValueError:
-            if i < len(lines) - 1:  # a torn last line is what a killed run leaves; anything else is not ours
-                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
-            continue
+    for n, row in parsed:
         if not (isinstance(row, dict) and all(_number(row.get(k)) for k in ("step", "lr", "grad_norm"))):
-            raise ValueError(f"{path}:{i + 1}: not a metrics line (an object with step, lr and grad_norm)")
+            raise ValueError(f"{path}:{n}: not a metrics line (an object with step, lr and grad_norm)")
         rows.append({k: v for k, v in row.items() if _number(v)})
     if not rows:
         raise ValueError(f"{path}: {'no complete line' if lines else 'empty'}")
@@ -64,26 +58,31 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     return target
 
 
+def _json_lines(path: Path) -> tuple[list[tuple[int, object]], int]:
+    """(line number, value) of each non-blank line of a run's JSON-lines log, and how many such
+    lines it has. A torn last line (what a killed run leaves) is left out; any other line that is
+    not JSON is refused, naming it: the file is not ours."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append((i + 1, parse_json(line)))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return parsed, len(lines)
+
+
 def _eval_points(path: Path) -> list[tuple[float, float]]:
     """(step, KL to the teacher over all held-out samples) of each line of eval.jsonl; none
     without the file. A torn last line (a killed run) is left out, any other bad line refused."""
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
     points = []
-    for i, line in enumerate(lines):
-        try:
-            row = parse_json(line)
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
-            continue
-        kl = (
-            row.get("all", {}).get("kl_to_teacher")
-            if isinstance(row, dict) and isinstance(row.get("all"), dict)
-            else None
-        )
-        if not (_number(row.get("step") if isinstance(row, dict) else None) and _number(kl)):
-            raise ValueError(f"{path}:{i + 1}: not an eval line (an object with step and all.kl_to_teacher)")
+    for n, row in _json_lines(path)[0]:
+        scores = row.get("all") if isinstance(row, dict) else None
+        kl = scores.get("kl_to_teacher") if isinstance(scores, dict) else None
+        if not (isinstance(row, dict) and _number(row.get("step")) and _number(kl)):
+            raise ValueError(f"{path}:{n}: not an eval line (an object with step and all.kl_to_teacher)")
         points.append((row["step"], kl))
     return points
