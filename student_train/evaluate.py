@@ -59,8 +59,8 @@ def evaluate(
     kind = caches[0].kind
     check_temperature(kind, temperature)
     with progress_bar(len(items), "evaluating", "sample", enabled=progress) as bar:
-        stats = functools.partial(position_stats, kind=kind, temperature=temperature)
-        report = measure(lambda b: stats(model, b), caches, plan, items, batch_size=batch_size, bar=bar)
+        stats = functools.partial(position_stats, model, kind=kind, temperature=temperature)
+        report = measure(stats, caches, plan, items, batch_size=batch_size, bar=bar)
     report["model"] = model_path
     report["caches"] = cache_paths
     return report
@@ -142,7 +142,7 @@ def measure(
     if lockstep and world > 1:
         first_ranks = -(-len(items) // world)  # items of rank 0, which has the most: ceil(n / world)
         batches += [None] * (-(-first_ranks // batch_size) - len(batches))
-    sums = {"domain": _zero(), "general": _zero()}
+    sums = _groups()
     by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
     shards = ShardCache(caches, size=1)  # items run shard by shard
     for batch in batches:
@@ -152,13 +152,13 @@ def measure(
             chunk = [(items[0][0], shards.get(items[0]))]
         if bar is not None and not spare:
             bar.update(len(chunk))
-        into = ({"domain": _zero(), "general": _zero()}, {}) if spare else (sums, by_domain)
+        into = (_groups(), {}) if spare else (sums, by_domain)
         with autocast if autocast is not None else contextlib.nullcontext():
             _add_batch(forward, chunk, plan.domain_caches, *into, device)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, (sums, by_domain))
-        sums, by_domain = {"domain": _zero(), "general": _zero()}, {}
+        sums, by_domain = _groups(), {}
         for part_sums, part_domains in gathered:
             for group, g in part_sums.items():
                 _add(sums[group], g)
@@ -185,6 +185,11 @@ def measure(
 def _add(into: dict, g: dict) -> None:
     for k in into:
         into[k] += g[k]
+
+
+def _groups() -> dict[str, dict]:
+    """Empty sums for the report's two groups: the domain caches' samples and the rest."""
+    return {"domain": _zero(), "general": _zero()}
 
 
 def _zero() -> dict:

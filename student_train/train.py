@@ -207,7 +207,7 @@ def _hold_run_dir(out: Path) -> Iterator[None]:
 
 
 def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
-    from teacher_cache import attention, open_cache
+    from teacher_cache import open_cache
     from teacher_cache.models import resolve_model
     from teacher_cache.tokenize import load_tokenizer
 
@@ -266,14 +266,13 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 if bar is not None:
                     _show(bar, last)
             # after the checkpoint: an evaluation that fails (a damaged or unreachable eval cache,
-            # out of memory on the full [P, V] logits) loses no training
+            # out of memory) loses no training
             if held_out is not None and (state["step"] % cfg.eval_interval == 0 or last_step):
                 _evaluate(held_out, cfg, student, rank, world, bar, logs, last)
             if world > 1:
                 torch.distributed.barrier()
     finally:
-        if student.layer_map:
-            attention.attach(student.model, [s for _, s in student.layer_map], None)
+        student.detach_rows()
         if bar is not None:
             bar.close()
         logs.close()
@@ -353,6 +352,13 @@ class _Student:
     sharded: bool  # FSDP2 across ranks
     device: torch.device
     autocast: torch.autocast  # --precision on this device
+
+    def detach_rows(self) -> None:
+        """Take the attention-row capture off the student's layers (DistillStep attaches it each step)."""
+        from teacher_cache import attention
+
+        if self.layer_map:
+            attention.attach(self.model, [s for _, s in self.layer_map], None)
 
 
 def _build_student(
@@ -460,12 +466,9 @@ def _show(bar, last: dict, **doing: str) -> None:
 def _evaluate(held_out: HeldOut, cfg: TrainConfig, student: _Student, rank: int, world: int, bar, logs, last) -> None:
     """Measure the held-out caches on the student as it is after this step: a line of eval.jsonl
     (rank 0) and, with the bar, a line on the terminal."""
-    from teacher_cache import attention
-
     if bar is not None:
         _show(bar, last, evaluating=f"{len(held_out.items)} held-out samples")
-    if student.layer_map:  # the training step's row capture must not see the evaluation's forwards
-        attention.attach(student.model, [s for _, s in student.layer_map], None)
+    student.detach_rows()  # the training step's row capture must not see the evaluation's forwards
     stats_of = functools.partial(position_stats, kind=held_out.kind)  # at temperature 1, as student-train eval
     if student.sharded:  # through the sharded root (it gathers the head and embeddings), on every rank in step
         forward = lambda b: student.step(b, stats_of=stats_of)["stats"]  # noqa: E731

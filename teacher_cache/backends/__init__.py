@@ -59,8 +59,8 @@ def project_in_blocks(
     """Per sample hidden rows float32 [P_i, D] -> its logits float32 [P_i, V] = rows @ weight.T, in order.
 
     Consecutive samples share one matmul of up to `block` rows (a longer sample gets one of its
-    own): a matmul per sample reads the whole [V, D] weight for ~100 rows (smollm2-135m's sample
-    data: 1.27x the time). Each sample's logits are a row slice of its block's, which it may
+    own): a matmul per sample reads the whole [V, D] weight for ~100 rows (bench/bench_projection.py
+    times both). Each sample's logits are a row slice of its block's, which it may
     overwrite; a block holds at most max(block, P_i) rows of [V] float32.
     """
     i = 0
