@@ -209,21 +209,28 @@ def test_a_resume_with_the_caches_in_another_order_names_the_order():
     _check_resume(Path("o/checkpoint-2"), saved, cfg, ["r", "e"], "s", contents=["R2", "E2"])
 
 
+def _trained_then_a_shard_lost(tmp_path: Path, chats_file: Path) -> tuple[RunConfig, dict, Path, bytes]:
+    """A cache (tiny-mixtral, top-4) and a 2-step training on it cut back to checkpoint-1, then
+    the cache's last shard lost: (the cache's RunConfig, the training's TrainConfig arguments, the
+    lost shard's path, its bytes)."""
+    made = RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(tmp_path / "cache"), backend="hf",
+                     top_k=4, shard_size=4, progress=False)  # fmt: skip
+    run(made)
+    common = dict(student="tiny-mistral", caches=(made.out,), out=str(tmp_path / "r"), max_steps=2, save_every=1,
+                  batch_size=2, progress=False)  # fmt: skip
+    train(TrainConfig(**common))
+    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
+    lost = sorted((tmp_path / "cache").glob("shard-*.arrow"))[-1]
+    before = lost.read_bytes()
+    lost.unlink()
+    return made, common, lost, before
+
+
 def test_a_resume_takes_a_cache_whose_lost_shard_the_teacher_run_redid(tmp_path, chats_file):
     """A shard lost from a cache is redone by the same `teacher-cache run` (the same bytes), which
     rewrites manifest.json with the redo's timing: a resume refused the cache as "the caches'
     contents", though no sample changed. A cache with other samples is still refused."""
-    cache = tmp_path / "cache"
-    made = RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(cache), backend="hf", top_k=4,
-                     shard_size=4, progress=False)  # fmt: skip
-    run(made)
-    common = dict(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "r"), max_steps=2, save_every=1,
-                  batch_size=2, progress=False)  # fmt: skip
-    train(TrainConfig(**common))
-    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
-    lost = sorted(cache.glob("shard-*.arrow"))[-1]
-    before = lost.read_bytes()
-    lost.unlink()
+    made, common, lost, before = _trained_then_a_shard_lost(tmp_path, chats_file)
     run(made)  # redoes the lost shard
     assert lost.read_bytes() == before
     assert train(TrainConfig(**common, resume=True))["step"] == 2
@@ -239,17 +246,7 @@ def test_a_resume_takes_a_cache_whose_lost_shard_was_redone_from_another_directo
     run from another directory, by a relative --out, without progress bars, makes the same bytes,
     but rewrote the manifest's `config` (the arguments as typed), and a resume refused the cache as
     "the caches' contents" changed."""
-    cache = tmp_path / "cache"
-    made = RunConfig(teacher="tiny-mixtral", data=(str(chats_file),), out=str(cache), backend="hf", top_k=4,
-                     shard_size=4, progress=False)  # fmt: skip
-    run(made)
-    common = dict(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "r"), max_steps=2, save_every=1,
-                  batch_size=2, progress=False)  # fmt: skip
-    train(TrainConfig(**common))
-    shutil.rmtree(tmp_path / "r" / "checkpoint-2")
-    lost = sorted(cache.glob("shard-*.arrow"))[-1]
-    before = lost.read_bytes()
-    lost.unlink()
+    made, common, lost, before = _trained_then_a_shard_lost(tmp_path, chats_file)
     monkeypatch.chdir(tmp_path)
     run(dataclasses.replace(made, out="cache", batch_size=3))  # redoes the lost shard: the same bytes
     assert lost.read_bytes() == before
