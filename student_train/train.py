@@ -224,13 +224,13 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio, world=world)
     held_out = HeldOut(cfg.eval_caches, cfg.eval_samples, tok) if cfg.eval_caches else None
     warnings = _start_warnings(cfg, caches, plan, tok, world) + (held_out.not_held_out(caches) if held_out else [])
-    for warning in warnings:
-        if rank == 0:
-            _say(f"warning: {warning}")
     out = _open_run_dir(cfg, locks, rank)
 
     # ---- resume point
     state, ckpt = resume_point(cfg, out, caches, world, ref.path)
+    for warning in warnings:  # once --out and the resume are accepted: a refused run says only why
+        if rank == 0:
+            _say(f"warning: {warning}")
     if cfg.resume and ckpt is None and rank == 0:  # legal (a run killed before its first checkpoint), but say so
         _say(f"note: no checkpoint in {out} to resume: starting at step 0")
     elif ckpt is not None and rank == 0:  # said even with --no-progress, whose bar would show the step

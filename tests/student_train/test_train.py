@@ -1114,6 +1114,11 @@ def test_a_warmup_as_long_as_the_run_warns(tmp_path, kd_cache, capsys):
         "warning: --warmup-steps 10 >= --max-steps 2: the learning rate rises through the whole run (to 2e-05 at "
         "the last step, of --lr 0.0001) and never decays\n"
     ) in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="not a training run's"):  # refused: only the reason is said
+        train(TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "mine"), max_steps=2))
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_student_with_fewer_output_rows_than_the_vocabulary_is_refused_before_work(kd_cache, tiny_student, tmp_path):
