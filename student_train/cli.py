@@ -181,6 +181,12 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
     help="Steps between evaluations (default: --save-every; and at the last step).",
 )
 @click.option("--eval-samples", type=click.IntRange(min=1), default=None, help="Samples per eval cache (default: all).")
+@click.option(
+    "--eval-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per evaluation forward (default: --batch-size; no gradients are kept, so larger fits).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the student's own modelling code.")

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_caches: tuple[str, ...] = ()  # held-out caches: KL to the teacher, NLL, top-1 agreement -> eval.jsonl
     eval_every: int | None = None  # steps between evaluations; None: at every checkpoint (save_every)
     eval_samples: int | None = None  # per eval cache: its first N samples; None: all
+    eval_batch_size: int | None = None  # samples per evaluation forward; None: batch_size
 
     @property
     def eval_interval(self) -> int:
@@ -116,9 +117,13 @@ class TrainConfig:
             raise TrainError(
                 "--attn-weight needs --lam > 0: the loss is (1 - lam) CE + lam (KD + attn-weight x attention)"
             )
-        if not self.eval_caches and (self.eval_every is not None or self.eval_samples is not None):
-            raise TrainError("--eval-every and --eval-samples need --eval-cache (no evaluation is set)")
-        for option, value in (("--eval-every", self.eval_every), ("--eval-samples", self.eval_samples)):
+        evals = (("--eval-every", self.eval_every), ("--eval-samples", self.eval_samples),
+                 ("--eval-batch-size", self.eval_batch_size))  # fmt: skip
+        if not self.eval_caches and any(value is not None for _, value in evals):
+            raise TrainError(
+                "--eval-every, --eval-samples and --eval-batch-size need --eval-cache (no evaluation is set)"
+            )
+        for option, value in evals:
             if value is not None and value < 1:
                 raise TrainError(f"{option} must be >= 1, got {value}")
         if self.precision not in PRECISIONS:
@@ -130,4 +135,5 @@ RESUMABLE = {"out", "resume", "save_every", "num_workers", "progress", "chunk_si
 
 
 RESUMABLE |= {"keep_last", "precision", "trust_remote_code", "caches"}  # caches may move: their contents are compared
-RESUMABLE |= {"eval_caches", "eval_every", "eval_samples"}  # evaluation reads the student, changes nothing
+# evaluation reads the student, changes nothing
+RESUMABLE |= {"eval_caches", "eval_every", "eval_samples", "eval_batch_size"}

@@ -474,7 +474,8 @@ def _evaluate(held_out: HeldOut, cfg: TrainConfig, student: _Student, rank: int,
         forward = lambda b: student.step(b, stats_of=stats_of)["stats"]  # noqa: E731
     else:  # the model itself: a DDP wrapper's forward would sync buffers across ranks
         forward = functools.partial(stats_of, student.model)
-    report = held_out.measure(student.model, forward, batch_size=cfg.batch_size, device=student.device,
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    report = held_out.measure(student.model, forward, batch_size=batch_size, device=student.device,
                               autocast=student.autocast, rank=rank, world=world, lockstep=student.sharded)  # fmt: skip
     logs.append_eval({"step": last["step"], **report})
     if bar is not None:

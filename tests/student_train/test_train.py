@@ -1483,10 +1483,11 @@ def _same_report(a: dict, b: dict) -> None:
 
 
 def test_training_measures_held_out_caches_as_eval_does_and_a_resume_keeps_one_line_a_step(
-    tmp_path, dae_caches, capsys
+    tmp_path, dae_caches, capsys, monkeypatch
 ):
     """--eval-cache: at every checkpoint (and the last step) eval.jsonl gets what `student-train
     eval` reports for that checkpoint; a resume cuts it back to the checkpoint and redoes the rest."""
+    from student_train import evaluate as evaluate_module
     from student_train.evaluate import evaluate
 
     reference, expert = dae_caches  # trained on the reference, measured on the math expert's samples
@@ -1509,8 +1510,15 @@ def test_training_measures_held_out_caches_as_eval_does_and_a_resume_keeps_one_l
     assert [r["step"] for r in again] == [2, 4, 5]
     _same_report(again[-1], lines[-1])
     shutil.rmtree(out / "checkpoint-5")
-    train(TrainConfig(**{**cfg, "resume": True, "eval_every": 1}))
-    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [2, 4, 5]
+    sizes = []  # the batches the evaluation reads (the figures do not depend on them)
+    real_measure = evaluate_module.measure
+    monkeypatch.setattr(
+        evaluate_module, "measure", lambda *a, **kw: sizes.append(kw["batch_size"]) or real_measure(*a, **kw)
+    )
+    train(TrainConfig(**{**cfg, "resume": True, "eval_every": 1, "eval_batch_size": 3}))
+    again = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [2, 4, 5] and sizes == [3]
+    _same_report(again[-1], lines[-1])
 
 
 def test_eval_cache_warnings_and_settings(tmp_path, dae_caches, capsys):
@@ -1521,7 +1529,7 @@ def test_eval_cache_warnings_and_settings(tmp_path, dae_caches, capsys):
     assert f"--eval-cache {reference} is also a --cache: it is not held out" in err
     line = json.loads((tmp_path / "a" / "eval.jsonl").read_text())
     assert line["step"] == 1 and line["all"]["samples"] == 1  # --eval-samples 1, and the last step is measured
-    for bad in (dict(eval_every=2), dict(eval_samples=3)):
+    for bad in (dict(eval_every=2), dict(eval_samples=3), dict(eval_batch_size=4)):
         with pytest.raises(TrainError, match="need --eval-cache"):
             TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(tmp_path / "b"), **bad)
 
