@@ -16,11 +16,23 @@ class IncompatibleCacheError(ValueError):
 
 
 def check_distinct(caches: list, option: str = "--cache") -> list[str]:
-    """The caches' digests; TrainError if one is given twice (its samples would count twice)."""
+    """The caches' digests; TrainError if one is given twice (its samples would count twice), or
+    if a shard is listed twice, in one cache or in two (by sha256: a cache copied with another
+    manifest, a merged cache given with one of its sources, a shard copied under a second name)."""
     digests = [c.digest for c in caches]
     twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
     if twice:
         raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each {option} once")
+    first: dict[str, str] = {}  # shard sha256 -> where it was first listed
+    for cache in caches:
+        for entry in cache.manifest["shards"]:
+            at = cache.where.describe(entry["name"])
+            seen = first.setdefault(entry["sha256"], at)
+            if seen != at:  # a run's shards differ (each names itself in its metadata): these are copies
+                raise TrainError(
+                    f"{at}: the same file as {seen} (same sha256): its samples would count twice; "
+                    f"give each {option} once, or remove the copy from its manifest"
+                )
     return digests
 
 

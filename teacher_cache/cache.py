@@ -174,7 +174,7 @@ class Cache:
         if size > MAX_SHARD_BYTES:
             raise ShardError(f"{self.where.describe(name)}: {size} bytes, over the reader's limit of {MAX_SHARD_BYTES}")
         stream = ShardStream(self.where, entry, self.row_bytes)
-        meta = shard_metadata(stream.schema, name)
+        meta = shard_metadata(stream.schema, stream.name)
         # a merged cache lists each shard with the hash of the run that wrote it
         own = meta.get("config_hash")
         if not isinstance(own, str) or own != entry.get("config_hash", self.manifest.get("config_hash")):

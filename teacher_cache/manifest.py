@@ -371,7 +371,8 @@ def _check_types(m: dict, where: str) -> None:
     tok = m["tokenizer"]
     need(isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str), "tokenizer must have a fingerprint")
     need(_opt_str(tok.get("chat_template_sha256")), "tokenizer.chat_template_sha256 must be a string")
-    need(_int(tok.get("vocab_size"), 1), "tokenizer.vocab_size must be a positive integer")
+    vocab = tok.get("vocab_size")  # the codec's blocks hold it in 32 bits
+    need(_int(vocab, 1) and vocab < 1 << 32, "tokenizer.vocab_size must be an integer in [1, 2**32)")
     targets = m["targets"]
     need(isinstance(targets, dict), "targets must be an object")
     kind = targets.get("kind")

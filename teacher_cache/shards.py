@@ -266,12 +266,11 @@ class ShardStream:
     def __init__(self, where: Location, entry: dict, row_bytes: int | None = None) -> None:
         """`row_bytes`: the most bytes one row may take decompressed (from the manifest's settings);
         a record batch declaring more for its rows is refused before it is decompressed."""
-        self.name = name = entry["name"]
+        # errors name the shard with its cache's location: every cache has a shard-w00000-000000.arrow
+        self.name = name = where.describe(entry["name"])
         self._row_bytes = row_bytes
         ranges, hashes = chunk_plan(entry, name)
-        self._src = _CheckedReader(
-            where.read_ranges(name, ranges), [e - s for s, e in ranges], hashes, where.describe(name)
-        )
+        self._src = _CheckedReader(where.read_ranges(entry["name"], ranges), [e - s for s, e in ranges], hashes, name)
         self._entry = entry
         try:
             if self._src.read(len(ARROW_MAGIC)) != ARROW_MAGIC:

@@ -225,7 +225,10 @@ class Location:
     def size(self, name: str) -> int:
         self.fs.invalidate_cache(self.path(name))  # s3fs/gcsfs answer from listings, maybe of an older version
         if self.is_http:
-            return int(self._http_info(name)["size"])
+            size = self._http_info(name).get("size")
+            if not isinstance(size, int):  # was "TypeError: int() argument must be ..., not 'NoneType'"
+                raise StorageError(f"{self.describe(name)}: the server does not say its size (no Content-Length)")
+            return size
         return int(self.fs.size(self.path(name)))
 
     def _http_info(self, name: str) -> dict:
@@ -286,10 +289,12 @@ class Location:
                 raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
             return data
         # O_NONBLOCK: a FIFO opens at once (a plain open waits for a writer), then is refused
-        with open(os.open(self.local_path(name), os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            st = os.fstat(f.fileno())  # of the file opened, whatever replaces it later
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{self.describe(name)}: {_kind_of(st.st_mode)}, not a regular file")
+        fd = os.open(self.local_path(name), os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)  # of the file opened, whatever replaces it later
+        if not stat.S_ISREG(st.st_mode):  # checked before open(fd): a folder's is "3: is a directory"
+            os.close(fd)
+            raise ValueError(f"{self.describe(name)}: {_kind_of(st.st_mode)}, not a regular file")
+        with open(fd, "rb") as f:
             size = st.st_size
             if size > max_bytes:
                 raise ValueError(f"{self.describe(name)}: implausibly large ({size} bytes)")

@@ -407,3 +407,41 @@ def test_a_web_server_that_is_down_or_silent_is_named_not_taken_for_a_missing_ca
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/cache"
         with pytest.raises(storage.StorageError, match=r"/cache/manifest.json: the server does not answer \("):
             open_cache(url)
+
+
+NO_SIZE_SERVER = """
+import functools, sys
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+class NoSize(SimpleHTTPRequestHandler):  # shards sent without a Content-Length (HTTP/1.0: until it closes)
+    def send_header(self, key, value):
+        if key.lower() != "content-length" or not self.path.endswith(".arrow"):
+            super().send_header(key, value)
+
+handler = functools.partial(NoSize, directory=sys.argv[1])
+HTTPServer(("127.0.0.1", int(sys.argv[2])), handler).serve_forever()
+"""
+
+
+def test_a_web_server_that_gives_no_size_for_a_shard_is_named(tmp_path, chats_file):
+    """fsspec's http gives a size of None for a file served without a Content-Length: opening the
+    cache failed with "TypeError: int() argument must be ..., not 'NoneType'"."""
+    import urllib.request
+
+    from tests.conftest import _free_port, _serve
+
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(local), backend="hf", top_k=8, shard_size=6, progress=False))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/cache"
+    cmd = [sys.executable, "-c", NO_SIZE_SERVER, str(tmp_path), str(port)]
+    server = _serve(cmd, lambda: urllib.request.urlopen(url + "/manifest.json", timeout=1), "http server")
+    try:
+        first = open_cache(local).shard_names[0]
+        said = f"Error: {url}/{first}: the server does not say its size (no Content-Length)"
+        check = [*ST, "check", "--student", "tiny-mistral", "--cache", url]
+        for args in ([*TC, "verify", url, "--no-progress"], check):
+            assert one_line_error(sh(args)) == said
+    finally:
+        server.kill()
+        server.wait()

@@ -2011,6 +2011,36 @@ def test_out_must_be_a_run_directory_of_its_own(tmp_path, kd_cache):
     assert done["step"] == 2
 
 
+def test_a_shard_listed_twice_in_one_cache_or_in_two_is_refused_before_training(tmp_path, kd_cache):
+    """A copy of a cache whose manifest was touched (another timing: another digest), or a shard
+    file copied under a second name and listed again: the caches' digests differ, and every row of
+    that shard was trained on twice an epoch."""
+    first = json.loads((kd_cache / "manifest.json").read_text())["shards"][0]
+    copied, within = tmp_path / "copied", tmp_path / "within"
+    for dst in (copied, within):
+        shutil.copytree(kd_cache, dst)
+    m = json.loads((copied / "manifest.json").read_text())
+    m["timing"]["wall_s"] += 1
+    (copied / "manifest.json").write_text(json.dumps(m))
+    again = "shard-w00000-000099.arrow"
+    shutil.copy(within / first["name"], within / again)
+    m = json.loads((within / "manifest.json").read_text())
+    m["shards"].append({**first, "name": again})
+    m["counts"]["samples"] += first["rows"]
+    (within / "manifest.json").write_text(json.dumps(m))
+    assert len(list(open_cache(within))) == m["counts"]["samples"]  # each shard reads, and checks out
+    for caches, said in (
+        ([kd_cache, copied], f"{copied}/{first['name']}: the same file as {kd_cache}/{first['name']} (same sha256)"),
+        ([within], f"{within}/{again}: the same file as {within}/{first['name']} (same sha256)"),
+    ):
+        args = [a for c in caches for a in ("--cache", str(c))]
+        for command in (["check"], ["train", "--out", str(tmp_path / "run"), "--no-progress"]):
+            done = subprocess.run([*ST, *command, "--student", "tiny-mistral", *args], capture_output=True, text=True)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert f"Error: {said}: its samples would count twice" in done.stderr, done.stderr
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
     with pytest.raises(TrainError, match="--temperature must be a finite number"):
         TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "a"), temperature=math.inf)

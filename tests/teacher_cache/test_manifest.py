@@ -190,7 +190,9 @@ def _duplicate_first_shard(m: dict) -> None:
         (lambda m: m["shards"][0]["chunks"].update(sha256=[h.upper() for h in m["shards"][0]["chunks"]["sha256"]]),
          "chunk hashes do not cover"),
         (lambda m: m["counts"].update(tokens=True), "counts.tokens must be a non-negative integer"),
-        (lambda m: m["tokenizer"].update(vocab_size=0), "tokenizer.vocab_size must be a positive integer"),
+        (lambda m: m["tokenizer"].update(vocab_size=0), r"tokenizer.vocab_size must be an integer in \[1, 2\*\*32\)"),
+        # past the codec's 32-bit field: every row failed with a ValueError naming no file
+        (lambda m: m["tokenizer"].update(vocab_size=1 << 32), r"tokenizer.vocab_size must be an integer in \[1, "),
         (lambda m: m["targets"].update(kind="dense"), "unknown target kind 'dense'"),
         (lambda m: m["targets"].update(k=0), "targets.k must be a positive integer"),
         (lambda m: m.update(targets={"kind": "sampled", "num_draws": 0}), "targets.num_draws must be an integer in"),
