@@ -351,6 +351,8 @@ def _encoded(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, voc
     err = cfg.logprob_error
     if out.topk is not None:
         top: TopKTargets = out.topk
+        if top.ids.size and int(top.ids.max()) >= vocab:  # a hub teacher's padded output layer (_check_vocab)
+            raise RunError(_stock_padded_message(f"gave id {int(top.ids.max())},", vocab))
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     elif cfg.targets == "topk":
         top = topk_from_logits(_vocab_logits(out.logits, vocab), cfg.top_k, inplace=True)  # not used again
@@ -383,7 +385,7 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     _check_attention_layers(cfg, teacher_config)
     _check_positions(cfg, teacher_config)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
-    _check_vocab(teacher_config, len(tok))
+    _check_vocab(teacher_config, len(tok), stock=_stock_mode(cfg))
     if cfg.targets == "topk" and cfg.top_k > len(tok):  # would store every token's log-prob, in k's name
         raise RunError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({len(tok)} tokens)")
     out = _open_out(cfg)
@@ -528,12 +530,29 @@ def _first_missing(out: Location, parts_dir: str) -> Path | None:
     return missing
 
 
-def _check_vocab(teacher_config: dict, vocab: int) -> None:
+def _check_vocab(teacher_config: dict, vocab: int, *, stock: bool = False) -> None:
     """A tokenizer with ids past the teacher's output layer, refused before --out is made (local
-    checkpoints; a hub teacher's logits are checked as they come, _vocab_logits)."""
+    checkpoints; a hub teacher's logits are checked as they come, _vocab_logits); with `stock`
+    (vLLM's prompt_logprobs), an output layer padded past the tokenizer too: vLLM normalises over
+    every row and ranks the extra ones in its top-k, which only the hidden mode drops."""
     rows = teacher_config.get("vocab_size")
     if isinstance(rows, int) and rows < vocab:
         raise RunError(_vocab_message(rows, vocab))
+    if stock and isinstance(rows, int) and rows > vocab:
+        raise RunError(_stock_padded_message(f"has {rows} rows,", vocab))
+
+
+def _stock_mode(cfg: RunConfig) -> bool:
+    """Whether vLLM's own prompt log-probs make the targets (not logits projected here)."""
+    return cfg.vllm_mode == "prompt_logprobs" and _backend_name(cfg) == "vllm"
+
+
+def _stock_padded_message(rows: str, vocab: int) -> str:
+    return (
+        f"--vllm-mode prompt_logprobs: the teacher's output layer {rows} past its tokenizer's {vocab} tokens, "
+        "and vLLM's log-probs are normalised over every row and rank the extra ones in the top-k: use "
+        "--vllm-mode hidden or --backend hf (they drop the rows no token id names)"
+    )
 
 
 def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:
@@ -547,7 +566,7 @@ def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:
             f"--max-length {cfg.max_length} is past the {limit} positions {cfg.teacher} was trained on "
             f"(max_position_embeddings): use --max-length {limit} or less"
         )
-    if cfg.max_length == limit and cfg.vllm_mode == "prompt_logprobs" and _backend_name(cfg) == "vllm":
+    if cfg.max_length == limit and _stock_mode(cfg):
         raise RunError(
             f"--vllm-mode prompt_logprobs needs one position more than --max-length {limit} (vLLM generates a "
             f"token after the prompt), past the {limit} {cfg.teacher} was trained on: use --max-length "

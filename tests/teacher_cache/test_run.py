@@ -468,7 +468,9 @@ def test_workers_run_with_other_settings_are_named_when_they_meet(tmp_path, chat
 
 def _padded_teacher(src: str, dst: Path, vocab: int) -> Path:
     """tiny-mixtral with its embeddings and output layer resized to `vocab` rows; the new output
-    rows are made to win every position (the worst case of a padded vocabulary)."""
+    rows are made to win every position (the worst case of a padded vocabulary): they are
+    +-100 x the first hidden dimensions, so one of them gives 100 x max |h_i| (the mean of the
+    real rows x 50, as before, has a norm of 1.8 beside their 6.4: no position ranked one)."""
     from transformers import AutoModelForCausalLM
 
     shutil.copytree(src, dst)
@@ -476,7 +478,9 @@ def _padded_teacher(src: str, dst: Path, vocab: int) -> Path:
     model.resize_token_embeddings(vocab, mean_resizing=False)
     with torch.no_grad():
         head = model.get_output_embeddings().weight  # [vocab, D]
-        head[32000:] = head[:32000].mean(0) * 50
+        extra = max(vocab - 32000, 0)
+        basis = 100 * torch.eye(extra // 2 + 1, head.shape[1])  # [extra / 2 + 1, D]
+        head[32000:] = torch.cat([basis, -basis])[:extra]
     model.save_pretrained(dst)
     return dst
 
@@ -495,6 +499,34 @@ def test_an_output_layer_padded_past_the_tokenizer_is_cut_to_it(tmp_path, chats_
     small = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "small", 31990)
     with pytest.raises(RunError, match="output layer has 31990 rows but its tokenizer 32000 tokens"):
         run(cfg(chats_file, tmp_path / "s", teacher=str(small)))
+
+
+def test_vllm_stock_mode_refuses_an_output_layer_padded_past_the_tokenizer(tmp_path, chats_file):
+    """vLLM's prompt log-probs are normalised over every output row and rank the padded ones in the
+    top-k (the run built its engine, then stopped at the first record: "ids must lie in [0,
+    vocab_size=32000)"): a local teacher is refused before --out is made."""
+    padded = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "padded", 32064)
+    plp = cfg(chats_file, tmp_path / "plp", teacher=str(padded), backend="vllm", vllm_mode="prompt_logprobs",
+              max_length=256)  # fmt: skip
+    with pytest.raises(RunError, match=r"has 32064 rows, past its tokenizer's 32000 tokens.*--vllm-mode hidden"):
+        run(plp)
+    assert not (tmp_path / "plp").exists()
+
+
+@pytest.mark.slow
+def test_vllm_stock_mode_stops_at_an_id_past_the_tokenizer(tmp_path, chats_file):
+    """A teacher whose config is not read before the run (a hub one) is stopped when vLLM's top-k
+    holds an id past the tokenizer, in those words (not the codec's, naming a record)."""
+    from teacher_cache.backends.vllm_backend import VllmBackend
+
+    padded = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "padded", 32064)
+    engine = VllmBackend(resolve_model(str(padded)), mode="prompt_logprobs", top_k=8, max_model_len=257)
+    plp = cfg(chats_file, tmp_path / "plp", backend="vllm", vllm_mode="prompt_logprobs", max_length=256)
+    try:  # tiny-mixtral's config passes the check before the run; the engine given is the padded one
+        with pytest.raises(RunError, match=r"gave id 320\d\d, past its tokenizer's 32000 tokens.*--vllm-mode hidden"):
+            run(plp, backend=engine)
+    finally:
+        engine.close()
 
 
 def test_max_length_past_the_teachers_positions_is_refused(tmp_path, chats_file):
