@@ -170,6 +170,8 @@ def measure(
         _add(total, g)
         if g["positions"]:
             report[group] = _finish(g)
+    if not total["positions"]:  # rows without target positions (the manifests' counts said otherwise)
+        raise ValueError(f"no target positions in the samples measured of {', '.join(str(c.where) for c in caches)}")
     report["all"] = _finish(total)
     if by_domain:
         report["by_domain"] = {name: _finish(g) for name, g in sorted(by_domain.items())}

@@ -2135,3 +2135,44 @@ def test_the_python_api_leaves_the_caller_s_rng_and_returns_json(tmp_path, kd_ca
     report = evaluate(Path(resolve_model("tiny-mistral").path), Path(kd_cache), max_samples=2)
     assert json.loads(json.dumps(report))["caches"] == [str(kd_cache)]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_caches_without_target_positions_are_refused_not_trained_at_loss_zero(tmp_path, kd_cache, tiny_student):
+    """Rows without target positions (legal one by one) in every sample: train ran every step at
+    loss 0 and eval reported a KL of 0.0 over 0 positions, both with exit 0."""
+    from student_train.evaluate import evaluate
+    from teacher_cache import codec
+    from tests.teacher_cache.test_untrusted import rewrite_shard
+
+    cache = tmp_path / "no-targets"
+    shutil.copytree(kd_cache, cache)
+
+    def empty(rows: list[dict]) -> None:
+        for r in rows:
+            r["target_positions"] = []
+            r["targets"] = codec.encode_topk(np.zeros((0, 16), np.int64), np.zeros((0, 16), np.float32),
+                                             np.zeros(0, np.float32), vocab_size=32000)  # fmt: skip
+            k = min(8, len(r["input_ids"]))
+            r["attention"] = [
+                codec.encode_topk(
+                    np.zeros((0, k), np.int64),
+                    np.zeros((0, k), np.float32),
+                    np.zeros(0, np.float32),
+                    vocab_size=len(r["input_ids"]),
+                )
+                for _ in r["attention"]
+            ]
+
+    shards = json.loads((cache / "manifest.json").read_text())["shards"]
+    for index in range(len(shards)):
+        rewrite_shard(cache, empty, index=index)
+    # the manifest still counts the positions the rows lost: found as the rows are measured
+    with pytest.raises(ValueError, match=f"^no target positions in the samples measured of {cache}$"):
+        evaluate(tiny_student.path, [str(cache)], batch_size=4)
+    mpath = cache / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["counts"]["target_positions"] = 0
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=f"^no target positions in {cache}: no sample has a token to learn$"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "run"), max_steps=1))
+    assert not (tmp_path / "run").exists()
