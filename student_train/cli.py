@@ -112,7 +112,13 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Cosine decay ends at lr x this.")
+@click.option(
+    "--min-lr-ratio",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Cosine decay towards lr x this, reached at --max-steps (the last step runs just above it).",
+)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True, help="Linear warmup steps.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping threshold.")

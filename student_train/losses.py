@@ -44,10 +44,25 @@ def _check_mask(mask: Tensor, positions: int) -> None:
         raise ValueError(f"mask must be a bool tensor [P] = [{positions}], got {got}")
 
 
-def _check_rows(name: str, t: Tensor, dims: int, what: str) -> None:
-    """Inputs are flattened positions: a batched [B, P, ...] tensor would be taken apart wrongly."""
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {what} (positions flattened), got shape {list(t.shape)}")
+def _check_shapes(**inputs: tuple[Tensor, str]) -> None:
+    """Each input as ``name=(tensor, "P, k")``: flattened positions, of its documented dims, one size
+    per letter across the inputs. A batched [B, P, ...] tensor was taken apart wrongly, or failed
+    deep in torch (a broadcast or an index error) that named none of them."""
+    sizes: dict[str, int] = {}
+    for name, (t, dims) in inputs.items():
+        letters = dims.split(", ")
+        if t.dim() != len(letters) or any(sizes.get(d, n) != n for d, n in zip(letters, t.shape, strict=True)):
+            known = "".join(f", {d} = {n}" for d, n in sizes.items())
+            raise ValueError(f"{name} must be [{dims}] (positions flattened{known}), got shape {list(t.shape)}")
+        sizes.update(zip(letters, t.shape, strict=True))
+
+
+def _topk_inputs(ids: Tensor, logprobs: Tensor, tail: Tensor) -> dict[str, tuple[Tensor, str]]:
+    return {"topk_ids": (ids, "P, k"), "topk_logprobs": (logprobs, "P, k"), "tail_logprob": (tail, "P")}
+
+
+def _sampled_inputs(ids: Tensor, weights: Tensor) -> dict[str, tuple[Tensor, str]]:
+    return {"ids": (ids, "P, m"), "weights": (weights, "P, m")}
 
 
 def _masked_mean(per_pos: Tensor, mask: Tensor | None) -> Tensor:
@@ -230,8 +245,7 @@ def topk_kl(
     Returns:
         float32 scalar, mean over unmasked positions (0 with grad if none).
     """
-    _check_temperature(temperature)
-    per_pos = _topk_kl_rows(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)  # [P]
+    per_pos = topk_kl_rows(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature=temperature)  # [P]
     return _masked_mean(per_pos, mask)
 
 
@@ -240,12 +254,14 @@ def topk_kl_rows(
 ) -> Tensor:
     """``topk_kl`` per position, not averaged: float32 [P] (evaluation sums it by group)."""
     _check_temperature(temperature)
+    _check_shapes(student_logits=(student_logits, "P, V"), **_topk_inputs(topk_ids, topk_logprobs, tail_logprob))
     return _topk_kl_rows(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)
 
 
 def sampled_kl_rows(student_logits: Tensor, ids: Tensor, weights: Tensor, *, temperature: float = 1.0) -> Tensor:
     """``sampled_kl`` per position, not averaged: float32 [P]."""
     _check_temperature(temperature)
+    _check_shapes(student_logits=(student_logits, "P, V"), **_sampled_inputs(ids, weights))
     return _sampled_rows(student_logits, ids, weights, temperature)
 
 
@@ -281,8 +297,7 @@ def sampled_kl(
     Returns:
         float32 scalar, mean over unmasked positions (0 with grad if none).
     """
-    _check_temperature(temperature)
-    per_pos = _sampled_rows(student_logits, ids, weights, temperature)  # [P]
+    per_pos = sampled_kl_rows(student_logits, ids, weights, temperature=temperature)  # [P]
     return _masked_mean(per_pos, mask)
 
 
@@ -317,6 +332,12 @@ def attention_kl(
     Returns:
         float32 scalar, mean over unmasked positions (0 with grad if none).
     """
+    _check_shapes(
+        student_rows=(student_rows, "P, T"),
+        key_ids=(key_ids, "P, k"),
+        key_logprobs=(key_logprobs, "P, k"),
+        tail_logprob=(tail_logprob, "P"),
+    )
     per_pos = _attention_kl_rows(student_rows, key_ids, key_logprobs, tail_logprob)  # [P]
     return _masked_mean(per_pos, mask)
 
@@ -329,8 +350,7 @@ def cross_entropy(
     Positions with ``labels == ignore_index`` or ``mask`` False are skipped; unlike
     ``F.cross_entropy`` this returns 0 (not NaN) when every position is skipped.
     """
-    _check_rows("student_logits", student_logits, 2, "[P, V]")
-    _check_rows("labels", labels, 1, "[P]")
+    _check_shapes(student_logits=(student_logits, "P, V"), labels=(labels, "P"))
     if mask is not None:
         _check_mask(mask, labels.shape[0])
     keep = labels != ignore_index if mask is None else mask & (labels != ignore_index)  # [P]
@@ -390,7 +410,6 @@ def _chunked_mean(
 
 
 def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:
-    _check_rows("hidden", hidden, 2, "[P, D]")
     if mask is None:
         return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     _check_mask(mask, hidden.shape[0])
@@ -416,6 +435,8 @@ def chunked_topk_kl(
     O(chunk_size x V).
     """
     _check_temperature(temperature)
+    head = {"hidden": (hidden, "P, D"), "lm_head_weight": (lm_head_weight, "V, D")}
+    _check_shapes(**head, **_topk_inputs(topk_ids, topk_logprobs, tail_logprob))
 
     def rows_fn(logits: Tensor, ids: Tensor, logprobs: Tensor, tail: Tensor) -> Tensor:
         return _topk_kl_rows(logits, ids, logprobs, tail, temperature)
@@ -436,6 +457,7 @@ def chunked_sampled_kl(
 ) -> Tensor:
     """``sampled_kl(hidden @ lm_head_weight.T, ...)`` chunk by chunk; see ``chunked_topk_kl``."""
     _check_temperature(temperature)
+    _check_shapes(hidden=(hidden, "P, D"), lm_head_weight=(lm_head_weight, "V, D"), **_sampled_inputs(ids, weights))
 
     def rows_fn(logits: Tensor, ids_c: Tensor, weights_c: Tensor) -> Tensor:
         return _sampled_rows(logits, ids_c, weights_c, temperature)
@@ -453,7 +475,7 @@ def chunked_ce(
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """``cross_entropy(hidden @ lm_head_weight.T, labels)`` chunk by chunk; see ``chunked_topk_kl``."""
-    _check_rows("labels", labels, 1, "[P]")
+    _check_shapes(labels=(labels, "P"), hidden=(hidden, "P, D"), lm_head_weight=(lm_head_weight, "V, D"))
     keep = _full_mask(mask, hidden) & (labels != ignore_index)  # [P]
     _check_labels(labels, keep, lm_head_weight.shape[0], ignore_index)
     return _chunked_mean(_ce_rows, hidden, lm_head_weight, (labels,), keep, chunk_size)

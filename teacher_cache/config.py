@@ -113,6 +113,9 @@ class RunConfig:
             if not ok:
                 raise RunError(why)
         try:
-            codec.step_units(self.logprob_error)
+            units = codec.step_units(self.logprob_error)
         except ValueError as e:
             raise RunError(f"--logprob-error: {e}") from None
+        # the bound as the CLI parses it: np.float32(0.02) is 0.019999999552965164, a bound the
+        # manifest would record as another setting (no resume with --logprob-error 0.02, no merge)
+        object.__setattr__(self, "logprob_error", units / 200)

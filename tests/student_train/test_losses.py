@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -22,7 +22,9 @@ from student_train.losses import (
     chunked_topk_kl,
     cross_entropy,
     sampled_kl,
+    sampled_kl_rows,
     topk_kl,
+    topk_kl_rows,
     total_loss,
 )
 
@@ -161,12 +163,14 @@ def test_topk_kl_coarsened_large_vocab() -> None:
     seed=st.integers(0, 2**16),
     scale=st.floats(0.1, 8.0),
 )
+@example(p=6, v=33, k_frac=0.5, seed=1, scale=8.0)  # a 19-nat KL: float32 is 1.2e-5 above the float64 dense one
 def test_topk_kl_between_zero_and_dense(p: int, v: int, k_frac: float, seed: int, scale: float) -> None:
     k = max(1, round(k_frac * v))
     teacher, student = logits(p, v, seed, scale), logits(p, v, seed + 1, scale)
     got = per_position(lambda m: topk_kl(student, *cache_topk(teacher, k), mask=m), p).double()
+    dense = dense_kl(teacher, student, 1.0)
     assert (got >= -1e-6).all()
-    assert (got <= dense_kl(teacher, student, 1.0) + 1e-5).all()
+    assert (got <= dense + 1e-5 + 1e-6 * dense).all()  # float32 rounding grows with the KL: relative too
 
 
 def test_topk_kl_student_tail_without_cancellation() -> None:
@@ -712,3 +716,52 @@ def test_inputs_of_the_wrong_shape_or_kind_are_refused_not_misread():
     bad_tail = tail.clone()
     bad_tail[0] = math.nan
     assert torch.isnan(topk_kl(logits, ids, lps, bad_tail))
+
+
+def test_batched_or_mismatched_inputs_are_refused_by_name():
+    """README: the losses take flattened positions and refuse other shapes. The KL losses checked
+    none: batched [B, P, ...] inputs failed deep in torch (a broadcast or index error naming no
+    argument), sampled_kl complained of a mask it was not given, sampled_kl_rows returned [B, P],
+    and ids of other positions than the logits' were an index error."""
+    torch.manual_seed(0)
+    B, P, V, D, k, T = 2, 5, 40, 8, 3, 7
+    z, hidden, weight = torch.randn(B, P, V), torch.randn(B, P, D), torch.randn(V, D)
+    teacher = torch.log_softmax(torch.randn(B, P, V), -1).topk(k)  # [B, P, k]
+    ids, lps = teacher.indices, teacher.values
+    tail = torch.log1p(-lps.exp().sum(-1).clamp(max=1 - 1e-6))  # [B, P]
+    rows = torch.softmax(torch.randn(B, P, T), -1)  # [B, P, T]
+    keys, key_lps = torch.randint(0, T, (B, P, k)), torch.full((B, P, k), -2.0)
+    for call, said in (
+        (
+            lambda: topk_kl(z, ids, lps, tail),
+            r"student_logits must be \[P, V\] \(positions flattened\), got shape \[2, 5, 40\]",
+        ),
+        (lambda: topk_kl(z[0], ids, lps, tail), r"topk_ids must be \[P, k\] \(positions flattened, P = 5, V = 40\)"),
+        (lambda: topk_kl(z[0, :3], ids[0], lps[0], tail[0]), r"topk_ids must be \[P, k\] \(positions flattened, P = 3"),
+        (
+            lambda: topk_kl(z[0], ids[0], lps[0, :, :2], tail[0]),
+            r"topk_logprobs must be \[P, k\] .*k = 3\), got shape \[5, 2\]",
+        ),
+        (lambda: topk_kl(z[0], ids[0], lps[0], tail[0, :, None]), r"tail_logprob must be \[P\]"),
+        (lambda: topk_kl_rows(z, ids, lps, tail), r"student_logits must be \[P, V\]"),
+        (lambda: sampled_kl(z, ids, lps.exp()), r"student_logits must be \[P, V\]"),
+        (lambda: sampled_kl_rows(z, ids, lps.exp()), r"student_logits must be \[P, V\]"),
+        (lambda: sampled_kl(z[0], ids[0, :, 0], lps[0, :, 0].exp()), r"ids must be \[P, m\]"),
+        (lambda: attention_kl(rows, keys, key_lps, tail), r"student_rows must be \[P, T\]"),
+        (lambda: attention_kl(rows[0], keys[0], key_lps[0], tail[0, :4]), r"tail_logprob must be \[P\]"),
+        (lambda: chunked_topk_kl(hidden[0], weight, ids, lps, tail), r"topk_ids must be \[P, k\]"),
+        (
+            lambda: chunked_topk_kl(hidden[0], weight[:, :4], ids[0], lps[0], tail[0]),
+            r"lm_head_weight must be \[V, D\]",
+        ),
+        (lambda: chunked_sampled_kl(hidden[0], weight, ids, lps.exp()), r"ids must be \[P, m\]"),
+        (lambda: cross_entropy(z[0], ids[0, :4, 0]), r"labels must be \[P\] \(positions flattened, P = 5"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            call()
+    flat = (z[0], ids[0], lps[0], tail[0])
+    assert torch.isfinite(topk_kl(*flat)) and topk_kl_rows(*flat).shape == (P,)
+    assert torch.isfinite(chunked_topk_kl(hidden[0], weight, *flat[1:], chunk_size=2))
+    assert torch.isfinite(sampled_kl(z[0], ids[0], lps[0].exp())) and torch.isfinite(
+        attention_kl(rows[0], keys[0], key_lps[0], tail[0])
+    )

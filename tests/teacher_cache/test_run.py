@@ -1200,6 +1200,18 @@ def test_settings_built_from_python_take_paths_and_refuse_wrong_types(chats_file
         open_cache("")  # was the root folder: "/: no manifest.json"
 
 
+def test_a_numpy_float_logprob_error_is_the_bound_the_cli_reads(chats_file):
+    """np.float32(0.02) passed the bound's check (within 1e-9 of 0.02) and was recorded as
+    0.019999999552965164: the CLI's --logprob-error 0.02 then refused to resume that cache
+    ("targets.logprob_error differ") and merge refused to join it with a 0.02 one."""
+    import numpy as np
+
+    for typed, bound in ((np.float32(0.02), 0.02), (np.float32(0.015), 0.015), (np.float64(0.1), 0.1)):
+        c = RunConfig(teacher="tiny-mixtral", data=chats_file, out="o", logprob_error=typed)
+        assert c.logprob_error == bound and type(c.logprob_error) is float
+        assert c == RunConfig(teacher="tiny-mixtral", data=chats_file, out="o", logprob_error=bound)
+
+
 def test_the_package_lists_its_lazy_names():
     """dir(teacher_cache) showed none of open_cache, CachedSample, Cache: no tab completion."""
     import teacher_cache
