@@ -348,9 +348,10 @@ def inspect(cache_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
+    width = max(map(len, info))
     for key, value in info.items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, ensure_ascii=False)
-        click.echo(printable(f"{key:>26}: {shown}"))  # nested values as JSON (null, not Python's None)
+        click.echo(printable(f"{key:>{width}}: {shown}"))  # nested values as JSON (null, not Python's None)
 
 
 @main.command()

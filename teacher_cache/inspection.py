@@ -52,6 +52,8 @@ def summary(path: str) -> dict:
         "max_length": m["data"]["max_length"],
         "wall_s": (m.get("timing") or {}).get("wall_s"),  # None for a merged cache: see merged_from
         **({"merged_from": merged} if (merged := _merged_from(m)) else {}),
+        # of a merge's dropped repeats, those whose targets differed from the row kept (other numerics)
+        **{k: m[k] for k in ("duplicates_with_other_targets",) if k in m},
     }
 
 

@@ -871,6 +871,8 @@ def test_merge_keeps_the_first_of_repeats_computed_in_other_batches(tmp_path, ch
     assert all(np.array_equal(s.topk_logprobs, first[s.sample_id]) for s in merged)
     info = summary(str(tmp_path / "m"))  # what `inspect` shows of a merge
     assert info["duplicates"] == 3 and info["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert info["duplicates_with_other_targets"] == other
+    assert "duplicates_with_other_targets" not in summary(str(tmp_path / "a"))
     assert info["data_files"] == [str(chats_file), str(head)] and info["wall_s"] is None
     mpath = tmp_path / "m" / "manifest.json"
     for foreign in (5, ["a"], [{"where": "a"}]):  # its config hash is made of its sources': checked
