@@ -261,14 +261,15 @@ def evaluate_cmd(
     except KeyboardInterrupt as e:
         stopped(e, "no report was written (eval keeps nothing between runs: the same command starts again)")
     text = json.dumps(report, indent=2)
-    click.echo(text)  # the report reaches stdout even if writing --out fails
     if out:
         from teacher_cache.storage import write_atomic
 
+        click.echo(text)  # the report reaches stdout even if writing --out fails
         try:
             write_atomic(Path(out), (text + "\n").encode())
         except OSError as e:
             raise UserError(f"--out {out}: {one_line(e)} (the report is on stdout above)") from None
+    finished(None if out else text)  # a Ctrl-C from now on ends the process at once, with status 0
 
 
 def _is_report(head: bytes) -> bool:

@@ -16,9 +16,8 @@ import click
 
 from teacher_cache import __version__
 from teacher_cache.errors import one_line, plural, printable
-from teacher_cache.manifest import MAX_NUM_DRAWS
-from teacher_cache.shards import worker_glob
-from teacher_cache.storage import is_url
+from teacher_cache.manifest import MANIFEST, MAX_NUM_DRAWS, read_part
+from teacher_cache.storage import Location, is_url
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or over a disk quota
 
@@ -122,9 +121,10 @@ def interruptible() -> None:
 
 
 def finished(line: str | None) -> None:
-    """Say the `done: ...` line (if any: one rank of several says it). The work is durable, so a
-    signal from now on (Ctrl-C during the interpreter's shutdown, which can take seconds after vLLM
-    or torch) ends the process at once with status 0, not with a traceback from an exit handler."""
+    """Say a finished command's last line (`done: ...`, merge's, verify's; None: one rank of
+    several, or eval, whose report is out). The work is durable, so a signal from now on (Ctrl-C
+    during the interpreter's shutdown, which can take seconds after vLLM or torch) ends the process
+    at once with status 0, not with a traceback from an exit handler."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # while the line is written
     if line is not None:
@@ -167,13 +167,18 @@ def stopped(e: KeyboardInterrupt, what: str, prefix: str = "") -> None:
     raise _Interrupted(130)
 
 
-def _kept_shards(out: str, worker: int) -> str:
-    """What a stopped run leaves and how to go on, for its message: local --out is looked at, an
-    object store is not."""
+def _kept_shards(out: str, worker: int, num_workers: int) -> str:
+    """What a stopped run leaves and how to go on, for its message: the shards the worker's part
+    file lists, which a resume keeps (a shard published after the part's last write, which a full
+    disk or a signal can stop, is redone); local --out is looked at, an object store is not."""
     if is_url(out):
         return "finished shards are kept; the same command resumes after them"
     there = Path(out).is_dir()
-    n = len(list(Path(out).glob(worker_glob(worker)))) if there else 0
+    try:
+        part = read_part(Location(out), worker, num_workers) if there else None
+    except (ValueError, OSError):  # unreadable: the resume says what to do with it
+        part = None
+    n = len(part["shards"]) if part is not None else 0
     if not n:
         what = "no shard was finished" if there else "nothing was written"
         return f"{what}; the same command starts again"
@@ -322,13 +327,13 @@ def run(**kw) -> None:
         part = run_cache(cfg)
     except OSError as e:
         if e.errno in DISK_FULL:
-            kept = _kept_shards(cfg.out, cfg.worker_index)  # none, before the first shard
+            kept = _kept_shards(cfg.out, cfg.worker_index, cfg.num_workers)  # none, before the first shard
             raise UserError(f"no space left on the device of {cfg.out}: {kept}, once there is space") from None
         raise UserError(one_line(e)) from None
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(one_line(e)) from None
     except KeyboardInterrupt as e:
-        stopped(e, _kept_shards(cfg.out, cfg.worker_index))
+        stopped(e, _kept_shards(cfg.out, cfg.worker_index, cfg.num_workers))
     worker = f"worker {cfg.worker_index} of {cfg.num_workers}, " if cfg.num_workers > 1 else ""
     samples = plural(part["counts"]["samples"], "sample")
     finished(f"done: {worker}{samples} in {cfg.out}")  # the log above is on stderr
@@ -409,7 +414,7 @@ def verify(cache_dir: str, no_progress: bool) -> None:
         click.echo(printable(f"PROBLEM: {p}"), err=True)  # ids and names come from the cache
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {cache_dir}")
-    click.echo(f"ok: {plural(checked, 'sample')} in {cache_dir} verified")
+    finished(f"ok: {plural(checked, 'sample')} in {cache_dir} verified")
 
 
 @main.command()
@@ -430,6 +435,8 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: one line, as for run
         if is_url(out):  # not listed: the store may be what stopped it
             what = f"the merge is unfinished: if {out} holds shards, delete them and merge again"
+        elif (Path(out) / MANIFEST).is_file():  # written last, atomically: only the final check was cut
+            what = f"the merged cache was written, its final check was not: `teacher-cache verify {out}` checks it"
         elif any(Path(out).glob("shard-*")):
             what = f"the merge is unfinished: delete {out} and merge again"
         else:
@@ -453,7 +460,7 @@ def merge(caches: tuple[str, ...], out: str, no_progress: bool) -> None:
         if other
         else ""
     )
-    click.echo(
+    finished(
         f"merged {len(caches)} caches into {out}: {plural(c['samples'], 'sample')} in "
         f"{plural(len(m['shards']), 'shard')} ({plural(dropped, 'duplicate row')} dropped{numerics})"
     )
