@@ -23,15 +23,17 @@ def check_distinct(caches: list, option: str = "--cache") -> list[str]:
     twice = [str(c.where) for i, c in enumerate(caches) if digests[i] in digests[:i]]
     if twice:
         raise TrainError(f"{twice[0]}: the same cache is given twice (same manifest); give each {option} once")
-    first: dict[str, str] = {}  # shard sha256 -> where it was first listed
-    for cache in caches:
+    first: dict[str, tuple[int, str]] = {}  # shard sha256 -> (the cache, where) it was first listed
+    for i, cache in enumerate(caches):
         for entry in cache.manifest["shards"]:
             at = cache.where.describe(entry["name"])
-            seen = first.setdefault(entry["sha256"], at)
+            j, seen = first.setdefault(entry["sha256"], (i, at))
             if seen != at:  # a run's shards differ (each names itself in its metadata): these are copies
+                # in two caches, each given once: one holds the other's shard (a merge and its source)
+                fix = f"give {caches[j].where} or {cache.where} as {option}, not both"
                 raise TrainError(
                     f"{at}: the same file as {seen} (same sha256): its samples would count twice; "
-                    f"give each {option} once, or remove the copy from its manifest"
+                    f"{'remove the copy from its manifest' if j == i else fix}"
                 )
     return digests
 

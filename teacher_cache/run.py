@@ -39,7 +39,7 @@ from teacher_cache.manifest import (
     union_engines,
     worker_lock_name,
 )
-from teacher_cache.models import ModelRef, position_limit, resolve_model, weight_files, weights_sha256
+from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef, position_limit, resolve_model, weight_files, weights_sha256
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     FORMAT_VERSION,
@@ -539,7 +539,8 @@ def _check_vocab(teacher_config: dict, vocab: int, *, stock: bool = False) -> No
     if isinstance(rows, int) and rows < vocab:
         raise RunError(_vocab_message(rows, vocab))
     if stock and isinstance(rows, int) and rows > vocab:
-        raise RunError(_stock_padded_message(f"has {rows} rows,", vocab))
+        transforms = [k for k in LOGIT_TRANSFORMS if teacher_config.get(k) not in (None, 1, 1.0)]
+        raise RunError(_stock_padded_message(f"has {rows} rows,", vocab, transforms))
 
 
 def _stock_mode(cfg: RunConfig) -> bool:
@@ -547,12 +548,18 @@ def _stock_mode(cfg: RunConfig) -> bool:
     return cfg.vllm_mode == "prompt_logprobs" and _backend_name(cfg) == "vllm"
 
 
-def _stock_padded_message(rows: str, vocab: int) -> str:
-    return (
+def _stock_padded_message(rows: str, vocab: int, transforms: list[str] | None = None) -> str:
+    """`transforms`: the teacher's logit transforms, which the modes that drop the extra rows refuse."""
+    problem = (
         f"--vllm-mode prompt_logprobs: the teacher's output layer {rows} past its tokenizer's {vocab} tokens, "
-        "and vLLM's log-probs are normalised over every row and rank the extra ones in the top-k: use "
-        "--vllm-mode hidden or --backend hf (they drop the rows no token id names)"
+        "and vLLM's log-probs are normalised over every row and rank the extra ones in the top-k"
     )
+    if transforms:  # --vllm-mode hidden and --backend hf compute h @ lm_head.weight^T only
+        return (
+            f"{problem}; its logits are transformed ({', '.join(transforms)}), which --vllm-mode hidden and "
+            "--backend hf refuse: no mode here can cache this teacher"
+        )
+    return f"{problem}: use --vllm-mode hidden or --backend hf (they drop the rows no token id names)"
 
 
 def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:

@@ -2041,6 +2041,32 @@ def test_a_shard_listed_twice_in_one_cache_or_in_two_is_refused_before_training(
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_shard_in_two_caches_names_both_caches_to_choose_from(tmp_path, kd_cache):
+    """Each cache given once (a merge and its source): the advice was "give each --cache once"."""
+    from student_train.checks import check_distinct
+
+    copied = tmp_path / "copied"
+    shutil.copytree(kd_cache, copied)
+    m = json.loads((copied / "manifest.json").read_text())
+    m["timing"]["wall_s"] += 1
+    (copied / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TrainError, match=f"count twice; give {kd_cache} or {copied} as --eval-cache, not both$"):
+        check_distinct([open_cache(kd_cache), open_cache(copied)], "--eval-cache")
+
+
+def test_check_refuses_caches_without_target_positions_as_train_does(tmp_path, kd_cache):
+    """check said "ok" for caches that train and eval refuse (Plan: no target positions)."""
+    cache = tmp_path / "no-targets"
+    shutil.copytree(kd_cache, cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    m["counts"]["target_positions"] = 0
+    (cache / "manifest.json").write_text(json.dumps(m))
+    done = subprocess.run([*ST, "check", "--student", "tiny-mistral", "--cache", str(cache)], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == f"Error: no target positions in {cache}: no sample has a token to learn"
+
+
 def test_settings_and_caches_a_run_cannot_use(tmp_path, kd_cache, k4_cache):
     with pytest.raises(TrainError, match="--temperature must be a finite number"):
         TrainConfig(student="tiny-mistral", caches=(str(kd_cache),), out=str(tmp_path / "a"), temperature=math.inf)

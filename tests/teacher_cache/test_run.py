@@ -513,6 +513,21 @@ def test_vllm_stock_mode_refuses_an_output_layer_padded_past_the_tokenizer(tmp_p
     assert not (tmp_path / "plp").exists()
 
 
+def test_vllm_stock_mode_says_when_no_mode_can_take_a_padded_teacher(tmp_path, chats_file):
+    """A padded output layer and a logit transform (logit_scale, as Cohere's): the refusal said "use
+    --vllm-mode hidden or --backend hf", which refuse the transform ("use --vllm-mode prompt_logprobs")."""
+    padded = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "padded", 32064)
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**config, "logit_scale": 0.5}))
+    plp = cfg(chats_file, tmp_path / "plp", teacher=str(padded), backend="vllm", vllm_mode="prompt_logprobs",
+              max_length=256)  # fmt: skip
+    said = r"transformed \(logit_scale\), which --vllm-mode hidden and --backend hf refuse: no mode here can cache"
+    with pytest.raises(RunError, match=said) as refused:
+        run(plp)
+    assert "use --vllm-mode hidden" not in str(refused.value)
+    assert not (tmp_path / "plp").exists()
+
+
 @pytest.mark.slow
 def test_vllm_stock_mode_stops_at_an_id_past_the_tokenizer(tmp_path, chats_file):
     """A teacher whose config is not read before the run (a hub one) is stopped when vLLM's top-k
