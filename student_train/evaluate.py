@@ -13,6 +13,7 @@ import torch
 from student_train import losses
 from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
 from student_train.data import Batch, Plan, ShardCache, collate
+from teacher_cache.errors import plural
 from teacher_cache.manifest import excluded_domains
 from teacher_cache.progress import bar as progress_bar
 from teacher_cache.settings import is_int
@@ -259,13 +260,20 @@ class HeldOut:
 
     def not_held_out(self, training: list) -> list[str]:
         """Warnings for eval caches whose samples may be trained on: the same cache as a training
-        one, or one made from the same data files (by sha256) with domain filters that do not keep
-        them apart (a math expert's cache and a reference made without math do not overlap)."""
+        one, one with shards in a training one (a merge of it), or one made from the same data
+        files (by sha256) with domain filters that do not keep them apart (a math expert's cache
+        and a reference made without math do not overlap)."""
         said = []
         for e in self.caches:
             for t in training:
+                shared = {s["sha256"] for s in e.manifest["shards"]} & {s["sha256"] for s in t.manifest["shards"]}
                 if e.digest == t.digest:
                     said.append(f"--eval-cache {e.where} is also a --cache: it is not held out")
+                elif shared:
+                    said.append(
+                        f"--eval-cache {e.where} shares {plural(len(shared), 'shard')} with --cache {t.where} "
+                        "(the same files): those samples are trained on"
+                    )
                 elif _may_share_samples(e.manifest["data"], t.manifest["data"]):
                     said.append(
                         f"--eval-cache {e.where} was made from the same data files as --cache {t.where}: "

@@ -290,10 +290,13 @@ class Location:
             return data
         # O_NONBLOCK: a FIFO opens at once (a plain open waits for a writer), then is refused
         fd = os.open(self.local_path(name), os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(fd)  # of the file opened, whatever replaces it later
-        if not stat.S_ISREG(st.st_mode):  # checked before open(fd): a folder's is "3: is a directory"
+        try:
+            st = os.fstat(fd)  # of the file opened, whatever replaces it later
+            if not stat.S_ISREG(st.st_mode):  # checked before open(fd): a folder's is "3: is a directory"
+                raise ValueError(f"{self.describe(name)}: {_kind_of(st.st_mode)}, not a regular file")
+        except BaseException:
             os.close(fd)
-            raise ValueError(f"{self.describe(name)}: {_kind_of(st.st_mode)}, not a regular file")
+            raise
         with open(fd, "rb") as f:
             size = st.st_size
             if size > max_bytes:

@@ -2202,3 +2202,20 @@ def test_caches_without_target_positions_are_refused_not_trained_at_loss_zero(tm
     with pytest.raises(ValueError, match=f"^no target positions in {cache}: no sample has a token to learn$"):
         train(TrainConfig(student="tiny-mistral", caches=(str(cache),), out=str(tmp_path / "run"), max_steps=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_cache_whose_shards_a_training_cache_holds_is_said_to_be_trained_on(tmp_path, kd_cache):
+    """A merge's source as --eval-cache beside the merge as --cache (or a copy with another
+    manifest): its samples are trained on, and it was only said that they "may be"."""
+    from student_train.evaluate import HeldOut
+    from teacher_cache.tokenize import load_tokenizer
+
+    copied = tmp_path / "copied"
+    shutil.copytree(kd_cache, copied)
+    m = json.loads((copied / "manifest.json").read_text())
+    m["timing"]["wall_s"] += 1  # another manifest, the same shards
+    (copied / "manifest.json").write_text(json.dumps(m))
+    tok = load_tokenizer(resolve_model("tiny-mistral").path)
+    said = HeldOut((str(copied),), None, tok).not_held_out([open_cache(kd_cache)])
+    assert said == [f"--eval-cache {copied} shares 3 shards with --cache {kd_cache} (the same files): those samples "
+                    "are trained on"]  # fmt: skip
