@@ -761,6 +761,8 @@ def _cache_shards(
                 if cfg.progress:
                     _log(f"loading the teacher {ref.name} ({_backend_name(cfg)})")
                 backend, attn_backend = _make_backend(cfg, ref)
+            if getattr(backend, "mode", None) == "prompt_logprobs":  # a hub teacher's config is first read here
+                _check_vocab(getattr(backend, "teacher_config", {}), vocab, stock=True)
             bar.start()  # once, at the first shard to make (the engine loaded, or given)
             if not described:  # once per run: its engines do not change (a resume's may)
                 engines = [b.describe() for b in (backend, attn_backend) if b is not None]

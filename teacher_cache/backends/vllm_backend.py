@@ -177,6 +177,7 @@ class VllmBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         local = _local_dir(model)
         config = json.loads((local / "config.json").read_text())
+        self.teacher_config: dict = config  # of the files the engine loads (a hub teacher's, once downloaded)
         common = dict(
             model=str(local),
             dtype=model.dtype,

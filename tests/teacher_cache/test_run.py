@@ -529,17 +529,26 @@ def test_vllm_stock_mode_says_when_no_mode_can_take_a_padded_teacher(tmp_path, c
 
 
 @pytest.mark.slow
-def test_vllm_stock_mode_stops_at_an_id_past_the_tokenizer(tmp_path, chats_file):
-    """A teacher whose config is not read before the run (a hub one) is stopped when vLLM's top-k
-    holds an id past the tokenizer, in those words (not the codec's, naming a record)."""
+def test_vllm_stock_mode_stops_at_an_id_past_the_tokenizer(tmp_path, chats_file, monkeypatch):
+    """A teacher whose config is not read before the run (a hub one) is refused once its engine is
+    loaded (its config then read from the files it loaded), else when vLLM's top-k holds an id past
+    the tokenizer, in those words (not the codec's, naming a record): an engine whose extra rows
+    never rank would have put their mass in the tail unsaid."""
+    import teacher_cache.run as run_module
     from teacher_cache.backends.vllm_backend import VllmBackend
 
     padded = _padded_teacher(resolve_model("tiny-mixtral").path, tmp_path / "padded", 32064)
     engine = VllmBackend(resolve_model(str(padded)), mode="prompt_logprobs", top_k=8, max_model_len=257)
     plp = cfg(chats_file, tmp_path / "plp", backend="vllm", vllm_mode="prompt_logprobs", max_length=256)
     try:  # tiny-mixtral's config passes the check before the run; the engine given is the padded one
-        with pytest.raises(RunError, match=r"gave id 320\d\d, past its tokenizer's 32000 tokens.*--vllm-mode hidden"):
+        with pytest.raises(RunError, match=r"has 32064 rows, past its tokenizer's 32000 tokens.*--vllm-mode hidden"):
             run(plp, backend=engine)
+        assert not (tmp_path / "plp" / "shard-w00000-000000.arrow").exists()
+        with monkeypatch.context() as m:  # the check at load skipped: the ids are the last line of defence
+            m.setattr(run_module, "_check_vocab", lambda *a, **kw: None)
+            with pytest.raises(RunError, match=r"gave id 320\d\d, past its tokenizer's 32000 tokens"):
+                run(cfg(chats_file, tmp_path / "plp2", backend="vllm", vllm_mode="prompt_logprobs", max_length=256),
+                    backend=engine)  # fmt: skip
     finally:
         engine.close()
 
