@@ -353,7 +353,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    width = max(map(len, info))
+    width = max(26, *map(len, info))  # wider only for a merge's duplicates_with_other_targets
     for key, value in info.items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, ensure_ascii=False)
         click.echo(printable(f"{key:>{width}}: {shown}"))  # nested values as JSON (null, not Python's None)
