@@ -27,3 +27,8 @@ def bar(total: int, desc: str, unit: str, *, enabled: bool = True, initial: int 
         maxinterval=10.0 if tty else 30.0,
         **kwargs,
     )
+
+
+def log(msg: str) -> None:
+    """A line on stderr, beside the bars (stdout holds what a command gives: a report, a done line)."""
+    print(msg, file=sys.stderr, flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -22,24 +21,33 @@ from teacher_cache import __version__, codec, progress
 from teacher_cache.backends import EngineFailure, TeacherBackend, TeacherOutput
 from teacher_cache.cache import inside_cache
 from teacher_cache.config import RunConfig, RunError, same_file
-from teacher_cache.errors import first_of, one_line, parse_json, plural
+from teacher_cache.errors import first_of, one_line, plural
 from teacher_cache.manifest import (
     FORMAT_NAME,
     LOGPROB_SCALE,
     MANIFEST,
-    MAX_MANIFEST_BYTES,
     PARTS_DIR,
     assemble,
     config_hash,
-    header_differences,
     parse_part_name,
     part_name,
     part_path,
-    read_part,
     union_engines,
     worker_lock_name,
 )
-from teacher_cache.models import LOGIT_TRANSFORMS, ModelRef, position_limit, resolve_model, weight_files, weights_sha256
+from teacher_cache.models import ModelRef, resolve_model, weight_files, weights_sha256
+from teacher_cache.parts import PartWrites, check_other_runs, new_part, part_counts, previous_part, write_part
+from teacher_cache.preflight import (
+    backend_name,
+    check_attention_layers,
+    check_positions,
+    check_vocab,
+    local_config,
+    stock_mode,
+    stock_padded_message,
+    vocab_message,
+)
+from teacher_cache.progress import log
 from teacher_cache.records import BadRecordError, Record, check_data_file, file_sha256, iter_records
 from teacher_cache.shards import (
     FORMAT_VERSION,
@@ -55,7 +63,6 @@ from teacher_cache.storage import (
     LockedError,
     StorageError,
     exclusive,
-    holder,
     remove_if_unused,
     sweep_atomic_temps,
 )
@@ -68,76 +75,6 @@ from teacher_cache.tokenize import (
     tokenize_record,
     tokenizer_fingerprint,
 )
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _durable_prefix(out: Location, shards: list[dict]) -> list[dict]:
-    """The listed shards up to the first whose file is missing, of another size than listed
-    (deleted, truncated or lost by the store) or, on a local disk, of another sha256 (damaged):
-    a resume trusts only those and redoes the rest. Object stores are trusted by size (their
-    objects are written whole; reading every shard back would download the cache)."""
-    for i, entry in enumerate(shards):
-        name = entry["name"]
-        try:
-            ok = out.exists(name) and out.size(name) == entry["bytes"]
-            if ok and out.is_local:
-                ok = file_sha256(str(out.local_path(name))) == entry.get("sha256")
-        except OSError:
-            ok = False
-        if not ok:
-            return shards[:i]
-    return shards
-
-
-def _check_other_runs(cfg: RunConfig, out: Location, header: dict, chash: str) -> None:
-    """Refuse, before any work, an --out holding shards of a run with other settings: other
-    workers' parts (of this or another --num-workers, whose shards this run would overwrite or
-    never assemble with) or a finished manifest. A part without shards is a failed start (ignored)
-    unless a live run is writing it: its worker's lock held with that part's name as its note
-    (this worker's index is not probed: this run holds that lock, or is refused it next)."""
-    for name in out.glob(f"{PARTS_DIR}/*.json"):
-        owner = parse_part_name(name.removeprefix(f"{PARTS_DIR}/"))
-        if owner is None or owner == (cfg.worker_index, cfg.num_workers):
-            continue  # not a part file; or this worker's own, which _previous_part checks
-        part = read_part(out, *owner)
-        if part is None or part["config_hash"] == chash:
-            continue
-        if not part["shards"] and not part.get("complete"):
-            held = None
-            if out.is_local and owner[0] != cfg.worker_index:
-                held = holder(out.local_path(worker_lock_name(owner[0])))
-            if held is None or held[1] != part_name(*owner):
-                continue
-            raise RunError(
-                f"{out}: worker {owner[0]} of {owner[1]} is being written now by a run with different settings "
-                f"({_differences(part, header)}); use another --out, or the arguments and data of that run"
-            )
-        raise RunError(
-            f"{out} holds {plural(len(part['shards']), 'shard')} of worker {owner[0]} of {owner[1]}, made with "
-            f"different settings ({_differences(part, header)}); use another --out, or the arguments and data of "
-            "that run"
-        )
-    if out.exists(MANIFEST):
-        try:
-            manifest = out.read_json(MANIFEST, MAX_MANIFEST_BYTES)
-        except ValueError as e:  # damaged: a run writes it whole, from its parts/ (which rebuild it)
-            hint = f"if {out} is this run's, delete that file and run again (parts/ rebuild it); else use another --out"
-            raise RunError(f"{e}; {hint}") from None
-        if not isinstance(manifest, dict) or manifest.get("config_hash") != chash:
-            what = _differences(manifest, header) if isinstance(manifest, dict) else "the settings differ"
-            raise RunError(f"{out} holds a finished cache made with different settings ({what}); use another --out")
-
-
-def _differences(old: dict, header: dict) -> str:
-    """Why an earlier run's config hash is not this run's, for messages: the settings that differ,
-    or the older version that hashed the same settings another way."""
-    found = header_differences(old, header)
-    if found:
-        return ", ".join(found) + " differ"
-    return f"the same settings, hashed another way by teacher-cache {old.get('tool_version', 'of another version')}"
 
 
 def _belongs_to(sample_id: str, worker: int, num_workers: int) -> bool:
@@ -212,7 +149,7 @@ def _weights_sha256(ref: ModelRef) -> str | None:
         return None
     size = sum(p.stat().st_size for p in weight_files(ref.path))
     if size > 1 << 30:  # ~1 s per GB: say why the start is slow
-        _log(f"hashing the teacher's weights ({size / 2**30:.1f} GiB) to record which ones made this cache")
+        log(f"hashing the teacher's weights ({size / 2**30:.1f} GiB) to record which ones made this cache")
     return weights_sha256(ref.path)
 
 
@@ -269,20 +206,11 @@ def _header(cfg: RunConfig, ref: ModelRef, tok, backend_info: dict) -> dict:
     }
 
 
-def _backend_name(cfg: RunConfig) -> str:
-    """--backend with "auto" resolved: vllm where installed, else hf."""
-    from teacher_cache.backends import vllm_available
-
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "vllm" if vllm_available() else "hf"
-
-
 def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, TeacherBackend | None]:
     """The engine for the targets, and an hf engine beside vLLM for attention summaries (or None)."""
     from teacher_cache.backends import vllm_available
 
-    name = _backend_name(cfg)
+    name = backend_name(cfg)
     if name == "vllm":
         if not vllm_available():
             raise RunError("backend vllm requested but vLLM is not installed (make install, or --backend hf)")
@@ -323,7 +251,7 @@ def _make_backend(cfg: RunConfig, ref: ModelRef) -> tuple[TeacherBackend, Teache
 def _backend_info(cfg: RunConfig) -> dict:
     """Backend identity for the header, known before the (expensive) engine is built; a
     tensor-parallel engine says how many ranks (reduction order: its kernel noise differs)."""
-    name = _backend_name(cfg)
+    name = backend_name(cfg)
     if name == "hf" and cfg.tensor_parallel_size > 1:  # auto without vLLM installed
         raise RunError("--tensor-parallel-size needs the vllm backend, and vLLM is not installed here")
     info = {"backend": name, "vllm_mode": cfg.vllm_mode if name == "vllm" else None}
@@ -343,7 +271,7 @@ def _vocab_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """[P, V_out] -> [P, vocab]: an output layer padded past the tokenizer (Phi-3, Qwen2.5) has
     columns no token id names; they are dropped (their mass, ~0, left out)."""
     if logits.shape[-1] < vocab:
-        raise RunError(_vocab_message(logits.shape[-1], vocab))
+        raise RunError(vocab_message(logits.shape[-1], vocab))
     return logits[:, :vocab]
 
 
@@ -351,8 +279,8 @@ def _encoded(cfg: RunConfig, rec: Record, tk: Tokenized, out: TeacherOutput, voc
     err = cfg.logprob_error
     if out.topk is not None:
         top: TopKTargets = out.topk
-        if top.ids.size and int(top.ids.max()) >= vocab:  # a hub teacher's padded output layer (_check_vocab)
-            raise RunError(_stock_padded_message(f"gave id {int(top.ids.max())},", vocab))
+        if top.ids.size and int(top.ids.max()) >= vocab:  # a hub teacher's padded output layer (check_vocab)
+            raise RunError(stock_padded_message(f"gave id {int(top.ids.max())},", vocab))
         blob = codec.encode_topk(top.ids, top.logprobs, top.tail_logprob, vocab_size=vocab, max_error=err)
     elif cfg.targets == "topk":
         top = topk_from_logits(_vocab_logits(out.logits, vocab), cfg.top_k, inplace=True)  # not used again
@@ -381,17 +309,17 @@ def run(cfg: RunConfig, backend: TeacherBackend | None = None) -> dict:
     for path in cfg.data:
         check_data_file(path)
     ref = resolve_model(cfg.teacher)  # an unknown teacher fails before --out is created
-    teacher_config = _local_config(ref)
-    _check_attention_layers(cfg, teacher_config)
-    _check_positions(cfg, teacher_config)
+    teacher_config = local_config(ref)
+    check_attention_layers(cfg, teacher_config)
+    check_positions(cfg, teacher_config)
     tok = load_tokenizer(ref.path, ref.revision, trust_remote_code=cfg.trust_remote_code)
-    _check_vocab(teacher_config, len(tok), stock=_stock_mode(cfg))
+    check_vocab(teacher_config, len(tok), stock=stock_mode(cfg))
     if cfg.targets == "topk" and cfg.top_k > len(tok):  # would store every token's log-prob, in k's name
         raise RunError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({len(tok)} tokens)")
     out = _open_out(cfg)
     header = _header(cfg, ref, tok, _backend_info(cfg))
     chash = config_hash(header)
-    _check_other_runs(cfg, out, header, chash)
+    check_other_runs(cfg, out, header, chash)
     made = _first_missing(out, PARTS_DIR)
     try:
         out.check_writable()  # makes --out and its parts/: only now, after the refusals above
@@ -443,11 +371,11 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
               own: tuple[Path, ...], backend: TeacherBackend | None, t0: float) -> dict:  # fmt: skip
     """run() once --out is made and this worker's lock held."""
     try:
-        previous = _previous_part(cfg, out, header, chash)  # rereads its kept shards: not under the start lock
+        previous = previous_part(cfg, out, header, chash)  # rereads its kept shards: not under the start lock
         with _starting(out, own):  # one worker at a time, from its check to its first part file
-            _check_other_runs(cfg, out, header, chash)  # again: a run with other settings may have started since
+            check_other_runs(cfg, out, header, chash)  # again: a run with other settings may have started since
             if previous is not None and previous.get("complete"):
-                _log(
+                log(
                     f"nothing to do: worker {cfg.worker_index} of {cfg.num_workers} already finished "
                     f"({plural(previous['counts']['samples'], 'sample')} in "
                     f"{plural(len(previous['shards']), 'shard')})"
@@ -456,18 +384,18 @@ def _run_held(cfg: RunConfig, ref: ModelRef, tok, out: Location, header: dict, c
                 return previous
             if previous is not None and previous.get("redo") and out.exists(MANIFEST):
                 out.remove(MANIFEST)  # it lists shards being redone: readers say "incomplete" until the end
-                _log(f"{MANIFEST} removed: the cache is incomplete until the redo ends")
-            part = _new_part(cfg, header, chash, previous)
+                log(f"{MANIFEST} removed: the cache is incomplete until the redo ends")
+            part = new_part(cfg, header, chash, previous)
             if out.is_local:  # half-written by a killed run (object stores only ever see whole shards)
                 for stale in out.local_path().glob(spool_glob(cfg.worker_index)):
                     stale.unlink()
-            _write_part(cfg, out, part, [], [], 0.0)
+            write_part(cfg, out, part, [], [], 0.0)
 
         total = _share_size(cfg, special_text_finder(tok))
         done = len(part["shards"])
         if done:
             remaining = max(0, -(-total // cfg.shard_size) - done)
-            _log(f"resuming: {plural(done, 'shard')} already durable, {remaining} to go")
+            log(f"resuming: {plural(done, 'shard')} already durable, {remaining} to go")
         if backend is not None and cfg.attention_layers and backend.name != "hf":
             raise RunError("an injected non-hf backend cannot provide attention summaries")
         bad, dups = _cache_shards(cfg, ref, tok, out, part, backend, total, t0)
@@ -511,7 +439,7 @@ def _starting(out: Location, own: tuple[Path, ...]) -> Iterator[None]:
         try:
             held.enter_context(exclusive(own[2]))
         except LockedError as e:  # held a moment by another worker's check: said, then waited for
-            _log(f"waiting for another worker of {out} to start (pid {e.pid})")
+            log(f"waiting for another worker of {out} to start (pid {e.pid})")
             held.enter_context(exclusive(own[2], wait=True))
         yield
 
@@ -528,78 +456,6 @@ def _first_missing(out: Location, parts_dir: str) -> Path | None:
             break
         missing = folder
     return missing
-
-
-def _check_vocab(teacher_config: dict, vocab: int, *, stock: bool = False) -> None:
-    """A tokenizer with ids past the teacher's output layer, refused before --out is made (local
-    checkpoints; a hub teacher's logits are checked as they come, _vocab_logits); with `stock`
-    (vLLM's prompt_logprobs), an output layer padded past the tokenizer too: vLLM normalises over
-    every row and ranks the extra ones in its top-k, which only the hidden mode drops."""
-    rows = teacher_config.get("vocab_size")
-    if isinstance(rows, int) and rows < vocab:
-        raise RunError(_vocab_message(rows, vocab))
-    if stock and isinstance(rows, int) and rows > vocab:
-        transforms = [k for k in LOGIT_TRANSFORMS if teacher_config.get(k) not in (None, 1, 1.0)]
-        raise RunError(_stock_padded_message(f"has {rows} rows,", vocab, transforms))
-
-
-def _stock_mode(cfg: RunConfig) -> bool:
-    """Whether vLLM's own prompt log-probs make the targets (not logits projected here)."""
-    return cfg.vllm_mode == "prompt_logprobs" and _backend_name(cfg) == "vllm"
-
-
-def _stock_padded_message(rows: str, vocab: int, transforms: list[str] | None = None) -> str:
-    """`transforms`: the teacher's logit transforms, which the modes that drop the extra rows refuse."""
-    problem = (
-        f"--vllm-mode prompt_logprobs: the teacher's output layer {rows} past its tokenizer's {vocab} tokens, "
-        "and vLLM's log-probs are normalised over every row and rank the extra ones in the top-k"
-    )
-    if transforms:  # --vllm-mode hidden and --backend hf compute h @ lm_head.weight^T only
-        return (
-            f"{problem}; its logits are transformed ({', '.join(transforms)}), which --vllm-mode hidden and "
-            "--backend hf refuse: no mode here can cache this teacher"
-        )
-    return f"{problem}: use --vllm-mode hidden or --backend hf (they drop the rows no token id names)"
-
-
-def _check_positions(cfg: RunConfig, teacher_config: dict) -> None:
-    """--max-length past the positions a local teacher was trained on, refused before --out is made:
-    the hf backend would extrapolate there silently (targets of no value), vLLM refuses late."""
-    limit = position_limit(teacher_config)
-    if limit is None:
-        return
-    if cfg.max_length > limit:
-        raise RunError(
-            f"--max-length {cfg.max_length} is past the {limit} positions {cfg.teacher} was trained on "
-            f"(max_position_embeddings): use --max-length {limit} or less"
-        )
-    if cfg.max_length == limit and _stock_mode(cfg):
-        raise RunError(
-            f"--vllm-mode prompt_logprobs needs one position more than --max-length {limit} (vLLM generates a "
-            f"token after the prompt), past the {limit} {cfg.teacher} was trained on: use --max-length "
-            f"{limit - 1} or less, or --vllm-mode hidden"
-        )
-
-
-def _local_config(ref: ModelRef) -> dict:
-    """A local teacher's config.json ({} for a hub teacher, whose config comes when it loads)."""
-    config = Path(ref.path) / "config.json"
-    if not (ref.is_local and config.is_file()):
-        return {}
-    parsed = parse_json(config.read_text())
-    return parsed if isinstance(parsed, dict) else {}
-
-
-def _vocab_message(rows: int, vocab: int) -> str:
-    return f"the teacher's output layer has {rows} rows but its tokenizer {vocab} tokens: ids past it have no logits"
-
-
-def _check_attention_layers(cfg: RunConfig, teacher_config: dict) -> None:
-    """Attention layers past the teacher's last, refused before --out is made (local checkpoints:
-    their config.json is at hand; a hub teacher's layers are checked when it loads)."""
-    layers = teacher_config.get("num_hidden_layers")
-    if cfg.attention_layers and isinstance(layers, int) and max(cfg.attention_layers) >= layers:
-        raise RunError(f"attention layer {max(cfg.attention_layers)} out of range: {cfg.teacher} has {layers} layers")
 
 
 def _open_out(cfg: RunConfig) -> Location:
@@ -637,57 +493,6 @@ def _is_cache(out: Location, names: list[str]) -> bool:
     return PARTS_DIR in names and any(parse_part_name(n.rsplit("/", 1)[-1]) for n in out.glob(f"{PARTS_DIR}/*.json"))
 
 
-def _previous_part(cfg: RunConfig, out: Location, header: dict, chash: str) -> dict | None:
-    """This worker's part from an earlier attempt, cut to its durable shards; None if there is
-    nothing to resume. Raises RunError if it was made with other settings or another engine."""
-    previous = read_part(out, cfg.worker_index, cfg.num_workers)
-    if previous is None or (not previous.get("shards") and not previous.get("complete")):
-        return None  # none, or an attempt that failed before its first shard: nothing to keep or match
-    if previous.get("config_hash") != chash:
-        raise RunError(
-            f"{out} holds {plural(len(previous.get('shards', [])), 'shard')} made with different settings "
-            f"({_differences(previous, header)}); use another --out, or the same arguments and data"
-        )
-    if previous.get("backend") != header["backend"]:
-        was, now = previous.get("backend") or {}, header["backend"]
-
-        def engine(b: dict) -> str:
-            tp = b.get("tensor_parallel_size", 1)
-            return f"{b.get('backend')}, vllm mode {b.get('vllm_mode')}, tensor parallel {tp}"
-
-        raise RunError(
-            f"{out}: worker {cfg.worker_index}'s shards were made with backend {engine(was)}; resume with the "
-            f"same --backend / --vllm-mode / --tensor-parallel-size (got {engine(now)}) or use another --out"
-        )
-    kept = _durable_prefix(out, previous["shards"])
-    if len(kept) < len(previous["shards"]):
-        lost = previous["shards"][len(kept)]["name"]
-        _log(
-            f"{lost} is missing, or not the size or sha256 its part file says: "
-            f"redoing worker {cfg.worker_index} from there"
-        )
-        previous = {**previous, "shards": kept, "complete": False, "redo": True}
-    return previous
-
-
-def _new_part(cfg: RunConfig, header: dict, chash: str, previous: dict | None) -> dict:
-    """This worker's part, not complete, going on from `previous` (its shards, engines and time)."""
-    part = {**header, "config_hash": chash, "worker": cfg.worker_index, "complete": False, "shards": [], "engines": []}
-    if previous is not None:
-        part["shards"] = previous["shards"]
-        part["engines"] = [e for e in previous.get("engines", []) if isinstance(e, dict)]
-        part["elapsed_before_s"] = previous.get("timing", {}).get("wall_s", 0)  # every attempt's, so far
-    return part
-
-
-def _write_part(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: list[int], wall_s: float) -> None:
-    """The part file of a run in progress: its durable shards and the counts so far."""
-    out.write_json(
-        part_path(cfg.worker_index, cfg.num_workers),
-        {**part, "counts": _counts(part, bad, dups), "timing": {"wall_s": wall_s + part.get("elapsed_before_s", 0.0)}},
-    )
-
-
 def _share_size(cfg: RunConfig, special_text: Callable[[list[dict[str, str]]], str | None]) -> int:
     """How many records are this worker's: a parse-only pass over the data that gives the
     progress bar its total (cheap next to the teacher). Warns (legal, rarely meant) of records
@@ -701,7 +506,7 @@ def _share_size(cfg: RunConfig, special_text: Callable[[list[dict[str, str]]], s
             specials.append((rec.where, found))
     if specials:
         where, text = specials[0]
-        _log(
+        log(
             f"warning: {plural(len(specials), 'record')} of worker {cfg.worker_index}'s share "
             f"{'holds' if len(specials) == 1 else 'hold'} the text of a "
             f"special token in a message (the first: {where} holds {text!r}): the tokenizer reads it as that "
@@ -711,18 +516,18 @@ def _share_size(cfg: RunConfig, special_text: Callable[[list[dict[str, str]]], s
     domains = _data_domains(cfg) if typos or (total == 0 and cfg.only_domain) else []
     listed = f" (the data's domains: {first_of([repr(d) for d in domains], 8)})" if domains else ""
     for domain in typos:
-        _log(f"warning: no record has domain {domain!r}: --exclude-domain {domain} excludes nothing{listed}")
+        log(f"warning: no record has domain {domain!r}: --exclude-domain {domain} excludes nothing{listed}")
     if total == 0 and cfg.only_domain and cfg.only_domain not in domains:  # in no worker's share: a typo
         raise RunError(f"--only-domain {cfg.only_domain}: no record of the data has that domain{listed}")
     if total == 0 and bad:
-        _log(
+        log(
             f"warning: every record of worker {cfg.worker_index}'s share is malformed ({len(bad)} skipped by "
             f"--skip-bad, the first: {bad[0]}): this part of the cache is empty"
         )
     elif total == 0 and (cfg.only_domain or cfg.excluded):
         others = " or ".join(repr(d) for d in cfg.excluded)
         kept = f"domain {cfg.only_domain!r}" if cfg.only_domain else f"a domain other than {others}"
-        _log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
+        log(f"warning: no record of worker {cfg.worker_index}'s share has {kept}: this part of the cache is empty")
     return total
 
 
@@ -752,17 +557,17 @@ def _cache_shards(
     vocab = len(tok)
     bar = _Progress(cfg.progress, total, done * cfg.shard_size)
     described = False
-    listed = _PartWrites()
+    listed = PartWrites()
     try:
         for index, records in enumerate(shards):
             if index < done:
                 continue
             if backend is None:
                 if cfg.progress:
-                    _log(f"loading the teacher {ref.name} ({_backend_name(cfg)})")
+                    log(f"loading the teacher {ref.name} ({backend_name(cfg)})")
                 backend, attn_backend = _make_backend(cfg, ref)
             if getattr(backend, "mode", None) == "prompt_logprobs":  # a hub teacher's config is first read here
-                _check_vocab(getattr(backend, "teacher_config", {}), vocab, stock=True)
+                check_vocab(getattr(backend, "teacher_config", {}), vocab, stock=True)
             bar.start()  # once, at the first shard to make (the engine loaded, or given)
             if not described:  # once per run: its engines do not change (a resume's may)
                 engines = [b.describe() for b in (backend, attn_backend) if b is not None]
@@ -771,7 +576,7 @@ def _cache_shards(
             name = shard_name(cfg.worker_index, index)
             entry = _cache_shard(cfg, tok, out, part, name, records, backend, attn_backend, vocab, bar)
             part["shards"].append(entry)
-            listed.after_shard(lambda: _write_part(cfg, out, part, bad, dups, time.time() - t0))
+            listed.after_shard(lambda: write_part(cfg, out, part, bad, dups, time.time() - t0))
     except BaseException as e:
         with contextlib.suppress(Exception):  # if this fails too, a resume redoes those shards
             listed.flush()  # a stop keeps every finished shard, not only those the throttle let through
@@ -860,14 +665,14 @@ def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: lis
     wall = time.time() - t0  # this attempt's
     total = wall + part.get("elapsed_before_s", 0.0)  # every attempt's, which made all the part's tokens
     part["complete"] = True
-    part["counts"] = _counts(part, bad, dups)
+    part["counts"] = part_counts(part, bad, dups)
     part["bad_records"] = bad + [b for s in part["shards"] for b in s["bad_records"]]
     part["timing"] = {"wall_s": total, "tokens_per_s": part["counts"]["tokens"] / total if total > 0 else None}
     out.write_json(part_path(cfg.worker_index, cfg.num_workers), part)
     manifest = assemble(out, cfg.num_workers)
     c = part["counts"]
     repeats = f", {plural(c['duplicates'], 'repeated record')} dropped" if c["duplicates"] else ""
-    _log(
+    log(
         f"worker {cfg.worker_index}: {plural(c['samples'], 'sample')}, "
         f"{plural(c['target_positions'], 'target position')}, "
         f"{c['skipped_bad']} skipped, {c['truncated']} truncated{repeats} in {wall:.1f}s"
@@ -875,54 +680,12 @@ def _finish(cfg: RunConfig, out: Location, part: dict, bad: list[str], dups: lis
     )
     late = c["skipped_bad"] - len(bad)  # refused when tokenised (too long for --max-length, say), not parsed
     if not c["samples"] and late > 0:  # the parse-time case was warned about before the teacher loaded
-        _log(
+        log(
             f"warning: every record of worker {cfg.worker_index}'s share was refused when tokenised ({late} "
             f"skipped by --skip-bad, the first: {part['bad_records'][len(bad)]}): "
             "this part of the cache is empty"
         )
     return part
-
-
-def _counts(part: dict, bad: list[str], dups: list[int]) -> dict:
-    shards = part["shards"]
-    return {
-        "samples": sum(s["rows"] for s in shards),
-        "tokens": sum(s["tokens"] for s in shards),
-        "target_positions": sum(s["target_positions"] for s in shards),
-        "truncated": sum(s["truncated"] for s in shards),
-        "skipped_bad": len(bad) + sum(s["skipped_bad"] for s in shards),
-        "duplicates": len(dups),
-    }
-
-
-class _PartWrites:
-    """Rewrites the part file after a shard when the writes so far leave room: each write waits
-    until writing takes at most 2 % of the time. The part grows ~0.5 KB per shard and is rewritten
-    whole (one PUT on object stores): after every one of 10^4 shards the writes would grow with the
-    square of the count (22 GiB, minutes), and even writes of 5-50 ms took 20-60 % of a run of
-    small, fast shards. Shards that take longer than 50 writes are each written at once. Those made
-    since the last write are redone by a resume after a kill -9; a stop (an error, Ctrl-C) writes
-    them first (`flush`)."""
-
-    SHARE = 0.02
-
-    def __init__(self) -> None:
-        self._write: Callable[[], None] | None = None  # the latest shard's write, not yet done
-        self._next = 0.0  # time.monotonic() before which no write is due
-
-    def after_shard(self, write: Callable[[], None]) -> None:
-        self._write = write
-        if time.monotonic() >= self._next:
-            self.flush()
-
-    def flush(self) -> None:
-        write, self._write = self._write, None
-        if write is None:
-            return
-        start = time.monotonic()
-        write()
-        cost = time.monotonic() - start
-        self._next = start + cost / self.SHARE
 
 
 class _Progress:

@@ -545,7 +545,7 @@ def test_vllm_stock_mode_stops_at_an_id_past_the_tokenizer(tmp_path, chats_file,
             run(plp, backend=engine)
         assert not (tmp_path / "plp" / "shard-w00000-000000.arrow").exists()
         with monkeypatch.context() as m:  # the check at load skipped: the ids are the last line of defence
-            m.setattr(run_module, "_check_vocab", lambda *a, **kw: None)
+            m.setattr(run_module, "check_vocab", lambda *a, **kw: None)
             with pytest.raises(RunError, match=r"gave id 320\d\d, past its tokenizer's 32000 tokens"):
                 run(cfg(chats_file, tmp_path / "plp2", backend="vllm", vllm_mode="prompt_logprobs", max_length=256),
                     backend=engine)  # fmt: skip
@@ -1173,20 +1173,20 @@ def test_the_part_file_is_rewritten_at_most_two_percent_of_the_time():
     22 GiB of writes, and writes of 5-50 ms after every small shard took 20-60 % of a run. Each write
     waits until writes are 2 % of the time; a stop writes what is pending, so its stop line's "kept"
     shards are the part's."""
-    from teacher_cache.run import _PartWrites
+    from teacher_cache.parts import PartWrites
 
     written: list[int] = []
 
     def write(n: int, cost: float):
         return lambda: (time.sleep(cost), written.append(n))
 
-    slow_shards = _PartWrites()  # shards that outlast 50 writes (of well under 12 ms): each written at once
+    slow_shards = PartWrites()  # shards that outlast 50 writes (of well under 12 ms): each written at once
     for n in range(3):
         slow_shards.after_shard(write(n, 0.0))
         time.sleep(0.6)
     assert written == [0, 1, 2]
     written.clear()
-    fast = _PartWrites()
+    fast = PartWrites()
     fast.after_shard(write(0, 0.01))  # due: the first
     fast.after_shard(write(1, 0.01))  # 10 ms spent (under the old 50 ms "cheap" line): the next waits ~0.5 s
     fast.after_shard(write(2, 0.01))
