@@ -191,9 +191,12 @@ def _refuse_unused_options(kw: dict) -> None:
     ctx = click.get_current_context()
     typed = {n for n in kw if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE}
     targets = f"with --targets {kw['targets']}"
+    sampled_alone = kw["targets"] == "sampled" and not kw["attention_layers"]  # no block with an error bound
     for option, name, unused, why in (
         ("--top-k", "top_k", kw["targets"] == "sampled", targets),
         ("--num-draws", "num_draws", kw["targets"] == "topk", targets),
+        ("--seed", "seed", kw["targets"] == "topk", targets),  # it draws nothing, but its value is hashed
+        ("--logprob-error", "logprob_error", sampled_alone, f"{targets} and without --attention-layers"),
         ("--attention-top-k", "attention_top_k", not kw["attention_layers"], "without --attention-layers"),
     ):
         if unused and name in typed:

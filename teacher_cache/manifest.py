@@ -1,7 +1,7 @@
 """The manifest: what made a cache, what it holds, and checks for caches from elsewhere.
 
 Each worker keeps its own part file, `parts/worker-IIIII-of-NNNNN.json`, rewritten
-atomically after durable shards (`run._PartWrites`); it is the worker's resume point. When every
+atomically after durable shards (`parts.PartWrites`); it is the worker's resume point. When every
 part is complete, `manifest.json` is assembled from them (deterministically, so
 workers finishing together write the same bytes).
 """

@@ -1,6 +1,6 @@
-"""A `teacher-cache run` worker's part file (parts/part-W-of-N.json): what an earlier attempt of
-this worker left and may be resumed, the settings other workers' parts hold, and how often this
-attempt rewrites its own."""
+"""A `teacher-cache run` worker's part file (parts/worker-IIIII-of-NNNNN.json): what an earlier
+attempt of this worker left and may be resumed, the settings other workers' parts hold, and how
+often this attempt rewrites its own."""
 
 from __future__ import annotations
 

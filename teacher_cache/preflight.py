@@ -22,9 +22,10 @@ def backend_name(cfg: RunConfig) -> str:
 
 def check_vocab(teacher_config: dict, vocab: int, *, stock: bool = False) -> None:
     """A tokenizer with ids past the teacher's output layer, refused before --out is made (local
-    checkpoints; a hub teacher's logits are checked as they come, run._vocab_logits); with `stock`
-    (vLLM's prompt_logprobs), an output layer padded past the tokenizer too: vLLM normalises over
-    every row and ranks the extra ones in its top-k, which only the hidden mode drops."""
+    checkpoints; a hub teacher's logits are checked as they come, run._vocab_logits, and a vLLM
+    prompt_logprobs engine's config once loaded, run._cache_shards); with `stock` (vLLM's
+    prompt_logprobs), an output layer padded past the tokenizer too: vLLM normalises over every
+    row and ranks the extra ones in its top-k, which only the hidden mode drops."""
     rows = teacher_config.get("vocab_size")
     if isinstance(rows, int) and rows < vocab:
         raise RunError(vocab_message(rows, vocab))

@@ -1,4 +1,5 @@
-"""The progress bars of every long command (run, merge, verify, train, eval): one look."""
+"""The progress bars of every long command (run, merge, verify, train, eval): one look; and
+`log`, the stderr lines beside them."""
 
 from __future__ import annotations
 

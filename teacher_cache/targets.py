@@ -74,11 +74,28 @@ def topk_from_logits(logits: torch.Tensor, k: int, *, inplace: bool = False) -> 
     )
 
 
+SAMPLE_ROWS = 64  # positions drawn from at a time: their float64 probabilities, 64 MB at a 128k vocab
+
+
 def sampled_from_logits(logits: torch.Tensor, num_draws: int, generator: torch.Generator) -> SampledTargets:
-    """logits float [P, V] -> num_draws draws per position, as distinct ids with counts."""
-    probs = torch.softmax(logits.float(), dim=-1)  # float32 [P, V]
-    P = probs.shape[0]
-    draws = torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=generator)  # int64 [P, n]
+    """logits float [P, V] -> num_draws draws per position, as distinct ids with counts.
+
+    Drawn from float64 probabilities: torch.multinomial sums a row's probabilities in its dtype,
+    and a float32 running sum rounds off part of every small one added after a likely id (12 % of
+    a 0.01 tail behind a 0.99 id on a 49k vocab; ~8 % of SmolLM2's mass below 1e-6). Rows go
+    SAMPLE_ROWS at a time: the generator serves rows in order, so the draws are those of one call.
+    """
+    P = logits.shape[0]
+    parts = [
+        torch.multinomial(  # int64 [rows, n]
+            torch.softmax(logits[i : i + SAMPLE_ROWS].double(), dim=-1).cpu(),  # float64 [rows, V]
+            num_draws,
+            replacement=True,
+            generator=generator,
+        )
+        for i in range(0, P, SAMPLE_ROWS)
+    ]
+    draws = torch.cat(parts) if parts else torch.empty((0, num_draws), dtype=torch.int64)  # int64 [P, n]
     draws, _ = torch.sort(draws, dim=-1)  # int64 [P, n], ascending within a position
     new = torch.ones_like(draws, dtype=torch.bool)  # bool [P, n] first of a run of equal ids
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]

@@ -169,9 +169,11 @@ def test_bad_option_values_are_usage_errors(tmp_path, chats_file):
         (["--backend", "hf", "--vllm-mode", "prompt_logprobs"], "--vllm-mode applies to the vllm backend only"),
         (["--backend", "hf", "--tensor-parallel-size", "2"], "--tensor-parallel-size applies to the vllm backend"),
         (["--targets", "sampled", "--vllm-mode", "prompt_logprobs"], "sampled targets need full logits"),
-        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--targets", "sampled", "--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--targets", "sampled", "--top-k", "8"], "--top-k has no effect with --targets sampled"),
         (["--num-draws", "8"], "--num-draws has no effect with --targets topk"),
+        (["--seed", "3"], "--seed has no effect with --targets topk"),
+        (["--targets", "sampled", "--logprob-error", "0.1"], "--logprob-error has no effect with --targets sampled"),
         (["--attention-top-k", "4"], "--attention-top-k has no effect without --attention-layers"),
         (["--data", str(chats_file)], "--data names a file twice"),
         (["--data", os.path.relpath(chats_file)], "--data names a file twice"),  # another spelling of it

@@ -106,6 +106,30 @@ def test_sampled_counts_follow_the_teacher_distribution():
     assert np.all(np.abs(freq - p) <= 5 * se + 1e-12), np.abs(freq - p) / se
 
 
+def test_sampled_draws_keep_the_rare_ids_behind_a_likely_one():
+    """A 0.01 tail spread over 49151 ids after a 0.99 id (id 0, as a vocabulary's order puts it):
+    the tail's share of the draws is its probability within 5 standard errors (drawing from float32
+    probabilities gave 0.0088: torch.multinomial's float32 running sum rounded part of each rare id
+    off). Rows past SAMPLE_ROWS draw as in one call."""
+    V, P, N = 49152, 20, 20000
+    logits = torch.zeros(P, V)  # [P, V]
+    logits[:, 0] = np.log(0.99 * (V - 1) / 0.01)
+    got = sampled_from_logits(logits, N, torch.Generator().manual_seed(0))
+    tail = 1 - torch.softmax(logits[0].double(), -1)[0].item()
+    share = got.counts[got.ids != 0].sum() / (P * N)
+    assert abs(share - tail) <= 5 * np.sqrt(tail * (1 - tail) / (P * N)), (share, tail)
+
+    logits = torch.randn(150, 30, generator=torch.Generator().manual_seed(1)) * 2  # [150, 30]: 3 blocks of rows
+    got = sampled_from_logits(logits, 7, torch.Generator().manual_seed(2))
+    one = torch.multinomial(
+        torch.softmax(logits.double(), -1), 7, replacement=True, generator=torch.Generator().manual_seed(2)
+    )
+    for p in range(150):
+        ids, counts = np.unique(one[p].numpy(), return_counts=True)
+        np.testing.assert_array_equal(got.ids[got.offsets[p] : got.offsets[p + 1]], ids)
+        np.testing.assert_array_equal(got.counts[got.offsets[p] : got.offsets[p + 1]], counts)
+
+
 @pytest.mark.parametrize("x", [-1e-300, -1e-20, -1e-12, -1e-6, -0.1, -0.6931, -0.7, -1.0, -5.0, -40.0, -700.0])
 def test_log1mexp_is_accurate_at_both_ends(x):
     """log(1 - exp(x)) to float64 precision near 0 (where 1 - exp(x) cancels) and far below it
