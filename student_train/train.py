@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from student_train.evaluate import HeldOut, position_stats
 from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
+from teacher_cache.progress import log
 from teacher_cache.storage import LockedError, exclusive, remove_if_unused, write_atomic
 
 # the API (TrainConfig and TrainError live in config.py); the rest is the loop's
@@ -230,11 +230,11 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
     state, ckpt = resume_point(cfg, out, caches, world, ref.path)
     for warning in warnings:  # once --out and the resume are accepted: a refused run says only why
         if rank == 0:
-            _say(f"warning: {warning}")
+            log(f"warning: {warning}")
     if cfg.resume and ckpt is None and rank == 0:  # legal (a run killed before its first checkpoint), but say so
-        _say(f"note: no checkpoint in {out} to resume: starting at step 0")
+        log(f"note: no checkpoint in {out} to resume: starting at step 0")
     elif ckpt is not None and rank == 0:  # said even with --no-progress, whose bar would show the step
-        _say(f"resuming from {ckpt} (step {state['step']} of {cfg.max_steps})")
+        log(f"resuming from {ckpt} (step {state['step']} of {cfg.max_steps})")
     if state["domain_mix"] == "per_index":  # a checkpoint from before: its order, so the resume is exact
         plan = Plan(caches, seed=cfg.seed, window=cfg.shuffle_window, domain_ratio=cfg.domain_ratio)
     if world > 1:  # every rank has looked at --out before rank 0 starts writing into it
@@ -283,10 +283,6 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
             torch.distributed.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps({**state, "weights_sha256": digest}) + "\n")
     return {**state, "last": last, "checkpoint": str(out / f"checkpoint-{state['step']}"), "weights_sha256": digest}
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _start_warnings(cfg: TrainConfig, caches: list, plan: Plan, tok, world: int) -> list[str]:
@@ -529,10 +525,10 @@ class _RunLogs:
             _append(self.metrics, last)
 
     def close(self) -> None:
-        for log in (self.metrics, self.samples, self.eval):
-            if log is not None:
+        for file in (self.metrics, self.samples, self.eval):
+            if file is not None:
                 with contextlib.suppress(OSError):  # a write that failed fails its flush again: said already
-                    log.close()
+                    file.close()
 
 
 def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float) -> list[dict]:

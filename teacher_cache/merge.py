@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +34,7 @@ from teacher_cache.manifest import (
     runs_of,
     union_engines,
 )
+from teacher_cache.progress import log
 from teacher_cache.shards import (
     FORMAT_VERSION,
     SHARD_RE,
@@ -91,9 +91,10 @@ def _warn_domain_lost(caches: list[Cache], paths: list[str]) -> None:
     if any(d is not None for d in domains) and len(set(domains)) > 1:
         listed = ", ".join(f"{p} ({'--only-domain ' + d if d is not None else 'no domain filter'})"
                            for p, d in zip(paths, domains, strict=True))  # fmt: skip
-        print(f"warning: the merged cache has no single domain ({listed}): student-train reads all its rows as "
-              "general samples, not a domain expert's (for DAE, merge caches of one domain only)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        log(
+            f"warning: the merged cache has no single domain ({listed}): student-train reads all its rows as "
+            "general samples, not a domain expert's (for DAE, merge caches of one domain only)"
+        )
 
 
 def _difference(a: object, b: object) -> str:
@@ -169,8 +170,10 @@ def merge(paths: list[str], out: str, *, progress: bool = False) -> dict:
     for i, d in enumerate(digests):
         if d in digests[:i]:  # legal (its rows are kept once), but rarely what was meant
             first = paths[digests.index(d)]
-            print(f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
-                  "duplicate, kept once", file=sys.stderr, flush=True)  # fmt: skip
+            log(
+                f"warning: {paths[i]} is the same cache as {first} (same manifest): every row of it is a "
+                "duplicate, kept once"
+            )
     check_compatible(caches)
     _warn_domain_lost(caches, paths)
     made = dest.local_path() if dest.is_local and not dest.local_path().exists() else None
