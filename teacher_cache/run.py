@@ -566,13 +566,13 @@ def _cache_shards(
                 if cfg.progress:
                     log(f"loading the teacher {ref.name} ({backend_name(cfg)})")
                 backend, attn_backend = _make_backend(cfg, ref)
-            if getattr(backend, "mode", None) == "prompt_logprobs":  # a hub teacher's config is first read here
-                check_vocab(getattr(backend, "teacher_config", {}), vocab, stock=True)
-            bar.start()  # once, at the first shard to make (the engine loaded, or given)
             if not described:  # once per run: its engines do not change (a resume's may)
+                if getattr(backend, "mode", None) == "prompt_logprobs":  # a hub teacher's config is first read here
+                    check_vocab(getattr(backend, "teacher_config", {}), vocab, stock=True)
                 engines = [b.describe() for b in (backend, attn_backend) if b is not None]
                 part["engines"] = union_engines([part["engines"], engines])
                 described = True
+            bar.start()  # once, at the first shard to make (the engine loaded, or given)
             name = shard_name(cfg.worker_index, index)
             entry = _cache_shard(cfg, tok, out, part, name, records, backend, attn_backend, vocab, bar)
             part["shards"].append(entry)
