@@ -57,6 +57,14 @@ def content_digest(cache) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
+def check_has_targets(caches: list) -> None:
+    """ValueError when the caches' manifests count no target position: every training step's loss
+    would be 0, and an evaluation would measure nothing."""
+    if not sum(c.manifest["counts"]["target_positions"] for c in caches):
+        names = sorted(str(c.where) for c in caches)
+        raise ValueError(f"no target positions in {', '.join(names)}: no sample has a token to learn")
+
+
 def check_student_matches(tokenizer: Any, caches: list, *, attention: bool = False) -> None:
     """Refuse a student whose tokenizer differs from the caches', or caches that disagree on
     the format, the target kind or (with attention=True: the attention loss is on) the teacher

@@ -48,6 +48,7 @@ def check(
     from student_train.checks import (
         attention_layer_map,
         check_distinct,
+        check_has_targets,
         check_student_matches,
         check_student_model,
         domain_overlap,
@@ -77,8 +78,10 @@ def check(
         raise UserError(f"no samples in {', '.join(empty)}: {'they are' if len(empty) > 1 else 'it is'} empty")
     for c in empty:
         click.echo(f"warning: {c} holds no samples", err=True)
-    if not sum(o.manifest["counts"]["target_positions"] for o in opened):  # as train and eval refuse them (Plan)
-        raise UserError(f"no target positions in {', '.join(caches)}: no sample has a token to learn")
+    try:
+        check_has_targets(opened)  # as train and eval refuse them (Plan)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     template = template_differs(tok, opened)
     if template:  # legal: the ids mean the same; the student learns the cache's format
         click.echo(f"warning: {template}", err=True)

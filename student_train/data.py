@@ -28,6 +28,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from student_train.checks import check_has_targets
 from teacher_cache.cache import Cache, CachedSample
 
 Item = tuple[int, int, int]  # (cache index, shard index within that cache, row)
@@ -88,9 +89,7 @@ class Plan:
             if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given
                 names = sorted(str(caches[c].where) for c in indices)  # (train and eval both read a Plan)
                 raise ValueError(f"no samples in {', '.join(names)}: {'they are' if len(names) > 1 else 'it is'} empty")
-            if not sum(caches[c].manifest["counts"]["target_positions"] for c in indices):  # loss 0 at every step
-                names = sorted(str(caches[c].where) for c in indices)
-                raise ValueError(f"no target positions in {', '.join(names)}: no sample has a token to learn")
+            check_has_targets([caches[c] for c in indices])
             return Stream(shard_rows, window, seed * 1000 + salt)
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
