@@ -57,6 +57,13 @@ def content_digest(cache) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
+def check_has_samples(caches: list) -> None:
+    """ValueError when the caches' manifests count no sample: nothing to draw a batch from."""
+    if not sum(c.manifest["counts"]["samples"] for c in caches):
+        names = sorted(str(c.where) for c in caches)
+        raise ValueError(f"no samples in {', '.join(names)}: {'they are' if len(names) > 1 else 'it is'} empty")
+
+
 def check_has_targets(caches: list) -> None:
     """ValueError when the caches' manifests count no target position: every training step's loss
     would be 0, and an evaluation would measure nothing."""

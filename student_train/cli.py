@@ -48,6 +48,7 @@ def check(
     from student_train.checks import (
         attention_layer_map,
         check_distinct,
+        check_has_samples,
         check_has_targets,
         check_student_matches,
         check_student_model,
@@ -73,15 +74,14 @@ def check(
             attention_layer_map(mapping, opened, config)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(one_line(e)) from None
-    empty = [c for c, o in zip(caches, opened, strict=True) if not o.manifest["counts"]["samples"]]
-    if len(empty) == len(caches):  # as train refuses them
-        raise UserError(f"no samples in {', '.join(empty)}: {'they are' if len(empty) > 1 else 'it is'} empty")
-    for c in empty:
-        click.echo(f"warning: {c} holds no samples", err=True)
     try:
-        check_has_targets(opened)  # as train and eval refuse them (Plan)
+        check_has_samples(opened)  # as train and eval refuse them (Plan)
+        check_has_targets(opened)
     except ValueError as e:
         raise UserError(str(e)) from None
+    for c, o in zip(caches, opened, strict=True):
+        if not o.manifest["counts"]["samples"]:  # given with others: legal, but worth saying
+            click.echo(f"warning: {c} holds no samples", err=True)
     template = template_differs(tok, opened)
     if template:  # legal: the ids mean the same; the student learns the cache's format
         click.echo(f"warning: {template}", err=True)

@@ -28,7 +28,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from student_train.checks import check_has_targets
+from student_train.checks import check_has_samples, check_has_targets
 from teacher_cache.cache import Cache, CachedSample
 
 Item = tuple[int, int, int]  # (cache index, shard index within that cache, row)
@@ -86,10 +86,9 @@ class Plan:
 
         def stream(indices: list[int], salt: int) -> Stream:
             shard_rows = {(c, s): e["rows"] for c in indices for s, e in enumerate(caches[c].manifest["shards"])}
-            if not sum(shard_rows.values()):  # the caches this stream draws from, not every cache given
-                names = sorted(str(caches[c].where) for c in indices)  # (train and eval both read a Plan)
-                raise ValueError(f"no samples in {', '.join(names)}: {'they are' if len(names) > 1 else 'it is'} empty")
-            check_has_targets([caches[c] for c in indices])
+            drawn = [caches[c] for c in indices]  # the caches this stream draws from, not every cache given
+            check_has_samples(drawn)  # (train and eval both read a Plan)
+            check_has_targets(drawn)
             return Stream(shard_rows, window, seed * 1000 + salt)
 
         self.domain_caches = [i for i, c in enumerate(caches) if c.manifest["data"].get("only_domain")]
