@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from student_train.checks import check_has_samples, check_has_targets
-from teacher_cache.cache import Cache, CachedSample
+from teacher_cache.cache import Cache, CachedSample, RawRow
 
 Item = tuple[int, int, int]  # (cache index, shard index within that cache, row)
 
@@ -156,10 +156,14 @@ class _OpenShard:
     def __init__(self, cache: Cache, name: str) -> None:
         self._cache, self._rows, self._fetched = cache, cache.iter_rows(name), []
 
-    def __getitem__(self, r: int) -> CachedSample:
+    def raw(self, r: int) -> RawRow:
+        """Row `r`, undecoded (the rows before it are fetched and kept too)."""
         while len(self._fetched) <= r:
             self._fetched.append(next(self._rows))
-        return self._cache.decode(self._fetched[r])
+        return self._fetched[r]
+
+    def __getitem__(self, r: int) -> CachedSample:
+        return self._cache.decode(self.raw(r))
 
 
 class ShardCache:
@@ -173,7 +177,8 @@ class ShardCache:
         self.caches, self.size = caches, size
         self._shards: OrderedDict[tuple[int, int], _OpenShard] = OrderedDict()
 
-    def get(self, item: Item) -> CachedSample:
+    def raw(self, item: Item) -> RawRow:
+        """The item's row, undecoded."""
         c, s, r = item
         key = (c, s)
         if key not in self._shards:
@@ -182,7 +187,10 @@ class ShardCache:
             cache = self.caches[c]
             self._shards[key] = _OpenShard(cache, cache.shard_names[s])
         self._shards.move_to_end(key)
-        return self._shards[key][r]
+        return self._shards[key].raw(r)
+
+    def get(self, item: Item) -> CachedSample:
+        return self.caches[item[0]].decode(self.raw(item))
 
 
 def rank_indices(start: int, rank: int, world: int) -> Iterator[int]:

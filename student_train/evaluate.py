@@ -13,6 +13,7 @@ import torch
 from student_train import losses
 from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
 from student_train.data import Batch, Plan, ShardCache, collate
+from teacher_cache.cache import CachedSample
 from teacher_cache.errors import plural
 from teacher_cache.manifest import excluded_domains
 from teacher_cache.progress import bar as progress_bar
@@ -128,6 +129,7 @@ def measure(
     world: int = 1,
     lockstep: bool = False,
     bar=None,
+    rows: ShardCache | KeptRows | None = None,
 ) -> dict:
     """KL to the teacher, NLL and top-1 agreement on `items` of the model whose per-position
     figures `forward` gives (`position_stats`; the model in eval mode), as `evaluate` reports them
@@ -136,7 +138,8 @@ def measure(
     Under torchrun each rank takes every world-th item and the sums are gathered, so every rank
     returns the whole report. `lockstep` (FSDP: every forward gathers the shards of all ranks)
     makes every rank run as many forward passes as the rank with the most batches: the spare ones
-    repeat its first batch and count for nothing."""
+    repeat its first batch and count for nothing. `rows`: where the items are read (default: the
+    shards, one open at a time)."""
     kind = caches[0].kind
     mine = items[rank::world]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
@@ -145,7 +148,7 @@ def measure(
         batches += [None] * (-(-first_ranks // batch_size) - len(batches))
     sums = _groups()
     by_domain: dict[str, dict] = {}  # the domain group split by each sample's domain
-    shards = ShardCache(caches, size=1)  # items run shard by shard
+    shards = rows if rows is not None else ShardCache(caches, size=1)  # items run shard by shard
     for batch in batches:
         spare = batch is None
         chunk = [(item[0], shards.get(item)) for item in (mine[:batch_size] if spare else batch)]
@@ -242,9 +245,35 @@ def _finish(g: dict) -> dict:
     }
 
 
+KEEP_BYTES = 256 * 2**20  # stored bytes of the shards an evaluation reads, up to which HeldOut keeps its rows
+
+
+class KeptRows:
+    """The rows of items read once, kept undecoded (their Arrow record batches), decoded at
+    each `get`: HeldOut's items between evaluations, not fetched again."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches, self._rows = caches, {}
+        self._reader: ShardCache | None = None
+
+    def get(self, item: tuple[int, int, int]) -> CachedSample:
+        raw = self._rows.get(item)
+        if raw is None:
+            if self._reader is None:
+                self._reader = ShardCache(self.caches, size=1)
+            raw = self._rows[item] = self._reader.raw(item)
+        return self.caches[item[0]].decode(raw)
+
+    def close(self) -> None:
+        """Let go of the shard being read (its file or connection); the rows kept stay."""
+        self._reader = None
+
+
 class HeldOut:
     """`train --eval-cache`: held-out caches measured as the student trains (what `evaluate`
-    reports, on the student in memory), each report a line of eval.jsonl."""
+    reports, on the student in memory), each report a line of eval.jsonl. Its rows are read at
+    the first evaluation and kept for the next ones when the shards they come from hold at most
+    KEEP_BYTES; more are read again at each evaluation."""
 
     def __init__(self, paths: tuple[str, ...], max_samples: int | None, tokenizer) -> None:
         from teacher_cache import open_cache
@@ -257,6 +286,9 @@ class HeldOut:
         check_student_matches(tokenizer, self.caches)
         self.plan = Plan(self.caches, seed=0, window=1)
         self.items = eval_items(self.plan, len(self.caches), max_samples)
+        read = {(c, s) for c, s, _ in self.items}
+        stored = sum(self.caches[c].manifest["shards"][s]["bytes"] for c, s in read)
+        self.rows = KeptRows(self.caches) if stored <= KEEP_BYTES else None
 
     def not_held_out(self, training: list) -> list[str]:
         """Warnings for eval caches whose samples may be trained on: the same cache as a training
@@ -292,9 +324,11 @@ class HeldOut:
         model.eval()
         try:
             return measure(forward, self.caches, self.plan, self.items, batch_size=batch_size, device=device,
-                           autocast=autocast, rank=rank, world=world, lockstep=lockstep)  # fmt: skip
+                           autocast=autocast, rank=rank, world=world, lockstep=lockstep, rows=self.rows)  # fmt: skip
         finally:
             model.train()
+            if self.rows is not None:
+                self.rows.close()
 
 
 def _may_share_samples(a: dict, b: dict) -> bool:

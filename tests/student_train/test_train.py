@@ -1553,6 +1553,53 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, dae_caches):
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
 
 
+def test_held_out_rows_are_fetched_once_not_at_every_evaluation(tmp_path, dae_caches, monkeypatch):
+    """An eval cache on a web server (a real one on loopback) was downloaded again at every
+    evaluation; its rows are now kept after the first (up to KEEP_BYTES of shards; past that,
+    read again each time, as before)."""
+    import functools
+    import http.server
+    import threading
+
+    from student_train import evaluate as evaluate_module
+
+    reference, expert = dae_caches
+    asked: list[str] = []
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "shard-" in self.path:
+                asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Counting, directory=str(reference.parent))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{reference.name}"
+    cfg = dict(student="tiny-mistral", caches=(str(expert),), batch_size=2, eval_caches=(url,), progress=False)
+
+    def shard_gets(name: str, steps: int) -> int:
+        asked.clear()
+        out = tmp_path / name
+        train(TrainConfig(**cfg, out=str(out), max_steps=steps, eval_every=1))  # type: ignore[arg-type]
+        assert len((out / "eval.jsonl").read_text().splitlines()) == steps
+        return len(asked)
+
+    try:
+        once = shard_gets("one", 1)
+        assert once > 0
+        assert shard_gets("kept", 3) == once  # three evaluations, one download
+        monkeypatch.setattr(evaluate_module, "KEEP_BYTES", 0)  # too large to keep: read at each evaluation
+        assert shard_gets("read", 3) == 3 * once
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_held_out_logits_keep_no_kv_cache(dae_caches, tiny_student):
     """The evaluation forward is no generation: in eval mode the decoder would otherwise build a
     cache of every layer's keys and values (memory beside the training's, for nothing)."""
