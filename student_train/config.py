@@ -96,6 +96,11 @@ class TrainConfig:
                 raise TrainError(f"{option} must be {want}, got {value:g}")
         if not self.caches:
             raise TrainError("no caches given (--cache)")
+        paths = (("--student", self.student), ("--out", self.out), *(("--cache", c) for c in self.caches),
+                 *(("--eval-cache", c) for c in self.eval_caches))  # fmt: skip
+        blank = next((option for option, path in paths if not path.strip()), None)
+        if blank is not None:  # "" is the working directory: a run written there, or a cache read from it
+            raise TrainError(f"{blank} must not be empty")
         if is_url(self.out):  # checkpoints are written, renamed and locked locally
             raise TrainError(f"--out {self.out}: a local run directory is needed (copy it to the store after)")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -81,6 +81,11 @@ class Plan:
     ) -> None:
         if not isinstance(caches, (list, tuple)):  # one Cache is iterable too: its samples, not caches
             raise TypeError(f"caches must be a list of Cache, got {type(caches).__name__}")
+        stray = next((c for c in caches if not isinstance(c, Cache)), None)
+        if stray is not None:  # a path: "'str' object has no attribute 'manifest'"
+            raise TypeError(f"caches must be a list of Cache (teacher_cache.open_cache(path)), got {stray!r}")
+        if not caches:
+            raise ValueError("no caches given")
         if window < 1 or world < 1:
             raise ValueError(f"window and world must be >= 1, got {window} and {world}")
 

@@ -34,6 +34,11 @@ def evaluate(
 
     Reported overall and split into domain (samples from --only-domain caches) and general, and the
     domain part once more by each sample's domain ("by_domain": one entry per expert's domain).
+
+    Returns a JSON-ready dict: "all", and "domain" / "general" where they hold positions, each
+    {"kl_to_teacher", "nll", "top1_agreement" (floats, per target position), "positions",
+    "samples" (ints)}; "by_domain" ({domain: the same}) where there is a domain part; "kl_kind"
+    and "top1_kind" (what the figures are for this kind of cache); "model" and "caches" as given.
     """
     from teacher_cache import open_cache
     from teacher_cache.models import load_causal_lm, resolve_model

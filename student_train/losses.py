@@ -50,6 +50,8 @@ def _check_shapes(**inputs: tuple[Tensor, str]) -> None:
     deep in torch (a broadcast or an index error) that named none of them."""
     sizes: dict[str, int] = {}
     for name, (t, dims) in inputs.items():
+        if not isinstance(t, Tensor):  # a CachedSample's numpy array: torch.from_numpy(...) first
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         letters = dims.split(", ")
         if t.dim() != len(letters) or any(sizes.get(d, n) != n for d, n in zip(letters, t.shape, strict=True)):
             known = "".join(f", {d} = {n}" for d, n in sizes.items())

@@ -167,7 +167,10 @@ def _load_student(load_from: str, cfg: TrainConfig, device: torch.device, attent
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train cfg.student on cfg.caches; returns the final state (step, samples seen, last metrics)."""
+    """Train cfg.student on cfg.caches. Returns a dict: the trainer state the last checkpoint saved
+    ("step", "samples_per_rank", "elapsed_s", ...), "last" (the metrics of the last step this call
+    ran, as its metrics.jsonl line; {} if it ran none), "checkpoint" (that checkpoint's folder, a
+    str) and "weights_sha256"."""
     # the run seeds torch's RNG: the caller's (a notebook's) CPU RNG is put back after (not the GPUs':
     # saving those would start a CUDA context on every GPU in every rank)
     with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as locks:  # --out's lock, however it ends

@@ -33,6 +33,7 @@ from teacher_cache.manifest import (
     validate,
     worker_lock_name,
 )
+from teacher_cache.settings import is_int
 from teacher_cache.shards import MAX_SHARD_BYTES, SHARD_GLOB, SHARD_RE, ShardError, ShardStream, shard_metadata
 from teacher_cache.storage import Location, as_location, holder, not_a_regular_file
 
@@ -116,10 +117,15 @@ class Cache:
         for name in self.shard_names:
             yield from self.iter_shard(name)
 
-    def find(self, sample_id: str | None = None) -> CachedSample:
+    def find(self, sample_id: str | int | None = None) -> CachedSample:
         """The sample with this id (the cache's first when None), decoded: rows are scanned in
-        shard order, their bytes checked as they stream, and only the match is decoded. KeyError
-        when no row has the id."""
+        shard order, their bytes checked as they stream, and only the match is decoded. An integer
+        is its decimal string, as a record's integer id is stored (7 finds "7"). KeyError when no
+        row has the id; TypeError for an id of another type (it would scan the cache for nothing)."""
+        if is_int(sample_id):
+            sample_id = str(int(sample_id))
+        elif sample_id is not None and not isinstance(sample_id, str):
+            raise TypeError(f"sample_id must be a str, an int or None, got {sample_id!r}")
         for name in self.shard_names:
             for row in self.iter_rows(name):
                 if sample_id is None or row.cols["sample_id"][row.j] == sample_id:

@@ -25,7 +25,13 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a cache run depends on (the CLI's options); recorded in the manifest."""
+    """Everything a cache run depends on (the CLI's options); recorded in the manifest.
+
+    Checked as the CLI checks its options, with its messages. A setting the others leave unused
+    and that changes nothing in the cache (`top_k` with sampled targets, `num_draws` with top-k,
+    `logprob_error` with sampled targets and no attention layers, `attention_top_k` with none) is
+    accepted at any value, so one dict of settings can make either kind; `seed` with top-k targets
+    draws nothing but is hashed, so a value other than 0 is refused, as the CLI refuses `--seed`."""
 
     teacher: str  # preset name or checkpoint directory
     data: tuple[str, ...]  # JSONL / Parquet files or fsspec URLs
@@ -70,6 +76,10 @@ class RunConfig:
         normalise(self)  # built from Python: a Path, or one data file not in a tuple, is fine
         checks = [
             (self.backend in ("auto", "vllm", "hf"), f"unknown backend {self.backend!r} (auto, vllm, hf)"),
+            (
+                self.vllm_mode in ("hidden", "prompt_logprobs"),
+                f"unknown vllm mode {self.vllm_mode!r} (hidden, prompt_logprobs)",
+            ),
             (self.targets in ("topk", "sampled"), f"unknown target kind {self.targets!r} (topk, sampled)"),
             (self.top_k >= 1, "--top-k must be >= 1"),
             (1 <= self.num_draws <= MAX_NUM_DRAWS, f"--num-draws must be in [1, {MAX_NUM_DRAWS}]"),
@@ -84,6 +94,9 @@ class RunConfig:
             (bool(self.data), "no data files given"),
             (len({same_file(d) for d in self.data}) == len(self.data), "--data names a file twice"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            # hashed (data.seed) though top-k draws nothing: a cache the CLI, which refuses --seed
+            # with top-k, could never resume or finish (its other workers' settings differ)
+            (self.targets == "sampled" or self.seed == 0, "--seed has no effect with --targets topk"),
             (not (self.only_domain and self.excluded), "--only-domain and --exclude-domain exclude each other"),
             (all(a >= 0 for a in self.attention_layers), "attention layers must be >= 0"),
             (len(set(self.attention_layers)) == len(self.attention_layers), "--attention-layers lists a layer twice"),
@@ -103,6 +116,9 @@ class RunConfig:
             *(
                 (value is None or bool(value.strip()), f"{option} must not be empty")
                 for option, value in (
+                    ("--teacher", self.teacher),
+                    ("--out", self.out),
+                    *(("--data", d) for d in self.data),
                     ("--only-domain", self.only_domain),
                     *(("--exclude-domain", d) for d in self.excluded),
                     ("--source", self.source),

@@ -18,7 +18,8 @@ def normalise(config: Any) -> None:
     """Make a frozen settings dataclass hold what its annotations say, or raise TypeError naming the
     field. A path may be a `Path`; a lone path where a tuple of paths is expected is that one path
     (`data="train.jsonl"` was read letter by letter: "data file not found: t"); an int field takes
-    an int, numpy's included (not a bool, not 8.5); a float field any real number; a tuple field
+    an int, numpy's included (not a bool, not 8.5); a float field any real number (numpy's float32
+    and float16 as they print); a tuple field
     any iterable (stored as a tuple, so the settings stay hashable). Other annotations are left alone."""
 
     def path(name: str, v: object) -> str:
@@ -61,7 +62,10 @@ def normalise(config: Any) -> None:
         elif kind in ("float", "float|None") and v is not None:
             if not isinstance(v, numbers.Real) or isinstance(v, bool):
                 raise TypeError(f"{f.name} must be a number, got {v!r}")
-            v = float(v)
+            # a float32 as it prints (np.float32(1e-4) is 1e-4, not 9.999999747378752e-05): the value
+            # the CLI parses from the same text, so a resume with it is not "other settings"
+            narrow = getattr(getattr(v, "dtype", None), "itemsize", 8) < 8
+            v = float(str(v)) if narrow else float(v)
         elif kind == "bool" and not isinstance(v, bool):
             raise TypeError(f"{f.name} must be True or False, got {v!r}")
         object.__setattr__(config, f.name, v)

@@ -765,3 +765,20 @@ def test_batched_or_mismatched_inputs_are_refused_by_name():
     assert torch.isfinite(sampled_kl(z[0], ids[0], lps[0].exp())) and torch.isfinite(
         attention_kl(rows[0], keys[0], key_lps[0], tail[0])
     )
+
+
+def test_a_cached_samples_numpy_arrays_are_refused_by_name():
+    """A CachedSample's arrays are numpy: passed as they are, the losses failed in their own shape
+    check with "'numpy.ndarray' object has no attribute 'dim'"."""
+    z = logits(4, 10, seed=0)
+    teacher = torch.log_softmax(logits(4, 10, seed=1), -1).topk(3)
+    ids, lps = teacher.indices, teacher.values
+    tail = torch.log1p(-lps.exp().sum(-1))
+    for call, said in (
+        (lambda: topk_kl(z, ids.numpy(), lps, tail), "topk_ids must be a torch.Tensor, got ndarray"),
+        (lambda: topk_kl(z, ids, lps, tail.numpy()), "tail_logprob must be a torch.Tensor, got ndarray"),
+        (lambda: sampled_kl(z, ids, lps.exp().numpy()), "weights must be a torch.Tensor, got ndarray"),
+        (lambda: cross_entropy(z, ids[:, 0].tolist()), "labels must be a torch.Tensor, got list"),
+    ):
+        with pytest.raises(TypeError, match=said):
+            call()

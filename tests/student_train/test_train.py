@@ -673,7 +673,7 @@ def test_fsdp_trains_like_ddp_saves_a_plain_checkpoint_and_resumes_exactly(tmp_p
 
     by_id = {s.sample_id: s for s in open_cache(kd_cache)}
     start = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-mistral").path, dtype=torch.float32)
-    step = DistillStep(start.train(), TrainConfig(student="tiny-mistral", caches=("c",), out=""), "topk", [])
+    step = DistillStep(start.train(), TrainConfig(student="tiny-mistral", caches=("c",), out="-"), "topk", [])
     batches = [json.loads((ddp / f"samples.rank{r}.jsonl").read_text().splitlines()[0])["samples"] for r in (0, 1)]
     with torch.no_grad():
         per_rank = [float(step(collate([(0, by_id[i]) for i in ids], [], attention=False))["loss"]) for ids in batches]
@@ -2266,3 +2266,30 @@ def test_an_eval_cache_whose_shards_a_training_cache_holds_is_said_to_be_trained
     said = HeldOut((str(copied),), None, tok).not_held_out([open_cache(kd_cache)])
     assert said == [f"--eval-cache {copied} shares 3 shards with --cache {kd_cache} (the same files): those samples "
                     "are trained on"]  # fmt: skip
+
+
+def test_a_float32_setting_is_the_number_the_cli_reads_and_blank_paths_are_refused(tmp_path):
+    """TrainConfig(lr=np.float32(1e-4)) held 9.999999747378752e-05: its checkpoints then refused a
+    resume with the CLI's --lr 1e-4 ("trained with other settings (lr)"). out="" trained into the
+    working directory, and student="" or a cache "" read it ("." is no checkpoint nor cache), where
+    the CLI refuses a blank path."""
+    common = {"student": "tiny-mistral", "caches": ("c",), "out": str(tmp_path / "r")}
+    typed = TrainConfig(**common, lr=np.float32(1e-4), min_lr_ratio=np.float16(0.1), domain_ratio=np.float32(0.3))
+    assert typed == TrainConfig(**common, lr=1e-4, min_lr_ratio=0.1, domain_ratio=0.3)
+    assert type(typed.lr) is float and TrainConfig(**common, lr=np.float64(1e-4)).lr == 1e-4
+    for field, option in (("out", "--out"), ("student", "--student"), ("caches", "--cache")):
+        with pytest.raises(TrainError, match=f"^{option} must not be empty$"):
+            TrainConfig(**{**common, field: ""})
+    with pytest.raises(TrainError, match="^--eval-cache must not be empty$"):
+        TrainConfig(**common, eval_caches=("held", " "))
+
+
+def test_a_plan_of_paths_or_of_nothing_says_what_it_needs():
+    """Plan(["caches/x"]) failed with "'str' object has no attribute 'manifest'", and Plan([]) said
+    "no samples in : it is empty"."""
+    from student_train.data import Plan
+
+    with pytest.raises(TypeError, match=r"list of Cache \(teacher_cache.open_cache\(path\)\), got 'c'"):
+        Plan(["c"], seed=0)
+    with pytest.raises(ValueError, match="^no caches given$"):
+        Plan([], seed=0)

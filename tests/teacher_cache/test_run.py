@@ -1299,3 +1299,50 @@ def test_special_token_text_in_a_message_is_warned_about(tmp_path, chats_file, c
     assert 2 in tokens[:-1].tolist()  # what it warns of: an end of sequence inside the answer
     run(cfg(chats_file, tmp_path / "plain"))
     assert "special token" not in capsys.readouterr().err
+
+
+def test_settings_built_from_python_are_refused_as_the_cli_refuses_them(chats_file):
+    """RunConfig(seed=3) with top-k targets was accepted: the seed is hashed (data.seed) though
+    nothing is drawn, so a worker started from Python and one from the CLI (which refuses --seed
+    with top-k) could not share an --out ("made with different settings (data.seed differ)"), nor
+    could the CLI ever resume such a cache. vllm_mode was not checked (with the hf backend the
+    message blamed --vllm-mode for being given at all); a blank teacher, out or data was the
+    working directory (". is a directory but holds no config.json checkpoint")."""
+    from click.testing import CliRunner
+
+    from teacher_cache.cli import main
+
+    common = {"teacher": "tiny-mixtral", "data": (str(chats_file),), "out": "o"}
+    said = CliRunner().invoke(main, ["run", "--teacher", "tiny-mixtral", "--data", str(chats_file), "--out", "o",
+                                     "--seed", "3"]).output  # fmt: skip
+    assert "--seed has no effect with --targets topk" in said
+    for bad, message in (
+        (dict(seed=3), "--seed has no effect with --targets topk"),
+        (dict(vllm_mode="prompt-logprobs", backend="hf"), "unknown vllm mode 'prompt-logprobs' \\(hidden, prompt_"),
+        (dict(teacher=""), "--teacher must not be empty"),
+        (dict(out=" "), "--out must not be empty"),
+        (dict(data=(str(chats_file), "")), "--data must not be empty"),
+    ):
+        with pytest.raises(RunError, match=message):
+            RunConfig(**{**common, **bad})
+    assert RunConfig(**common, targets="sampled", seed=3).seed == 3
+    # settings the others leave unused and that are not hashed: one dict of settings makes either kind
+    assert RunConfig(**common, targets="sampled", top_k=8, logprob_error=0.05, attention_top_k=4).top_k == 8
+    assert RunConfig(**common, num_draws=10).num_draws == 10
+
+
+def test_find_takes_an_integer_id_as_records_store_it(tmp_path):
+    """A record's integer id 7 is stored as "7" (README: 7 and "7" are one id), but find(7) read
+    every shard and then raised KeyError: 7; find(7.0) did the same."""
+    data = tmp_path / "ints.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": i, "prompt": f"Count to {i}.", "response": "1, 2, 3."}) + "\n" for i in (5, 7))
+    )
+    run(cfg(data, tmp_path / "c"))
+    cache = open_cache(tmp_path / "c")
+    assert cache.find(7).sample_id == "7" and cache.find(np.int64(5)).sample_id == "5"
+    assert cache.find("7").sample_id == "7" and cache.find().sample_id == "5"
+    with pytest.raises(KeyError):
+        cache.find(8)
+    with pytest.raises(TypeError, match="sample_id must be a str, an int or None, got 7.0"):
+        cache.find(7.0)
