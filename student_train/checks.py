@@ -151,6 +151,46 @@ def template_differs(tokenizer: Any, caches: list) -> str | None:
     )
 
 
+def _data_files(data: dict) -> set[str]:
+    """The sha256 of the data files a cache was made from (its manifest's data section)."""
+    entries = data.get("files")
+    entries = entries if isinstance(entries, list) else []
+    return {f["sha256"] for f in entries if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
+
+
+def may_share_samples(a: dict, b: dict) -> bool:
+    """Whether two caches' data settings can hold the same sample: a data file in common (sha256)
+    and domain filters that let one domain through both."""
+    from teacher_cache.manifest import excluded_domains
+
+    if not _data_files(a) & _data_files(b):
+        return False
+    only_a, only_b = a.get("only_domain"), b.get("only_domain")
+    if only_a is not None and only_b is not None:
+        return only_a == only_b
+    if only_a is not None:
+        return only_a not in excluded_domains(b)
+    if only_b is not None:
+        return only_b not in excluded_domains(a)
+    return True  # both general: each keeps every domain the other does not exclude, "none" included
+
+
+def repeated_samples(caches: list) -> str | None:
+    """A warning when two caches of one kind (both general, or both experts of one domain) may hold
+    the same samples (`may_share_samples`): each such sample is trained once per cache (the same
+    data cached again with another --shard-size, or by a second teacher). A domain cache beside a
+    general one: `domain_overlap`. None when no such pair is seen."""
+    for i, a in enumerate(caches):
+        for b in caches[i + 1 :]:
+            da, db = a.manifest["data"], b.manifest["data"]
+            if da.get("only_domain") == db.get("only_domain") and may_share_samples(da, db):
+                return (
+                    f"{a.where} and {b.where} were made from the same data files: the samples both hold "
+                    "are trained once per cache"
+                )
+    return None
+
+
 def domain_overlap(caches: list) -> str | None:
     """A warning when a general cache (no --only-domain) was made from the same data files as a
     domain cache (--only-domain D) but without --exclude-domain D: it holds D's samples too, so a
@@ -158,18 +198,17 @@ def domain_overlap(caches: list) -> str | None:
     other files are not compared: their ids are not read)."""
     from teacher_cache.manifest import excluded_domains
 
-    def files(cache) -> set[str]:
-        entries = cache.manifest["data"].get("files")
-        entries = entries if isinstance(entries, list) else []
-        return {f["sha256"] for f in entries if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
-
     experts = sorted({c.manifest["data"].get("only_domain") for c in caches} - {None})
     remake = " ".join(f"--exclude-domain {e}" for e in experts)  # every expert's domain, left out at once
     for d in caches:
         domain = d.manifest["data"].get("only_domain")
         for g in caches if domain else ():
             data = g.manifest["data"]
-            if data.get("only_domain") is None and domain not in excluded_domains(data) and files(g) & files(d):
+            if (
+                data.get("only_domain") is None
+                and domain not in excluded_domains(data)
+                and _data_files(data) & _data_files(d.manifest["data"])
+            ):
                 return (
                     f"{g.where} was made from the same data as the domain cache {d.where} without "
                     f"--exclude-domain {domain}: its {domain!r} samples are trained against both teachers "

@@ -53,6 +53,7 @@ def check(
         check_student_matches,
         check_student_model,
         domain_overlap,
+        repeated_samples,
         template_differs,
     )
     from teacher_cache import open_cache
@@ -88,6 +89,9 @@ def check(
     overlap = domain_overlap(opened)
     if overlap:  # legal, but those samples are trained against both teachers: said, not refused
         click.echo(f"warning: {overlap}", err=True)
+    repeated = repeated_samples(opened)
+    if repeated:  # legal (two teachers on one data set), but rarely meant: said, not refused
+        click.echo(f"warning: {repeated}", err=True)
     click.echo(f"ok: {student} can train from {', '.join(caches)} (shards not read: teacher-cache verify reads them)")
 
 

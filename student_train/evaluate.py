@@ -11,11 +11,16 @@ import numpy as np
 import torch
 
 from student_train import losses
-from student_train.checks import check_distinct, check_student_matches, check_student_model, check_temperature
+from student_train.checks import (
+    check_distinct,
+    check_student_matches,
+    check_student_model,
+    check_temperature,
+    may_share_samples,
+)
 from student_train.data import Batch, Plan, ShardCache, collate
 from teacher_cache.cache import CachedSample
 from teacher_cache.errors import plural
-from teacher_cache.manifest import excluded_domains
 from teacher_cache.progress import bar as progress_bar
 from teacher_cache.settings import is_int
 
@@ -311,7 +316,7 @@ class HeldOut:
                         f"--eval-cache {e.where} shares {plural(len(shared), 'shard')} with --cache {t.where} "
                         "(the same files): those samples are trained on"
                     )
-                elif _may_share_samples(e.manifest["data"], t.manifest["data"]):
+                elif may_share_samples(e.manifest["data"], t.manifest["data"]):
                     said.append(
                         f"--eval-cache {e.where} was made from the same data files as --cache {t.where}: "
                         "its samples may be trained on"
@@ -334,18 +339,3 @@ class HeldOut:
             model.train()
             if self.rows is not None:
                 self.rows.close()
-
-
-def _may_share_samples(a: dict, b: dict) -> bool:
-    """Whether two caches' data settings can hold the same sample: a data file in common (sha256)
-    and domain filters that let one domain through both."""
-    if not {f["sha256"] for f in a["files"]} & {f["sha256"] for f in b["files"]}:
-        return False
-    only_a, only_b = a.get("only_domain"), b.get("only_domain")
-    if only_a is not None and only_b is not None:
-        return only_a == only_b
-    if only_a is not None:
-        return only_a not in excluded_domains(b)
-    if only_b is not None:
-        return only_b not in excluded_domains(a)
-    return True  # both general: each keeps every domain the other does not exclude, "none" included

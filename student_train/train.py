@@ -40,6 +40,7 @@ from student_train.checks import (
     check_student_model,
     check_temperature,
     domain_overlap,
+    repeated_samples,
     template_differs,
 )
 from student_train.config import TrainConfig, TrainError
@@ -295,6 +296,8 @@ def _start_warnings(cfg: TrainConfig, caches: list, plan: Plan, tok, world: int)
         said.append(template)
     if overlap := domain_overlap(caches):  # with or without --domain-ratio: both teachers train those samples
         said.append(overlap)
+    if repeated := repeated_samples(caches):
+        said.append(repeated)
     if cfg.warmup_steps >= cfg.max_steps:
         peak = lr_at(cfg.max_steps - 1, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=1.0)
         said.append(

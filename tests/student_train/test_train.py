@@ -1372,7 +1372,7 @@ def test_distill_step_losses_equal_a_reference_from_the_cached_samples(kd_cache,
         assert abs(float(out["attn"]) - float(sum(other)) / sum(n)) > 1e-3
 
 
-def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path):
+def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path, capsys):
     """A DAE mix of a top-16 and a top-4 cache: the top-4 rows are padded with weightless
     entries, so every sample's loss is the one of its own targets, and training runs."""
     from student_train import losses
@@ -1405,6 +1405,13 @@ def test_caches_of_different_top_k_share_a_batch(kd_cache, k4_cache, tmp_path):
         )
     )
     assert result["step"] == 2 and all(np.isfinite(r["kd"]) for r in metrics(tmp_path / "r"))
+    # both made from the same data file: each sample trains twice, said (legal: two teachers, say)
+    said = f"{kd_cache} and {k4_cache} were made from the same data files: the samples both hold are trained "
+    said += "once per cache"
+    assert f"warning: {said}" in capsys.readouterr().err
+    check = [*ST, "check", "--student", "tiny-mistral", "--cache", str(kd_cache), "--cache", str(k4_cache)]
+    done = subprocess.run(check, capture_output=True, text=True)
+    assert done.returncode == 0 and f"warning: {said}" in done.stderr, done.stderr
 
 
 def test_evaluate_equals_a_reference_per_sample(kd_cache, kd_teacher, capsys):
