@@ -40,7 +40,11 @@ class StorageError(OSError):
 
 
 def _why(e: BaseException) -> str:
-    """The OS's reason alone when there is one (the message already names the location), else one_line."""
+    """The OS's reason alone when there is one (the message already names the location), else one_line;
+    a timeout says so, with its cause's words (fsspec's FSTimeoutError has none of its own)."""
+    if isinstance(e, TimeoutError) and not str(e):
+        cause = e.__cause__ or e.__context__
+        return "timed out" + (f" ({type(cause).__name__}: {one_line(cause)})" if cause and str(cause) else "")
     return getattr(e, "strerror", None) or one_line(e)
 
 
@@ -100,11 +104,21 @@ def client_options(url: str) -> dict[str, Any]:
     return {}
 
 
-def _unreachable(e: FileNotFoundError) -> BaseException | None:
+def _not_missing(e: FileNotFoundError, where: str) -> StorageError | None:
     """fsspec's http turns every failure to get a file's info into FileNotFoundError; the cause
-    says which: a response (404, 403, ...) has a status, a refused or silent connection has none."""
+    says which: a refused or silent connection has no status, and a status other than 404 or 410
+    (403 for a login, 503 when overloaded; 0 for a redirect loop) is not a missing file either."""
     cause = e.__cause__
-    return cause if cause is not None and getattr(cause, "status", None) is None else None
+    if cause is None:
+        return None
+    status = getattr(cause, "status", None)
+    if status is None:
+        why = f"{type(cause).__name__}: {one_line(cause)}".rstrip(": ")
+        return StorageError(f"{where}: the server does not answer ({why})")
+    if status in (404, 410):
+        return None
+    reason = getattr(cause, "message", "") or type(cause).__name__  # aiohttp's: the status's reason phrase
+    return StorageError(f"{where}: the server answered {status} ({reason})" if status else f"{where}: {reason}")
 
 
 @contextlib.contextmanager
@@ -115,6 +129,8 @@ def _store_errors(where: Location, name: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        if isinstance(e, TimeoutError):  # fsspec's FSTimeoutError (an OSError) names neither file nor cause
+            raise StorageError(f"{where.describe(name)}: {_why(e)}") from None
         # aiohttp's connection errors (gcsfs) are OSErrors that name no file: they name the location too
         connection = isinstance(e, OSError) and type(e).__module__.split(".")[0] == "aiohttp"
         if isinstance(e, (OSError, ValueError)) and not connection:
@@ -232,13 +248,15 @@ class Location:
         return int(self.fs.size(self.path(name)))
 
     def _http_info(self, name: str) -> dict:
-        """fs.info of a web server's file; a server that does not answer is a StorageError, not missing."""
+        """fs.info of a web server's file; a server that does not answer, or answers with an error
+        other than 404 / 410, is a StorageError, not missing. (A folder's URL answers 403 where
+        listing is off: there only a server that does not answer is an error.)"""
         try:
             return self.fs.info(self.path(name))
         except FileNotFoundError as e:
-            if (cause := _unreachable(e)) is not None:
-                why = f"{type(cause).__name__}: {one_line(cause)}".rstrip(": ")
-                raise StorageError(f"{self.describe(name)}: the server does not answer ({why})") from None
+            error = _not_missing(e, self.describe(name))
+            if error is not None and (name or getattr(e.__cause__, "status", None) is None):
+                raise error from None
             raise
 
     def glob(self, pattern: str) -> list[str]:
@@ -254,11 +272,17 @@ class Location:
         folder, _, name_pattern = pattern.rpartition("/")
         self.fs.invalidate_cache()
         path = self.path(folder) if folder else self.root
-        if not self.fs.isdir(path):
-            return {}
+        try:
+            if not self.fs.isdir(path):
+                return {}
+            listing = self.fs.ls(path, detail=True)
+        except Exception as e:
+            if self.is_http and getattr(e, "status", None) is not None:  # a web server that lists no folders
+                return {}  # (nginx's and Apache's default: 403): each file's size is asked instead
+            raise
         prefix = folder + "/" if folder else ""
         found: dict[str, int | None] = {}
-        for info in self.fs.ls(path, detail=True):
+        for info in listing:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if fnmatch.fnmatchcase(name, name_pattern):
                 size = info.get("size")
@@ -268,6 +292,34 @@ class Location:
     @_storage_errors
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.fs.cat_file(self.path(name), start=start, end=end)
+
+    def _read_http(self, name: str, start: int, end: int, limit: int) -> bytes:
+        """Bytes [start, end) of a web server's file, and never more than `limit` + one block of them
+        read: a server may ignore the range (python -m http.server sends the whole file), and fsspec's
+        cat_file keeps all a server sends (a manifest URL streaming gigabytes filled the memory)."""
+        from fsspec.asyn import sync
+
+        fs, url = self.fs, self.path(name)
+        if start >= end:
+            return b""
+
+        async def get() -> bytes:
+            kw = dict(fs.kwargs)
+            headers = {**kw.pop("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+            session = await fs.set_session()
+            async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
+                if r.status == 404:
+                    raise FileNotFoundError(url)
+                r.raise_for_status()
+                data = bytearray()
+                async for block in r.content.iter_chunked(1 << 20):
+                    data += block
+                    if len(data) > limit:
+                        r.close()  # the rest is not read: the connection goes
+                        break
+                return bytes(data)
+
+        return sync(fs.loop, get)
 
     def read_json(self, name: str, max_bytes: int) -> Any:
         """Parse a JSON file after checking it is not implausibly large; ValueError if malformed."""
@@ -282,6 +334,11 @@ class Location:
         """A small file whole, in one read of one version of it: never more than max_bytes + 1
         bytes asked for (a read allocates what it asks for), and no size taken from a separate,
         earlier request (another writer may replace the file in between)."""
+        if self.is_http:
+            data = self._read_http(name, 0, max_bytes + 1, max_bytes)
+            if len(data) > max_bytes:
+                raise ValueError(f"{self.describe(name)}: implausibly large (over {max_bytes} bytes)")
+            return data
         if not self.is_local:
             # one ranged GET; the client allocates what arrives, not the range asked for
             data = self.read_bytes(name, 0, max_bytes + 1)
@@ -310,9 +367,15 @@ class Location:
         """Yield the bytes of each (start, end) range in order, fetching up to `prefetch` ahead.
         A failed fetch is a StorageError, so readers can tell it from bytes that do not decode."""
         path = self.path(name)
+
+        def fetch(start: int, end: int) -> bytes:
+            if self.is_http:  # never more read than the whole file, whatever the server sends
+                return self._read_http(name, start, end, ranges[-1][1])
+            return self.fs.cat_file(path, start=start, end=end)
+
         whole: bytes | None = None  # the file, from a server that answered a range with all of it
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self.fs.cat_file, path, start=s, end=e) for s, e in ranges[:prefetch]]
+            pending = [pool.submit(fetch, start=s, end=e) for s, e in ranges[:prefetch]]
             for i, (start, end) in enumerate(ranges):
                 if whole is not None:
                     yield whole[start:end]
@@ -331,7 +394,7 @@ class Location:
                     continue
                 if i + prefetch < len(ranges):
                     s, e = ranges[i + prefetch]
-                    pending.append(pool.submit(self.fs.cat_file, path, start=s, end=e))
+                    pending.append(pool.submit(fetch, start=s, end=e))
                 yield data
 
     # -- writing ------------------------------------------------------------------------

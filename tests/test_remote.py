@@ -7,9 +7,11 @@ verify -> train from the merged cache over the network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from teacher_cache import open_cache
+from teacher_cache.manifest import ManifestError
 from teacher_cache.run import RunConfig, run
 from teacher_cache.shards import ShardError
 
@@ -445,3 +448,131 @@ def test_a_web_server_that_gives_no_size_for_a_shard_is_named(tmp_path, chats_fi
     finally:
         server.kill()
         server.wait()
+
+
+FLOOD = 256 << 20  # bytes a flooding server sends after the file
+
+
+@contextlib.contextmanager
+def _web_server(root: Path, misbehave: dict[str, int | str]) -> Iterator[tuple[str, dict[str, int]]]:
+    """A real web server on loopback (a thread of this process) serving `root`, except for the paths
+    in `misbehave` (which may change while it serves): a status (403, 503, ...) instead of the file;
+    "stall": the headers and half the body, then nothing until the server stops; "flood": the file,
+    whatever range was asked, then FLOOD bytes more (as much as its Content-Length says). Yields
+    its URL and the bytes each flooded path got sent."""
+    import functools
+    import http.server
+    import threading
+
+    stop, sent = threading.Event(), {}
+
+    class Misbehaving(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            if isinstance(misbehave.get(self.path), int):
+                self.send_error(misbehave[self.path])
+                return None
+            return super().send_head()
+
+        def send_header(self, key: str, value: str) -> None:
+            if key == "Content-Length" and self.command == "GET" and misbehave.get(self.path) == "flood":
+                value = str(int(value) + FLOOD)
+            super().send_header(key, value)
+
+        def copyfile(self, source, outputfile) -> None:
+            how, data = misbehave.get(self.path), source.read()
+            if how == "stall":
+                outputfile.write(data[: len(data) // 2])
+                outputfile.flush()
+                stop.wait(60)
+            elif how == "flood":
+                with contextlib.suppress(OSError):  # the client hung up
+                    for block in (data, *[b"x" * (1 << 20)] * (FLOOD >> 20)):
+                        outputfile.write(block)
+                        sent[self.path] = sent.get(self.path, 0) + len(block)
+            else:
+                outputfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Misbehaving, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", sent
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_web_server_that_refuses_a_folder_or_a_file_is_named_not_taken_for_a_missing_cache(tmp_path, chats_file):
+    """nginx and Apache answer a folder's URL with 403 when directory listing is off (their
+    default): every cache they served failed to open ("ClientResponseError: 403, message=
+    'Forbidden'"). And a 403 (a login) or a 503 (an overloaded server) for the manifest or a shard
+    read as "does not exist" / "missing from": a user would rebuild a cache that is there."""
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(local), backend="hf", top_k=8, shard_size=6, progress=False))
+    first = open_cache(local).shard_names[0]
+    answers: dict[str, int | str] = {"/cache": 403, "/cache/": 403}  # no listing, as nginx's default
+    with _web_server(tmp_path, answers) as (server, _):
+        url = f"{server}/cache"
+        assert rows(open_cache(url)).keys() == rows(open_cache(local)).keys()
+        for status, name, reason in ((403, "manifest.json", "Forbidden"), (503, first, "Service Unavailable")):
+            answers[f"/cache/{name}"] = status
+            said = f"Error: {url}/{name}: the server answered {status} ({reason})"
+            assert one_line_error(sh([*TC, "verify", url, "--no-progress"])) == said
+            del answers[f"/cache/{name}"]
+        answers[f"/cache/{first}"] = 503
+        assert one_line_error(sh([*ST, "check", "--student", "tiny-mistral", "--cache", url])) == said
+        answers[f"/cache/{first}"] = 404  # a shard that is gone is still missing
+        with pytest.raises(ShardError, match=f"{first}: listed in the manifest but missing from {url}$"):
+            open_cache(url)
+
+
+def test_a_web_server_that_stops_sending_mid_file_is_named_with_the_timeout(tmp_path, chats_file, monkeypatch):
+    """aiohttp's read timeout, raised mid-body, reaches the user as fsspec's FSTimeoutError, which
+    has no message: a stalled manifest read said "Error: FSTimeoutError", naming nothing, and a
+    stalled shard "read failed (FSTimeoutError)"."""
+    from teacher_cache import storage
+
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(local), backend="hf", top_k=8, shard_size=6, progress=False))
+    first = open_cache(local).shard_names[0]
+    monkeypatch.setattr(storage, "HTTP_TIMEOUTS", {"sock_connect": 1, "sock_read": 1})
+    stall: dict[str, int | str] = {"/cache/manifest.json": "stall"}
+    with _web_server(tmp_path, stall) as (server, _):
+        url = f"{server}/cache"
+        why = r"timed out \(SocketTimeoutError: Timeout on reading data from socket\)"
+        with pytest.raises(storage.StorageError, match=f"^{url}/manifest.json: {why}$"):
+            open_cache(url)
+        stall.clear()
+        cache = open_cache(url)
+        stall[f"/cache/{first}"] = "stall"
+        with pytest.raises(storage.StorageError, match=f"^{url}/{first}: read failed \\({why}\\)$"):
+            list(cache.iter_shard(first))
+
+
+def test_a_web_server_that_sends_more_than_asked_is_not_read_past_the_file(tmp_path, chats_file, monkeypatch):
+    """The manifest is read with a cap (MAX_MANIFEST_BYTES) asked for as a byte range, and a
+    shard chunk by chunk, but fsspec's http keeps all a server sends: one that ignores ranges and
+    streams on (a manifest URL serving a multi-GB file) filled the memory before any check."""
+    from teacher_cache import cache as cache_module
+
+    local = tmp_path / "cache"
+    run(RunConfig("tiny-mixtral", (str(chats_file),), str(local), backend="hf", top_k=8, shard_size=6,
+                  chunk_bytes=4096, progress=False))  # fmt: skip
+    first = open_cache(local).shard_names[0]
+    monkeypatch.setattr(cache_module, "MAX_MANIFEST_BYTES", 1 << 20)
+    flood: dict[str, int | str] = {"/cache/manifest.json": "flood"}
+    with _web_server(tmp_path, flood) as (server, sent):
+        url = f"{server}/cache"
+        with pytest.raises(ManifestError, match=rf"^{url}/manifest.json: implausibly large \(over 1048576 bytes\)$"):
+            open_cache(url)
+        assert sent["/cache/manifest.json"] < 64 << 20  # the rest was not read (kernel buffers aside)
+        flood.clear()
+        cache = open_cache(url)
+        flood[f"/cache/{first}"] = "flood"
+        got = [s.sample_id for s in cache.iter_shard(first)]
+        assert got == [s.sample_id for s in open_cache(local).iter_shard(first)]
+        assert sent[f"/cache/{first}"] < 64 << 20  # two requests: the chunk asked for and the next
