@@ -207,7 +207,7 @@ def _parse_map(value: str | None) -> tuple[tuple[int, int], ...]:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the student's own modelling code.")
 def train(**kw) -> None:
     """Train STUDENT from cached teacher targets (KD, attention loss, DAE mixing)."""
-    from student_train.train import TrainConfig
+    from student_train.train import TrainConfig, resume_advice
     from student_train.train import train as run_training
 
     kw["caches"], kw["eval_caches"] = tuple(kw["caches"]), tuple(kw["eval_caches"])
@@ -224,19 +224,9 @@ def train(**kw) -> None:
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise UserError(prefix + one_line(e)) from None
     except KeyboardInterrupt as e:
-        stopped(e, _kept_checkpoints(cfg.out), prefix)
+        stopped(e, resume_advice(Path(cfg.out)), prefix)
     # one line for the run, not one per process
     finished(f"done: step {result['step']}, checkpoint {result['checkpoint']}" if rank == 0 else None)
-
-
-def _kept_checkpoints(out: str) -> str:
-    """What a stopped training leaves, for its message: the checkpoint a resume starts from, if any."""
-    from student_train.train import latest_checkpoint
-
-    latest = latest_checkpoint(Path(out)) if Path(out).is_dir() else None
-    if latest is None:
-        return "no checkpoint was written yet: the same command with --resume starts again at step 0"
-    return f"{latest.name} is the latest checkpoint; the same command with --resume continues from it"
 
 
 @main.command("eval")

@@ -50,7 +50,8 @@ from teacher_cache.cache import inside_cache
 from teacher_cache.errors import first_of, one_line, os_reason, parse_json
 from teacher_cache.progress import bar as progress_bar
 from teacher_cache.progress import log
-from teacher_cache.storage import LockedError, exclusive, remove_if_unused, write_atomic
+from teacher_cache.shards import ShardError
+from teacher_cache.storage import LockedError, StorageError, exclusive, remove_if_unused, write_atomic
 
 # the API (TrainConfig and TrainError live in config.py); the rest is the loop's
 __all__ = ["DistillStep", "TrainConfig", "TrainError", "latest_checkpoint", "lr_at", "train"]
@@ -275,6 +276,8 @@ def _train(cfg: TrainConfig, locks: contextlib.ExitStack) -> dict:
                 _evaluate(held_out, cfg, student, rank, world, bar, logs, last)
             if world > 1:
                 torch.distributed.barrier()
+    except (ShardError, StorageError) as e:  # a cache read failed mid-run (a damaged shard, the network)
+        raise type(e)(f"{one_line(e)}; {resume_advice(out)}") from None
     finally:
         student.detach_rows()
         if bar is not None:
@@ -552,7 +555,8 @@ def _param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: fl
 
 def _next_sample(samples):
     """The next sample; a DataLoader worker's error re-raised as its own last line (the loader
-    wraps it in 'Caught X in DataLoader worker process N. Original Traceback ...')."""
+    wraps it in 'Caught X in DataLoader worker process N. Original Traceback ...'), a cache's
+    ShardError or StorageError as one still."""
     try:
         return next(samples)
     except Exception as e:
@@ -560,7 +564,18 @@ def _next_sample(samples):
         if "Original Traceback" not in text:
             raise
         last = text.strip().splitlines()[-1]
-        raise TrainError(last.split(": ", 1)[1] if ": " in last else last) from None
+        message = last.split(": ", 1)[1] if ": " in last else last
+        if isinstance(e, (ShardError, StorageError)):  # the loader re-raised the worker's type: kept
+            raise type(e)(message) from None
+        raise TrainError(message) from None
+
+
+def resume_advice(out: Path) -> str:
+    """What a stopped training leaves, for its message: the checkpoint a resume starts from, if any."""
+    latest = latest_checkpoint(out) if out.is_dir() else None
+    if latest is None:
+        return "no checkpoint was written yet: the same command with --resume starts again at step 0"
+    return f"{latest.name} is the latest checkpoint; the same command with --resume continues from it"
 
 
 def _append(file, record: dict) -> None:

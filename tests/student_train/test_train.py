@@ -1554,10 +1554,23 @@ def test_an_evaluation_that_fails_loses_no_checkpoint(tmp_path, dae_caches):
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
     out = tmp_path / "run"
-    with pytest.raises(ShardError, match="sha256 mismatch"):
+    advice = "; checkpoint-2 is the latest checkpoint; the same command with --resume continues from it$"
+    with pytest.raises(ShardError, match="sha256 mismatch.*" + advice):  # what is kept, said
         train(TrainConfig(student="tiny-mistral", caches=(str(reference),), out=str(out), max_steps=2, batch_size=2,
                           save_every=2, eval_caches=(str(damaged),), progress=False))  # fmt: skip
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    # a training shard damaged mid-run, read by a dataloader worker: its type and the same advice
+    train_cache = tmp_path / "train-cache"
+    shutil.copytree(reference, train_cache)
+    names = open_cache(train_cache).shard_names
+    shard = train_cache / names[-1]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    out = tmp_path / "run-2"
+    with pytest.raises(ShardError, match="sha256 mismatch.*; no checkpoint was written yet: the same command"):
+        train(TrainConfig(student="tiny-mistral", caches=(str(train_cache),), out=str(out), max_steps=20,
+                          batch_size=2, save_every=50, num_workers=2, shuffle_window=1, progress=False))  # fmt: skip
 
 
 def test_held_out_rows_are_fetched_once_not_at_every_evaluation(tmp_path, dae_caches, monkeypatch):
